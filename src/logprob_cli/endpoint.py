@@ -1,0 +1,134 @@
+"""The endpoint contract: "this prompt, this bias" in, "what the API returned" out.
+
+Methods speak only in token ids and numbers. Every backend (the built-in simulator,
+OpenAI-compatible HTTP servers) turns a `Query` into an `Answer` and hides transport,
+retries and dialects; an answer is already mapped to token ids and has the OpenAI
+"-9999 = not in the top-k" sentinel turned into `None`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class EndpointError(RuntimeError):
+    """The endpoint failed or refused a request; the message says what to do."""
+
+
+class EndpointUnsuitable(RuntimeError):
+    """The endpoint does not behave as a method needs; the message names a method that would work."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One completion request of one token: which ids to bias by how much, how many logprobs to return.
+
+    `bias` is a tuple of (token id, bias) pairs sorted by id, so queries are hashable and a
+    query's `key()` is stable across runs (the journal uses it to check a replay).
+    """
+
+    bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
+
+    @staticmethod
+    def make(bias: Mapping[int, float] | None = None, top_logprobs: int = 0) -> "Query":
+        items = tuple(sorted((int(i), float(b)) for i, b in (bias or {}).items() if b != 0.0))
+        return Query(items, int(top_logprobs))
+
+    def bias_dict(self) -> dict[int, float]:
+        return dict(self.bias)
+
+    def key(self) -> bytes:
+        """A 16-byte digest of the query's content."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(struct.pack("<i", self.top_logprobs))
+        if self.bias:
+            ids, values = zip(*self.bias)
+            h.update(np.asarray(ids, dtype="<i8").tobytes())
+            h.update(np.asarray(values, dtype="<f8").tobytes())
+        return h.digest()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the endpoint returned for one query.
+
+    sampled: the id of the generated (greedy) token.
+    sampled_logprob: its reported logprob, or None when the endpoint withheld it (-9999 sentinel).
+    top_ids / top_logprobs: the returned top-k entries, best first, as token ids and logprobs.
+    """
+
+    sampled: int
+    sampled_logprob: float | None
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+    def top(self) -> dict[int, float]:
+        return dict(zip(self.top_ids, self.top_logprobs))
+
+    def to_bytes(self) -> bytes:
+        """Compact binary form for the journal: header, then int64 ids and float64 logprobs."""
+        n = len(self.top_ids)
+        lp = float("nan") if self.sampled_logprob is None else self.sampled_logprob
+        head = struct.pack("<qdi", self.sampled, lp, n)
+        return (
+            head
+            + np.asarray(self.top_ids, dtype="<i8").tobytes()
+            + np.asarray(self.top_logprobs, dtype="<f8").tobytes()
+        )
+
+    @staticmethod
+    def from_bytes(data: bytes) -> "Answer":
+        sampled, lp, n = struct.unpack_from("<qdi", data)
+        off = struct.calcsize("<qdi")
+        ids = np.frombuffer(data, dtype="<i8", count=n, offset=off)
+        lps = np.frombuffer(data, dtype="<f8", count=n, offset=off + 8 * n)
+        return Answer(
+            sampled,
+            None if np.isnan(lp) else lp,
+            tuple(int(i) for i in ids),
+            tuple(float(x) for x in lps),
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for: the top-k cap, the bias range (symmetric) and the bias-entry cap."""
+
+    top_logprobs: int = 20
+    bias_max: float = 100.0
+    bias_entries: int = 300
+
+
+@dataclass
+class Prompt:
+    """One input prompt: plain text (`prompt`) or chat `messages`, plus the user's other keys."""
+
+    id: Any
+    line: int
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def content(self) -> Any:
+        return self.prompt if self.messages is None else self.messages
+
+
+@runtime_checkable
+class Endpoint(Protocol):
+    """A backend. `ask` returns one `Answer`; `describe` says what it is, for output metadata."""
+
+    model: str
+    vocab_size: int
+    limits: Limits
+
+    async def ask(self, prompt: Prompt, query: Query) -> Answer: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def token_bytes(self, token_id: int) -> bytes | None: ...

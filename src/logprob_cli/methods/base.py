@@ -1,0 +1,145 @@
+"""What every extraction method shares: its context, its result, and the behaviour check.
+
+A method is a plan: a generator that yields a batch of independent `Query`s, receives
+the list of `Answer`s in the same order, and finally returns a `MethodResult`. It does
+no I/O, so it runs the same against the simulator, a server, or answers replayed from
+the journal; a plan must be deterministic given its answers (resume relies on it).
+
+Notation used by the method docstrings: z = the model's logits, log p = log softmax(z),
+b_i = the bias on token i, lp'_i = the logprob the endpoint returns under the bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+import numpy as np
+
+from ..endpoint import Answer, EndpointUnsuitable, Limits, Query
+
+Plan = Generator[list[Query], list[Answer], "MethodResult"]
+
+FLOAT32_ROUNDOFF = 2.0**-24
+BFLOAT16_ROUNDOFF = 2.0**-9
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a plan may know about the run: vocabulary, request limits and settings.
+
+    top_k: logprobs to ask for per call (the k of the method names).
+    eps: bisection's target precision in nats (bracket width).
+    """
+
+    vocab_size: int
+    limits: Limits
+    top_k: int = 20
+    eps: float = 1e-3
+
+    @property
+    def bias_max(self) -> float:
+        return float(self.limits.bias_max)
+
+
+@dataclass
+class MethodResult:
+    """A full vector: log-probabilities (NaN where unrecovered) and how good they are.
+
+    upper_bounds: for each unrecovered token, the upper bound on its log-probability
+        that the answers prove (NaN where none is known).
+    precision: the method's own bound on the absolute error of recovered values (nats).
+    behaviour: what the check found about the endpoint.
+    """
+
+    logprobs: np.ndarray
+    upper_bounds: dict[int, float]
+    precision: float
+    behaviour: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unrecovered_ids(self) -> np.ndarray:
+        return np.flatnonzero(np.isnan(self.logprobs))
+
+    def probability_sum(self) -> float:
+        lp = self.logprobs[~np.isnan(self.logprobs)]
+        return float(np.exp(lp).sum()) if lp.size else 0.0
+
+    def unrecovered_mass_bound(self) -> float:
+        """An upper bound on the total probability of the unrecovered tokens."""
+        missing = self.unrecovered_ids
+        if not missing.size:
+            return 0.0
+        remainder = max(0.0, 1.0 - self.probability_sum())
+        bounds = np.array([self.upper_bounds.get(int(i), math.nan) for i in missing])
+        return remainder if np.isnan(bounds).any() else min(remainder, float(np.exp(bounds).sum()))
+
+
+def roundoff(values: list[float] | tuple[float, ...]) -> float:
+    """The unit roundoff of the returned numbers: bfloat16 if (a sample of) them all sit on its grid, else float32."""
+    sample = np.asarray(values[:4096], dtype=np.float64)
+    as32 = sample.astype(np.float32)
+    on_grid = (as32.astype(np.float64) == sample).all() and not (as32.view(np.uint32) & 0xFFFF).any()
+    if sample.size and on_grid and (sample != np.round(sample)).any():
+        return BFLOAT16_ROUNDOFF
+    return FLOAT32_ROUNDOFF
+
+
+def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], list[Answer], tuple[Answer, dict]]:
+    """Two calls that tell how the endpoint treats logit_bias, before a method spends more.
+
+    Call 1 asks for the unbiased top-k. Call 2 biases the last visible token t by
+    b = (lp_top - lp_t) + 2, enough to make it the argmax by 2 nats, and reads back:
+      - bias steers sampling: t is the generated token;
+      - logprobs are post-bias: lp'_t - lp'_top moved by b (identity 1 with two biases).
+    `needs` is "post_bias" (exact, topk) or "steers" (bisection). Returns the first
+    answer and the findings; raises EndpointUnsuitable naming a method that would work.
+    """
+    k = max(ctx.top_k, 2)
+    (first,) = yield [Query.make(top_logprobs=k)]
+    found: dict[str, Any] = {"top_logprobs_returned": len(first.top_ids)}
+    if len(first.top_ids) < 2:
+        raise EndpointUnsuitable(
+            f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; "
+            f"{method} needs at least 2 (check that the endpoint supports top_logprobs)"
+        )
+    top, target = first.top_ids[0], first.top_ids[-1]
+    gap = first.top_logprobs[0] - first.top_logprobs[-1]
+    b = min(ctx.bias_max, gap + 2.0)
+    (second,) = yield [Query.make({target: b}, top_logprobs=k)]
+    steers = second.sampled == target
+    seen = second.top()
+    moved = None
+    if target in seen and top in seen:
+        shift = (seen[target] - seen[top]) - (first.top_logprobs[-1] - first.top_logprobs[0])
+        moved = abs(shift - b) < 0.05 * b + 0.1
+    elif target in seen:
+        moved = abs(seen[target] - first.top_logprobs[-1]) > 0.05 * b
+    found.update(bias_steers_sampling=steers, logprobs_after_bias=bool(moved))
+    if needs == "post_bias" and not moved:
+        if steers:
+            alternative = "Use --method bisection: the bias does steer which token is generated."
+        else:
+            alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
+        raise EndpointUnsuitable(
+            f"{method} needs returned logprobs that move with logit_bias, but this endpoint reports them "
+            f"before the bias (token {target} biased by {b:+.2f} kept its logprob). {alternative}"
+        )
+    if needs == "steers" and not steers:
+        if moved:
+            alternative = "Use --method topk or --method exact: the returned logprobs do move with the bias."
+        else:
+            alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
+        raise EndpointUnsuitable(
+            f"{method} needs logit_bias to change the generated token, but biasing token {target} by {b:+.2f} "
+            f"(enough to make it the most likely) left token {second.sampled} generated. {alternative}"
+        )
+    return first, found
+
+
+def chunks(items: list[int] | np.ndarray, size: int) -> list[list[int]]:
+    """Split items into consecutive lists of at most `size`."""
+    items = [int(i) for i in items]
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,260 @@
+"""A built-in simulated endpoint: the offline default and the ground truth for tests.
+
+It answers what an OpenAI-style endpoint answers for `max_tokens=1`: the greedy token and
+the top-k logprobs. It computes as an engine does, in low precision, so numerical
+weaknesses of a method show here as they would on a real server:
+
+    z'   = z + b                       (float32, or bfloat16 when precision="bfloat16")
+    lp'  = (z' - max z') - log(sum(exp(z' - max z')))      in float32
+
+The model looks like a real LM's output layer: logits z = W h + u, with W a fixed V x d
+matrix (d = 64), h a prompt-dependent vector pulled toward a few plausible tokens (a
+peaked head), and u a Zipf-like unigram term; the tail reaches below -40 nats. The
+logits are a deterministic function of the prompt and the seed.
+
+Every behaviour a method depends on is a switch (see `SimulatorConfig`), so each
+method's failure mode can be produced on purpose. `true_logprobs` gives the exact
+distribution (float64 log-softmax of the float32 logits) and `calls` counts requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+
+from .endpoint import Answer, EndpointError, Limits, Prompt, Query
+
+SIMULATOR_MODEL = "simulator"
+_SUBNORMAL_EXP = np.float32(-87.3)  # exp(x) < float32's smallest normal below this
+# One consonant and one vowel each: a prefix-free code, so distinct syllable strings stay distinct words.
+_SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """The simulated endpoint's model and behaviour.
+
+    vocab_size, hidden_size, seed: the model (a V x d output layer, deterministic per seed).
+    top_logprobs_cap: the most top logprobs a request may ask for (OpenAI: 20).
+    bias_max, bias_entries: logit_bias values are clipped to [-bias_max, bias_max]; more
+        than bias_entries entries is rejected.
+    logprobs_after_bias: returned logprobs reflect the bias (True) or are the unbiased
+        ones (False: OpenAI since 2024, vLLM and llama.cpp defaults).
+    bias_steers_sampling: the bias changes which token is generated.
+    sampled_logprob: a generated token outside the returned top-k reports its own
+        logprob ("report": llama.cpp, vLLM) or -9999 ("sentinel": OpenAI's contract).
+    precision: arithmetic of the biased logits and returned values.
+    tie_noise: standard deviation (nats) of fresh per-call noise on every logit, the
+        nondeterminism of a real engine at temperature 0; 0 means none.
+    """
+
+    vocab_size: int = 100_000
+    hidden_size: int = 64
+    seed: int = 0
+    top_logprobs_cap: int = 20
+    bias_max: float = 100.0
+    bias_entries: int = 300
+    logprobs_after_bias: bool = True
+    bias_steers_sampling: bool = True
+    sampled_logprob: Literal["report", "sentinel"] = "report"
+    precision: Literal["float32", "bfloat16"] = "float32"
+    tie_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise ValueError("vocab_size must be at least 300")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError("precision must be float32 or bfloat16")
+        if self.sampled_logprob not in ("report", "sentinel"):
+            raise ValueError("sampled_logprob must be report or sentinel")
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def prompt_digest(content: Any) -> bytes:
+    """A stable digest of a prompt's text or messages."""
+    return hashlib.blake2b(json.dumps(content, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).digest()
+
+
+class SimulatedModel:
+    """The logits of the simulated LM: z = W h(prompt) + u, computed in float32."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, seed: int, precision: str = "float32"):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.seed = seed
+        self.precision = precision
+        rng = np.random.default_rng([seed, vocab_size, hidden_size])
+        self._rank = rng.permutation(vocab_size)
+        self._unigram = (-1.0 * np.log(self._rank + 2.0)).astype(np.float32)
+        self._w = rng.standard_normal((vocab_size, hidden_size), dtype=np.float32)
+        self._frequent = np.argsort(self._rank)[: min(2000, vocab_size)]
+        self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def logits(self, content: Any) -> np.ndarray:
+        """The model's float32 logits for a prompt (bfloat16-rounded in bfloat16 mode)."""
+        return self._entry(content)[0]
+
+    def order(self, content: Any) -> np.ndarray:
+        """Token ids sorted by descending logit (ties by id)."""
+        return self._entry(content)[1]
+
+    def _entry(self, content: Any) -> tuple[np.ndarray, np.ndarray]:
+        key = prompt_digest(content)
+        hit = self._cache.get(key)
+        if hit is None:
+            rng = np.random.default_rng([self.seed, *np.frombuffer(key, dtype=np.uint32)])
+            h = rng.standard_normal(self.hidden_size).astype(np.float32) * 0.6
+            targets = rng.choice(self._frequent, 3, replace=False)
+            for t, weight in zip(targets, rng.dirichlet([1.0, 1.0, 1.0])):
+                h += (2.2 * weight * self._w[t] / np.linalg.norm(self._w[t])).astype(np.float32)
+            z = (self._w @ h + self._unigram).astype(np.float32)
+            if self.precision == "bfloat16":
+                z = to_bfloat16(z)
+            order = np.lexsort((np.arange(self.vocab_size), -z))
+            hit = (z, order)
+            if len(self._cache) > 64:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = hit
+        return hit
+
+
+@lru_cache(maxsize=8)
+def _shared_model(vocab_size: int, hidden_size: int, seed: int, precision: str) -> SimulatedModel:
+    return SimulatedModel(vocab_size, hidden_size, seed, precision)
+
+
+class SimulatedEndpoint:
+    """The simulator behind the `Endpoint` contract (see module docstring)."""
+
+    model = SIMULATOR_MODEL
+
+    def __init__(self, config: SimulatorConfig | None = None):
+        self.config = config or SimulatorConfig()
+        c = self.config
+        self.vocab_size = c.vocab_size
+        self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries)
+        self.sim = _shared_model(c.vocab_size, c.hidden_size, c.seed, c.precision)
+        self.calls = 0
+        self._noise = np.random.default_rng([c.seed, 7])
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "simulator", "model": self.model, **asdict(self.config)}
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return simulator_token_bytes(token_id)
+
+    def true_logprobs(self, prompt: Prompt | Any) -> np.ndarray:
+        """The exact log-probabilities (float64) of the model's logits for a prompt."""
+        z = self.sim.logits(_content(prompt)).astype(np.float64)
+        m = z.max()
+        return z - m - np.log(np.exp(z - m).sum())
+
+    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+        return self.answer(prompt, query)
+
+    def answer(self, prompt: Prompt | Any, query: Query) -> Answer:
+        """Answer a query synchronously (the `ask` contract without the event loop)."""
+        c = self.config
+        if query.top_logprobs > c.top_logprobs_cap or query.top_logprobs < 0:
+            raise EndpointError(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
+        if len(query.bias) > c.bias_entries:
+            raise EndpointError(f"logit_bias may have at most {c.bias_entries} entries, got {len(query.bias)}")
+        self.calls += 1
+        content = _content(prompt)
+        z = self.sim.logits(content)
+        ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
+        if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
+            raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
+        bias = np.clip(np.fromiter((b for _, b in query.bias), dtype=np.float32, count=ids.size), -c.bias_max, c.bias_max)
+
+        noisy = c.tie_noise > 0
+        base = z + self._noise.standard_normal(z.size, dtype=np.float32) * np.float32(c.tie_noise) if noisy else z
+        biased = base.copy()
+        biased[ids] += bias
+        if c.precision == "bfloat16" and ids.size:
+            biased[ids] = to_bfloat16(biased[ids])
+
+        seen = biased if c.logprobs_after_bias else base
+        steer = biased if c.bias_steers_sampling else base
+        k = query.top_logprobs
+        if noisy or not ids.size or not c.bias_steers_sampling or not c.logprobs_after_bias:
+            top_seen = _top(seen, k)
+            sampled = int(_top(steer, 1)[0])
+        else:
+            # The top of the biased logits lies among the biased ids and the unbiased leaders.
+            candidates = np.union1d(ids, self.sim.order(content)[: k + ids.size + 1])
+            local = _top(biased[candidates], max(k, 1))
+            top_seen = candidates[local][:k]
+            sampled = int(candidates[local[0]])
+
+        log_norm = _log_normalizer(seen)
+        top_lp = (seen[top_seen] - log_norm[0]) - log_norm[1]
+        sampled_lp = (seen[sampled] - log_norm[0]) - log_norm[1]
+        if c.precision == "bfloat16":
+            top_lp = to_bfloat16(top_lp)
+            sampled_lp = to_bfloat16(np.asarray([sampled_lp]))[0]
+        reported: float | None = float(sampled_lp)
+        if sampled not in top_seen[:k] and c.sampled_logprob == "sentinel":
+            reported = None
+        return Answer(sampled, reported, tuple(int(i) for i in top_seen), tuple(float(x) for x in top_lp))
+
+
+def _log_normalizer(x: np.ndarray) -> tuple[np.float32, np.float32]:
+    """(max, log sum exp(x - max)) in float32, as an engine's log-softmax kernel does.
+
+    Terms whose exp would be subnormal are flushed to zero, as GPU kernels do (and as
+    x86 needs for speed: subnormal arithmetic is ~100x slower there).
+    """
+    m = x.max()
+    shifted = x - m
+    terms = np.zeros_like(shifted)
+    np.exp(shifted, out=terms, where=shifted > _SUBNORMAL_EXP)
+    return m, np.log(terms.sum(dtype=np.float32))
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, best first, ties broken by the lower index."""
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    k = min(k, values.size)
+    part = np.argpartition(-values, k - 1)[:k] if k < values.size else np.arange(values.size)
+    # Pull in every index tied with the k-th value so the tie-break by index is exact.
+    kth = values[part].min()
+    tied = np.flatnonzero(values >= kth)
+    return tied[np.lexsort((tied, -values[tied]))][:k]
+
+
+def _content(prompt: Prompt | Any) -> Any:
+    return prompt.content() if isinstance(prompt, Prompt) else prompt
+
+
+def simulator_token_bytes(token_id: int) -> bytes:
+    """The simulator's vocabulary: ids 0-255 are single bytes, the rest made-up words.
+
+    Word ids map one-to-one onto (leading space, syllable string) by a bijective base-N
+    numeral, so every token's bytes are distinct.
+    """
+    if token_id < 256:
+        return bytes([token_id])
+    j = token_id - 256
+    space, n = j % 2, j // 2
+    parts = []
+    base = len(_SYLLABLES)
+    n += 1
+    while n > 0:
+        n -= 1
+        parts.append(_SYLLABLES[n % base])
+        n //= base
+    word = "".join(reversed(parts))
+    return ((" " if space else "") + word).encode()
