@@ -1,0 +1,193 @@
+"""Reading a batch's prompts from JSONL: one JSON object per line, every problem reported at once.
+
+A line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}`;
+any other keys are kept in `Prompt.extra`. Blank lines are skipped but still count as lines.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .endpoint import Prompt
+
+MAX_LISTED = 20
+RESERVED = ("id", "prompt", "messages")
+KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a decimal number",
+    type(None): "null",
+}
+
+
+class InputError(Exception):
+    """The input cannot be used; `problems` lists everything wrong, line problems as "line N: ..."."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        super().__init__(problems, source)
+        self.problems = list(problems)
+        self.source = source
+
+    def __str__(self) -> str:
+        listed = self.problems[:MAX_LISTED]
+        if len(self.problems) > MAX_LISTED:
+            listed.append(f"... and {len(self.problems) - MAX_LISTED} more")
+        if self.source is None:
+            return "\n".join(listed)
+        count = len(self.problems)
+        head = f"{self.source}: {count} problem{'' if count == 1 else 's'}"
+        return "\n".join([head, *(f"  {item}" for item in listed)])
+
+
+def read_prompts(source: str | os.PathLike) -> list[Prompt]:
+    """Read and check every line of `source` ("-" is stdin); return its prompts in file order.
+
+    Raises one InputError listing every problem in the file (nothing is returned then),
+    or naming the one reason the file could not be read or held no prompts.
+    A line without "id" gets its line number, as a string if the file's ids are strings.
+    """
+    name = "<stdin>" if source == "-" else os.fspath(source)
+    problems: list[tuple[int, str]] = []
+    records: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(_read_text(source, name).split("\n"), start=1):
+        if not line.strip():
+            continue
+        record, line_problems = _parse_line(line)
+        problems += [(number, problem) for problem in line_problems]
+        if record is not None:
+            records.append((number, record))
+    if not records and not problems:
+        raise InputError([f"no prompts in {name}"])
+    ids, id_problems = _resolve_ids(records)
+    problems += id_problems
+    if problems:
+        problems.sort(key=lambda item: item[0])
+        raise InputError([f"line {number}: {problem}" for number, problem in problems], name)
+    return [
+        Prompt(
+            id=ids[number],
+            line=number,
+            prompt=record.get("prompt"),
+            messages=record.get("messages"),
+            extra={key: value for key, value in record.items() if key not in RESERVED},
+        )
+        for number, record in records
+    ]
+
+
+def _read_text(source: str | os.PathLike, name: str) -> str:
+    """The whole input as text (a leading UTF-8 byte-order mark is dropped)."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as error:
+        raise InputError([f"cannot read {name}: {error.strerror or error}"]) from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        bad = data[error.start]
+        raise InputError([f"{name} is not UTF-8 text (line {line} has the byte 0x{bad:02x})"]) from None
+
+
+def _parse_line(line: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The line's JSON object (None if it is not one) and its problems, without line numbers."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, [f"invalid JSON: {error.msg} (column {error.colno})"]
+    if not isinstance(record, dict):
+        return None, [f"expected a JSON object, got {KINDS[type(record)]}"]
+    return record, _content_problems(record) + _id_problems(record)
+
+
+def _content_problems(record: dict[str, Any]) -> list[str]:
+    if "prompt" in record and "messages" in record:
+        return ['give either "prompt" or "messages", not both']
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if not isinstance(prompt, str):
+            return [f'"prompt" must be a string, got {KINDS[type(prompt)]}']
+        return [] if prompt.strip() else ['"prompt" is empty']
+    if "messages" in record:
+        return _messages_problems(record["messages"])
+    return ['missing prompt: give "prompt" or "messages"']
+
+
+def _messages_problems(messages: Any) -> list[str]:
+    if not isinstance(messages, list):
+        return [f'"messages" must be an array of messages, got {KINDS[type(messages)]}']
+    if not messages:
+        return ['"messages" is empty']
+    problems = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            problems.append(f'{where} must be an object with "role" and "content", got {KINDS[type(message)]}')
+            continue
+        if "role" not in message:
+            problems.append(f'{where}: "role" is missing')
+        elif not isinstance(message["role"], str):
+            problems.append(f'{where}: "role" must be a string, got {KINDS[type(message["role"])]}')
+        content = message.get("content")
+        if "content" not in message:
+            problems.append(f'{where}: "content" is missing')
+        elif not isinstance(content, (str, list)):
+            problems.append(f'{where}: "content" must be a string or an array of content parts, got {KINDS[type(content)]}')
+        elif not (content.strip() if isinstance(content, str) else content):
+            problems.append(f'{where}: "content" is empty')
+    return problems
+
+
+def _valid_id(record: dict[str, Any]) -> bool:
+    value = record.get("id")
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value.strip()))
+
+
+def _id_problems(record: dict[str, Any]) -> list[str]:
+    if "id" not in record or _valid_id(record):
+        return []
+    value = record["id"]
+    if isinstance(value, str):
+        return ['"id" is empty']
+    return [f'"id" must be an integer or a non-empty string, got {KINDS[type(value)]}']
+
+
+def _resolve_ids(records: list[tuple[int, dict[str, Any]]]) -> tuple[dict[int, Any], list[tuple[int, str]]]:
+    """Each line's id (given, or its line number) and the type-mixing and duplicate problems.
+
+    Lines whose "id" is invalid get no id here (their problem is already reported).
+    """
+    given = [(number, record["id"]) for number, record in records if _valid_id(record)]
+    id_type = type(given[0][1]) if given else int
+    problems = []
+    mixed = next(((number, value) for number, value in given if type(value) is not id_type), None)
+    if mixed:
+        number, value = mixed
+        text = f"id {_show(value)} is {KINDS[type(value)]} but the id on line {given[0][0]} is {KINDS[id_type]}"
+        problems.append((number, f"{text}; give all ids the same type"))
+    ids: dict[int, Any] = dict(given)
+    defaulted = {number for number, record in records if "id" not in record}
+    ids.update((number, id_type(number)) for number in defaulted)
+    first_line: dict[Any, int] = {}
+    for number in sorted(ids):
+        value = ids[number]
+        if value not in first_line:
+            first_line[value] = number
+            continue
+        other = first_line[value]
+        hint = '; a line without "id" gets its line number' if {number, other} & defaulted else ""
+        problems.append((number, f"duplicate id {_show(value)} (already used on line {other}{hint})"))
+    return ids, problems
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
