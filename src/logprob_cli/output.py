@@ -1,0 +1,305 @@
+"""The Parquet output: one row per prompt with its full next-token log-probability vector.
+
+`output_schema` fixes the columns from the prompts, `write_parquet` streams rows into a
+file that is replaced atomically, and `render_inspect` summarises a file for humans.
+The run's description (model, vocabulary, endpoint, settings) is stored as JSON under
+the file-level key b"logprob_cli".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .endpoint import Prompt
+from .methods.base import MethodResult
+from .simulator import simulator_token_bytes
+
+METADATA_KEY = b"logprob_cli"
+ROW_GROUP_ROWS = 32
+JSON_FIELD = {b"encoding": b"json"}  # field metadata of an extra column holding JSON text
+
+_HEAD = ("id", "prompt", "messages")
+_TAIL = (
+    "model",
+    "method",
+    "logprobs",
+    "calls",
+    "probability_sum",
+    "unrecovered_count",
+    "unrecovered_mass_bound",
+    "unrecovered_ids",
+    "unrecovered_upper_bounds",
+    "precision_nats",
+    "notes",
+)
+
+
+@dataclass
+class OutputRow:
+    """One finished prompt: what was asked, by which model and method, at what cost, and the result."""
+
+    prompt: Prompt
+    model: str
+    method: str
+    calls: int
+    result: MethodResult
+
+
+def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
+    """The file's columns: id, prompt, messages, the prompts' extra keys, then model, method, the vector and diagnostics.
+
+    Extra keys are the union over all prompts in first-seen order; each column's type is
+    inferred from all values (NULL where absent), falling back to JSON text (field
+    metadata {"encoding": "json"}) when no Parquet-storable type fits. Raises ValueError
+    when an extra key collides (ignoring case, as DuckDB does) with a column of the tool.
+    """
+    taken = {name.lower() for name in _HEAD + _TAIL}
+    keys: dict[str, None] = {}  # an ordered set
+    for prompt in prompts:
+        for key in prompt.extra:
+            if key.lower() in taken and key not in keys:
+                raise ValueError(
+                    f'the key "{key}" (line {prompt.line}) collides with the output column "{key.lower()}"; '
+                    "rename it in the input"
+                )
+            keys[key] = None
+    ints = all(isinstance(p.id, int) and not isinstance(p.id, bool) for p in prompts)
+    fields = [
+        pa.field("id", pa.int64() if ints else pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("messages", pa.string(), metadata=JSON_FIELD),
+    ]
+    fields += [_extra_field(key, [p.extra.get(key) for p in prompts]) for key in keys]
+    fields += [
+        pa.field("model", pa.string()),
+        pa.field("method", pa.string()),
+        pa.field("logprobs", pa.list_(pa.float32(), vocab_size)),
+        pa.field("calls", pa.int64()),
+        pa.field("probability_sum", pa.float64()),
+        pa.field("unrecovered_count", pa.int64()),
+        pa.field("unrecovered_mass_bound", pa.float64()),
+        pa.field("unrecovered_ids", pa.list_(pa.int32())),
+        pa.field("unrecovered_upper_bounds", pa.list_(pa.float32())),
+        pa.field("precision_nats", pa.float64()),
+        pa.field("notes", pa.list_(pa.string())),
+    ]
+    return pa.schema(fields)
+
+
+def _extra_field(key: str, values: list[Any]) -> pa.Field:
+    try:
+        inferred = pa.array(values).type
+    except (pa.ArrowException, OverflowError):
+        return pa.field(key, pa.string(), metadata=JSON_FIELD)
+    if pa.types.is_null(inferred) or _has_empty_struct(inferred):
+        return pa.field(key, pa.string(), metadata=JSON_FIELD)
+    return pa.field(key, inferred)
+
+
+def _has_empty_struct(type_: pa.DataType) -> bool:
+    """Parquet cannot store a struct without fields (what `{}` infers to)."""
+    if pa.types.is_struct(type_):
+        return type_.num_fields == 0 or any(_has_empty_struct(f.type) for f in type_)
+    if pa.types.is_list(type_):
+        return _has_empty_struct(type_.value_type)
+    return False
+
+
+def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[OutputRow], metadata: dict) -> int:
+    """Stream rows into `path` in row groups of at most 32; returns the number of rows.
+
+    The file is written beside `path` under a temporary name and moved onto it with
+    os.replace, so `path` is always the old or the new complete file; on error the
+    temporary file is removed and `path` is untouched. `metadata` is stored as JSON
+    under the file-level key b"logprob_cli".
+    """
+    path = Path(path)
+    schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    written = 0
+    try:
+        with open(temp, "xb") as sink:
+            with pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=_dictionary_columns(schema)) as writer:
+                pending: list[OutputRow] = []
+                for row in rows:
+                    pending.append(row)
+                    if len(pending) == ROW_GROUP_ROWS:
+                        writer.write_batch(_batch(schema, pending))
+                        written += len(pending)
+                        pending = []
+                if pending:
+                    writer.write_batch(_batch(schema, pending))
+                    written += len(pending)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Every column but the vectors and their bounds, where a dictionary is only overhead."""
+    dense = {"logprobs", "unrecovered_ids", "unrecovered_upper_bounds"}
+    return [name for name in schema.names if name not in dense]
+
+
+def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
+    vocab_size = schema.field("logprobs").type.list_size
+    for row in rows:
+        if row.result.logprobs.shape != (vocab_size,):
+            raise ValueError(
+                f"prompt {row.prompt.id!r}: the vector has shape {row.result.logprobs.shape}, "
+                f"expected ({vocab_size},) for this file's vocabulary"
+            )
+    id_type = schema.field("id").type
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([r.prompt.id if id_type == pa.int64() else str(r.prompt.id) for r in rows], id_type),
+        "prompt": pa.array([r.prompt.prompt for r in rows], pa.string()),
+        "messages": pa.array(
+            [None if r.prompt.messages is None else json.dumps(r.prompt.messages, ensure_ascii=False) for r in rows],
+            pa.string(),
+        ),
+        "model": pa.array([r.model for r in rows], pa.string()),
+        "method": pa.array([r.method for r in rows], pa.string()),
+        "logprobs": _vectors([r.result.logprobs for r in rows], vocab_size),
+        "calls": pa.array([r.calls for r in rows], pa.int64()),
+        "probability_sum": pa.array([r.result.probability_sum() for r in rows], pa.float64()),
+        "unrecovered_count": pa.array([r.result.unrecovered_ids.size for r in rows], pa.int64()),
+        "unrecovered_mass_bound": pa.array([r.result.unrecovered_mass_bound() for r in rows], pa.float64()),
+        "unrecovered_ids": _lists([r.result.unrecovered_ids for r in rows], np.int32),
+        "unrecovered_upper_bounds": _lists([_bounds(r.result) for r in rows], np.float32),
+        "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
+        "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
+    }
+    arrays = []
+    for field in schema:
+        if field.name in columns:
+            arrays.append(columns[field.name])
+        else:
+            values = [r.prompt.extra.get(field.name) for r in rows]
+            if field.metadata == JSON_FIELD:
+                values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+            arrays.append(pa.array(values, field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _bounds(result: MethodResult) -> np.ndarray:
+    """The upper bound of each unrecovered token, in the order of unrecovered_ids (NaN where unknown)."""
+    return np.array([result.upper_bounds.get(int(i), math.nan) for i in result.unrecovered_ids], dtype=np.float64)
+
+
+def _vectors(vectors: list[np.ndarray], vocab_size: int) -> pa.FixedSizeListArray:
+    flat = np.concatenate(vectors).astype(np.float32)
+    values = pa.array(flat, pa.float32(), mask=np.isnan(flat))
+    return pa.FixedSizeListArray.from_arrays(values, vocab_size)
+
+
+def _lists(items: list[np.ndarray], dtype: type) -> pa.ListArray:
+    """A list column from numpy arrays; NaN becomes NULL."""
+    offsets = np.zeros(len(items) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(item) for item in items])
+    flat = np.concatenate(items).astype(dtype)
+    mask = np.isnan(flat) if np.issubdtype(flat.dtype, np.floating) else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, mask=mask))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The run description stored by `write_parquet`; ValueError if the file is not such a file."""
+    return _open(path)[1]
+
+
+def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, dict]:
+    try:
+        file = pq.ParquetFile(path, pre_buffer=False)  # with pre-buffering, iter_batches' memory grows batch by batch
+    except pa.ArrowException as error:
+        raise ValueError(f"{path} is not a Parquet file ({error})") from None
+    raw = (file.schema_arrow.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{path} has no logprob_cli metadata: it was not written by `logprobs extract`")
+    try:
+        return file, json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} has unreadable logprob_cli metadata ({error})") from None
+
+
+def _simulator_text(token_id: int) -> str:
+    return repr(simulator_token_bytes(token_id).decode("utf-8", errors="replace"))
+
+
+_VOCABULARIES: dict[str, Callable[[int], str]] = {"simulator": _simulator_text}
+
+
+def token_text(metadata: dict) -> Callable[[int], str]:
+    """A function giving a token id's readable text (repr-quoted) for the file's vocabulary, or "#id" if unknown."""
+    name = metadata.get("vocabulary", {}).get("name")
+    return _VOCABULARIES.get(name, lambda token_id: f"#{token_id}")
+
+
+def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> None:
+    """Print the run header and a table with one row per prompt: top tokens, entropy, diagnostics.
+
+    Reads the file in batches so memory does not grow with its size. Raises ValueError
+    if the file is not Parquet or carries no logprob_cli metadata.
+    """
+    file, metadata = _open(path)
+    vocabulary = metadata.get("vocabulary", {})
+    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
+    method = metadata.get("settings", {}).get("method", "?")
+    size = vocabulary.get("size")
+    tokens = f" ({size:,} tokens)" if isinstance(size, int) else ""
+    console.print(
+        f"{path}: model {model}, method {method}, vocabulary {vocabulary.get('name', '?')}{tokens}, "
+        f"{file.metadata.num_rows:,} rows",
+        highlight=False,
+    )
+    text = token_text(metadata)
+    table = Table()
+    table.add_column("id")
+    table.add_column(f"top {top}")
+    for name in ("entropy (nats)", "probability sum", "unrecovered", "calls", "precision (nats)"):
+        table.add_column(name, justify="right")
+    scalars = ["id", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["logprobs", *scalars]):
+        vocab_size = batch.schema.field("logprobs").type.list_size
+        vectors = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False).reshape(-1, vocab_size)
+        for row, vector in zip(batch.select(scalars).to_pylist(), vectors):
+            lp = vector.astype(np.float64)
+            table.add_row(
+                Text(str(row["id"])),
+                Text("\n".join(f"{text(int(i))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))),
+                f"{_entropy(lp):.4f}",
+                f"{row['probability_sum']:.6f}",
+                f"{row['unrecovered_count']:,}",
+                f"{row['calls']:,}",
+                f"{row['precision_nats']:.2g}",
+            )
+    console.print(table)
+
+
+def _top_ids(logprobs: np.ndarray, top: int) -> np.ndarray:
+    """The ids of the `top` most likely recovered tokens, best first."""
+    ids = np.flatnonzero(~np.isnan(logprobs))
+    if ids.size > top:
+        ids = ids[np.argpartition(-logprobs[ids], top - 1)[:top]]
+    return ids[np.lexsort((ids, -logprobs[ids]))]
+
+
+def _entropy(logprobs: np.ndarray) -> float:
+    """-sum p log p over the recovered tokens, in float64 (a -inf logprob adds 0)."""
+    lp = logprobs[np.isfinite(logprobs)]
+    return float(-(np.exp(lp) * lp).sum())
