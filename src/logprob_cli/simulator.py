@@ -170,12 +170,12 @@ class SimulatedEndpoint:
             raise EndpointError(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
         if len(query.bias) > c.bias_entries:
             raise EndpointError(f"logit_bias may have at most {c.bias_entries} entries, got {len(query.bias)}")
-        self.calls += 1
-        content = _content(prompt)
-        z = self.sim.logits(content)
         ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
             raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
+        self.calls += 1
+        content = _content(prompt)
+        z = self.sim.logits(content)
         bias = np.clip(np.fromiter((b for _, b in query.bias), dtype=np.float32, count=ids.size), -c.bias_max, c.bias_max)
 
         noisy = c.tie_noise > 0

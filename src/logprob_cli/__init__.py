@@ -1,0 +1,13 @@
+"""logprob-cli: full next-token distributions from APIs that only show the top-k.
+
+    from logprob_cli import extract_logprobs
+    vector = extract_logprobs("The capital of France is", method="topk")
+    vector.logprobs   # numpy array, one log-probability per token id (NaN = unrecovered)
+    vector.calls      # endpoint calls spent
+"""
+
+__version__ = "0.1.0"
+
+from .api import Extraction, extract_logprobs  # noqa: E402
+
+__all__ = ["Extraction", "extract_logprobs", "__version__"]

@@ -1,0 +1,225 @@
+"""The checkpoint: every answer an endpoint gave, and every finished prompt's result, in SQLite.
+
+An answer is committed before the method that asked for it sees it, so a killed run
+loses only the calls in flight. A method replays deterministically from its answers:
+on resume the runner feeds a prompt's saved answers back in order (`seq`) and asks the
+endpoint only for what is missing; each saved answer carries the digest of its query,
+so a replay that would ask something else is caught instead of silently mixing runs.
+
+WAL mode with synchronous=NORMAL: a commit survives the process being killed (the
+failure this guards against); only an OS crash or power loss can drop the last commits.
+One process at a time: an exclusive lock on `<checkpoint>.lock` refuses a second one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .endpoint import Answer
+from .methods.base import MethodResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS answers (
+    prompt TEXT NOT NULL, seq INTEGER NOT NULL, query BLOB NOT NULL, answer BLOB NOT NULL,
+    PRIMARY KEY (prompt, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    prompt TEXT PRIMARY KEY, calls INTEGER NOT NULL, logprobs BLOB NOT NULL,
+    bound_ids BLOB NOT NULL, bounds BLOB NOT NULL, precision REAL NOT NULL,
+    behaviour TEXT NOT NULL, notes TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (prompt TEXT PRIMARY KEY, message TEXT NOT NULL);
+"""
+
+
+class JournalError(RuntimeError):
+    """The checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class SavedResult:
+    calls: int
+    result: MethodResult
+
+
+class Journal:
+    """A run's checkpoint file. Use as a context manager; `open` checks the run's settings."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_file = None
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, settings: dict[str, Any]) -> "Journal":
+        """Open (or create) the checkpoint for a run with these settings, under an exclusive lock.
+
+        Raises JournalError when another process holds it, or when it was made with other settings.
+        """
+        journal = cls(path)
+        journal._lock()
+        try:
+            journal._connect()
+            saved = journal.get_meta("settings")
+            if saved is None:
+                journal.set_meta("settings", settings)
+            elif saved != settings:
+                diff = ", ".join(
+                    f"{key} {saved.get(key)!r} (now {settings.get(key)!r})"
+                    for key in sorted(set(saved) | set(settings))
+                    if saved.get(key) != settings.get(key)
+                )
+                raise JournalError(
+                    f"the checkpoint {journal.path} belongs to a run with other settings: {diff}. "
+                    "Re-run with those settings to resume it, add --fresh to discard it and start over, "
+                    "or choose another output with -o."
+                )
+        except BaseException:
+            journal.close()
+            raise
+        return journal
+
+    @classmethod
+    def discard(cls, path: str | os.PathLike) -> None:
+        """Delete a checkpoint (unless another process is using it)."""
+        journal = cls(path)
+        journal._lock()
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                journal.path.with_name(journal.path.name + suffix).unlink(missing_ok=True)
+        finally:
+            journal.close()
+
+    def _lock(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise JournalError(
+                f"the checkpoint {self.path} is in use by {owner}; wait for it to finish or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"logprobs process {os.getpid()}")
+        handle.flush()
+        self._lock_file = handle
+
+    def _connect(self) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise JournalError(f"cannot use {self.path} as a checkpoint: {err}") from None
+        self._db = db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None, "journal is closed"
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_meta(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
+    def put_answer(self, prompt: str, seq: int, query_key: bytes, answer: Answer) -> None:
+        """Make one answer durable (its own transaction) before anyone uses it."""
+        self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)", (prompt, seq, query_key, answer.to_bytes()))
+
+    def answers(self, prompt: str) -> dict[int, tuple[bytes, Answer]]:
+        """A prompt's saved answers by sequence number, with the digest of the query each answered."""
+        rows = self.db.execute("SELECT seq, query, answer FROM answers WHERE prompt = ?", (prompt,))
+        return {seq: (bytes(q), Answer.from_bytes(a)) for seq, q, a in rows}
+
+    def count_answers(self) -> int:
+        return self.db.execute("SELECT count(*) FROM answers").fetchone()[0]
+
+    def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
+        ids = np.array(sorted(result.upper_bounds), dtype="<i4")
+        bounds = np.array([result.upper_bounds[int(i)] for i in ids], dtype="<f8")
+        self.db.execute(
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                prompt,
+                calls,
+                np.asarray(result.logprobs, dtype="<f4").tobytes(),
+                ids.tobytes(),
+                bounds.tobytes(),
+                result.precision,
+                json.dumps(result.behaviour, sort_keys=True),
+                json.dumps(result.notes),
+            ),
+        )
+        self.db.execute("DELETE FROM failures WHERE prompt = ?", (prompt,))
+
+    def finished(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT prompt FROM results")}
+
+    def result(self, prompt: str) -> SavedResult | None:
+        row = self.db.execute(
+            "SELECT calls, logprobs, bound_ids, bounds, precision, behaviour, notes FROM results WHERE prompt = ?",
+            (prompt,),
+        ).fetchone()
+        if row is None:
+            return None
+        calls, logprobs, bound_ids, bounds, precision, behaviour, notes = row
+        ids = np.frombuffer(bound_ids, dtype="<i4")
+        values = np.frombuffer(bounds, dtype="<f8")
+        result = MethodResult(
+            np.frombuffer(logprobs, dtype="<f4").copy(),
+            {int(i): float(v) for i, v in zip(ids, values)},
+            precision,
+            json.loads(behaviour),
+            json.loads(notes),
+        )
+        return SavedResult(calls, result)
+
+    def results(self, prompts: list[str]) -> Iterator[tuple[str, SavedResult]]:
+        """Finished results in the given order, one at a time (flat memory)."""
+        for prompt in prompts:
+            saved = self.result(prompt)
+            if saved is not None:
+                yield prompt, saved
+
+    def put_failure(self, prompt: str, message: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?)", (prompt, message))
+
+    def failures(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT prompt, message FROM failures").fetchall())
+
+
+def reading_connection(path: str | os.PathLike) -> Journal:
+    """A second, lock-free connection to an open checkpoint, for a writer thread to read results."""
+    journal = Journal(path)
+    journal._connect()
+    return journal

@@ -1,0 +1,286 @@
+"""The batch runner: many prompts, many calls at once, every answer journaled, resumable.
+
+Flow: each active prompt drives its method's plan; a batch of queries is first looked up
+in the journal (a resumed run replays what it already paid for), the rest go to a pool
+of `concurrency` workers that call the endpoint and commit each answer before handing it
+back. A finished prompt's result goes to the journal, and the Parquet output is rewritten
+from the journal (atomically, in a thread) when a prompt finishes and enough time has
+passed since the last write, and once more at the end, whatever ended the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from . import __version__
+from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt, Query
+from .journal import Journal, JournalError, reading_connection
+from .methods import METHODS, Context
+from .output import OutputRow, output_schema, write_parquet
+
+ACTIVE_PROMPTS = 4
+
+
+class Progress(Protocol):
+    """What the runner reports as it goes (the CLI draws it; the API ignores it)."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def call(self) -> None: ...
+    def prompt_done(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def call(self) -> None:
+        pass
+
+    def prompt_done(self) -> None:
+        pass
+
+
+@dataclass
+class RunSummary:
+    total: int
+    finished: int = 0
+    calls: int = 0
+    failures: dict[Any, str] = field(default_factory=dict)
+    interrupted: bool = False
+    rows_written: int = 0
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A stable key for a prompt's journal entries: its id and content (an edited prompt starts afresh)."""
+    text = json.dumps([prompt.id, prompt.content()], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def checkpoint_path(output: Path) -> Path:
+    """The journal lives beside the output: results.parquet -> results.checkpoint.sqlite."""
+    return output.with_name(output.stem + ".checkpoint.sqlite")
+
+
+def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float) -> dict[str, Any]:
+    """The settings a checkpoint is bound to: everything that changes which calls are made."""
+    settings: dict[str, Any] = {"method": method, "top_k": top_k, "endpoint": endpoint.describe()}
+    if method == "bisection":
+        settings["eps"] = eps
+    return settings
+
+
+class Runner:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        prompts: list[Prompt],
+        method: str,
+        ctx: Context,
+        journal: Journal,
+        concurrency: int,
+        progress: Progress,
+        on_prompt_finished: Callable[[], None] = lambda: None,
+    ):
+        self.endpoint = endpoint
+        self.prompts = prompts
+        self.plan = METHODS[method]
+        self.ctx = ctx
+        self.journal = journal
+        self.concurrency = concurrency
+        self.progress = progress
+        self.on_prompt_finished = on_prompt_finished
+        self.summary = RunSummary(total=len(prompts))
+
+    async def run(self) -> RunSummary:
+        finished = self.journal.finished()
+        todo = [p for p in self.prompts if prompt_key(p) not in finished]
+        self.summary.finished = len(self.prompts) - len(todo)
+        self.progress.start(len(self.prompts), self.summary.finished)
+        queue: asyncio.Queue = asyncio.Queue()
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
+        gate = asyncio.Semaphore(ACTIVE_PROMPTS)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for prompt in todo:
+                    group.create_task(self._prompt(prompt, queue, gate))
+        except* EndpointUnsuitable as errors:
+            raise errors.exceptions[0] from None
+        except* JournalError as errors:
+            raise errors.exceptions[0] from None
+        finally:
+            for worker in workers:
+                worker.cancel()
+        return self.summary
+
+    async def _worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            prompt, key, seq, query, future = await queue.get()
+            if future.done():
+                continue
+            try:
+                answer = await self.endpoint.ask(prompt, query)
+            except Exception as err:  # an endpoint failure fails the prompt, not the run
+                if not future.done():
+                    future.set_exception(err)
+                continue
+            self.journal.put_answer(key, seq, query.key(), answer)
+            self.summary.calls += 1
+            self.progress.call()
+            if not future.done():
+                future.set_result(answer)
+
+    async def _prompt(self, prompt: Prompt, queue: asyncio.Queue, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            key = prompt_key(prompt)
+            saved = self.journal.answers(key)
+            loop = asyncio.get_running_loop()
+            plan = self.plan(self.ctx)
+            seq = 0
+            queries: list[Query] = next(plan)
+            while True:
+                futures = []
+                for query in queries:
+                    future = loop.create_future()
+                    hit = saved.get(seq)
+                    if hit is None:
+                        queue.put_nowait((prompt, key, seq, query, future))
+                    elif hit[0] != query.key():
+                        raise JournalError(
+                            f"the checkpoint {self.journal.path} holds answers to other questions for prompt "
+                            f"{prompt.id!r} (made by another version of logprobs?); add --fresh to start over"
+                        )
+                    else:
+                        future.set_result(hit[1])
+                    futures.append(future)
+                    seq += 1
+                try:
+                    answers = await asyncio.gather(*futures)
+                except (EndpointError, OSError, ValueError) as err:
+                    for future in futures:
+                        future.cancel()
+                    self.summary.failures[prompt.id] = str(err)
+                    self.journal.put_failure(key, str(err))
+                    return
+                try:
+                    queries = plan.send(answers)
+                except StopIteration as stop:
+                    self.journal.put_result(key, seq, stop.value)
+                    break
+            self.summary.finished += 1
+            self.progress.prompt_done()
+            self.on_prompt_finished()
+
+
+def output_metadata(endpoint: Endpoint, settings: dict[str, Any], behaviour: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tool_version": __version__,
+        "vocabulary": {"name": endpoint.describe().get("vocabulary", endpoint.model), "size": endpoint.vocab_size},
+        "model": endpoint.model,
+        "endpoint": endpoint.describe(),
+        "behaviour": behaviour,
+        "settings": settings,
+    }
+
+
+class OutputWriter:
+    """Rewrites the Parquet file from the journal: finished prompts, in input order."""
+
+    def __init__(self, path: Path, journal_path: Path, prompts: list[Prompt], endpoint: Endpoint, settings: dict):
+        self.path = path
+        self.journal_path = journal_path
+        self.prompts = prompts
+        self.endpoint = endpoint
+        self.settings = settings
+        self.schema = output_schema(prompts, endpoint.vocab_size)
+        self._last_write = time.monotonic()
+        self._last_duration = 0.0
+        self._writing: asyncio.Task | None = None
+
+    def write(self) -> int:
+        started = time.monotonic()
+        reader = reading_connection(self.journal_path)
+        try:
+            by_key = {prompt_key(p): p for p in self.prompts}
+            saved = reader.results(list(by_key))
+            first = next(saved, None)
+            behaviour = first[1].result.behaviour if first else {}
+
+            def rows():
+                for key, item in ([first] if first else []):
+                    yield self._row(by_key[key], item)
+                for key, item in saved:
+                    yield self._row(by_key[key], item)
+
+            metadata = output_metadata(self.endpoint, self.settings, behaviour)
+            written = write_parquet(self.path, self.schema, rows(), metadata)
+        finally:
+            reader.close()
+        self._last_duration = time.monotonic() - started
+        self._last_write = time.monotonic()
+        return written
+
+    def _row(self, prompt: Prompt, saved) -> OutputRow:
+        return OutputRow(prompt, self.endpoint.model, self.settings["method"], saved.calls, saved.result)
+
+    def maybe_write_soon(self) -> None:
+        """After a prompt finishes: rewrite in a thread unless one is running or the last was too recent."""
+        due = time.monotonic() - self._last_write >= max(2.0, 10 * self._last_duration)
+        if due and (self._writing is None or self._writing.done()):
+            self._writing = asyncio.get_running_loop().create_task(asyncio.to_thread(self.write))
+
+    async def settle(self) -> None:
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
+
+
+def extract_batch(
+    prompts: list[Prompt],
+    output: Path,
+    endpoint: Endpoint,
+    method: str,
+    top_k: int = 20,
+    eps: float = 1e-3,
+    concurrency: int = 16,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Run a method over prompts into `output`, resuming from (and keeping) its checkpoint.
+
+    Raises JournalError (checkpoint in use / other settings), EndpointUnsuitable (the
+    endpoint cannot support the method). Ctrl-C stops the run: the summary says so, and
+    the output holds every prompt finished so far.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    settings = run_settings(endpoint, method, top_k, eps)
+    journal_path = checkpoint_path(output)
+    k = min(top_k, endpoint.limits.top_logprobs)
+    ctx = Context(endpoint.vocab_size, endpoint.limits, top_k=k, eps=eps)
+    with Journal.open(journal_path, settings) as journal:
+        writer = OutputWriter(output, journal_path, prompts, endpoint, settings)
+        runner = Runner(
+            endpoint, prompts, method, ctx, journal, concurrency, progress or NoProgress(), writer.maybe_write_soon
+        )
+
+        async def main() -> None:
+            try:
+                await runner.run()
+            finally:
+                await writer.settle()
+
+        summary = runner.summary
+        try:
+            asyncio.run(main())
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
+        finally:
+            summary.rows_written = writer.write()
+        keys = {prompt_key(p): p.id for p in prompts}
+        summary.failures = {keys[k]: msg for k, msg in journal.failures().items() if k in keys}
+    return summary
