@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import signal
 import sys
 import time
@@ -15,13 +16,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
-from .endpoint import EndpointError, EndpointUnsuitable
+from .endpoint import Endpoint, EndpointError, EndpointUnsuitable
 from .inputs import InputError, read_prompts
 from .journal import Journal, JournalError
 from .methods import METHODS
 from .output import render_inspect
 from .runner import checkpoint_path, extract_batch
+from .openai_endpoint import OpenAIEndpoint
+from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
+from .vocabulary import VocabularyError, load_vocabulary
 
 app = typer.Typer(
     help="Extract FULL next-token probability distributions from LLM APIs that only return the top-k logprobs.",
@@ -31,6 +35,17 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
+Api = enum.Enum("Api", {"chat": "chat", "completions": "completions"}, type=str)
+SIM_HELP = (
+    "Built-in simulator switch (repeatable), e.g. vocab_size=20000, logprobs_after_bias=false, "
+    "bias_steers_sampling=false, sampled_logprob=sentinel, top_logprobs_cap=5, bias_max=50, precision=bfloat16, "
+    "tie_noise=1e-4, seed=1."
+)
+MODEL_HELP = "Model of an OpenAI-compatible endpoint. Without it, the built-in simulated endpoint answers (offline)."
+TOKENIZER_HELP = (
+    "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
+    "or simulator:SIZE (default: from the model name, via tiktoken)."
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -74,6 +89,46 @@ def simulator_config(switches: list[str]) -> SimulatorConfig:
         return SimulatorConfig(**values)
     except ValueError as error:
         fail(f"--sim: {error}", 2)
+
+
+def make_endpoint(
+    sim: list[str],
+    model: str | None,
+    base_url: str | None,
+    api_key: str | None,
+    api: str,
+    system: str | None,
+    extra_body: str | None,
+    tokenizer: str | None,
+) -> Endpoint:
+    """The simulator when no model is named, else an OpenAI-compatible endpoint with its vocabulary."""
+    if model is None:
+        if base_url and not sim:
+            fail("--base-url needs --model: name the model the server serves", 2)
+        return SimulatedEndpoint(simulator_config(sim))
+    if sim:
+        fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
+    try:
+        extra = json.loads(extra_body) if extra_body else None
+    except ValueError as error:
+        fail(f"--extra-body is not valid JSON: {error}", 2)
+    if extra is not None and not isinstance(extra, dict):
+        fail("--extra-body must be a JSON object", 2)
+    try:
+        vocabulary = load_vocabulary(tokenizer or model)
+    except VocabularyError as error:
+        hint = "" if tokenizer else f" (no --tokenizer given, so the model name {model!r} was tried)"
+        fail(f"{error}{hint}", 2)
+    return OpenAIEndpoint(
+        model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra
+    )
+
+
+def describe(endpoint: Endpoint) -> str:
+    if isinstance(endpoint, SimulatedEndpoint):
+        return f"built-in simulated endpoint (offline, no API key; {endpoint.vocab_size:,}-token vocabulary)"
+    info = endpoint.describe()
+    return f"{info['model']} at {info['base_url']} ({info['api']} API; vocabulary {info['vocabulary']}, {endpoint.vocab_size:,} tokens)"
 
 
 class RichProgress:
@@ -155,14 +210,21 @@ class Silent:
 @app.command()
 def extract(
     input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write [default: the input's name with .parquet]. Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
     method: Method = typer.Option("topk", "--method", "-m", help="topk: k-1 tokens per call against a reference token. exact: k per call via the group normalizer where float32 allows. bisection: argmax-only search, for endpoints whose logprobs ignore the bias."),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
     eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
     concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this output's checkpoint and start over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help="Built-in simulator switch (repeatable), e.g. vocab_size=20000, logprobs_after_bias=false, bias_steers_sampling=false, sampled_logprob=sentinel, top_logprobs_cap=5, bias_max=50, precision=bfloat16, tie_noise=1e-4, seed=1."),
+    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (default: $OPENAI_API_KEY). Never written to the checkpoint, output or logs."),
+    api: Api = typer.Option("chat", "--api", help="chat: /chat/completions; completions: legacy /completions (string-keyed logprobs, at most 5)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API)."),
+    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.'),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
     if input == "-" and output is None:
@@ -173,7 +235,7 @@ def extract(
         prompts = read_prompts(input)
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
-    endpoint = SimulatedEndpoint(simulator_config(sim))
+    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer)
     if fresh:
         try:
             Journal.discard(journal_path)
@@ -186,7 +248,7 @@ def extract(
     console = Console(stderr=True)
     if not quiet:
         console.print(
-            f"endpoint: built-in simulated endpoint (offline, no API key; {endpoint.vocab_size:,}-token vocabulary)\n"
+            f"endpoint: {describe(endpoint)}\n"
             f"method: {method.value}, k={min(top_k, endpoint.limits.top_logprobs)}; {len(prompts)} prompts -> {output}",
             highlight=False,
         )
@@ -220,6 +282,34 @@ def extract(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@app.command()
+def serve(
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1."),
+    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
+    model: str = typer.Option("simulator", "--model", help="Model name the server answers to."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require this API key (Bearer token)."),
+    token_ids: bool = typer.Option(False, "--token-ids", help="llama.cpp dialect: every logprob entry carries its token id."),
+    latency: float = typer.Option(0.0, "--latency", min=0.0, help="Seconds to wait per request, like a remote API."),
+    log: bool = typer.Option(False, "--log", help="Log each request to stderr."),
+) -> None:
+    """Serve the built-in simulator as an OpenAI-compatible HTTP API on 127.0.0.1 (Ctrl-C stops it)."""
+    config = ServerConfig(simulator_config(sim), model, api_key, token_ids, latency, log)
+    try:
+        server = SimulatorServer(config, port=port)
+    except OSError as error:
+        fail(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}")
+    err.print(
+        f"serving the simulator ({config.simulator.vocab_size:,} tokens) as model {model!r} at {server.url}\n"
+        f"try: logprobs extract examples/prompts.jsonl --model {model} --base-url {server.url} "
+        f"--tokenizer simulator:{config.simulator.vocab_size} --api-key any",
+        highlight=False,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

@@ -20,6 +20,10 @@ class EndpointError(RuntimeError):
     """The endpoint failed or refused a request; the message says what to do."""
 
 
+class EndpointFatal(EndpointError):
+    """Every request would fail the same way (credentials, model name, server down): stop the run."""
+
+
 class EndpointUnsuitable(RuntimeError):
     """The endpoint does not behave as a method needs; the message names a method that would work."""
 

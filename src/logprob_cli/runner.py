@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import __version__
-from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt, Query
+from .endpoint import Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
@@ -113,6 +113,8 @@ class Runner:
             raise errors.exceptions[0] from None
         except* JournalError as errors:
             raise errors.exceptions[0] from None
+        except* EndpointFatal as errors:
+            raise errors.exceptions[0] from None
         finally:
             for worker in workers:
                 worker.cancel()
@@ -164,6 +166,8 @@ class Runner:
                 except (EndpointError, OSError, ValueError) as err:
                     for future in futures:
                         future.cancel()
+                    if isinstance(err, EndpointFatal):
+                        raise
                     self.summary.failures[prompt.id] = str(err)
                     self.journal.put_failure(key, str(err))
                     return
