@@ -1,0 +1,212 @@
+"""OpenAI and OpenAI-compatible servers behind the `Endpoint` contract, on the official async client.
+
+One request per query: max_tokens=1, temperature 0, logprobs with `top_logprobs`, and the
+query's `logit_bias`. Each returned entry is mapped to a token id by, in order: the id
+the server returns (llama.cpp's "id", vLLM's "token_id:N" strings), its `bytes` through
+the vocabulary, and last its string (ambiguous: distinct tokens can share a string; the
+endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
+becomes None. The API key goes to the client only; `describe` never includes it.
+
+Failures that doom every request (bad key, unknown model, server unreachable) raise
+`EndpointFatal` so a run stops at once with one message; others raise `EndpointError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Literal
+
+import openai
+
+from .endpoint import Answer, EndpointError, EndpointFatal, Limits, Prompt, Query
+from .vocabulary import Vocabulary
+
+SENTINEL = -9999.0
+
+
+class OpenAIEndpoint:
+    """An OpenAI-compatible chat or legacy-completions endpoint (see module docstring)."""
+
+    def __init__(
+        self,
+        model: str,
+        vocabulary: Vocabulary,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api: Literal["chat", "completions"] = "chat",
+        system: str | None = None,
+        extra_body: dict[str, Any] | None = None,
+        limits: Limits | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+    ):
+        self.model = model
+        self.vocabulary = vocabulary
+        self.vocab_size = vocabulary.size
+        self.api = api
+        self.system = system
+        self.extra_body = dict(extra_body or {})
+        self.limits = limits or Limits(top_logprobs=20 if api == "chat" else 5)
+        self.identity: set[str] = set()
+        self._client_options = dict(
+            base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=max_retries
+        )
+        self.client = openai.AsyncOpenAI(**self._client_options)
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    def _client(self) -> openai.AsyncOpenAI:
+        """The async client for the running event loop (its connection pool cannot outlive its loop)."""
+        loop = asyncio.get_running_loop()
+        if self._client_loop is not loop:
+            if self._client_loop is not None:
+                self.client = openai.AsyncOpenAI(**self._client_options)
+            self._client_loop = loop
+        return self.client
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "openai",
+            "model": self.model,
+            "base_url": str(self.client.base_url),
+            "api": self.api,
+            "system": self.system,
+            "extra_body": self.extra_body,
+            "vocabulary": self.vocabulary.name,
+        }
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return self.vocabulary.token_bytes(token_id)
+
+    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+        request: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if query.bias:
+            request["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
+        if self.extra_body:
+            request["extra_body"] = self.extra_body
+        client = self._client()
+        try:
+            if self.api == "chat":
+                response = await client.chat.completions.create(
+                    messages=self._messages(prompt), logprobs=True, top_logprobs=query.top_logprobs, **request
+                )
+                return self._chat_answer(response)
+            if prompt.messages is not None:
+                raise EndpointError("chat messages need --api chat; legacy completions take plain prompts")
+            response = await client.completions.create(prompt=prompt.prompt, logprobs=query.top_logprobs, **request)
+            return self._completion_answer(response)
+        except openai.APIStatusError as err:
+            raise _status_error(err, self) from None
+        except openai.APIConnectionError as err:
+            raise EndpointFatal(
+                f"cannot reach {self.client.base_url} ({err.__cause__ or err}): is the server running, and the URL right?"
+            ) from None
+        except openai.APIError as err:  # malformed bodies and the like
+            raise EndpointError(f"{self.client.base_url} answered something unreadable: {err}") from None
+
+    def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
+        if prompt.messages is not None:
+            return prompt.messages
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": prompt.prompt}]
+
+    def _chat_answer(self, response) -> Answer:
+        choice = response.choices[0] if response.choices else None
+        content = choice.logprobs.content if choice is not None and choice.logprobs is not None else None
+        if not content:
+            raise EndpointError(
+                f"{self.model} returned no logprobs (the server ignores `logprobs`, or the token was an incomplete "
+                "UTF-8 byte)"
+            )
+        entry = content[0]
+        top = [(self._token_id(t), t.logprob) for t in entry.top_logprobs or []]
+        return Answer(
+            self._token_id(entry),
+            None if entry.logprob <= SENTINEL else entry.logprob,
+            tuple(i for i, _ in top),
+            tuple(lp for _, lp in top),
+        )
+
+    def _completion_answer(self, response) -> Answer:
+        choice = response.choices[0] if response.choices else None
+        logprobs = choice.logprobs if choice is not None else None
+        if logprobs is None or not logprobs.tokens:
+            raise EndpointError(f"{self.model} returned no logprobs (the server ignores `logprobs`)")
+        self.identity.add("strings")
+        top = sorted(((logprobs.top_logprobs or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
+        ids = [self._string_id(text) for text, _ in top]
+        first = logprobs.token_logprobs[0]
+        return Answer(
+            self._string_id(logprobs.tokens[0]),
+            None if first is None or first <= SENTINEL else first,
+            tuple(ids),
+            tuple(lp for _, lp in top),
+        )
+
+    def _token_id(self, entry) -> int:
+        extra = getattr(entry, "model_extra", None) or {}
+        if isinstance(extra.get("id"), int):
+            self.identity.add("ids")
+            return extra["id"]
+        if entry.token.startswith("token_id:"):
+            self.identity.add("ids")
+            return int(entry.token.removeprefix("token_id:"))
+        if entry.bytes is not None:
+            self.identity.add("bytes")
+            found = self.vocabulary.id_for_bytes(bytes(entry.bytes))
+            if found is None:
+                raise EndpointFatal(
+                    f"the endpoint returned a token (bytes {bytes(entry.bytes)!r}) that the vocabulary "
+                    f"{self.vocabulary.name} does not have: name the model's tokenizer with --tokenizer"
+                )
+            return found
+        return self._string_id(entry.token)
+
+    def _string_id(self, text: str) -> int:
+        self.identity.add("strings")
+        data = bytes.fromhex(text[6:].replace("\\x", "")) if text.startswith("bytes:") else text.encode("utf-8")
+        found = self.vocabulary.id_for_bytes(data)
+        if found is None:
+            raise EndpointFatal(
+                f"the endpoint returned the token {text!r}, which the vocabulary {self.vocabulary.name} does not "
+                "have: name the model's tokenizer with --tokenizer"
+            )
+        return found
+
+
+def _bias_value(b: float) -> float | int:
+    return int(b) if float(b).is_integer() else b
+
+
+def _env_key() -> str | None:
+    return os.environ.get("OPENAI_API_KEY")
+
+
+def _status_error(err: openai.APIStatusError, endpoint: OpenAIEndpoint) -> EndpointError:
+    message = _server_message(err)
+    where = endpoint.client.base_url
+    if err.status_code == 401 or isinstance(err, openai.AuthenticationError):
+        return EndpointFatal(f"{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass --api-key")
+    if err.status_code == 403:
+        return EndpointFatal(f"{where} refused access (403: {message})")
+    if err.status_code == 404:
+        return EndpointFatal(
+            f"{where} does not serve model {endpoint.model!r} at this route (404: {message}); check --model and --base-url"
+        )
+    if err.status_code == 429:
+        return EndpointError(f"{where} kept answering 429 (rate limit) after retries: {message}")
+    return EndpointError(f"{where} answered {err.status_code}: {message}")
+
+
+def _server_message(err: openai.APIStatusError) -> str:
+    body = err.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return err.message
+
+
