@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Callable
 
 from ..endpoint import Answer, Query
-from . import exact, topk
+from . import bisection, direct, exact, forced, topk, visible
 from .base import Context, MethodResult, Plan
 
 METHODS: dict[str, Callable[[Context], Plan]] = {
+    "bisection": bisection.plan,
     "exact": exact.plan,
     "topk": topk.plan,
+    "direct": direct.plan,
+    "forced": forced.plan,
+    "visible": visible.plan,
 }
 
 

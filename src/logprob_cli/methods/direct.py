@@ -1,0 +1,33 @@
+"""`direct`: the whole distribution in one call, where the server returns it.
+
+vLLM with `--max-logprobs -1` and llama.cpp's llama-server return as many top logprobs
+as asked for, up to the whole vocabulary, so one unbiased call with top_logprobs = V
+gives every log p_i directly (pre-bias values are exactly what is wanted here). A token
+the server leaves out is unrecovered, bounded by the last value returned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..endpoint import EndpointUnsuitable, Query
+from .base import Context, MethodResult, Plan, roundoff
+
+
+def plan(ctx: Context) -> Plan:
+    if ctx.limits.top_logprobs < ctx.vocab_size:
+        raise EndpointUnsuitable(
+            f"direct needs an endpoint that returns the whole vocabulary ({ctx.vocab_size:,} logprobs) in one call; "
+            f"this one is known to return at most {ctx.limits.top_logprobs}. Use --method auto to probe it."
+        )
+    (answer,) = yield [Query.make(top_logprobs=ctx.vocab_size)]
+    logprobs = np.full(ctx.vocab_size, np.nan)
+    logprobs[list(answer.top_ids)] = answer.top_logprobs
+    missing = np.flatnonzero(np.isnan(logprobs))
+    floor = min(answer.top_logprobs) if answer.top_logprobs else math.nan
+    notes = [f"{missing.size} tokens were not returned: reported as unrecovered"] if missing.size else []
+    precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)
+    behaviour = {"top_logprobs_returned": len(answer.top_ids)}
+    return MethodResult(logprobs, {int(i): floor for i in missing}, precision, behaviour, notes)

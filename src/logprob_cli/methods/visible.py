@@ -1,0 +1,24 @@
+"""`visible`: only the top-k, for endpoints where the bias reveals nothing more.
+
+One unbiased call. The k returned tokens are exact; every other token is unrecovered,
+each bounded by the smallest returned value (log p_i <= lp_k), and together they hold
+at most 1 - sum(top-k probabilities) (the `unrecovered_mass_bound` column).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..endpoint import Query
+from .base import Context, MethodResult, Plan, roundoff
+
+
+def plan(ctx: Context) -> Plan:
+    (answer,) = yield [Query.make(top_logprobs=ctx.top_k)]
+    logprobs = np.full(ctx.vocab_size, np.nan)
+    logprobs[list(answer.top_ids)] = answer.top_logprobs
+    floor = min(answer.top_logprobs)
+    missing = np.flatnonzero(np.isnan(logprobs))
+    precision = 2 * roundoff(answer.top_logprobs) * max(abs(v) for v in answer.top_logprobs)
+    notes = [f"only the top-{len(answer.top_ids)} is identifiable here; the other {missing.size} tokens are bounded"]
+    return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
