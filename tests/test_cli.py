@@ -62,10 +62,13 @@ def test_vectors_match_ground_truth(tmp_path):
     run = logprobs("extract", prompts, "--sim", "vocab_size=5000", "-q", calls=tmp_path / "c")
     assert run.returncode == 0, run.stderr
     sim = SimulatedEndpoint(SimulatorConfig(vocab_size=5000))
-    for row in pq.read_table(out).to_pylist():
+    rows = pq.read_table(out).to_pylist()
+    for row in rows:
         truth = sim.true_logprobs(f"prompt number {row['n']}")
         assert np.abs(np.array(row["logprobs"]) - truth).max() < 1e-4
-        assert row["calls"] == count(tmp_path / "c") / 2
+        assert row["method"] == "topk", "auto picks topk where logprobs move with the bias"
+    probe = json.loads(pq.read_schema(out).metadata[b"logprob_cli"])["probe"]
+    assert sum(row["calls"] for row in rows) + probe["calls"] == count(tmp_path / "c")
 
 
 def test_malformed_line_spends_no_calls(tmp_path):
@@ -148,7 +151,10 @@ def test_second_process_on_the_same_checkpoint_is_refused(tmp_path):
 
 def test_pre_bias_endpoint_stops_with_advice(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 2)
-    run = logprobs("extract", prompts, "--sim", "vocab_size=2000", "--sim", "logprobs_after_bias=false", calls=tmp_path / "c")
+    run = logprobs(
+        "extract", prompts, "--method", "topk", "--sim", "vocab_size=2000", "--sim", "logprobs_after_bias=false",
+        calls=tmp_path / "c",
+    )
     assert run.returncode == 1
     assert "bisection" in run.stderr and "Traceback" not in run.stderr
     assert count(tmp_path / "c") <= 10
@@ -175,3 +181,33 @@ def test_stdin_input_and_inspect(tmp_path):
     shown = logprobs("inspect", out, calls=tmp_path / "c")
     assert shown.returncode == 0, shown.stderr
     assert "entropy" in shown.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    "switches, method",
+    [
+        ([], "topk"),
+        (["logprobs_after_bias=false"], "forced"),
+        (["logprobs_after_bias=false", "sampled_logprob=sentinel"], "bisection"),
+        (["logprobs_after_bias=false", "bias_steers_sampling=false"], "visible"),
+    ],
+)
+def test_auto_picks_the_method_the_endpoint_supports(tmp_path, switches, method):
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    sim_args = [a for s in ["vocab_size=1500", *switches] for a in ("--sim", s)]
+    run = logprobs("extract", prompts, *sim_args, "--eps", "1e-2", calls=tmp_path / "c")
+    assert run.returncode == 0, run.stderr
+    assert f"method: {method}" in run.stderr
+    (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert row["method"] == method
+    truth = SimulatedEndpoint(SimulatorConfig(vocab_size=1500)).true_logprobs("prompt number 0")
+    values = np.array([np.nan if v is None else v for v in row["logprobs"]])
+    known = ~np.isnan(values)
+    tolerance = 2e-2 if method == "bisection" else 1e-4
+    assert np.abs(values[known] - truth[known]).max() < tolerance
+    if method == "visible":
+        assert known.sum() == 20 and row["unrecovered_count"] == 1480
+        assert row["unrecovered_mass_bound"] >= 1 - np.exp(truth[known]).sum() - 1e-6
+        assert (truth[~known] <= np.array(row["unrecovered_upper_bounds"]) + 1e-6).all()
+    else:
+        assert known.all()

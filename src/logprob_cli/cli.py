@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import json
@@ -13,14 +14,16 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
-from .endpoint import Endpoint, EndpointError, EndpointUnsuitable
+from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
 from .inputs import InputError, read_prompts
 from .journal import Journal, JournalError
 from .methods import METHODS
 from .output import render_inspect
+from .probe import probe as run_probe
 from .runner import checkpoint_path, extract_batch
 from .openai_endpoint import OpenAIEndpoint
 from .server import ServerConfig, SimulatorServer
@@ -34,7 +37,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
+Method = enum.Enum("Method", {"auto": "auto", **{name: name for name in METHODS}}, type=str)
+METHOD_HELP = (
+    "auto: probe the endpoint and use the cheapest valid method. direct: the whole vocabulary in one call. "
+    "topk: k-1 tokens per call against a reference token. exact: k per call via the group normalizer where float32 "
+    "allows. forced: one call per token (pre-bias logprobs, bias steers sampling). bisection: argmax-only search. "
+    "visible: the top-k only, the rest bounded."
+)
 Api = enum.Enum("Api", {"chat": "chat", "completions": "completions"}, type=str)
 SIM_HELP = (
     "Built-in simulator switch (repeatable), e.g. vocab_size=20000, logprobs_after_bias=false, "
@@ -211,7 +220,7 @@ class Silent:
 def extract(
     input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
-    method: Method = typer.Option("topk", "--method", "-m", help="topk: k-1 tokens per call against a reference token. exact: k per call via the group normalizer where float32 allows. bisection: argmax-only search, for endpoints whose logprobs ignore the bias."),
+    method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
     eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
     concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
@@ -249,13 +258,19 @@ def extract(
     if not quiet:
         console.print(
             f"endpoint: {describe(endpoint)}\n"
-            f"method: {method.value}, k={min(top_k, endpoint.limits.top_logprobs)}; {len(prompts)} prompts -> {output}",
+            f"{len(prompts)} prompts -> {output}",
             highlight=False,
         )
+
+    def announce(chosen: str, report) -> None:
+        if quiet:
+            return
+        why = f" (probe: {'; '.join(report.reasons)})" if report else ""
+        console.print(f"method: {chosen}{why}", highlight=False)
     progress = Silent() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = extract_batch(prompts, output, endpoint, method.value, top_k, eps, concurrency, progress)
+        summary = extract_batch(prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce)
     except (JournalError, EndpointUnsuitable, EndpointError) as error:
         progress.stop()
         fail(str(error))
@@ -282,6 +297,53 @@ def extract(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@app.command()
+def probe(
+    prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="API key (default: $OPENAI_API_KEY)."),
+    api: Api = typer.Option("chat", "--api", help="chat or completions."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for plain prompts (chat API)."),
+    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help="Extra request fields."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+) -> None:
+    """Measure what an endpoint reveals (about 8 calls) and recommend the method that fits."""
+    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer)
+    try:
+        report = asyncio.run(run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt)))
+    except EndpointError as error:
+        fail(str(error))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"probe of {describe(endpoint)}", show_header=False, title_justify="left")
+    rows = [
+        ("top_logprobs honoured", f"{report.top_logprobs_cap:,}" + (" (whole vocabulary)" if report.whole_vocabulary else "")),
+        ("bias steers sampling", yes_no(report.bias_steers_sampling)),
+        ("logprobs reflect the bias", "yes (post-bias)" if report.logprobs_after_bias else "no (pre-bias)"),
+        ("forced token's own logprob", report.forced_logprob),
+        ("bias above 100", report.bias_above_100),
+        ("more than 300 bias entries", report.bias_entries_over_300),
+        ("returned precision", report.precision),
+        ("identical calls agree", yes_no(report.deterministic)),
+        ("tokens identified by", ", ".join(report.identity)),
+        ("calls spent probing", str(report.calls)),
+        ("recommended method", f"[bold]{report.recommended}[/] (~{report.estimated_calls:,} calls per prompt)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    for reason in report.reasons:
+        Console().print(f"- {reason}", highlight=False)
+
+
+def yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 @app.command()

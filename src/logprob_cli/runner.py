@@ -23,6 +23,7 @@ from .endpoint import Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
+from .probe import ProbeReport, probe
 
 ACTIVE_PROMPTS = 4
 
@@ -54,6 +55,8 @@ class RunSummary:
     failures: dict[Any, str] = field(default_factory=dict)
     interrupted: bool = False
     rows_written: int = 0
+    method: str = ""
+    probe: ProbeReport | None = None
 
 
 def prompt_key(prompt: Prompt) -> str:
@@ -181,8 +184,11 @@ class Runner:
             self.on_prompt_finished()
 
 
-def output_metadata(endpoint: Endpoint, settings: dict[str, Any], behaviour: dict[str, Any]) -> dict[str, Any]:
+def output_metadata(
+    endpoint: Endpoint, settings: dict[str, Any], behaviour: dict[str, Any], probe: dict[str, Any] | None
+) -> dict[str, Any]:
     return {
+        "probe": probe,
         "tool_version": __version__,
         "vocabulary": {"name": endpoint.describe().get("vocabulary", endpoint.model), "size": endpoint.vocab_size},
         "model": endpoint.model,
@@ -195,8 +201,19 @@ def output_metadata(endpoint: Endpoint, settings: dict[str, Any], behaviour: dic
 class OutputWriter:
     """Rewrites the Parquet file from the journal: finished prompts, in input order."""
 
-    def __init__(self, path: Path, journal_path: Path, prompts: list[Prompt], endpoint: Endpoint, settings: dict):
+    def __init__(
+        self,
+        path: Path,
+        journal_path: Path,
+        prompts: list[Prompt],
+        endpoint: Endpoint,
+        settings: dict,
+        method: str,
+        probe: dict[str, Any] | None,
+    ):
         self.path = path
+        self.method = method
+        self.probe = probe
         self.journal_path = journal_path
         self.prompts = prompts
         self.endpoint = endpoint
@@ -221,7 +238,7 @@ class OutputWriter:
                 for key, item in saved:
                     yield self._row(by_key[key], item)
 
-            metadata = output_metadata(self.endpoint, self.settings, behaviour)
+            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe)
             written = write_parquet(self.path, self.schema, rows(), metadata)
         finally:
             reader.close()
@@ -230,7 +247,7 @@ class OutputWriter:
         return written
 
     def _row(self, prompt: Prompt, saved) -> OutputRow:
-        return OutputRow(prompt, self.endpoint.model, self.settings["method"], saved.calls, saved.result)
+        return OutputRow(prompt, self.endpoint.model, self.method, saved.calls, saved.result)
 
     def maybe_write_soon(self) -> None:
         """After a prompt finishes: rewrite in a thread unless one is running or the last was too recent."""
@@ -252,21 +269,32 @@ def extract_batch(
     eps: float = 1e-3,
     concurrency: int = 16,
     progress: Progress | None = None,
+    announce: Callable[[str, ProbeReport | None], None] = lambda method, report: None,
 ) -> RunSummary:
     """Run a method over prompts into `output`, resuming from (and keeping) its checkpoint.
 
-    Raises JournalError (checkpoint in use / other settings), EndpointUnsuitable (the
-    endpoint cannot support the method). Ctrl-C stops the run: the summary says so, and
-    the output holds every prompt finished so far.
+    method "auto" probes the endpoint once per run (the report is kept in the checkpoint
+    and the output metadata) and runs the method it recommends. Raises JournalError
+    (checkpoint in use / other settings), EndpointUnsuitable (the endpoint cannot support
+    the method), EndpointFatal (it cannot be used at all). Ctrl-C stops the run: the
+    summary says so, and the output holds every prompt finished so far.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
-    k = min(top_k, endpoint.limits.top_logprobs)
-    ctx = Context(endpoint.vocab_size, endpoint.limits, top_k=k, eps=eps)
     with Journal.open(journal_path, settings) as journal:
-        writer = OutputWriter(output, journal_path, prompts, endpoint, settings)
+        limits, report = endpoint.limits, None
+        if method == "auto":
+            saved = journal.get_meta("probe")
+            report = ProbeReport.from_dict(saved) if saved else asyncio.run(probe(endpoint, prompts[0]))
+            journal.set_meta("probe", report.to_dict())
+            method, limits = report.recommended, report.limits()
+        announce(method, report)
+        ctx = Context(endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps)
+        writer = OutputWriter(
+            output, journal_path, prompts, endpoint, settings, method, report.to_dict() if report else None
+        )
         runner = Runner(
             endpoint, prompts, method, ctx, journal, concurrency, progress or NoProgress(), writer.maybe_write_soon
         )
@@ -278,6 +306,8 @@ def extract_batch(
                 await writer.settle()
 
         summary = runner.summary
+        summary.method = method
+        summary.probe = report
         try:
             asyncio.run(main())
         except KeyboardInterrupt:
