@@ -108,6 +108,6 @@ def test_cli_errors_for_endpoints_are_one_line(server, tmp_path):
     common = ["--base-url", server.url, "--tokenizer", f"simulator:{VOCAB}", "-q"]
     wrong_key = run_cli("extract", prompts, "--model", "simulator", *common, "--api-key", "nope")
     assert wrong_key.returncode == 1 and "API key" in wrong_key.stderr and "Traceback" not in wrong_key.stderr
-    unknown_tokenizer = run_cli("extract", prompts, "--model", "mystery-model", "--base-url", server.url)
+    unknown_tokenizer = run_cli("extract", prompts, "--model", "mystery-model", "--base-url", server.url, "--api-key", KEY)
     assert unknown_tokenizer.returncode == 2 and "--tokenizer" in unknown_tokenizer.stderr
     assert server.endpoint.calls == 0

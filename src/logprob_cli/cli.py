@@ -25,10 +25,10 @@ from .methods import METHODS
 from .output import render_inspect
 from .probe import probe as run_probe
 from .runner import checkpoint_path, extract_batch
-from .openai_endpoint import OpenAIEndpoint
+from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
-from .vocabulary import VocabularyError, load_vocabulary
+from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
 
 app = typer.Typer(
     help="Extract FULL next-token probability distributions from LLM APIs that only return the top-k logprobs.",
@@ -124,12 +124,22 @@ def make_endpoint(
     if extra is not None and not isinstance(extra, dict):
         fail("--extra-body must be a JSON object", 2)
     try:
-        vocabulary = load_vocabulary(tokenizer or model)
+        facts = server_facts(base_url, api_key, model) if base_url else {}
+    except EndpointError as error:
+        fail(str(error))
+    try:
+        if tokenizer is None and "n_vocab" in facts:
+            vocabulary = server_vocabulary(facts["n_vocab"])
+        else:
+            vocabulary = load_vocabulary(tokenizer or model)
     except VocabularyError as error:
         hint = "" if tokenizer else f" (no --tokenizer given, so the model name {model!r} was tried)"
         fail(f"{error}{hint}", 2)
+    if "n_vocab" in facts and vocabulary.size != facts["n_vocab"]:
+        fail(f"--tokenizer {vocabulary.name} has {vocabulary.size:,} tokens but the server's model has {facts['n_vocab']:,}", 2)
     return OpenAIEndpoint(
-        model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra
+        model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
+        dialect=facts.get("dialect", "openai"),
     )
 
 
@@ -331,6 +341,7 @@ def probe(
         ("more than 300 bias entries", report.bias_entries_over_300),
         ("returned precision", report.precision),
         ("identical calls agree", yes_no(report.deterministic)),
+        ("concurrent calls agree", yes_no(report.concurrent_agree)),
         ("tokens identified by", ", ".join(report.identity)),
         ("calls spent probing", str(report.calls)),
         ("recommended method", f"[bold]{report.recommended}[/] (~{report.estimated_calls:,} calls per prompt)"),

@@ -58,11 +58,15 @@ class Query:
         return h.digest()
 
 
+WITHHELD = -1
+
+
 @dataclass(frozen=True)
 class Answer:
     """What the endpoint returned for one query.
 
-    sampled: the id of the generated (greedy) token.
+    sampled: the id of the generated (greedy) token, or WITHHELD when the endpoint returned no
+        logprobs for the position at all (llama.cpp does so for an incomplete UTF-8 token).
     sampled_logprob: its reported logprob, or None when the endpoint withheld it (-9999 sentinel).
     top_ids / top_logprobs: the returned top-k entries, best first, as token ids and logprobs.
     """
@@ -74,6 +78,10 @@ class Answer:
 
     def top(self) -> dict[int, float]:
         return dict(zip(self.top_ids, self.top_logprobs))
+
+    @property
+    def withheld(self) -> bool:
+        return self.sampled == WITHHELD
 
     def to_bytes(self) -> bytes:
         """Compact binary form for the journal: header, then int64 ids and float64 logprobs."""

@@ -19,10 +19,34 @@ from typing import Any, Literal
 
 import openai
 
-from .endpoint import Answer, EndpointError, EndpointFatal, Limits, Prompt, Query
+from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, Limits, Prompt, Query
 from .vocabulary import Vocabulary
 
 SENTINEL = -9999.0
+LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache changes the numbers between calls
+
+
+def server_facts(base_url: str | None, api_key: str | None, model: str, timeout: float = 10.0) -> dict[str, Any]:
+    """What the server says about itself in GET /models: llama.cpp reports its vocabulary size there.
+
+    Returns {"dialect": "llama.cpp", "n_vocab": N} for llama-server, {} for servers that say
+    nothing more than the OpenAI contract, and raises EndpointFatal when the server cannot be reached
+    or refuses the key.
+    """
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=0)
+    try:
+        models = client.models.list().data
+    except openai.APIConnectionError as err:
+        raise EndpointFatal(f"cannot reach {client.base_url} ({err.__cause__ or err}): is the server running?") from None
+    except openai.AuthenticationError as err:
+        raise EndpointFatal(f"{client.base_url} rejected the API key: {_server_message(err)}") from None
+    except openai.APIError:
+        return {}
+    for entry in models:
+        meta = (entry.model_extra or {}).get("meta") or {}
+        if isinstance(meta.get("n_vocab"), int):
+            return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.id}
+    return {}
 
 
 class OpenAIEndpoint:
@@ -41,13 +65,15 @@ class OpenAIEndpoint:
         limits: Limits | None = None,
         timeout: float = 60.0,
         max_retries: int = 2,
+        dialect: str = "openai",
     ):
         self.model = model
         self.vocabulary = vocabulary
         self.vocab_size = vocabulary.size
         self.api = api
         self.system = system
-        self.extra_body = dict(extra_body or {})
+        self.dialect = dialect
+        self.extra_body = {**(LLAMA_CPP_DEFAULTS if dialect == "llama.cpp" else {}), **(extra_body or {})}
         self.limits = limits or Limits(top_logprobs=20 if api == "chat" else 5)
         self.identity: set[str] = set()
         self._client_options = dict(
@@ -55,6 +81,18 @@ class OpenAIEndpoint:
         )
         self.client = openai.AsyncOpenAI(**self._client_options)
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+        """One query. llama-server batches concurrent requests, which shifts its numbers (measured up to
+        8e-3 nats on a small model), so its requests go one at a time."""
+        if self.dialect != "llama.cpp":
+            return await self._ask(prompt, query)
+        loop = asyncio.get_running_loop()
+        if self._one_at_a_time is None or self._one_at_a_time[0] is not loop:
+            self._one_at_a_time = (loop, asyncio.Lock())
+        async with self._one_at_a_time[1]:
+            return await self._ask(prompt, query)
 
     def _client(self) -> openai.AsyncOpenAI:
         """The async client for the running event loop (its connection pool cannot outlive its loop)."""
@@ -71,6 +109,7 @@ class OpenAIEndpoint:
             "model": self.model,
             "base_url": str(self.client.base_url),
             "api": self.api,
+            "dialect": self.dialect,
             "system": self.system,
             "extra_body": self.extra_body,
             "vocabulary": self.vocabulary.name,
@@ -79,23 +118,25 @@ class OpenAIEndpoint:
     def token_bytes(self, token_id: int) -> bytes | None:
         return self.vocabulary.token_bytes(token_id)
 
-    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+    async def _ask(self, prompt: Prompt, query: Query) -> Answer:
         request: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
         if query.bias:
             request["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         if self.extra_body:
             request["extra_body"] = self.extra_body
         client = self._client()
+        # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
+        top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
         try:
             if self.api == "chat":
                 response = await client.chat.completions.create(
-                    messages=self._messages(prompt), logprobs=True, top_logprobs=query.top_logprobs, **request
+                    messages=self._messages(prompt), logprobs=True, top_logprobs=top_k, **request
                 )
-                return self._chat_answer(response)
+                return _trim(self._chat_answer(response), query.top_logprobs)
             if prompt.messages is not None:
                 raise EndpointError("chat messages need --api chat; legacy completions take plain prompts")
-            response = await client.completions.create(prompt=prompt.prompt, logprobs=query.top_logprobs, **request)
-            return self._completion_answer(response)
+            response = await client.completions.create(prompt=prompt.prompt, logprobs=top_k, **request)
+            return _trim(self._completion_answer(response), query.top_logprobs)
         except openai.APIStatusError as err:
             raise _status_error(err, self) from None
         except openai.APIConnectionError as err:
@@ -115,10 +156,9 @@ class OpenAIEndpoint:
         choice = response.choices[0] if response.choices else None
         content = choice.logprobs.content if choice is not None and choice.logprobs is not None else None
         if not content:
-            raise EndpointError(
-                f"{self.model} returned no logprobs (the server ignores `logprobs`, or the token was an incomplete "
-                "UTF-8 byte)"
-            )
+            if choice is not None and self.dialect == "llama.cpp":
+                return Answer(WITHHELD, None)  # an incomplete UTF-8 token: llama.cpp drops its logprobs
+            raise EndpointError(f"{self.model} returned no logprobs: the server ignores `logprobs`")
         entry = content[0]
         top = [(self._token_id(t), t.logprob) for t in entry.top_logprobs or []]
         return Answer(
@@ -131,6 +171,20 @@ class OpenAIEndpoint:
     def _completion_answer(self, response) -> Answer:
         choice = response.choices[0] if response.choices else None
         logprobs = choice.logprobs if choice is not None else None
+        content = (logprobs.model_extra or {}).get("content") if logprobs is not None else None
+        if logprobs is None and choice is not None and self.dialect == "llama.cpp":
+            return Answer(WITHHELD, None)
+        if content:  # llama-server answers legacy completions in the chat shape, with ids
+            entry = content[0]
+            top = entry.get("top_logprobs") or []
+            first = entry["logprob"]
+            self.identity.add("ids")
+            return Answer(
+                entry["id"],
+                None if first <= SENTINEL else first,
+                tuple(t["id"] for t in top),
+                tuple(t["logprob"] for t in top),
+            )
         if logprobs is None or not logprobs.tokens:
             raise EndpointError(f"{self.model} returned no logprobs (the server ignores `logprobs`)")
         self.identity.add("strings")
@@ -173,6 +227,12 @@ class OpenAIEndpoint:
                 "have: name the model's tokenizer with --tokenizer"
             )
         return found
+
+
+def _trim(answer: Answer, k: int) -> Answer:
+    if len(answer.top_ids) <= k:
+        return answer
+    return Answer(answer.sampled, answer.sampled_logprob, answer.top_ids[:k], answer.top_logprobs[:k])
 
 
 def _bias_value(b: float) -> float | int:

@@ -1,6 +1,6 @@
 """`probe`: a handful of calls that measure what an endpoint reveals, and the method that fits.
 
-Measured, in this order (about 8 calls):
+Measured, in this order (about 12 calls):
   1. the top_logprobs cap it honours: ask for the whole vocabulary, then 20, then 5;
   2. with token t = the last visible one, biased to beat the top by 2 nats: whether the
      bias steers sampling (t is generated) and whether the returned logprobs are after
@@ -8,8 +8,9 @@ Measured, in this order (about 8 calls):
   3. a token outside the top-k forced with the largest bias: is its own logprob reported
      (and is it its unbiased value), or withheld with the -9999 sentinel;
   4. whether a bias above 100 and more than 300 bias entries are rejected;
-  5. returned precision (bfloat16 grid or float32), determinism of identical calls, and
-     how tokens are identified (server ids, bytes, strings).
+  5. returned precision (bfloat16 grid or float32), determinism of identical calls, whether
+     a call sent alongside others (a server that batches them) answers as it does alone,
+     and how tokens are identified (server ids, bytes, strings).
 Then the cheapest valid method: the whole vocabulary in one call (`direct`); k-1 new
 values per call where logprobs are post-bias (`topk`); one call per token where a forced
 token reports its own pre-bias logprob (`forced`); argmax search where only sampling
@@ -18,6 +19,7 @@ responds (`bisection`); else only the top-k (`visible`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,6 +41,7 @@ class ProbeReport:
     bias_entries_over_300: str = "untested"  # rejected | accepted
     precision: str = "float32"
     deterministic: bool = True
+    concurrent_agree: bool = True
     identity: list[str] = field(default_factory=list)
     vocab_size: int = 0
     calls: int = 0
@@ -83,7 +86,11 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     report.whole_vocabulary = len(first.top_ids) >= endpoint.vocab_size
     k = min(report.top_logprobs_cap, 20)
     head = await ask(Query.make(top_logprobs=k))
-    report.deterministic = head.top_ids == first.top_ids[:k] and head.top_logprobs == first.top_logprobs[:k]
+    again = await ask(Query.make(top_logprobs=k))
+    report.deterministic = head == again
+    together = await asyncio.gather(*(ask(Query.make({i: 1.0}, top_logprobs=k)) for i in head.top_ids[:4]))
+    alone = await ask(Query.make({head.top_ids[0]: 1.0}, top_logprobs=k))
+    report.concurrent_agree = together[0] == alone
     if roundoff(list(head.top_logprobs)) == BFLOAT16_ROUNDOFF:
         report.precision = "bfloat16"
 
@@ -146,5 +153,10 @@ def _recommend(report: ProbeReport, vocab: int) -> None:
         report.reasons.append("the bias changes nothing: only the top-k can be learned, the rest is bounded")
     if not report.deterministic:
         report.reasons.append("identical calls gave different answers: expect near-tie noise")
+    elif not report.concurrent_agree:
+        report.reasons.append(
+            "a call answered alongside others differs from the same call alone (the server batches requests): "
+            "auto runs one call at a time"
+        )
     if "strings" in report.identity:
         report.reasons.append("tokens come back as strings only: distinct tokens with the same string merge")

@@ -290,6 +290,8 @@ def extract_batch(
             report = ProbeReport.from_dict(saved) if saved else asyncio.run(probe(endpoint, prompts[0]))
             journal.set_meta("probe", report.to_dict())
             method, limits = report.recommended, report.limits()
+            if report.deterministic and not report.concurrent_agree:
+                concurrency = 1
         announce(method, report)
         ctx = Context(endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps)
         writer = OutputWriter(

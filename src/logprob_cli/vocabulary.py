@@ -58,6 +58,11 @@ class Vocabulary:
         return f"#{token_id}" if data is None else data.decode("utf-8", errors="replace")
 
 
+def server_vocabulary(size: int) -> Vocabulary:
+    """Ids the server names itself (llama.cpp), with no bytes known: entries map by id only."""
+    return Vocabulary(f"server:{size}", size, lambda i: None)
+
+
 def load_vocabulary(spec: str) -> Vocabulary:
     """A vocabulary from a name, a model name or a file (see the module docstring)."""
     if spec == "simulator" or spec.startswith("simulator:"):

@@ -90,7 +90,8 @@ def roundoff(values: list[float] | tuple[float, ...]) -> float:
 def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], list[Answer], tuple[Answer, dict]]:
     """Two calls that tell how the endpoint treats logit_bias, before a method spends more.
 
-    Call 1 asks for the unbiased top-k. Call 2 biases the last visible token t by
+    Call 1 asks for the unbiased top-k. Call 2 biases the last visible token t (or the one
+    before, if the endpoint withholds t's answer) by
     b = (lp_top - lp_t) + 2, enough to make it the argmax by 2 nats, and reads back:
       - bias steers sampling: t is the generated token;
       - logprobs are post-bias: lp'_t - lp'_top moved by b (identity 1 with two biases).
@@ -105,18 +106,24 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; "
             f"{method} needs at least 2 (check that the endpoint supports top_logprobs)"
         )
-    top, target = first.top_ids[0], first.top_ids[-1]
-    gap = first.top_logprobs[0] - first.top_logprobs[-1]
-    b = min(ctx.bias_max, gap + 2.0)
-    (second,) = yield [Query.make({target: b}, top_logprobs=k)]
+    top = first.top_ids[0]
+    for rank in range(len(first.top_ids) - 1, max(0, len(first.top_ids) - 4), -1):
+        # A token whose answer the endpoint withholds (llama.cpp: incomplete UTF-8) tells nothing: try the next.
+        target = first.top_ids[rank]
+        gap = first.top_logprobs[0] - first.top_logprobs[rank]
+        b = min(ctx.bias_max, gap + 2.0)
+        (second,) = yield [Query.make({target: b}, top_logprobs=k)]
+        if not second.withheld:
+            break
+    first_value = first.top_logprobs[first.top_ids.index(target)]
     steers = second.sampled == target
     seen = second.top()
     moved = None
     if target in seen and top in seen:
-        shift = (seen[target] - seen[top]) - (first.top_logprobs[-1] - first.top_logprobs[0])
+        shift = (seen[target] - seen[top]) - (first_value - first.top_logprobs[0])
         moved = abs(shift - b) < 0.05 * b + 0.1
     elif target in seen:
-        moved = abs(seen[target] - first.top_logprobs[-1]) > 0.05 * b
+        moved = abs(seen[target] - first_value) > 0.05 * b
     found.update(bias_steers_sampling=steers, logprobs_after_bias=bool(moved))
     if needs == "post_bias" and not moved:
         if steers:

@@ -80,6 +80,8 @@ def plan(ctx: Context) -> Plan:
         answers = yield [Query(tuple(zip(g.tolist(), (-t).tolist()))) for g, t in zip(groups, thresholds)]
         calls += len(answers)
         for group, tau, answer in zip(groups, thresholds, answers):
+            if answer.withheld:  # the endpoint said nothing about this call: ask again next round
+                continue
             outside += answer.sampled != top and answer.sampled not in group
             _learn(lo, hi, group, tau, answer.sampled)
     return _result(lo, hi, top, big, eps, behaviour, calls, outside, roundoff(first.top_logprobs))

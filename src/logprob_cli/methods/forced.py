@@ -7,11 +7,15 @@ search. OpenAI's contract hides it (-9999 for a token outside the top-k), which 
 check catches. A token that cannot be forced is more than B nats below the top:
 unrecovered, with log p_i < log p_top - B.
 
-The check: force the last token of the unbiased top-k and require that it is generated
-and reported at its unbiased value (within float rounding).
+The check: force a token of the unbiased top-k (the last one whose answer is not withheld)
+and require that it is generated and reported at its unbiased value (within rounding).
+A token whose answer the endpoint withholds (llama.cpp: an incomplete UTF-8 byte) is
+unrecovered with no bound.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -23,8 +27,11 @@ def plan(ctx: Context) -> Plan:
     k = max(ctx.top_k, 2)
     (first,) = yield [Query.make(top_logprobs=k)]
     big = ctx.bias_max
-    target, value = first.top_ids[-1], first.top_logprobs[-1]
-    (probe,) = yield [Query.make({target: big}, top_logprobs=k)]
+    candidates = list(zip(first.top_ids, first.top_logprobs))[::-1][:3]
+    probes = yield [Query.make({i: big}, top_logprobs=k) for i, _ in candidates]
+    (target, value), probe = next(
+        ((c, p) for c, p in zip(candidates, probes) if not p.withheld), (candidates[0], probes[0])
+    )
     if probe.sampled != target:
         raise EndpointUnsuitable(
             f"forced needs logit_bias to change the generated token, but token {target} biased by {big:+g} was not "
@@ -42,15 +49,23 @@ def plan(ctx: Context) -> Plan:
     logprobs[list(first.top_ids)] = first.top_logprobs
     pending = np.flatnonzero(np.isnan(logprobs)).tolist()
     answers = yield [Query.make({i: big}, top_logprobs=0) for i in pending]
-    bounds = {}
+    bounds: dict[int, float] = {}
+    withheld = 0
     top_lp = first.top_logprobs[0]
     returned = list(first.top_logprobs)
     for i, answer in zip(pending, answers):
         if answer.sampled == i and answer.sampled_logprob is not None:
             logprobs[i] = answer.sampled_logprob
             returned.append(answer.sampled_logprob)
+        elif answer.withheld:
+            bounds[i] = math.nan
+            withheld += 1
         else:
             bounds[i] = top_lp - big
     precision = 2 * roundoff(returned) * max(abs(v) for v in returned)
-    notes = [f"{len(bounds)} tokens could not be forced (more than {big:g} nats below the top)"] if bounds else []
+    notes = []
+    if len(bounds) > withheld:
+        notes.append(f"{len(bounds) - withheld} tokens could not be forced (more than {big:g} nats below the top)")
+    if withheld:
+        notes.append(f"the endpoint withheld the logprobs of {withheld} forced tokens (incomplete UTF-8): unrecovered")
     return MethodResult(logprobs, bounds, precision, behaviour, notes)
