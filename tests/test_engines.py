@@ -11,7 +11,6 @@ import urllib.request
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from engines import llama_server_fixture
 

@@ -4,7 +4,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -111,3 +110,21 @@ def test_cli_errors_for_endpoints_are_one_line(server, tmp_path):
     unknown_tokenizer = run_cli("extract", prompts, "--model", "mystery-model", "--base-url", server.url, "--api-key", KEY)
     assert unknown_tokenizer.returncode == 2 and "--tokenizer" in unknown_tokenizer.stderr
     assert server.endpoint.calls == 0
+
+
+def test_auto_on_an_endpoint_with_openais_contract_picks_bisection_and_matches(tmp_path):
+    """Bytes, top-20 cap, pre-bias logprobs, -9999 for a forced token, bias that steers sampling."""
+    contract = SimulatorConfig(vocab_size=1000, logprobs_after_bias=False, sampled_logprob="sentinel")
+    with SimulatorServer(ServerConfig(contract, api_key=KEY)) as server:
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text('{"prompt": "hello"}\n')
+        run = run_cli(
+            "extract", prompts, "--model", "simulator", "--base-url", server.url, "--tokenizer", "simulator:1000",
+            "--eps", "1e-2", "-q", env={"OPENAI_API_KEY": KEY},
+        )
+        assert run.returncode == 0, run.stderr
+        (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+        assert row["method"] == "bisection"
+        truth = server.endpoint.true_logprobs([{"role": "user", "content": "hello"}])
+        mask = truth > -20
+        assert np.abs(np.array(row["logprobs"])[mask] - truth[mask]).max() < 1e-2

@@ -24,7 +24,7 @@ from .journal import Journal, JournalError
 from .methods import METHODS
 from .output import render_inspect
 from .probe import probe as run_probe
-from .runner import checkpoint_path, extract_batch
+from .runner import NoProgress, checkpoint_path, extract_batch
 from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
@@ -212,20 +212,6 @@ class PlainProgress:
         pass
 
 
-class Silent:
-    def start(self, total: int, done: int) -> None:
-        pass
-
-    def call(self) -> None:
-        pass
-
-    def prompt_done(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
 @app.command()
 def extract(
     input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
@@ -277,7 +263,7 @@ def extract(
             return
         why = f" (probe: {'; '.join(report.reasons)})" if report else ""
         console.print(f"method: {chosen}{why}", highlight=False)
-    progress = Silent() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
+    progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = extract_batch(prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce)

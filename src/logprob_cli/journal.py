@@ -8,7 +8,7 @@ so a replay that would ask something else is caught instead of silently mixing r
 
 WAL mode with synchronous=NORMAL: a commit survives the process being killed (the
 failure this guards against); only an OS crash or power loss can drop the last commits.
-One process at a time: an exclusive lock on `<checkpoint>.lock` refuses a second one.
+One process at a time: an exclusive flock on the checkpoint file refuses a second one.
 """
 
 from __future__ import annotations
@@ -98,22 +98,16 @@ class Journal:
             journal.close()
 
     def _lock(self) -> None:
+        """flock the database file itself: SQLite's own locks are POSIX fcntl locks, independent of flock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = open(lock_path, "a+")
+        handle = open(self.path, "ab")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
             handle.close()
             raise JournalError(
-                f"the checkpoint {self.path} is in use by {owner}; wait for it to finish or stop it first"
+                f"the checkpoint {self.path} is in use by another logprobs process; wait for it to finish or stop it"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"logprobs process {os.getpid()}")
-        handle.flush()
         self._lock_file = handle
 
     def _connect(self) -> None:

@@ -158,7 +158,7 @@ class OpenAIEndpoint:
         if not content:
             if choice is not None and self.dialect == "llama.cpp":
                 return Answer(WITHHELD, None)  # an incomplete UTF-8 token: llama.cpp drops its logprobs
-            raise EndpointError(f"{self.model} returned no logprobs: the server ignores `logprobs`")
+            raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         entry = content[0]
         top = [(self._token_id(t), t.logprob) for t in entry.top_logprobs or []]
         return Answer(
@@ -186,7 +186,7 @@ class OpenAIEndpoint:
                 tuple(t["logprob"] for t in top),
             )
         if logprobs is None or not logprobs.tokens:
-            raise EndpointError(f"{self.model} returned no logprobs (the server ignores `logprobs`)")
+            raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         self.identity.add("strings")
         top = sorted(((logprobs.top_logprobs or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]

@@ -37,6 +37,8 @@ class Progress(Protocol):
 
 
 class NoProgress:
+    """Reports nothing (the API, and the CLI's --quiet)."""
+
     def start(self, total: int, done: int) -> None:
         pass
 
@@ -44,6 +46,9 @@ class NoProgress:
         pass
 
     def prompt_done(self) -> None:
+        pass
+
+    def stop(self) -> None:
         pass
 
 

@@ -146,6 +146,13 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
     return first, found
 
 
+def vector_from(answer: Answer, vocab_size: int) -> np.ndarray:
+    """A vector of NaN (unknown) with the answer's top-k logprobs filled in, by token id."""
+    logprobs = np.full(vocab_size, np.nan)
+    logprobs[list(answer.top_ids)] = answer.top_logprobs
+    return logprobs
+
+
 def chunks(items: list[int] | np.ndarray, size: int) -> list[list[int]]:
     """Split items into consecutive lists of at most `size`."""
     items = [int(i) for i in items]

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from ..endpoint import EndpointUnsuitable, Query
-from .base import Context, MethodResult, Plan, roundoff
+from .base import Context, MethodResult, Plan, roundoff, vector_from
 
 
 def plan(ctx: Context) -> Plan:
@@ -23,8 +23,7 @@ def plan(ctx: Context) -> Plan:
             f"this one is known to return at most {ctx.limits.top_logprobs}. Use --method auto to probe it."
         )
     (answer,) = yield [Query.make(top_logprobs=ctx.vocab_size)]
-    logprobs = np.full(ctx.vocab_size, np.nan)
-    logprobs[list(answer.top_ids)] = answer.top_logprobs
+    logprobs = vector_from(answer, ctx.vocab_size)
     missing = np.flatnonzero(np.isnan(logprobs))
     floor = min(answer.top_logprobs) if answer.top_logprobs else math.nan
     notes = [f"{missing.size} tokens were not returned: reported as unrecovered"] if missing.size else []

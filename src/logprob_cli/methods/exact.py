@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..endpoint import Query
-from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff
+from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
 
 ACCEPT_ERROR = 1e-5
 RETRY_ROUNDS = 3
@@ -55,8 +55,7 @@ class _Group:
 def plan(ctx: Context) -> Plan:
     first, behaviour = yield from check_bias(ctx, needs="post_bias", method="exact")
     k = len(first.top_ids)
-    logprobs = np.full(ctx.vocab_size, np.nan)
-    logprobs[list(first.top_ids)] = first.top_logprobs
+    logprobs = vector_from(first, ctx.vocab_size)
     ref, ref_lp = first.top_ids[0], first.top_logprobs[0]
     big = ctx.bias_max
     log2v = math.log2(ctx.vocab_size)

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from ..endpoint import EndpointUnsuitable, Query
-from .base import Context, MethodResult, Plan, roundoff
+from .base import Context, MethodResult, Plan, roundoff, vector_from
 
 
 def plan(ctx: Context) -> Plan:
@@ -45,8 +45,7 @@ def plan(ctx: Context) -> Plan:
             f"(unbiased {value:.4f}) reported {shown}. Use --method bisection: the bias does steer sampling."
         )
     behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
-    logprobs = np.full(ctx.vocab_size, np.nan)
-    logprobs[list(first.top_ids)] = first.top_logprobs
+    logprobs = vector_from(first, ctx.vocab_size)
     pending = np.flatnonzero(np.isnan(logprobs)).tolist()
     answers = yield [Query.make({i: big}, top_logprobs=0) for i in pending]
     bounds: dict[int, float] = {}

@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from ..endpoint import Query
-from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff
+from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
 
 RETRY_ROUNDS = 3
 
@@ -33,8 +33,7 @@ RETRY_ROUNDS = 3
 def plan(ctx: Context) -> Plan:
     first, behaviour = yield from check_bias(ctx, needs="post_bias", method="topk")
     k = len(first.top_ids)
-    logprobs = np.full(ctx.vocab_size, np.nan)
-    logprobs[list(first.top_ids)] = first.top_logprobs
+    logprobs = vector_from(first, ctx.vocab_size)
     ref, ref_lp = first.top_ids[0], first.top_logprobs[0]
     big = ctx.bias_max
     pending = np.flatnonzero(np.isnan(logprobs)).tolist()

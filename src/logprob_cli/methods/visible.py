@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..endpoint import Query
-from .base import Context, MethodResult, Plan, roundoff
+from .base import Context, MethodResult, Plan, roundoff, vector_from
 
 
 def plan(ctx: Context) -> Plan:
     (answer,) = yield [Query.make(top_logprobs=ctx.top_k)]
-    logprobs = np.full(ctx.vocab_size, np.nan)
-    logprobs[list(answer.top_ids)] = answer.top_logprobs
+    logprobs = vector_from(answer, ctx.vocab_size)
     floor = min(answer.top_logprobs)
     missing = np.flatnonzero(np.isnan(logprobs))
     precision = 2 * roundoff(answer.top_logprobs) * max(abs(v) for v in answer.top_logprobs)
