@@ -97,3 +97,24 @@ def test_forced_matches_the_server_where_it_answers(tiny_server, tmp_path):
     # The rest are tokens whose answers llama.cpp withholds (incomplete UTF-8): unrecovered, not invented.
     assert row["unrecovered_count"] == (~known).sum()
     assert any("withheld" in note for note in row["notes"])
+
+
+def test_post_bias_mode_serves_topk_and_exact(tiny_server, tmp_path):
+    """llama-server's post_sampling_probs reflect the bias, so the reference and normalizer methods work there."""
+    texts = ["The capital of France is", "It was the best of times"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    probe = logprobs("probe", "--model", "tiny", "--base-url", f"{tiny_server}/v1", "--post-bias", "--json")
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout)["logprobs_after_bias"]
+    for method in ("topk", "exact"):
+        out = tmp_path / f"{method}.parquet"
+        run = logprobs("extract", prompts, "-o", out, "--model", "tiny", "--base-url", f"{tiny_server}/v1",
+                       "--post-bias", "--method", method, "-q")
+        assert run.returncode == 0, run.stderr
+        for row, text in zip(pq.read_table(out).to_pylist(), texts):
+            truth = whole_distribution(tiny_server, text, 459)
+            got = np.array([np.nan if v is None else v for v in row["logprobs"]], dtype=float)
+            mask = truth > np.log(1e-6)
+            assert not np.isnan(got[mask]).any()
+            assert np.abs(got[mask] - truth[mask]).max() < 1e-3

@@ -51,6 +51,10 @@ SIM_HELP = (
     "tie_noise=1e-4, seed=1."
 )
 MODEL_HELP = "Model of an OpenAI-compatible endpoint. Without it, the built-in simulated endpoint answers (offline)."
+POST_BIAS_HELP = (
+    "llama-server only: read its post-sampling probabilities, which reflect the bias (sampler truncation switched "
+    "off), so topk and exact work there."
+)
 TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
     "or simulator:SIZE (default: from the model name, via tiktoken)."
@@ -109,6 +113,7 @@ def make_endpoint(
     system: str | None,
     extra_body: str | None,
     tokenizer: str | None,
+    post_bias: bool = False,
 ) -> Endpoint:
     """The simulator when no model is named, else an OpenAI-compatible endpoint with its vocabulary."""
     if model is None:
@@ -117,6 +122,8 @@ def make_endpoint(
         return SimulatedEndpoint(simulator_config(sim))
     if sim:
         fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
+    if post_bias and not base_url:
+        fail("--post-bias is llama-server's mode: give its --base-url", 2)
     try:
         extra = json.loads(extra_body) if extra_body else None
     except ValueError as error:
@@ -137,9 +144,11 @@ def make_endpoint(
         fail(f"{error}{hint}", 2)
     if "n_vocab" in facts and vocabulary.size != facts["n_vocab"]:
         fail(f"--tokenizer {vocabulary.name} has {vocabulary.size:,} tokens but the server's model has {facts['n_vocab']:,}", 2)
+    if post_bias and facts.get("dialect") != "llama.cpp":
+        fail("--post-bias is llama-server's mode (post_sampling_probs), and this server is not llama-server", 2)
     return OpenAIEndpoint(
         model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
-        dialect=facts.get("dialect", "openai"),
+        dialect=facts.get("dialect", "openai"), post_bias=post_bias,
     )
 
 
@@ -230,6 +239,7 @@ def extract(
     system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API)."),
     extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.'),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
     if input == "-" and output is None:
@@ -240,7 +250,7 @@ def extract(
         prompts = read_prompts(input)
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer)
+    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
     if fresh:
         try:
             Journal.discard(journal_path)
@@ -307,9 +317,10 @@ def probe(
     system: Optional[str] = typer.Option(None, "--system", help="System message for plain prompts (chat API)."),
     extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help="Extra request fields."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
 ) -> None:
     """Measure what an endpoint reveals (about 8 calls) and recommend the method that fits."""
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer)
+    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
     try:
         report = asyncio.run(run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt)))
     except EndpointError as error:

@@ -14,6 +14,7 @@ Failures that doom every request (bad key, unknown model, server unreachable) ra
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from typing import Any, Literal
 
@@ -24,6 +25,10 @@ from .vocabulary import Vocabulary
 
 SENTINEL = -9999.0
 LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache changes the numbers between calls
+# llama-server's post-bias mode: probabilities after the sampler chain, with its truncation switched off
+# (top_k/top_p/min_p) and temperature 1, so they are exactly softmax(z + b); the seed only fixes the draw.
+POST_BIAS_DRAWS = 8
+LLAMA_CPP_POST_BIAS = {"post_sampling_probs": True, "top_k": 0, "top_p": 1, "min_p": 0, "temperature": 1, "seed": 1}
 
 
 def server_facts(base_url: str | None, api_key: str | None, model: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -66,14 +71,20 @@ class OpenAIEndpoint:
         timeout: float = 60.0,
         max_retries: int = 2,
         dialect: str = "openai",
+        post_bias: bool = False,
     ):
         self.model = model
         self.vocabulary = vocabulary
         self.vocab_size = vocabulary.size
         self.api = api
         self.system = system
+        if post_bias and dialect != "llama.cpp":
+            raise ValueError("post-bias mode is llama-server's (post_sampling_probs); this server is not llama.cpp")
         self.dialect = dialect
-        self.extra_body = {**(LLAMA_CPP_DEFAULTS if dialect == "llama.cpp" else {}), **(extra_body or {})}
+        self.post_bias = post_bias
+        defaults = {**LLAMA_CPP_DEFAULTS, **(LLAMA_CPP_POST_BIAS if post_bias else {})} if dialect == "llama.cpp" else {}
+        self._user_extra = dict(extra_body or {})
+        self.extra_body = {**defaults, **self._user_extra}
         self.limits = limits or Limits(top_logprobs=20 if api == "chat" else 5)
         self.identity: set[str] = set()
         self._client_options = dict(
@@ -110,6 +121,7 @@ class OpenAIEndpoint:
             "base_url": str(self.client.base_url),
             "api": self.api,
             "dialect": self.dialect,
+            "post_bias": self.post_bias,
             "system": self.system,
             "extra_body": self.extra_body,
             "vocabulary": self.vocabulary.name,
@@ -124,6 +136,20 @@ class OpenAIEndpoint:
             request["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         if self.extra_body:
             request["extra_body"] = self.extra_body
+        if self.post_bias and "seed" not in self._user_extra:
+            # Post-bias mode draws at temperature 1. The probabilities do not depend on the draw, but a
+            # draw that lands on an incomplete UTF-8 token makes llama.cpp withhold them: draw again with
+            # the next seed (seeds derive from the query, so a replay asks the same).
+            base_seed = int.from_bytes(query.key()[:4], "little") >> 1
+            for attempt in range(POST_BIAS_DRAWS):
+                request["extra_body"] = {**self.extra_body, "seed": base_seed + attempt}
+                answer = await self._request(prompt, query, request)
+                if not answer.withheld:
+                    break
+            return answer
+        return await self._request(prompt, query, request)
+
+    async def _request(self, prompt: Prompt, query: Query, request: dict[str, Any]) -> Answer:
         client = self._client()
         # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
         top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
@@ -160,6 +186,9 @@ class OpenAIEndpoint:
                 return Answer(WITHHELD, None)  # an incomplete UTF-8 token: llama.cpp drops its logprobs
             raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         entry = content[0]
+        if self.post_bias:
+            self.identity.add("ids")
+            return _post_bias_answer(entry.model_dump())
         top = [(self._token_id(t), t.logprob) for t in entry.top_logprobs or []]
         return Answer(
             self._token_id(entry),
@@ -174,6 +203,9 @@ class OpenAIEndpoint:
         content = (logprobs.model_extra or {}).get("content") if logprobs is not None else None
         if logprobs is None and choice is not None and self.dialect == "llama.cpp":
             return Answer(WITHHELD, None)
+        if content and self.post_bias:
+            self.identity.add("ids")
+            return _post_bias_answer(content[0])
         if content:  # llama-server answers legacy completions in the chat shape, with ids
             entry = content[0]
             top = entry.get("top_logprobs") or []
@@ -227,6 +259,15 @@ class OpenAIEndpoint:
                 "have: name the model's tokenizer with --tokenizer"
             )
         return found
+
+
+def _post_bias_answer(entry: dict[str, Any]) -> Answer:
+    """llama-server's post_sampling_probs entry (`prob`, `top_probs`, ids) as logprobs after the bias."""
+    top = [(t["id"], math.log(t["prob"])) for t in entry.get("top_probs") or [] if t.get("prob", 0) > 0]
+    prob = entry.get("prob") or 0.0
+    return Answer(
+        entry["id"], math.log(prob) if prob > 0 else None, tuple(i for i, _ in top), tuple(lp for _, lp in top)
+    )
 
 
 def _trim(answer: Answer, k: int) -> Answer:

@@ -24,7 +24,9 @@ import math
 
 import numpy as np
 
-from ..endpoint import Query
+from typing import Generator
+
+from ..endpoint import Answer, Query
 from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
 
 RETRY_ROUNDS = 3
@@ -32,21 +34,37 @@ RETRY_ROUNDS = 3
 
 def plan(ctx: Context) -> Plan:
     first, behaviour = yield from check_bias(ctx, needs="post_bias", method="topk")
-    k = len(first.top_ids)
     logprobs = vector_from(first, ctx.vocab_size)
+    returned: list[float] = list(first.top_logprobs)
+    pending = np.flatnonzero(np.isnan(logprobs)).tolist()
+    bounds = yield from reference_rounds(ctx, first, pending, logprobs, returned)
+    precision = 2 * roundoff(returned) * (ctx.bias_max + max(abs(v) for v in returned))
+    notes = []
+    if bounds:
+        notes.append(
+            f"{len(bounds)} tokens stayed out of the top-{len(first.top_ids)} at bias {ctx.bias_max:g}: "
+            "reported as unrecovered"
+        )
+    return MethodResult(logprobs, bounds, precision, behaviour, notes)
+
+
+def reference_rounds(
+    ctx: Context, first: Answer, pending: list[int], logprobs: np.ndarray, returned: list[float]
+) -> Generator[list[Query], list[Answer], dict[int, float]]:
+    """Read `pending` tokens k-1 per call beside the reference (the unbiased argmax of `first`).
+
+    Fills logprobs[i] for every token seen; retries the rest with the intruders that outranked
+    them pushed down, at most RETRY_ROUNDS times; returns the proven upper bound (NaN if none)
+    of each token never seen. `returned` collects every value read, for the precision estimate.
+    """
+    k = len(first.top_ids)
     ref, ref_lp = first.top_ids[0], first.top_logprobs[0]
     big = ctx.bias_max
-    pending = np.flatnonzero(np.isnan(logprobs)).tolist()
     pushed: set[int] = set()
     bounds: dict[int, float] = {}
-    returned: list[float] = list(first.top_logprobs)
-
     for _ in range(1 + RETRY_ROUNDS):
-        if not pending:
-            break
-        room = ctx.limits.bias_entries - len(pushed) - 1
-        size = min(k - 1, room)
-        if size < 1:
+        size = min(k - 1, ctx.limits.bias_entries - len(pushed) - 1)
+        if not pending or size < 1:
             break
         groups = chunks(pending, size)
         queries = [Query.make({ref: big, **{i: big for i in g}, **{j: -big for j in pushed}}, k) for g in groups]
@@ -59,19 +77,15 @@ def plan(ctx: Context) -> Plan:
                 missing.extend(group)
                 continue
             base = ref_lp - (seen[ref] - big)
+            last = answer.top_ids[-1]
+            last_bias = query.bias_dict().get(last, 0.0)
             for i in group:
                 if i in seen:
                     logprobs[i] = base + seen[i] - big
                     bounds.pop(i, None)
                 else:
                     missing.append(i)
-                    last, last_bias = answer.top_ids[-1], query.bias_dict().get(answer.top_ids[-1], 0.0)
                     bounds[i] = base + (seen[last] - last_bias) + last_bias - big
             pushed.update(j for j in answer.top_ids if j not in group and j != ref)
         pending = missing
-
-    precision = 2 * roundoff(returned) * (big + max(abs(v) for v in returned))
-    notes = []
-    if pending:
-        notes.append(f"{len(pending)} tokens stayed out of the top-{k} at bias {big:g}: reported as unrecovered")
-    return MethodResult(logprobs, {i: bounds.get(i, math.nan) for i in pending}, precision, behaviour, notes)
+    return {i: bounds.get(i, math.nan) for i in pending}
