@@ -128,3 +128,16 @@ def test_auto_on_an_endpoint_with_openais_contract_picks_bisection_and_matches(t
         truth = server.endpoint.true_logprobs([{"role": "user", "content": "hello"}])
         mask = truth > -20
         assert np.abs(np.array(row["logprobs"])[mask] - truth[mask]).max() < 1e-2
+
+
+def test_a_vocabulary_that_is_not_the_models_is_caught_before_extracting(server, tmp_path):
+    """The server's simulator has 3000 made-up words; cl100k_base maps their bytes to other ids."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    right = client(server)
+    assert asyncio.run(right.verify_mapping(Prompt(id=1, line=1, prompt="hello"))) == "verified"
+    run = run_cli("extract", prompts, "--model", "simulator", "--base-url", server.url, "--tokenizer", "cl100k_base",
+                  "--api-key", KEY, "-q")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "--tokenizer" in run.stderr
+    assert server.endpoint.calls <= 6

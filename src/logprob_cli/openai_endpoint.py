@@ -105,6 +105,37 @@ class OpenAIEndpoint:
         async with self._one_at_a_time[1]:
             return await self._ask(prompt, query)
 
+    async def verify_mapping(self, prompt: Prompt) -> str:
+        """Bias one token id hard and read back what the server generated (2 calls).
+
+        With the right vocabulary the generated token maps back to the biased id. A different
+        id means the vocabulary is not the model's: raises EndpointFatal rather than let every
+        value land on the wrong token. Returns what was found ("verified", or why it could not be).
+        """
+        plain = await self.ask(prompt, Query.make(top_logprobs=1))
+        probe_id = self._probe_id({plain.sampled, *plain.top_ids})
+        forced = await self.ask(prompt, Query.make({probe_id: 100.0}, top_logprobs=1))
+        if forced.withheld or plain.withheld:
+            return "not verified: the endpoint withheld the answer"
+        if forced.sampled == probe_id or (forced.top_ids and forced.top_ids[0] == probe_id):
+            return "verified"
+        if forced.sampled == plain.sampled and (not forced.top_ids or forced.top_ids == plain.top_ids):
+            return "not verified: the bias changed nothing"
+        raise EndpointFatal(
+            f"token ids do not match: token {probe_id} was biased but the server generated a token that the "
+            f"vocabulary {self.vocabulary.name} calls {forced.sampled}. Name the model's tokenizer with --tokenizer."
+        )
+
+    def _probe_id(self, avoid: set[int]) -> int:
+        """A token id a third into the vocabulary, not in `avoid`, with known bytes if the vocabulary has any."""
+        size = self.vocabulary.size
+        by_bytes = self.vocabulary.token_bytes(size // 3) is not None
+        for offset in range(size):
+            i = (size // 3 + offset) % size
+            if i not in avoid and (not by_bytes or self.vocabulary.token_bytes(i)):
+                return i
+        raise EndpointFatal(f"the vocabulary {self.vocabulary.name} has no token to verify the mapping with")
+
     def _client(self) -> openai.AsyncOpenAI:
         """The async client for the running event loop (its connection pool cannot outlive its loop)."""
         loop = asyncio.get_running_loop()

@@ -190,10 +190,15 @@ class Runner:
 
 
 def output_metadata(
-    endpoint: Endpoint, settings: dict[str, Any], behaviour: dict[str, Any], probe: dict[str, Any] | None
+    endpoint: Endpoint,
+    settings: dict[str, Any],
+    behaviour: dict[str, Any],
+    probe: dict[str, Any] | None,
+    token_mapping: str | None,
 ) -> dict[str, Any]:
     return {
         "probe": probe,
+        "token_mapping": token_mapping,
         "tool_version": __version__,
         "vocabulary": {"name": endpoint.describe().get("vocabulary", endpoint.model), "size": endpoint.vocab_size},
         "model": endpoint.model,
@@ -243,7 +248,7 @@ class OutputWriter:
                 for key, item in saved:
                     yield self._row(by_key[key], item)
 
-            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe)
+            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, reader.get_meta("token_mapping"))
             written = write_parquet(self.path, self.schema, rows(), metadata)
         finally:
             reader.close()
@@ -290,6 +295,8 @@ def extract_batch(
     journal_path = checkpoint_path(output)
     with Journal.open(journal_path, settings) as journal:
         limits, report = endpoint.limits, None
+        if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
+            journal.set_meta("token_mapping", asyncio.run(endpoint.verify_mapping(prompts[0])))
         if method == "auto":
             saved = journal.get_meta("probe")
             report = ProbeReport.from_dict(saved) if saved else asyncio.run(probe(endpoint, prompts[0]))
