@@ -59,9 +59,16 @@ def extract_logprobs(
             except StopIteration as stop:
                 return Extraction(stop.value.logprobs, calls, stop.value)
 
+    async def run_and_close() -> Extraction:
+        try:
+            return await run()
+        finally:
+            if hasattr(endpoint, "aclose"):
+                await endpoint.aclose()
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run())
+        return asyncio.run(run_and_close())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # inside a running loop (Jupyter)
-        return pool.submit(asyncio.run, run()).result()
+        return pool.submit(asyncio.run, run_and_close()).result()

@@ -321,8 +321,15 @@ def probe(
 ) -> None:
     """Measure what an endpoint reveals (about 8 calls) and recommend the method that fits."""
     endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
+    async def measure():
+        try:
+            return await run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt))
+        finally:
+            if hasattr(endpoint, "aclose"):
+                await endpoint.aclose()
+
     try:
-        report = asyncio.run(run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt)))
+        report = asyncio.run(measure())
     except EndpointError as error:
         fail(str(error))
     if as_json:

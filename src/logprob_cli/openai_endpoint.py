@@ -126,6 +126,13 @@ class OpenAIEndpoint:
             f"vocabulary {self.vocabulary.name} calls {forced.sampled}. Name the model's tokenizer with --tokenizer."
         )
 
+    async def aclose(self) -> None:
+        """Close the client of the running loop (call before that loop ends)."""
+        if self._client_loop is asyncio.get_running_loop():
+            await self.client.close()
+            self.client = openai.AsyncOpenAI(**self._client_options)
+            self._client_loop = None
+
     def _probe_id(self, avoid: set[int]) -> int:
         """A token id a third into the vocabulary, not in `avoid`, with known bytes if the vocabulary has any."""
         size = self.vocabulary.size

@@ -294,41 +294,47 @@ def extract_batch(
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
     with Journal.open(journal_path, settings) as journal:
-        limits, report = endpoint.limits, None
-        if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
-            journal.set_meta("token_mapping", asyncio.run(endpoint.verify_mapping(prompts[0])))
-        if method == "auto":
-            saved = journal.get_meta("probe")
-            report = ProbeReport.from_dict(saved) if saved else asyncio.run(probe(endpoint, prompts[0]))
-            journal.set_meta("probe", report.to_dict())
-            method, limits = report.recommended, report.limits()
-            if report.deterministic and not report.concurrent_agree:
-                concurrency = 1
-        announce(method, report)
-        ctx = Context(endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps)
-        writer = OutputWriter(
-            output, journal_path, prompts, endpoint, settings, method, report.to_dict() if report else None
-        )
-        runner = Runner(
-            endpoint, prompts, method, ctx, journal, concurrency, progress or NoProgress(), writer.maybe_write_soon
-        )
+        summary = RunSummary(total=len(prompts))
+        writer: OutputWriter | None = None
 
         async def main() -> None:
+            nonlocal writer, summary
             try:
-                await runner.run()
+                limits, report, chosen = endpoint.limits, None, method
+                if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
+                    journal.set_meta("token_mapping", await endpoint.verify_mapping(prompts[0]))
+                if method == "auto":
+                    saved = journal.get_meta("probe")
+                    report = ProbeReport.from_dict(saved) if saved else await probe(endpoint, prompts[0])
+                    journal.set_meta("probe", report.to_dict())
+                    chosen, limits = report.recommended, report.limits()
+                announce(chosen, report)
+                ctx = Context(endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps)
+                writer = OutputWriter(
+                    output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None
+                )
+                runner = Runner(
+                    endpoint, prompts, chosen, ctx, journal, concurrency, progress or NoProgress(),
+                    writer.maybe_write_soon,
+                )
+                summary = runner.summary
+                summary.method, summary.probe = chosen, report
+                try:
+                    await runner.run()
+                finally:
+                    await writer.settle()
             finally:
-                await writer.settle()
+                if hasattr(endpoint, "aclose"):
+                    await endpoint.aclose()
 
-        summary = runner.summary
-        summary.method = method
-        summary.probe = report
         try:
             asyncio.run(main())
         except KeyboardInterrupt:
             summary.interrupted = True
             summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
         finally:
-            summary.rows_written = writer.write()
+            if writer is not None:
+                summary.rows_written = writer.write()
         keys = {prompt_key(p): p.id for p in prompts}
         summary.failures = {keys[k]: msg for k, msg in journal.failures().items() if k in keys}
     return summary
