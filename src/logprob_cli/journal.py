@@ -155,9 +155,6 @@ class Journal:
         rows = self.db.execute("SELECT seq, query, answer FROM answers WHERE prompt = ?", (prompt,))
         return {seq: (bytes(q), Answer.from_bytes(a)) for seq, q, a in rows}
 
-    def count_answers(self) -> int:
-        return self.db.execute("SELECT count(*) FROM answers").fetchone()[0]
-
     def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
         ids = np.array(sorted(result.upper_bounds), dtype="<i4")
         bounds = np.array([result.upper_bounds[int(i)] for i in ids], dtype="<f8")

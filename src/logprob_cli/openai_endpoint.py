@@ -165,9 +165,6 @@ class OpenAIEndpoint:
             "vocabulary": self.vocabulary.name,
         }
 
-    def token_bytes(self, token_id: int) -> bytes | None:
-        return self.vocabulary.token_bytes(token_id)
-
     async def _ask(self, prompt: Prompt, query: Query) -> Answer:
         request: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
         if query.bias:

@@ -151,9 +151,6 @@ class SimulatedEndpoint:
     def describe(self) -> dict[str, Any]:
         return {"backend": "simulator", "model": self.model, **asdict(self.config)}
 
-    def token_bytes(self, token_id: int) -> bytes | None:
-        return simulator_token_bytes(token_id)
-
     def true_logprobs(self, prompt: Prompt | Any) -> np.ndarray:
         """The exact log-probabilities (float64) of the model's logits for a prompt."""
         z = self.sim.logits(_content(prompt)).astype(np.float64)
