@@ -90,8 +90,8 @@ class OpenAIEndpoint:
         self._client_options = dict(
             base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=max_retries
         )
-        self.client = openai.AsyncOpenAI(**self._client_options)
-        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self.base_url = str(openai.AsyncOpenAI(**self._client_options).base_url)
+        self._client_of_loop: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI] | None = None
         self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
@@ -128,10 +128,9 @@ class OpenAIEndpoint:
 
     async def aclose(self) -> None:
         """Close the client of the running loop (call before that loop ends)."""
-        if self._client_loop is asyncio.get_running_loop():
-            await self.client.close()
-            self.client = openai.AsyncOpenAI(**self._client_options)
-            self._client_loop = None
+        if self._client_of_loop is not None and self._client_of_loop[0] is asyncio.get_running_loop():
+            await self._client_of_loop[1].close()
+            self._client_of_loop = None
 
     def _probe_id(self, avoid: set[int]) -> int:
         """A token id a third into the vocabulary, not in `avoid`, with known bytes if the vocabulary has any."""
@@ -146,17 +145,15 @@ class OpenAIEndpoint:
     def _client(self) -> openai.AsyncOpenAI:
         """The async client for the running event loop (its connection pool cannot outlive its loop)."""
         loop = asyncio.get_running_loop()
-        if self._client_loop is not loop:
-            if self._client_loop is not None:
-                self.client = openai.AsyncOpenAI(**self._client_options)
-            self._client_loop = loop
-        return self.client
+        if self._client_of_loop is None or self._client_of_loop[0] is not loop:
+            self._client_of_loop = (loop, openai.AsyncOpenAI(**self._client_options))
+        return self._client_of_loop[1]
 
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "openai",
             "model": self.model,
-            "base_url": str(self.client.base_url),
+            "base_url": self.base_url,
             "api": self.api,
             "dialect": self.dialect,
             "post_bias": self.post_bias,
@@ -202,10 +199,10 @@ class OpenAIEndpoint:
             raise _status_error(err, self) from None
         except openai.APIConnectionError as err:
             raise EndpointFatal(
-                f"cannot reach {self.client.base_url} ({err.__cause__ or err}): is the server running, and the URL right?"
+                f"cannot reach {self.base_url} ({err.__cause__ or err}): is the server running, and the URL right?"
             ) from None
         except openai.APIError as err:  # malformed bodies and the like
-            raise EndpointError(f"{self.client.base_url} answered something unreadable: {err}") from None
+            raise EndpointError(f"{self.base_url} answered something unreadable: {err}") from None
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:
@@ -321,7 +318,7 @@ def _env_key() -> str | None:
 
 def _status_error(err: openai.APIStatusError, endpoint: OpenAIEndpoint) -> EndpointError:
     message = _server_message(err)
-    where = endpoint.client.base_url
+    where = endpoint.base_url
     if err.status_code == 401 or isinstance(err, openai.AuthenticationError):
         return EndpointFatal(f"{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass --api-key")
     if err.status_code == 403:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -60,8 +61,6 @@ class RunSummary:
     failures: dict[Any, str] = field(default_factory=dict)
     interrupted: bool = False
     rows_written: int = 0
-    method: str = ""
-    probe: ProbeReport | None = None
 
 
 def prompt_key(prompt: Prompt) -> str:
@@ -117,11 +116,7 @@ class Runner:
             async with asyncio.TaskGroup() as group:
                 for prompt in todo:
                     group.create_task(self._prompt(prompt, queue, gate))
-        except* EndpointUnsuitable as errors:
-            raise errors.exceptions[0] from None
-        except* JournalError as errors:
-            raise errors.exceptions[0] from None
-        except* EndpointFatal as errors:
+        except* (EndpointUnsuitable, EndpointFatal, JournalError) as errors:  # run-level: stop with the first
             raise errors.exceptions[0] from None
         finally:
             for worker in workers:
@@ -225,7 +220,7 @@ class OutputWriter:
         self.method = method
         self.probe = probe
         self.journal_path = journal_path
-        self.prompts = prompts
+        self.by_key = {prompt_key(p): p for p in prompts}
         self.endpoint = endpoint
         self.settings = settings
         self.schema = output_schema(prompts, endpoint.vocab_size)
@@ -237,27 +232,21 @@ class OutputWriter:
         started = time.monotonic()
         reader = reading_connection(self.journal_path)
         try:
-            by_key = {prompt_key(p): p for p in self.prompts}
-            saved = reader.results(list(by_key))
+            saved = reader.results(list(self.by_key))
             first = next(saved, None)
             behaviour = first[1].result.behaviour if first else {}
-
-            def rows():
-                for key, item in ([first] if first else []):
-                    yield self._row(by_key[key], item)
-                for key, item in saved:
-                    yield self._row(by_key[key], item)
-
-            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, reader.get_meta("token_mapping"))
-            written = write_parquet(self.path, self.schema, rows(), metadata)
+            rows = (
+                OutputRow(self.by_key[key], self.endpoint.model, self.method, item.calls, item.result)
+                for key, item in itertools.chain([first] if first else [], saved)
+            )
+            mapping = reader.get_meta("token_mapping")
+            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, mapping)
+            written = write_parquet(self.path, self.schema, rows, metadata)
         finally:
             reader.close()
         self._last_duration = time.monotonic() - started
         self._last_write = time.monotonic()
         return written
-
-    def _row(self, prompt: Prompt, saved) -> OutputRow:
-        return OutputRow(prompt, self.endpoint.model, self.method, saved.calls, saved.result)
 
     def maybe_write_soon(self) -> None:
         """After a prompt finishes: rewrite in a thread unless one is running or the last was too recent."""
@@ -318,7 +307,6 @@ def extract_batch(
                     writer.maybe_write_soon,
                 )
                 summary = runner.summary
-                summary.method, summary.probe = chosen, report
                 try:
                     await runner.run()
                 finally:

@@ -87,6 +87,24 @@ def roundoff(values: list[float] | tuple[float, ...]) -> float:
     return FLOAT32_ROUNDOFF
 
 
+def bias_response(before: Answer, after: Answer, target: int, bias: float) -> tuple[bool, bool]:
+    """What biasing `target` by `bias` did, from the unbiased answer and the biased one.
+
+    (bias steers sampling: target was generated; logprobs are post-bias: lp'_target - lp'_top
+    moved by the bias, identity 1 with two biases, or lp'_target alone moved when the old top
+    left the list).
+    """
+    top, value = before.top_ids[0], before.top()[target]
+    seen = after.top()
+    moved = False
+    if target in seen and top in seen:
+        shift = (seen[target] - seen[top]) - (value - before.top_logprobs[0])
+        moved = abs(shift - bias) < 0.05 * bias + 0.1
+    elif target in seen:
+        moved = abs(seen[target] - value) > 0.05 * bias
+    return after.sampled == target, moved
+
+
 def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], list[Answer], tuple[Answer, dict]]:
     """Two calls that tell how the endpoint treats logit_bias, before a method spends more.
 
@@ -106,7 +124,6 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; "
             f"{method} needs at least 2 (check that the endpoint supports top_logprobs)"
         )
-    top = first.top_ids[0]
     for rank in range(len(first.top_ids) - 1, max(0, len(first.top_ids) - 4), -1):
         # A token whose answer the endpoint withholds (llama.cpp: incomplete UTF-8) tells nothing: try the next.
         target = first.top_ids[rank]
@@ -115,16 +132,8 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
         (second,) = yield [Query.make({target: b}, top_logprobs=k)]
         if not second.withheld:
             break
-    first_value = first.top_logprobs[first.top_ids.index(target)]
-    steers = second.sampled == target
-    seen = second.top()
-    moved = None
-    if target in seen and top in seen:
-        shift = (seen[target] - seen[top]) - (first_value - first.top_logprobs[0])
-        moved = abs(shift - b) < 0.05 * b + 0.1
-    elif target in seen:
-        moved = abs(seen[target] - first_value) > 0.05 * b
-    found.update(bias_steers_sampling=steers, logprobs_after_bias=bool(moved))
+    steers, moved = bias_response(first, second, target, b)
+    found.update(bias_steers_sampling=steers, logprobs_after_bias=moved)
     if needs == "post_bias" and not moved:
         if steers:
             alternative = "Use --method bisection: the bias does steer which token is generated."
