@@ -13,6 +13,7 @@ from logprob_cli.endpoint import EndpointFatal, Prompt, Query
 from logprob_cli.openai_endpoint import OpenAIEndpoint
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.simulator import SimulatorConfig
+from logprob_cli.transport import RetryPolicy
 from logprob_cli.vocabulary import load_vocabulary
 
 VOCAB = 3000
@@ -26,11 +27,17 @@ def server():
 
 
 def client(server, **kw):
-    return OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url, api_key=KEY, max_retries=0, **kw)
+    return OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url, api_key=KEY, retry=RetryPolicy(attempts=1), **kw)
 
 
 def ask(endpoint, prompt, query):
-    return asyncio.run(endpoint.ask(prompt, query))
+    async def once():
+        try:
+            return await endpoint.ask(prompt, query)
+        finally:
+            await endpoint.aclose()
+
+    return asyncio.run(once())
 
 
 @pytest.mark.parametrize("token_ids", [False, True])
@@ -65,13 +72,13 @@ def test_legacy_completions_map_strings_to_ids(server):
 def test_wrong_key_unknown_model_and_down_server_are_fatal(server):
     prompt = Prompt(id=1, line=1, prompt="hi")
     vocabulary = load_vocabulary(f"simulator:{VOCAB}")
-    bad_key = OpenAIEndpoint("simulator", vocabulary, base_url=server.url, api_key="wrong", max_retries=0)
+    bad_key = OpenAIEndpoint("simulator", vocabulary, base_url=server.url, api_key="wrong", retry=RetryPolicy(attempts=1))
     with pytest.raises(EndpointFatal, match="API key"):
         ask(bad_key, prompt, Query.make(top_logprobs=5))
-    unknown = OpenAIEndpoint("gpt-nope", vocabulary, base_url=server.url, api_key=KEY, max_retries=0)
+    unknown = OpenAIEndpoint("gpt-nope", vocabulary, base_url=server.url, api_key=KEY, retry=RetryPolicy(attempts=1))
     with pytest.raises(EndpointFatal, match="gpt-nope"):
         ask(unknown, prompt, Query.make(top_logprobs=5))
-    down = OpenAIEndpoint("simulator", vocabulary, base_url="http://127.0.0.1:9/v1", api_key=KEY, max_retries=0)
+    down = OpenAIEndpoint("simulator", vocabulary, base_url="http://127.0.0.1:9/v1", api_key=KEY, retry=RetryPolicy(attempts=1))
     with pytest.raises(EndpointFatal, match="cannot reach"):
         ask(down, prompt, Query.make(top_logprobs=5))
     assert "wrong" not in str(bad_key.describe()) and KEY not in str(client(server).describe())
@@ -135,7 +142,13 @@ def test_a_vocabulary_that_is_not_the_models_is_caught_before_extracting(server,
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
     right = client(server)
-    assert asyncio.run(right.verify_mapping(Prompt(id=1, line=1, prompt="hello"))) == "verified"
+    async def verify():
+        try:
+            return await right.verify_mapping(Prompt(id=1, line=1, prompt="hello"))
+        finally:
+            await right.aclose()
+
+    assert asyncio.run(verify()) == "verified"
     run = run_cli("extract", prompts, "--model", "simulator", "--base-url", server.url, "--tokenizer", "cl100k_base",
                   "--api-key", KEY, "-q")
     assert run.returncode == 1 and "Traceback" not in run.stderr

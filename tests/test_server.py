@@ -2,6 +2,8 @@
 
 import http.client
 import json
+import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -9,7 +11,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from logprob_cli.cli import app
 from logprob_cli.endpoint import Query
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
@@ -259,3 +263,224 @@ def test_stop_closes_idle_keep_alive_connections():
         with pytest.raises(openai.APIConnectionError):
             chat(client)
     server.stop()  # idempotent
+
+
+# --- rate limits and injected faults ---------------------------------------------------------
+
+BODY = json.dumps({"model": "simulator", "messages": MESSAGES, "max_tokens": 1, "logprobs": True, "top_logprobs": 5})
+
+
+def post(server: SimulatorServer, body: str = BODY, path: str = "/v1/chat/completions", timeout: float = 10):
+    """One completion request on a fresh connection: (status, lower-cased headers, raw body)."""
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def seconds(duration: str) -> float:
+    """OpenAI's short durations as the server writes them below a minute: "120ms", "1.5s", "0s"."""
+    return float(duration[:-2]) / 1000 if duration.endswith("ms") else float(duration[:-1])
+
+
+def test_rpm_over_the_limit_gets_openai_429_and_costs_no_call():
+    with SimulatorServer(ServerConfig(SIM, rpm=60)) as server:  # a burst of one request, one more per second
+        status, headers, _ = post(server)
+        assert status == 200
+        assert headers["x-ratelimit-limit-requests"] == "60" and headers["x-ratelimit-remaining-requests"] == "0"
+        assert 0.9 < seconds(headers["x-ratelimit-reset-requests"]) <= 1
+        assert not any(name.endswith("-tokens") for name in headers), "no tpm, no token headers"
+
+        status, headers, data = post(server)
+        error = json.loads(data)["error"]
+        assert status == 429
+        assert (error["type"], error["code"], error["param"]) == ("requests", "rate_limit_exceeded", None)
+        assert error["message"].startswith("Rate limit reached for requests per min (RPM)")
+        assert "Limit 60" in error["message"] and "Please try again in " in error["message"]
+        assert headers["retry-after"] == "1" and 900 < int(headers["retry-after-ms"]) <= 1000
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        with client_for(server) as client, pytest.raises(openai.RateLimitError) as caught:
+            chat(client)
+        assert caught.value.code == "rate_limit_exceeded"
+        assert (server.endpoint.calls, server.rejected) == (1, 2)
+
+        time.sleep(int(headers["retry-after-ms"]) / 1000)
+        assert post(server)[0] == 200
+        assert (server.endpoint.calls, server.rejected) == (2, 2)
+
+
+def test_remaining_counts_down_and_bad_requests_count_too():
+    with SimulatorServer(ServerConfig(SIM, rpm=600)) as server:  # a burst of 10, one more every 100 ms
+        remaining = [int(post(server)[1]["x-ratelimit-remaining-requests"]) for _ in range(3)]
+        assert remaining == [9, 8, 7]
+        status, headers, _ = post(server, BODY.replace('"max_tokens": 1', '"max_tokens": 2'))
+        assert status == 400 and headers["x-ratelimit-remaining-requests"] == "6"
+        assert 0.3 < seconds(headers["x-ratelimit-reset-requests"]) <= 0.4
+        legacy = json.dumps({"model": "simulator", "prompt": PROMPT})
+        status, headers, _ = post(server, legacy, path="/v1/completions")
+        assert status == 200 and "x-ratelimit-limit-requests" in headers
+
+
+def test_tpm_charges_usage_total_tokens(server):
+    cost = json.loads(post(server)[2])["usage"]["total_tokens"]
+    tpm = 60 * 2.5 * cost  # the bucket holds two and a half requests' tokens
+    with SimulatorServer(ServerConfig(SIM, tpm=tpm)) as limited:
+        first, second, third = (post(limited) for _ in range(3))
+    assert first[0] == second[0] == 200 and third[0] == 429
+    assert first[1]["x-ratelimit-limit-tokens"] == str(int(tpm))
+    assert int(first[1]["x-ratelimit-remaining-tokens"]) == int(1.5 * cost)
+    assert 0.35 < seconds(first[1]["x-ratelimit-reset-tokens"]) <= 0.4
+    assert "x-ratelimit-limit-requests" not in first[1]
+    error = json.loads(third[2])["error"]
+    assert error["type"] == "tokens" and f"Requested {cost}" in error["message"]
+    assert 0.1 < int(third[1]["retry-after-ms"]) / 1000 <= 0.2 and third[1]["retry-after"] == "1"
+
+
+def test_a_request_bigger_than_the_burst_passes_a_full_bucket_and_leaves_a_debt(server):
+    cost = json.loads(post(server)[2])["usage"]["total_tokens"]
+    with SimulatorServer(ServerConfig(SIM, tpm=60)) as limited:  # one token a second
+        assert post(limited)[0] == 200
+        status, headers, _ = post(limited)
+    assert status == 429 and headers["x-ratelimit-remaining-tokens"] == "0"
+    assert cost - 1.1 < int(headers["retry-after-ms"]) / 1000 <= cost
+    assert headers["retry-after"] == str(cost)
+
+
+def test_concurrent_requests_are_admitted_or_rejected_exactly_once():
+    with SimulatorServer(ServerConfig(SIM, rpm=600)) as server, ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: post(server)[0], range(40)))
+    assert set(statuses) == {200, 429}
+    assert server.endpoint.calls == statuses.count(200) and server.rejected == statuses.count(429)
+    assert 10 <= statuses.count(200) < 20
+
+
+def _fault_server(kind: str, **kwargs) -> SimulatorServer:
+    return SimulatorServer(ServerConfig(SIM, fault_rate=1.0, faults=(kind,), stall=0.2, **kwargs))
+
+
+def test_fault_429_asks_for_a_short_retry():
+    with _fault_server("429", rpm=600) as server:
+        status, headers, data = post(server)
+    error = json.loads(data)["error"]
+    assert status == 429 and (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("1", "50")
+    assert headers["x-ratelimit-remaining-requests"] == "10", "an injected 429 does not use the limit"
+    assert (server.faults_injected, server.endpoint.calls, server.rejected) == ({"429": 1}, 0, 0)
+
+
+def test_fault_500_is_a_server_error():
+    with _fault_server("500") as server:
+        status, _, data = post(server)
+    error = json.loads(data)["error"]
+    assert status == 500 and error["type"] == "server_error"
+    assert error["message"] == "The server had an error while processing your request."
+    assert (server.faults_injected, server.endpoint.calls) == ({"500": 1}, 0)
+
+
+def test_fault_timeout_stalls_then_closes_without_a_response():
+    with _fault_server("timeout") as server:
+        start = time.perf_counter()
+        with pytest.raises(http.client.RemoteDisconnected):
+            post(server)
+        assert 0.2 <= time.perf_counter() - start < 2
+        assert (server.faults_injected, server.endpoint.calls) == ({"timeout": 1}, 0)
+
+
+def test_fault_cut_resets_the_connection_without_a_response():
+    with _fault_server("cut") as server:
+        url = urlsplit(server.url)
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(BODY)}\r\n\r\n{BODY}").encode()
+        with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+            sock.sendall(request)
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1024)
+        with client_for(server) as client, pytest.raises(openai.APIConnectionError):
+            chat(client)
+        assert (server.faults_injected, server.endpoint.calls) == ({"cut": 2}, 0)
+
+
+def test_fault_malformed_is_a_200_with_a_truncated_json_body():
+    with _fault_server("malformed") as server:
+        status, headers, data = post(server)
+        assert status == 200 and headers["content-type"] == "application/json"
+        assert int(headers["content-length"]) == len(data) > 0
+        with pytest.raises(ValueError):
+            json.loads(data)
+        assert (server.faults_injected, server.endpoint.calls) == ({"malformed": 1}, 0)
+
+
+def test_models_route_is_never_faulted():
+    with _fault_server("500", rpm=60) as server:
+        status, response, payload = raw(server, "GET", "/v1/models")
+        assert status == 200 and payload["data"] and response.getheader("x-ratelimit-limit-requests") is None
+        assert server.faults_injected == {"500": 0}
+
+
+def _answer_with_retries(server: SimulatorServer, body: str) -> tuple[int, dict]:
+    """(failed attempts, choices of the first parseable 200) for one request, retried as a client would."""
+    for failures in range(100):
+        try:
+            status, _, data = post(server, body, timeout=5)
+            if status == 200:
+                return failures, json.loads(data)["choices"]
+        except (ConnectionError, ValueError):
+            pass
+    raise AssertionError("no answer in 100 attempts")
+
+
+def test_faults_hit_their_share_and_retries_get_the_fault_free_answers(server):
+    config = ServerConfig(SIM, fault_rate=0.3, stall=0.01, fault_seed=7)
+    bodies = [BODY.replace("The capital of France is", f"prompt {i}") for i in range(150)]
+    with SimulatorServer(config) as flaky:
+        results = [_answer_with_retries(flaky, body) for body in bodies]
+    failures = sum(f for f, _ in results)
+    attempts = failures + len(bodies)
+    assert 0.2 < failures / attempts < 0.4
+    assert sum(flaky.faults_injected.values()) == failures and set(flaky.faults_injected) == set(config.faults)
+    assert all(flaky.faults_injected.values()), "every kind is drawn"
+    assert flaky.endpoint.calls == len(bodies)
+    assert [choices for _, choices in results] == [json.loads(post(server, body)[2])["choices"] for body in bodies]
+
+
+def test_fault_draws_follow_the_seed():
+    def kinds(seed):
+        with SimulatorServer(ServerConfig(SIM, fault_rate=0.5, faults=("500", "429"), fault_seed=seed)) as s:
+            return [post(s)[0] for _ in range(20)]
+    assert kinds(3) == kinds(3) != kinds(4)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"rpm": -1}, "rpm must be >= 0"),
+        ({"tpm": float("inf")}, "tpm must be >= 0 and finite"),
+        ({"stall": -0.5}, "stall must be >= 0"),
+        ({"latency": -1}, "latency must be >= 0"),
+        ({"fault_rate": 1.5}, "fault_rate must be between 0 and 1"),
+        ({"fault_rate": float("nan")}, "fault_rate must be between 0 and 1"),
+        ({"faults": ("500", "teapot")}, "unknown fault kind 'teapot'"),
+        ({"faults": ("cut", "cut")}, "must not repeat"),
+        ({"fault_rate": 0.1, "faults": ()}, "at least one fault kind"),
+    ],
+)
+def test_config_validation(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerConfig(SIM, **settings)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fault-rate", "2"], "fault_rate must be between 0 and 1"),
+        (["--faults", "500,bogus"], "unknown fault kind 'bogus'"),
+        (["--rpm", "-5"], "rpm must be >= 0"),
+    ],
+)
+def test_serve_rejects_bad_options_without_a_traceback(args, message):
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -10,20 +10,25 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
-from .inputs import InputError, read_prompts
+from .estimate import estimate_run, format_count, format_dollars, format_duration
+from .inputs import InputError, read_prompts, select_shard
 from .journal import Journal, JournalError
 from .methods import METHODS
 from .output import render_inspect
+from .prices import parse_price, price_for
 from .probe import probe as run_probe
+from .ratelimit import RateLimiter
+from .transport import RetryPolicy
 from .runner import NoProgress, checkpoint_path, extract_batch
 from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
@@ -54,6 +59,21 @@ MODEL_HELP = "Model of an OpenAI-compatible endpoint. Without it, the built-in s
 POST_BIAS_HELP = (
     "llama-server only: read its post-sampling probabilities, which reflect the bias (sampler truncation switched "
     "off), so topk and exact work there."
+)
+RPM_HELP = (
+    "Requests per minute to stay under. Without it the limit the server announces (x-ratelimit-* headers) is "
+    "used, and 429s slow the run down and it recovers on its own."
+)
+MAX_CALLS_HELP = (
+    "Stop cleanly before the checkpoint's calls (this run and earlier ones) pass this many; the same command with a "
+    "higher cap resumes."
+)
+PRICE_HELP = (
+    "US$ per 1M prompt and completion tokens, e.g. 2.5,10 (default: the built-in table for common OpenAI models)."
+)
+SHARD_HELP = (
+    "Take part I of N (0-based) of the prompts, chosen by a hash of each id: N machines or job-array tasks split a "
+    "batch with no coordination, and their outputs (default NAME.shard-I-of-N.parquet) read as one table."
 )
 TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
@@ -114,11 +134,19 @@ def make_endpoint(
     extra_body: str | None,
     tokenizer: str | None,
     post_bias: bool = False,
+    *,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    timeout: float = 60.0,
+    retries: int = 8,
 ) -> Endpoint:
-    """The simulator when no model is named, else an OpenAI-compatible endpoint with its vocabulary."""
+    """The simulator when no model is named, else an OpenAI-compatible endpoint with its vocabulary,
+    paced by a limiter (rpm, tpm) and retrying `retries` times with `timeout` seconds per attempt."""
     if model is None:
         if base_url and not sim:
             fail("--base-url needs --model: name the model the server serves", 2)
+        if rpm or tpm:
+            fail("--rpm/--tpm pace a --model endpoint; the built-in simulator has no rate limit", 2)
         return SimulatedEndpoint(simulator_config(sim))
     if sim:
         fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
@@ -149,6 +177,7 @@ def make_endpoint(
     return OpenAIEndpoint(
         model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
         dialect=facts.get("dialect", "openai"), post_bias=post_bias,
+        limiter=RateLimiter(rpm, tpm), retry=RetryPolicy(attempts=retries, timeout=timeout),
     )
 
 
@@ -160,7 +189,7 @@ def describe(endpoint: Endpoint) -> str:
 
 
 class RichProgress:
-    """Prompts done/total, calls, calls/s and ETA on a terminal."""
+    """Prompts done/total, calls, calls/s, US$ spent and ETA on a terminal."""
 
     def __init__(self, console: Console):
         self.bar = Progress(
@@ -169,6 +198,7 @@ class RichProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[calls]:,} calls"),
             TextColumn("{task.fields[rate]:,.0f} calls/s"),
+            TextColumn("{task.fields[spent]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -178,25 +208,36 @@ class RichProgress:
         self.calls = 0
         self._shown = 0.0
         self._t0 = time.monotonic()
+        self._cost: Callable[[], float | None] = lambda: None
 
-    def start(self, total: int, done: int) -> None:
+    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
+        self._cost = cost
         self.bar.start()
-        self.task = self.bar.add_task("extract", total=total, completed=done, calls=0, rate=0.0)
+        self.task = self.bar.add_task("extract", total=total, completed=done, calls=0, rate=0.0, spent=_dollars(cost()))
 
     def call(self) -> None:
         self.calls += 1
         now = time.monotonic()
         if now - self._shown > 0.1:
             self._shown = now
-            self.bar.update(self.task, calls=self.calls, rate=self.calls / max(now - self._t0, 1e-9))
+            self._update(now)
 
     def prompt_done(self) -> None:
-        self.bar.update(self.task, advance=1, calls=self.calls)
+        self.bar.update(self.task, advance=1)
+        self._update(time.monotonic())
 
     def stop(self) -> None:
         if hasattr(self, "task"):
-            self.bar.update(self.task, calls=self.calls, rate=self.calls / max(time.monotonic() - self._t0, 1e-9))
+            self._update(time.monotonic())
         self.bar.stop()
+
+    def _update(self, now: float) -> None:
+        rate = self.calls / max(now - self._t0, 1e-9)
+        self.bar.update(self.task, calls=self.calls, rate=rate, spent=_dollars(self._cost()))
+
+
+def _dollars(cost: float | None) -> str:
+    return "" if cost is None else f"${cost:,.4f} spent"
 
 
 class PlainProgress:
@@ -206,8 +247,8 @@ class PlainProgress:
         self.console = console
         self.calls = 0
 
-    def start(self, total: int, done: int) -> None:
-        self.total, self.done = total, done
+    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
+        self.total, self.done, self._cost = total, done, cost
         self.console.print(f"{done} of {total} prompts already done", highlight=False)
 
     def call(self) -> None:
@@ -215,7 +256,11 @@ class PlainProgress:
 
     def prompt_done(self) -> None:
         self.done += 1
-        self.console.print(f"prompt {self.done}/{self.total} done ({self.calls:,} calls so far)", highlight=False)
+        spent = _dollars(self._cost())
+        self.console.print(
+            f"prompt {self.done}/{self.total} done ({self.calls:,} calls this run{', ' + spent if spent else ''})",
+            highlight=False,
+        )
 
     def stop(self) -> None:
         pass
@@ -240,17 +285,42 @@ def extract(
     extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.'),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
+    rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help=RPM_HELP),
+    tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); learnt from the server if not given."),
+    timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds to wait for one answer before retrying."),
+    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails."),
+    max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
+    price: Optional[str] = typer.Option(None, "--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help=SHARD_HELP),
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
     if input == "-" and output is None:
         fail("reading prompts from stdin: name the output with -o/--output", 2)
-    output = output or Path(input).with_suffix(".parquet")
+    part = parse_shard(shard) if shard else None
+    if output is None:
+        suffix = f".shard-{part[0]}-of-{part[1]}.parquet" if part else ".parquet"
+        output = Path(input).with_name(Path(input).stem + suffix)
     journal_path = checkpoint_path(output)
     try:
-        prompts = read_prompts(input)
+        all_prompts = read_prompts(input)
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
+    prompts = select_shard(all_prompts, *part) if part else all_prompts
+    if not prompts:
+        err.print(f"shard {shard} holds none of the {len(all_prompts)} prompts: nothing to do", highlight=False)
+        raise typer.Exit(0)
+    endpoint = make_endpoint(
+        sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
+        rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
+    )
+    try:
+        override = parse_price(price) if price else None
+    except ValueError as error:
+        fail(f"--price: {error}", 2)
+    unit_price = override if isinstance(endpoint, SimulatedEndpoint) else price_for(endpoint.model, override)
+    if max_cost is not None and unit_price is None:
+        fail(f"no price is known for model {endpoint.model!r}: give --price PROMPT,COMPLETION (US$ per 1M tokens) to use --max-cost", 2)
     if fresh:
         try:
             Journal.discard(journal_path)
@@ -262,9 +332,10 @@ def extract(
 
     console = Console(stderr=True)
     if not quiet:
+        of_shard = f" (shard {part[0]}/{part[1]} of {len(all_prompts)})" if part else ""
         console.print(
             f"endpoint: {describe(endpoint)}\n"
-            f"{len(prompts)} prompts -> {output}",
+            f"{len(prompts)} prompts{of_shard} -> {output}",
             highlight=False,
         )
 
@@ -276,7 +347,10 @@ def extract(
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = extract_batch(prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce)
+        summary = extract_batch(
+            prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce,
+            price=unit_price, max_calls=max_calls, max_cost=max_cost, schema_prompts=all_prompts,
+        )
     except (JournalError, EndpointUnsuitable, EndpointError) as error:
         progress.stop()
         fail(str(error))
@@ -290,15 +364,39 @@ def extract(
             "run the same command again to resume",
             130,
         )
+    if summary.budget_reached:
+        spent = summary.spent()
+        cost = summary.cost()
+        fail(
+            f"budget reached: {summary.budget_reached}. {summary.finished} of {summary.total} prompts finished, saved "
+            f"in {output}; the checkpoint has spent {spent.calls:,} calls"
+            + (f" (${cost:,.4f})" if cost is not None else "")
+            + ". Run the same command with a higher cap to resume.",
+            3,
+        )
     if not quiet:
+        cost = summary.cost()
+        spent = f", ${cost:,.4f} spent in all" if cost else ""
         console.print(
-            f"wrote {summary.rows_written} rows to {output} ({summary.calls:,} calls this run; checkpoint {journal_path})",
+            f"wrote {summary.rows_written} rows to {output} ({summary.calls:,} calls this run{spent}; checkpoint {journal_path})",
             highlight=False,
         )
     if summary.failures:
         for prompt_id, message in summary.failures.items():
             err.print(f"[red]prompt {prompt_id!r} failed:[/] {message}", highlight=False)
         fail(f"{len(summary.failures)} prompts failed; run the same command again to retry them")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N) with 0 <= I < N; exits with a usage error otherwise."""
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        fail(f"--shard takes I/N with 0 <= I < N, e.g. 0/4 ... 3/4 (got {text!r})", 2)
+    return i, n
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -357,6 +455,97 @@ def probe(
         Console().print(f"- {reason}", highlight=False)
 
 
+@app.command()
+def estimate(
+    input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
+    top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
+    eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
+    concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
+    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's). Only its GET /models is asked (free): llama-server tells its vocabulary there."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (default: $OPENAI_API_KEY), for a --base-url server's GET /models only."),
+    api: Api = typer.Option("chat", "--api", help="chat: /chat/completions; completions: legacy /completions (at most 5 logprobs)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API): it adds prompt tokens."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help="Requests per minute the endpoint allows (default: no limit)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute the endpoint allows, prompt + 1 per call (default: no limit)."),
+    latency: float = typer.Option(0.5, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds."),
+    price: Optional[str] = typer.Option(None, "--price", metavar="IN,OUT", help="US$ per 1M prompt tokens and per 1M completion tokens, e.g. 2.5,10 (default: the built-in table of common OpenAI models; the simulator is free)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+) -> None:
+    """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
+
+    Sends no completion: the built-in simulator is probed offline for --method auto; for another
+    endpoint auto shows each method the probe may pick. With --base-url, the server's GET /models
+    (free) is asked, as extract does, to learn its vocabulary.
+    """
+    try:
+        prompts = read_prompts(input)
+        override = parse_price(price) if price else None
+    except InputError as error:
+        fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
+    except ValueError as error:
+        fail(str(error), 2)
+    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, None, tokenizer)
+    unit_price = price_for(model, override)
+    report = None
+    try:
+        if method.value == "auto" and isinstance(endpoint, SimulatedEndpoint):
+            report = asyncio.run(run_probe(endpoint, prompts[0]))
+        rows = estimate_run(
+            prompts, endpoint, method.value, top_k=top_k, eps=eps, concurrency=concurrency, latency=latency,
+            rpm=rpm, tpm=tpm, price=unit_price, report=report,
+        )
+    except (EndpointError, EndpointUnsuitable, ValueError) as error:
+        fail(str(error))
+    if as_json:
+        assumptions = {"latency": latency, "concurrency": concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
+        print(json.dumps({
+            "endpoint": describe(endpoint),
+            "method": method.value,
+            "price": None if unit_price is None else dataclasses.asdict(unit_price),
+            "assumptions": assumptions,
+            "probe": report.to_dict() if report else None,
+            "rows": [row.to_dict() for row in rows],
+        }, indent=2))
+        return
+    table = Table(title=f"estimate for {describe(endpoint)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("method", no_wrap=True, min_width=9)
+    for column in ("prompts", "calls/\nprompt", "calls", "prompt\ntokens", "compl.\ntokens", "US$", "time"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row.method, f"{row.prompts:,}", format_count(row.calls_per_prompt), format_count(row.calls),
+            format_count(row.prompt_tokens), format_count(row.completion_tokens), format_dollars(row.cost),
+            format_duration(row.seconds),
+        )
+    console = Console()
+    console.print(table)
+    fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
+    notes = []
+    if most:
+        once = str(most) if fewest == most else f"{fewest}-{most}"
+        notes.append(f"calls include {once} once per run (token check on OpenAI-compatible endpoints, probe for auto)")
+    if model is None and override is None:
+        notes.append("price: the built-in simulator is free")
+    elif unit_price is not None:
+        source = "--price" if override else "built-in table; override with --price"
+        notes.append(f"price: US$ {unit_price.prompt:g} / {unit_price.completion:g} per 1M prompt / completion tokens ({source})")
+    if report:
+        notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(report.reasons)}")
+    elif len(rows) > 1:
+        notes.append("auto: the probe picks one of these rows; `logprobs probe` tells which (about 10 calls), or give --method")
+        notes.extend(f"{row.method} when {row.condition}" for row in rows)
+    if not rows[0].tokens_counted:
+        notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
+    limits = "".join(f", {value:g} {name}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
+    notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
+    for note in notes:
+        console.print(f"- {note}", highlight=False)
+
+
 def yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -370,16 +559,40 @@ def serve(
     token_ids: bool = typer.Option(False, "--token-ids", help="llama.cpp dialect: every logprob entry carries its token id."),
     latency: float = typer.Option(0.0, "--latency", min=0.0, help="Seconds to wait per request, like a remote API."),
     log: bool = typer.Option(False, "--log", help="Log each request to stderr."),
+    rpm: float = typer.Option(
+        0.0, "--rpm", help="Requests per minute accepted, bursts of one second's worth; over it, 429 with "
+        "retry-after and retry-after-ms, like OpenAI. 0: unlimited."),
+    tpm: float = typer.Option(
+        0.0, "--tpm", help="Tokens per minute accepted (a request costs its usage.total_tokens), bursts of one "
+        "second's worth. 0: unlimited."),
+    fault_rate: float = typer.Option(
+        0.0, "--fault-rate", help="Share of completion requests (0 to 1) that get a fault instead of their answer."),
+    faults: str = typer.Option(
+        ",".join(ServerConfig().faults), "--faults", metavar="KINDS",
+        help="Comma-separated fault kinds, drawn uniformly: 429 (asks to retry after 50 ms), 500 (server_error), "
+        "timeout (no answer for --stall seconds, then the connection closes), cut (connection reset, no answer), "
+        "malformed (200 with a truncated JSON body)."),
+    fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault draws."),
+    stall: float = typer.Option(5.0, "--stall", help="Seconds a timeout fault holds the request."),
 ) -> None:
     """Serve the built-in simulator as an OpenAI-compatible HTTP API on 127.0.0.1 (Ctrl-C stops it)."""
-    config = ServerConfig(simulator_config(sim), model, api_key, token_ids, latency, log)
+    fault_kinds = tuple(kind.strip() for kind in faults.split(",") if kind.strip())
+    try:
+        config = ServerConfig(simulator_config(sim), model, api_key, token_ids, latency, log,
+                              rpm=rpm, tpm=tpm, fault_rate=fault_rate, faults=fault_kinds, fault_seed=fault_seed,
+                              stall=stall)
+    except ValueError as error:
+        fail(str(error), 2)
     try:
         server = SimulatorServer(config, port=port)
     except OSError as error:
         fail(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}")
+    limits = [f"{value:,.10g} {unit}" for value, unit in ((rpm, "requests"), (tpm, "tokens")) if value]
     err.print(
         f"serving the simulator ({config.simulator.vocab_size:,} tokens) as model {model!r} at {server.url}\n"
-        f"try: logprobs extract examples/prompts.jsonl --model {model} --base-url {server.url} "
+        + (f"rate limits: {' and '.join(limits)} per minute\n" if limits else "")
+        + (f"faults: {fault_rate:.1%} of completions ({', '.join(fault_kinds)})\n" if fault_rate else "")
+        + f"try: logprobs extract examples/prompts.jsonl --model {model} --base-url {server.url} "
         f"--tokenizer simulator:{config.simulator.vocab_size} --api-key any",
         highlight=False,
     )

@@ -69,12 +69,16 @@ class Answer:
         logprobs for the position at all (llama.cpp does so for an incomplete UTF-8 token).
     sampled_logprob: its reported logprob, or None when the endpoint withheld it (-9999 sentinel).
     top_ids / top_logprobs: the returned top-k entries, best first, as token ids and logprobs.
+    prompt_tokens / completion_tokens: the usage the endpoint billed (0 where it says nothing);
+        bookkeeping, not part of the answer's identity (equality and the journal's blob ignore it).
     """
 
     sampled: int
     sampled_logprob: float | None
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
+    prompt_tokens: int = field(default=0, compare=False)
+    completion_tokens: int = field(default=0, compare=False)
 
     def top(self) -> dict[int, float]:
         return dict(zip(self.top_ids, self.top_logprobs))

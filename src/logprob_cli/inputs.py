@@ -7,6 +7,7 @@ any other keys are kept in `Prompt.extra`. Blank lines are skipped but still cou
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import sys
@@ -45,6 +46,20 @@ class InputError(Exception):
         count = len(self.problems)
         head = f"{self.source}: {count} problem{'' if count == 1 else 's'}"
         return "\n".join([head, *(f"  {item}" for item in listed)])
+
+
+def select_shard(prompts: list[Prompt], index: int, count: int) -> list[Prompt]:
+    """Part `index` of `count` (0-based): the prompts whose id hashes to it, in input order.
+
+    The hash (BLAKE2b of the id as JSON) depends on nothing but the id, so every machine
+    running the same input agrees on the parts, the parts are disjoint and cover the input,
+    and adding lines to the input moves no prompt to another part.
+    """
+    def part(prompt: Prompt) -> int:
+        digest = hashlib.blake2b(json.dumps(prompt.id).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % count
+
+    return [p for p in prompts if part(p) == index]
 
 
 def read_prompts(source: str | os.PathLike) -> list[Prompt]:

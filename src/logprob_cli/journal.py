@@ -17,12 +17,13 @@ import fcntl
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from .budget import Spend
 from .endpoint import Answer
 from .methods.base import MethodResult
 
@@ -30,6 +31,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     prompt TEXT NOT NULL, seq INTEGER NOT NULL, query BLOB NOT NULL, answer BLOB NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (prompt, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     prompt TEXT PRIMARY KEY, calls INTEGER NOT NULL, logprobs BLOB NOT NULL,
@@ -116,8 +118,15 @@ class Journal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(answers)")}
+            for column in ("prompt_tokens", "completion_tokens"):  # checkpoints of version 0.1.0
+                if column not in columns:
+                    db.execute(f"ALTER TABLE answers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as err:
-            raise JournalError(f"cannot use {self.path} as a checkpoint: {err}") from None
+            raise JournalError(
+                f"cannot use {self.path} as a checkpoint: {err}. Check that {self.path.parent} is writable and has "
+                "free space, then run again"
+            ) from None
         self._db = db
 
     @property
@@ -146,9 +155,30 @@ class Journal:
     def set_meta(self, key: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
-    def put_answer(self, prompt: str, seq: int, query_key: bytes, answer: Answer) -> None:
-        """Make one answer durable (its own transaction) before anyone uses it."""
-        self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)", (prompt, seq, query_key, answer.to_bytes()))
+    def put_answers(self, rows: list[tuple[str, int, bytes, Answer]]) -> None:
+        """Make answers (prompt, seq, query digest, answer) and their billed usage durable, in one
+        transaction, before anyone uses them."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+                [(p, seq, q, a.to_bytes(), a.prompt_tokens, a.completion_tokens) for p, seq, q, a in rows],
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def spent(self) -> Spend:
+        """Everything this checkpoint paid for: its answers plus the run set-up's calls (probe, token check)."""
+        calls, prompt_tokens, completion_tokens = self.db.execute(
+            "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM answers"
+        ).fetchone()
+        return Spend(calls, prompt_tokens, completion_tokens).plus(Spend(**(self.get_meta("setup_spend") or {})))
+
+    def add_setup_spend(self, spend: Spend) -> None:
+        """Count calls made outside any prompt's answers (probe, token check) into `spent`."""
+        self.set_meta("setup_spend", asdict(Spend(**(self.get_meta("setup_spend") or {})).plus(spend)))
 
     def answers(self, prompt: str) -> dict[int, tuple[bytes, Answer]]:
         """A prompt's saved answers by sequence number, with the digest of the query each answered."""

@@ -1,29 +1,37 @@
-"""OpenAI and OpenAI-compatible servers behind the `Endpoint` contract, on the official async client.
+"""OpenAI and OpenAI-compatible servers behind the `Endpoint` contract.
 
 One request per query: max_tokens=1, temperature 0, logprobs with `top_logprobs`, and the
-query's `logit_bias`. Each returned entry is mapped to a token id by, in order: the id
+query's `logit_bias`, sent through `Transport` (pacing, retries; the openai client's
+conventions: OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_ORG_ID, OPENAI_PROJECT_ID). Each returned entry is mapped to a token id by, in order: the id
 the server returns (llama.cpp's "id", vLLM's "token_id:N" strings), its `bytes` through
 the vocabulary, and last its string (ambiguous: distinct tokens can share a string; the
 endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
 becomes None. The API key goes to the client only; `describe` never includes it.
 
 Failures that doom every request (bad key, unknown model, server unreachable) raise
-`EndpointFatal` so a run stops at once with one message; others raise `EndpointError`.
+`EndpointFatal` so a run stops at once with one message; a request that keeps failing
+raises `EndpointError` (its prompt fails). `server_facts` asks GET /models once, through
+the official openai client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import os
-from typing import Any, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import openai
 
 from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, Limits, Prompt, Query
+from .ratelimit import RateLimiter
+from .transport import RetryPolicy, Transport
 from .vocabulary import Vocabulary
 
 SENTINEL = -9999.0
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache changes the numbers between calls
 # llama-server's post-bias mode: probabilities after the sampler chain, with its truncation switched off
 # (top_k/top_p/min_p) and temperature 1, so they are exactly softmax(z + b); the seed only fixes the draw.
@@ -68,8 +76,8 @@ class OpenAIEndpoint:
         system: str | None = None,
         extra_body: dict[str, Any] | None = None,
         limits: Limits | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 2,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
         dialect: str = "openai",
         post_bias: bool = False,
     ):
@@ -87,11 +95,16 @@ class OpenAIEndpoint:
         self.extra_body = {**defaults, **self._user_extra}
         self.limits = limits or Limits(top_logprobs=20 if api == "chat" else 5)
         self.identity: set[str] = set()
-        self._client_options = dict(
-            base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=max_retries
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        headers = {
+            name: os.environ[var]
+            for name, var in (("OpenAI-Organization", "OPENAI_ORG_ID"), ("OpenAI-Project", "OPENAI_PROJECT_ID"))
+            if os.environ.get(var)
+        }
+        self.transport = Transport(
+            self.base_url, api_key or _env_key() or "none", headers=headers, limiter=limiter, retry=retry
         )
-        self.base_url = str(openai.AsyncOpenAI(**self._client_options).base_url)
-        self._client_of_loop: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI] | None = None
+        self._prompt_tokens: dict[Any, int] = {}
         self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
@@ -105,16 +118,18 @@ class OpenAIEndpoint:
         async with self._one_at_a_time[1]:
             return await self._ask(prompt, query)
 
-    async def verify_mapping(self, prompt: Prompt) -> str:
-        """Bias one token id hard and read back what the server generated (2 calls).
+    async def verify_mapping(self, prompt: Prompt, ask: Callable[[Prompt, Query], Awaitable[Answer]] | None = None) -> str:
+        """Bias one token id hard and read back what the server generated (2 calls, through `ask`,
+        default this endpoint's own, so a run can count them).
 
         With the right vocabulary the generated token maps back to the biased id. A different
         id means the vocabulary is not the model's: raises EndpointFatal rather than let every
         value land on the wrong token. Returns what was found ("verified", or why it could not be).
         """
-        plain = await self.ask(prompt, Query.make(top_logprobs=1))
+        ask = ask or self.ask
+        plain = await ask(prompt, Query.make(top_logprobs=1))
         probe_id = self._probe_id({plain.sampled, *plain.top_ids})
-        forced = await self.ask(prompt, Query.make({probe_id: 100.0}, top_logprobs=1))
+        forced = await ask(prompt, Query.make({probe_id: 100.0}, top_logprobs=1))
         if forced.withheld or plain.withheld:
             return "not verified: the endpoint withheld the answer"
         if forced.sampled == probe_id or (forced.top_ids and forced.top_ids[0] == probe_id):
@@ -127,10 +142,8 @@ class OpenAIEndpoint:
         )
 
     async def aclose(self) -> None:
-        """Close the client of the running loop (call before that loop ends)."""
-        if self._client_of_loop is not None and self._client_of_loop[0] is asyncio.get_running_loop():
-            await self._client_of_loop[1].close()
-            self._client_of_loop = None
+        """Close the connections of the running loop (call before that loop ends)."""
+        await self.transport.aclose()
 
     def _probe_id(self, avoid: set[int]) -> int:
         """A token id a third into the vocabulary, not in `avoid`, with known bytes if the vocabulary has any."""
@@ -141,13 +154,6 @@ class OpenAIEndpoint:
             if i not in avoid and (not by_bytes or self.vocabulary.token_bytes(i)):
                 return i
         raise EndpointFatal(f"the vocabulary {self.vocabulary.name} has no token to verify the mapping with")
-
-    def _client(self) -> openai.AsyncOpenAI:
-        """The async client for the running event loop (its connection pool cannot outlive its loop)."""
-        loop = asyncio.get_running_loop()
-        if self._client_of_loop is None or self._client_of_loop[0] is not loop:
-            self._client_of_loop = (loop, openai.AsyncOpenAI(**self._client_options))
-        return self._client_of_loop[1]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -163,46 +169,35 @@ class OpenAIEndpoint:
         }
 
     async def _ask(self, prompt: Prompt, query: Query) -> Answer:
-        request: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
+        top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
+        body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if self.api == "chat":
+            path, parse = "/chat/completions", self._chat_answer
+            body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
+        elif prompt.messages is not None:
+            raise EndpointError("chat messages need --api chat; legacy completions take plain prompts")
+        else:
+            path, parse = "/completions", self._completion_answer
+            body.update(prompt=prompt.prompt, logprobs=top_k)
         if query.bias:
-            request["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
-        if self.extra_body:
-            request["extra_body"] = self.extra_body
-        if self.post_bias and "seed" not in self._user_extra:
+            body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
+        body.update(self.extra_body)
+        tokens = self._prompt_tokens.get(prompt.id) or _approx_tokens(prompt.content())
+        if not (self.post_bias and "seed" not in self._user_extra):
+            answer = await self.transport.post(path, body, tokens + 1, parse)
+        else:
             # Post-bias mode draws at temperature 1. The probabilities do not depend on the draw, but a
             # draw that lands on an incomplete UTF-8 token makes llama.cpp withhold them: draw again with
             # the next seed (seeds derive from the query, so a replay asks the same).
             base_seed = int.from_bytes(query.key()[:4], "little") >> 1
             for attempt in range(POST_BIAS_DRAWS):
-                request["extra_body"] = {**self.extra_body, "seed": base_seed + attempt}
-                answer = await self._request(prompt, query, request)
+                answer = await self.transport.post(path, {**body, "seed": base_seed + attempt}, tokens + 1, parse)
                 if not answer.withheld:
                     break
-            return answer
-        return await self._request(prompt, query, request)
-
-    async def _request(self, prompt: Prompt, query: Query, request: dict[str, Any]) -> Answer:
-        client = self._client()
-        # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
-        top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
-        try:
-            if self.api == "chat":
-                response = await client.chat.completions.create(
-                    messages=self._messages(prompt), logprobs=True, top_logprobs=top_k, **request
-                )
-                return _trim(self._chat_answer(response), query.top_logprobs)
-            if prompt.messages is not None:
-                raise EndpointError("chat messages need --api chat; legacy completions take plain prompts")
-            response = await client.completions.create(prompt=prompt.prompt, logprobs=top_k, **request)
-            return _trim(self._completion_answer(response), query.top_logprobs)
-        except openai.APIStatusError as err:
-            raise _status_error(err, self) from None
-        except openai.APIConnectionError as err:
-            raise EndpointFatal(
-                f"cannot reach {self.base_url} ({err.__cause__ or err}): is the server running, and the URL right?"
-            ) from None
-        except openai.APIError as err:  # malformed bodies and the like
-            raise EndpointError(f"{self.base_url} answered something unreadable: {err}") from None
+        if answer.prompt_tokens:
+            self._prompt_tokens[prompt.id] = answer.prompt_tokens
+        return _trim(answer, query.top_logprobs)
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:
@@ -210,76 +205,89 @@ class OpenAIEndpoint:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return [*system, {"role": "user", "content": prompt.prompt}]
 
-    def _chat_answer(self, response) -> Answer:
-        choice = response.choices[0] if response.choices else None
-        content = choice.logprobs.content if choice is not None and choice.logprobs is not None else None
+    def _chat_answer(self, data: dict[str, Any]) -> Answer:
+        choices = data["choices"]
+        choice = choices[0] if choices else None
+        logprobs = choice.get("logprobs") if choice is not None else None
+        content = logprobs.get("content") if logprobs else None
         if not content:
             if choice is not None and self.dialect == "llama.cpp":
-                return Answer(WITHHELD, None)  # an incomplete UTF-8 token: llama.cpp drops its logprobs
+                return _with_usage(Answer(WITHHELD, None), data)  # an incomplete UTF-8 token: llama.cpp drops its logprobs
             raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         entry = content[0]
         if self.post_bias:
             self.identity.add("ids")
-            return _post_bias_answer(entry.model_dump())
-        top = [(self._token_id(t), t.logprob) for t in entry.top_logprobs or []]
-        return Answer(
-            self._token_id(entry),
-            None if entry.logprob <= SENTINEL else entry.logprob,
-            tuple(i for i, _ in top),
-            tuple(lp for _, lp in top),
+            return _with_usage(_post_bias_answer(entry), data)
+        top = [(self._token_id(t), t["logprob"]) for t in entry.get("top_logprobs") or []]
+        first = entry["logprob"]
+        return _with_usage(
+            Answer(
+                self._token_id(entry),
+                None if first <= SENTINEL else first,
+                tuple(i for i, _ in top),
+                tuple(float(lp) for _, lp in top),
+            ),
+            data,
         )
 
-    def _completion_answer(self, response) -> Answer:
-        choice = response.choices[0] if response.choices else None
-        logprobs = choice.logprobs if choice is not None else None
-        content = (logprobs.model_extra or {}).get("content") if logprobs is not None else None
+    def _completion_answer(self, data: dict[str, Any]) -> Answer:
+        choices = data["choices"]
+        choice = choices[0] if choices else None
+        logprobs = choice.get("logprobs") if choice is not None else None
+        content = logprobs.get("content") if logprobs else None
         if logprobs is None and choice is not None and self.dialect == "llama.cpp":
-            return Answer(WITHHELD, None)
+            return _with_usage(Answer(WITHHELD, None), data)
         if content and self.post_bias:
             self.identity.add("ids")
-            return _post_bias_answer(content[0])
+            return _with_usage(_post_bias_answer(content[0]), data)
         if content:  # llama-server answers legacy completions in the chat shape, with ids
             entry = content[0]
             top = entry.get("top_logprobs") or []
             first = entry["logprob"]
             self.identity.add("ids")
-            return Answer(
-                entry["id"],
-                None if first <= SENTINEL else first,
-                tuple(t["id"] for t in top),
-                tuple(t["logprob"] for t in top),
+            return _with_usage(
+                Answer(
+                    entry["id"],
+                    None if first <= SENTINEL else first,
+                    tuple(t["id"] for t in top),
+                    tuple(float(t["logprob"]) for t in top),
+                ),
+                data,
             )
-        if logprobs is None or not logprobs.tokens:
+        if logprobs is None or not logprobs.get("tokens"):
             raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         self.identity.add("strings")
-        top = sorted(((logprobs.top_logprobs or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
+        top = sorted(((logprobs.get("top_logprobs") or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]
-        first = logprobs.token_logprobs[0]
-        return Answer(
-            self._string_id(logprobs.tokens[0]),
-            None if first is None or first <= SENTINEL else first,
-            tuple(ids),
-            tuple(lp for _, lp in top),
+        first = logprobs["token_logprobs"][0]
+        return _with_usage(
+            Answer(
+                self._string_id(logprobs["tokens"][0]),
+                None if first is None or first <= SENTINEL else first,
+                tuple(ids),
+                tuple(float(lp) for _, lp in top),
+            ),
+            data,
         )
 
-    def _token_id(self, entry) -> int:
-        extra = getattr(entry, "model_extra", None) or {}
-        if isinstance(extra.get("id"), int):
+    def _token_id(self, entry: dict[str, Any]) -> int:
+        if isinstance(entry.get("id"), int):
             self.identity.add("ids")
-            return extra["id"]
-        if entry.token.startswith("token_id:"):
+            return entry["id"]
+        token = entry["token"]
+        if token.startswith("token_id:"):
             self.identity.add("ids")
-            return int(entry.token.removeprefix("token_id:"))
-        if entry.bytes is not None:
+            return int(token.removeprefix("token_id:"))
+        if entry.get("bytes") is not None:
             self.identity.add("bytes")
-            found = self.vocabulary.id_for_bytes(bytes(entry.bytes))
+            found = self.vocabulary.id_for_bytes(bytes(entry["bytes"]))
             if found is None:
                 raise EndpointFatal(
-                    f"the endpoint returned a token (bytes {bytes(entry.bytes)!r}) that the vocabulary "
+                    f"the endpoint returned a token (bytes {bytes(entry['bytes'])!r}) that the vocabulary "
                     f"{self.vocabulary.name} does not have: name the model's tokenizer with --tokenizer"
                 )
             return found
-        return self._string_id(entry.token)
+        return self._string_id(token)
 
     def _string_id(self, text: str) -> int:
         self.identity.add("strings")
@@ -302,10 +310,23 @@ def _post_bias_answer(entry: dict[str, Any]) -> Answer:
     )
 
 
+def _with_usage(answer: Answer, data: dict[str, Any]) -> Answer:
+    """The answer with the response's token usage (what the call is billed for)."""
+    usage = data.get("usage") or {}
+    return dataclasses.replace(
+        answer, prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0)
+    )
+
+
 def _trim(answer: Answer, k: int) -> Answer:
     if len(answer.top_ids) <= k:
         return answer
-    return Answer(answer.sampled, answer.sampled_logprob, answer.top_ids[:k], answer.top_logprobs[:k])
+    return dataclasses.replace(answer, top_ids=answer.top_ids[:k], top_logprobs=answer.top_logprobs[:k])
+
+
+def _approx_tokens(content: Any) -> int:
+    """A prompt's tokens before the server has said: about four bytes a token."""
+    return max(1, len(json.dumps(content, ensure_ascii=False).encode()) // 4)
 
 
 def _bias_value(b: float) -> float | int:
@@ -314,22 +335,6 @@ def _bias_value(b: float) -> float | int:
 
 def _env_key() -> str | None:
     return os.environ.get("OPENAI_API_KEY")
-
-
-def _status_error(err: openai.APIStatusError, endpoint: OpenAIEndpoint) -> EndpointError:
-    message = _server_message(err)
-    where = endpoint.base_url
-    if err.status_code == 401 or isinstance(err, openai.AuthenticationError):
-        return EndpointFatal(f"{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass --api-key")
-    if err.status_code == 403:
-        return EndpointFatal(f"{where} refused access (403: {message})")
-    if err.status_code == 404:
-        return EndpointFatal(
-            f"{where} does not serve model {endpoint.model!r} at this route (404: {message}); check --model and --base-url"
-        )
-    if err.status_code == 429:
-        return EndpointError(f"{where} kept answering 429 (rate limit) after retries: {message}")
-    return EndpointError(f"{where} answered {err.status_code}: {message}")
 
 
 def _server_message(err: openai.APIStatusError) -> str:

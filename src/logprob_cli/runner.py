@@ -2,8 +2,9 @@
 
 Flow: each active prompt drives its method's plan; a batch of queries is first looked up
 in the journal (a resumed run replays what it already paid for), the rest go to a pool
-of `concurrency` workers that call the endpoint and commit each answer before handing it
-back. A finished prompt's result goes to the journal, and the Parquet output is rewritten
+of `concurrency` workers that call the endpoint; the answers that arrive in one turn of
+the event loop (at most `concurrency`, so a kill loses no more than the calls in flight)
+are committed together before they are handed back. A finished prompt's result goes to the journal, and the Parquet output is rewritten
 from the journal (atomically, in a thread) when a prompt finishes and enough time has
 passed since the last write, and once more at the end, whatever ended the run.
 """
@@ -20,19 +21,25 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import __version__
-from .endpoint import Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
+from .budget import BudgetReached, MeteredEndpoint, Spend
+from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
 from .probe import ProbeReport, probe
+from .prices import Price
 
-ACTIVE_PROMPTS = 4
+MIN_ACTIVE_PROMPTS = 4
+MAX_ACTIVE_PROMPTS = 256
+DRAIN_SECONDS = 30.0
 
 
 class Progress(Protocol):
     """What the runner reports as it goes (the CLI draws it; the API ignores it)."""
 
-    def start(self, total: int, done: int) -> None: ...
+    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
+        """`cost()`: US$ the checkpoint has spent so far (None when the price is unknown)."""
+
     def call(self) -> None: ...
     def prompt_done(self) -> None: ...
 
@@ -40,7 +47,7 @@ class Progress(Protocol):
 class NoProgress:
     """Reports nothing (the API, and the CLI's --quiet)."""
 
-    def start(self, total: int, done: int) -> None:
+    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
         pass
 
     def call(self) -> None:
@@ -60,7 +67,17 @@ class RunSummary:
     calls: int = 0
     failures: dict[Any, str] = field(default_factory=dict)
     interrupted: bool = False
+    budget_reached: str | None = None
     rows_written: int = 0
+    spent_before: Spend = field(default_factory=Spend)
+    meter: MeteredEndpoint | None = None
+
+    def spent(self) -> Spend:
+        """What the checkpoint has spent in all, this run included."""
+        return self.meter.spent if self.meter else self.spent_before
+
+    def cost(self) -> float | None:
+        return self.meter.cost() if self.meter else None
 
 
 def prompt_key(prompt: Prompt) -> str:
@@ -83,6 +100,15 @@ def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float) -> dic
 
 
 class Runner:
+    """Runs `prompts` through one method (see module docstring).
+
+    Prompts start while the queue of unsent calls is shorter than `concurrency` (at least
+    MIN_ACTIVE_PROMPTS and at most MAX_ACTIVE_PROMPTS at once), so the workers stay busy
+    whether a method asks one call at a time or thousands, and memory stays bounded.
+    However the run ends (done, budget reached, a fatal error), the workers finish the calls
+    already in flight and journal them before it returns: nothing paid for is dropped.
+    """
+
     def __init__(
         self,
         endpoint: Endpoint,
@@ -103,30 +129,61 @@ class Runner:
         self.progress = progress
         self.on_prompt_finished = on_prompt_finished
         self.summary = RunSummary(total=len(prompts))
+        self._active = 0
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
 
     async def run(self) -> RunSummary:
         finished = self.journal.finished()
         todo = [p for p in self.prompts if prompt_key(p) not in finished]
         self.summary.finished = len(self.prompts) - len(todo)
-        self.progress.start(len(self.prompts), self.summary.finished)
+        self.progress.start(len(self.prompts), self.summary.finished, getattr(self.endpoint, "cost", lambda: None))
         queue: asyncio.Queue = asyncio.Queue()
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
-        gate = asyncio.Semaphore(ACTIVE_PROMPTS)
         try:
             async with asyncio.TaskGroup() as group:
                 for prompt in todo:
-                    group.create_task(self._prompt(prompt, queue, gate))
+                    await self._wait_for_room(queue)
+                    self._active += 1
+                    group.create_task(self._prompt(prompt, queue))
+        except* BudgetReached as reached:
+            self.summary.budget_reached = str(reached.exceptions[0])
         except* (EndpointUnsuitable, EndpointFatal, JournalError) as errors:  # run-level: stop with the first
             raise errors.exceptions[0] from None
         finally:
+            await self._drain(queue, workers)
+        return self.summary
+
+    async def _wait_for_room(self, queue: asyncio.Queue) -> None:
+        while self._active >= MAX_ACTIVE_PROMPTS or (
+            self._active >= MIN_ACTIVE_PROMPTS and queue.qsize() >= self.concurrency
+        ):
+            self._room.clear()
+            await self._room.wait()
+
+    async def _drain(self, queue: asyncio.Queue, workers: list[asyncio.Task]) -> None:
+        """Stop the workers once the calls in flight are answered and journaled (at most DRAIN_SECONDS)."""
+        self._stopping = True
+        for _ in workers:
+            queue.put_nowait(None)
+        try:
+            await asyncio.wait(workers, timeout=DRAIN_SECONDS)
+        finally:
             for worker in workers:
                 worker.cancel()
-        return self.summary
+            self._save()
 
     async def _worker(self, queue: asyncio.Queue) -> None:
         while True:
-            prompt, key, seq, query, future = await queue.get()
-            if future.done():
+            item = await queue.get()
+            self._room.set()
+            if item is None:
+                return
+            prompt, key, seq, query, future = item
+            if future.done() or self._stopping:
+                if not future.done():
+                    future.cancel()
                 continue
             try:
                 answer = await self.endpoint.ask(prompt, query)
@@ -134,54 +191,86 @@ class Runner:
                 if not future.done():
                     future.set_exception(err)
                 continue
-            self.journal.put_answer(key, seq, query.key(), answer)
+            self._unsaved.append((key, seq, query.key(), answer, future))
+            if len(self._unsaved) >= self.concurrency:  # an endpoint that answers without yielding (the simulator)
+                self._save()
+            elif len(self._unsaved) == 1:
+                asyncio.get_running_loop().call_soon(self._save)
+
+    def _save(self) -> None:
+        """Journal the answers that arrived in one turn of the loop in one commit, then hand them over."""
+        unsaved, self._unsaved = self._unsaved, []
+        if not unsaved:
+            return
+        try:
+            self.journal.put_answers([(key, seq, query_key, answer) for key, seq, query_key, answer, _ in unsaved])
+        except Exception as err:  # a full disk or a broken journal: the answers cannot be kept, stop
+            failure = JournalError(
+                f"cannot write the checkpoint {self.journal.path}: {err}. Every answer committed before is kept: "
+                "free some space (or make the directory writable) and run the same command again"
+            )
+            for *_, future in unsaved:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        for *_, answer, future in unsaved:
             self.summary.calls += 1
             self.progress.call()
             if not future.done():
                 future.set_result(answer)
 
-    async def _prompt(self, prompt: Prompt, queue: asyncio.Queue, gate: asyncio.Semaphore) -> None:
-        async with gate:
-            key = prompt_key(prompt)
-            saved = self.journal.answers(key)
-            loop = asyncio.get_running_loop()
-            plan = self.plan(self.ctx)
-            seq = 0
-            queries: list[Query] = next(plan)
-            while True:
-                futures = []
-                for query in queries:
-                    future = loop.create_future()
-                    hit = saved.get(seq)
-                    if hit is None:
-                        queue.put_nowait((prompt, key, seq, query, future))
-                    elif hit[0] != query.key():
-                        raise JournalError(
-                            f"the checkpoint {self.journal.path} holds answers to other questions for prompt "
-                            f"{prompt.id!r} (made by another version of logprobs?); add --fresh to start over"
-                        )
-                    else:
-                        future.set_result(hit[1])
-                    futures.append(future)
-                    seq += 1
-                try:
-                    answers = await asyncio.gather(*futures)
-                except (EndpointError, OSError, ValueError) as err:
-                    for future in futures:
-                        future.cancel()
-                    if isinstance(err, EndpointFatal):
-                        raise
-                    self.summary.failures[prompt.id] = str(err)
-                    self.journal.put_failure(key, str(err))
-                    return
-                try:
-                    queries = plan.send(answers)
-                except StopIteration as stop:
-                    self.journal.put_result(key, seq, stop.value)
-                    break
-            self.summary.finished += 1
-            self.progress.prompt_done()
-            self.on_prompt_finished()
+    async def _prompt(self, prompt: Prompt, queue: asyncio.Queue) -> None:
+        try:
+            await self._run_prompt(prompt, queue)
+        finally:
+            self._active -= 1
+            self._room.set()
+
+    async def _run_prompt(self, prompt: Prompt, queue: asyncio.Queue) -> None:
+        key = prompt_key(prompt)
+        saved = self.journal.answers(key)
+        loop = asyncio.get_running_loop()
+        plan = self.plan(self.ctx)
+        seq = 0
+        queries: list[Query] = next(plan)
+        while True:
+            futures = []
+            for query in queries:
+                future = loop.create_future()
+                hit = saved.pop(seq, None)
+                if hit is None:
+                    queue.put_nowait((prompt, key, seq, query, future))
+                elif hit[0] != query.key():
+                    raise JournalError(
+                        f"the checkpoint {self.journal.path} holds answers to other questions for prompt "
+                        f"{prompt.id!r} (made by another version of logprobs?); add --fresh to start over"
+                    )
+                else:
+                    future.set_result(hit[1])
+                futures.append(future)
+                seq += 1
+            try:
+                answers = await asyncio.gather(*futures)
+            except (EndpointError, OSError, ValueError) as err:
+                for future in futures:
+                    future.cancel()
+                if isinstance(err, EndpointFatal):
+                    raise
+                self.summary.failures[prompt.id] = str(err)
+                self.journal.put_failure(key, str(err))
+                return
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+            try:
+                queries = plan.send(answers)
+            except StopIteration as stop:
+                self.journal.put_result(key, seq, stop.value)
+                break
+        self.summary.finished += 1
+        self.progress.prompt_done()
+        self.on_prompt_finished()
 
 
 def output_metadata(
@@ -215,6 +304,7 @@ class OutputWriter:
         settings: dict,
         method: str,
         probe: dict[str, Any] | None,
+        schema_prompts: list[Prompt] | None = None,
     ):
         self.path = path
         self.method = method
@@ -223,7 +313,7 @@ class OutputWriter:
         self.by_key = {prompt_key(p): p for p in prompts}
         self.endpoint = endpoint
         self.settings = settings
-        self.schema = output_schema(prompts, endpoint.vocab_size)
+        self.schema = output_schema(schema_prompts or prompts, endpoint.vocab_size)
         self._last_write = time.monotonic()
         self._last_duration = 0.0
         self._writing: asyncio.Task | None = None
@@ -269,11 +359,19 @@ def extract_batch(
     concurrency: int = 16,
     progress: Progress | None = None,
     announce: Callable[[str, ProbeReport | None], None] = lambda method, report: None,
+    *,
+    price: Price | None = None,
+    max_calls: int | None = None,
+    max_cost: float | None = None,
+    schema_prompts: list[Prompt] | None = None,
 ) -> RunSummary:
     """Run a method over prompts into `output`, resuming from (and keeping) its checkpoint.
 
     method "auto" probes the endpoint once per run (the report is kept in the checkpoint
-    and the output metadata) and runs the method it recommends. Raises JournalError
+    and the output metadata) and runs the method it recommends. `max_calls` / `max_cost`
+    (US$, at `price`) cap what the checkpoint spends in all: at the cap the run stops
+    cleanly and the summary says so. `schema_prompts` (default: `prompts`) fix the output's
+    columns, so every shard of a batch writes the same schema. Raises JournalError
     (checkpoint in use / other settings), EndpointUnsuitable (the endpoint cannot support
     the method), EndpointFatal (it cannot be used at all). Ctrl-C stops the run: the
     summary says so, and the output holds every prompt finished so far.
@@ -284,6 +382,10 @@ def extract_batch(
     journal_path = checkpoint_path(output)
     with Journal.open(journal_path, settings) as journal:
         summary = RunSummary(total=len(prompts))
+        before = journal.spent()
+        metered = MeteredEndpoint(endpoint, journal.spent(), price, max_calls, max_cost)
+        summary.spent_before = before
+        summary.meter = metered
         writer: OutputWriter | None = None
 
         async def main() -> None:
@@ -291,22 +393,24 @@ def extract_batch(
             try:
                 limits, report, chosen = endpoint.limits, None, method
                 if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
-                    journal.set_meta("token_mapping", await endpoint.verify_mapping(prompts[0]))
+                    journal.set_meta("token_mapping", await endpoint.verify_mapping(prompts[0], metered.ask))
                 if method == "auto":
                     saved = journal.get_meta("probe")
-                    report = ProbeReport.from_dict(saved) if saved else await probe(endpoint, prompts[0])
+                    report = ProbeReport.from_dict(saved) if saved else await probe(metered, prompts[0])
                     journal.set_meta("probe", report.to_dict())
                     chosen, limits = report.recommended, report.limits()
+                journal.add_setup_spend(metered.spent.minus(before))
                 announce(chosen, report)
                 ctx = Context(endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps)
                 writer = OutputWriter(
-                    output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None
+                    output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None,
+                    schema_prompts,
                 )
                 runner = Runner(
-                    endpoint, prompts, chosen, ctx, journal, concurrency, progress or NoProgress(),
+                    metered, prompts, chosen, ctx, journal, concurrency, progress or NoProgress(),
                     writer.maybe_write_soon,
                 )
-                summary = runner.summary
+                runner.summary = summary
                 try:
                     await runner.run()
                 finally:
@@ -317,10 +421,13 @@ def extract_batch(
 
         try:
             asyncio.run(main())
+        except BudgetReached as reached:  # during the probe or token check
+            journal.add_setup_spend(metered.spent.minus(before))
+            summary.budget_reached = str(reached)
         except KeyboardInterrupt:
             summary.interrupted = True
-            summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
         finally:
+            summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
             if writer is not None:
                 summary.rows_written = writer.write()
         keys = {prompt_key(p): p.id for p in prompts}

@@ -7,6 +7,31 @@ list exactly as sent, or the legacy `prompt` string) and its logit_bias / top-k.
 generated token outside the returned top-k that the simulator withholds is reported as
 -9999.0, OpenAI's sentinel. With `token_ids`, chat logprob entries also carry llama.cpp's
 "id". Every error is OpenAI's {"error": {...}} JSON, never an HTML page or a traceback.
+
+A completion request, once read, authorized and parsed, goes through: the configured
+latency; a fault draw (`fault_rate`: a flaky network in front of the API); the rate limits
+(`rpm`, `tpm`: the API's gateway); the simulator. Faulted and rate-limited requests never
+reach the simulator, so `endpoint.calls` counts answered requests only, and a retried
+request gets exactly the answer it would have got without faults. GET /v1/models is
+never delayed, faulted or rate-limited.
+
+Rate limits work as OpenAI's: a GCRA token bucket per limit holding one second's worth
+(rpm/60 requests, tpm/60 tokens) and refilling continuously; a request costs one request
+and its usage.total_tokens, charged before it is validated (so a 400 counts too). Every
+completion response carries x-ratelimit-limit-* (the per-minute limit),
+x-ratelimit-remaining-* (what the bucket holds now) and x-ratelimit-reset-* (the time
+until it is full again, as "1s", "120ms", "6m0s") for each limit set. A request over a
+limit gets 429 `rate_limit_exceeded` (type "requests" or "tokens") with retry-after
+(whole seconds, rounded up) and retry-after-ms (milliseconds, rounded up).
+
+Faults (`faults`, drawn uniformly from a seeded generator):
+- "429": a rate-limit 429 asking for 50 ms (retry-after: 1, retry-after-ms: 50);
+- "500": a 500 `server_error`;
+- "timeout": no response for `stall` seconds, then the connection is closed (FIN);
+- "cut": no response, the connection is reset (RST) at once, as when a proxy or NAT
+  drops the upstream connection;
+- "malformed": 200 application/json with a correct Content-Length whose body is a
+  response cut off mid-object, so not valid JSON.
 """
 
 from __future__ import annotations
@@ -14,12 +39,15 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import random
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -31,6 +59,13 @@ from .simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
 SENTINEL = -9999.0
 LEGACY_LOGPROBS_CAP = 5  # OpenAI's legacy Completions cap
 _TOKEN_ID = re.compile(r"-?[0-9]+")
+FAULT_KINDS = ("429", "500", "timeout", "cut", "malformed")
+BURST_SECONDS = 1.0  # a rate limit's bucket holds one second's worth
+INJECTED_RETRY_AFTER = 0.05  # seconds an injected 429 asks the client to wait
+# The prompt field of each completion route, for its usage tokens.
+_PROMPT_FIELDS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+# A "malformed" fault's body: a response cut off mid-object.
+_MALFORMED_BODY = b'{"id": "chatcmpl-simulator", "object": "chat.completion", "choices": [{"index": 0, "message": {"ro'
 
 
 @dataclass(frozen=True)
@@ -41,8 +76,13 @@ class ServerConfig:
     model: the only model name accepted (others get 404 model_not_found).
     api_key: if set, requests must send "Authorization: Bearer <api_key>" (else 401).
     token_ids: llama.cpp dialect, every chat logprob entry also carries "id".
-    latency: seconds slept per completion request (outside the simulator lock), to emulate a remote API.
+    latency: seconds slept per completion request (outside any lock), to emulate a remote API.
     log_requests: log each request to stderr (BaseHTTPRequestHandler's format); off by default.
+    rpm, tpm: requests and tokens per minute accepted on the completion routes; 0 is unlimited.
+    fault_rate: probability that a completion request gets a fault instead of its answer.
+    faults: the fault kinds drawn, uniformly (see the module docstring).
+    fault_seed: seed of the fault draws (the same request sequence gets the same faults).
+    stall: seconds a "timeout" fault holds the request before closing the connection.
     """
 
     simulator: SimulatorConfig = SimulatorConfig()
@@ -51,20 +91,82 @@ class ServerConfig:
     token_ids: bool = False
     latency: float = 0.0
     log_requests: bool = False
+    rpm: float = 0.0
+    tpm: float = 0.0
+    fault_rate: float = 0.0
+    faults: tuple[str, ...] = FAULT_KINDS
+    fault_seed: int = 0
+    stall: float = 5.0
 
     def __post_init__(self) -> None:
-        if not self.latency >= 0:
-            raise ValueError("latency must be >= 0")
+        object.__setattr__(self, "faults", tuple(self.faults))
+        for name in ("latency", "rpm", "tpm", "stall"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
+        if not 0 <= self.fault_rate <= 1:
+            raise ValueError(f"fault_rate must be between 0 and 1, got {self.fault_rate!r}")
+        unknown = [kind for kind in self.faults if kind not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kind {unknown[0]!r} (known: {', '.join(FAULT_KINDS)})")
+        if len(set(self.faults)) < len(self.faults):
+            raise ValueError("faults must not repeat a kind")
+        if self.fault_rate and not self.faults:
+            raise ValueError("a fault_rate above 0 needs at least one fault kind")
 
 
 class _ApiError(Exception):
     """A request failure, sent as OpenAI's error JSON with this status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers or {}
+
+
+def _rate_limit_error(reason: str, type: str, wait: float, headers: dict[str, str]) -> _ApiError:
+    """OpenAI's 429 for a request that may be retried after `wait` seconds."""
+    ms = _milliseconds(wait)
+    retry = {"retry-after": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
+    return _ApiError(429, f"Rate limit reached for {reason}. Please try again in {_duration(wait)}.",
+                     code="rate_limit_exceeded", type=type, headers={**headers, **retry})
+
+
+class _RateBucket:
+    """One rate limit as a GCRA token bucket: `limit` per minute, holding one second's worth.
+
+    The bucket is full again at `full_at`; until then (full_at - now) * rate of it is spent.
+    A cost fits when the spent part plus the cost stays within the bucket. A cost larger
+    than the whole bucket fits a full one and leaves it in debt: big requests are slowed
+    down, never locked out.
+    """
+
+    def __init__(self, name: str, limit: float):
+        self.name = name  # "requests" or "tokens", OpenAI's names in headers and errors
+        self.limit = limit
+        self.rate = limit / 60  # per second
+        self.full_at = 0.0
+
+    def wait(self, cost: float, now: float) -> float:
+        """Seconds until `cost` fits (0 if it fits now)."""
+        spent = max(0.0, self.full_at - now)
+        late = spent - max(0.0, BURST_SECONDS - cost / self.rate)
+        return late if late > 1e-9 else 0.0  # float noise is no reason to reject
+
+    def take(self, cost: float, now: float) -> None:
+        self.full_at = max(self.full_at, now) + cost / self.rate
+
+    def headers(self, now: float) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* for this limit: the per-minute limit, what the bucket holds, when it is full."""
+        spent = max(0.0, self.full_at - now)
+        remaining = max(0, math.floor((BURST_SECONDS - spent) * self.rate + 1e-9))
+        return {
+            f"x-ratelimit-limit-{self.name}": _number(self.limit),
+            f"x-ratelimit-remaining-{self.name}": str(remaining),
+            f"x-ratelimit-reset-{self.name}": _duration(spent),
+        }
 
 
 class SimulatorServer:
@@ -73,13 +175,21 @@ class SimulatorServer:
     `url` is the base URL for an OpenAI client ("http://HOST:PORT/v1"). `start()` serves in
     a daemon thread, `serve_forever()` in the calling thread (for the CLI); `stop()` ends
     either and closes open connections. As a context manager it starts and stops itself.
-    `endpoint` is the simulator answering (its `calls` counts answered completion requests).
+    `endpoint` is the simulator answering (its `calls` counts answered completion requests);
+    `rejected` counts requests refused by the rate limits and `faults_injected` the faults
+    injected, per kind.
     """
 
     def __init__(self, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 0):
         self.config = config or ServerConfig()
         self.endpoint = SimulatedEndpoint(self.config.simulator)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the simulator is not thread-safe
+        self.rejected = 0
+        self.faults_injected = {kind: 0 for kind in self.config.faults}
+        limits = (("requests", self.config.rpm), ("tokens", self.config.tpm))
+        self._buckets = [_RateBucket(name, limit) for name, limit in limits if limit]
+        self._fault_draws = random.Random(self.config.fault_seed)
+        self._gate = threading.Lock()  # the buckets, the fault draws and the two counters
         self._httpd = _HTTPServer((host, port), _handler_class(self), self.config.log_requests)
         self._thread: threading.Thread | None = None
 
@@ -197,10 +307,53 @@ class SimulatorServer:
 
     # --- helpers ------------------------------------------------------------------------
 
+    def _draw_fault(self) -> str | None:
+        """The fault kind this completion request gets, or None for a normal answer."""
+        if not self.config.fault_rate:
+            return None
+        with self._gate:
+            if self._fault_draws.random() >= self.config.fault_rate:
+                return None
+            kind = self._fault_draws.choice(self.config.faults)
+            self.faults_injected[kind] += 1
+        return kind
+
+    def _fault_error(self, kind: str) -> _ApiError:
+        """The error response of a "429" or "500" fault."""
+        if kind == "500":
+            return _ApiError(500, "The server had an error while processing your request.", type="server_error")
+        with self._gate:
+            headers = self._limit_headers(time.monotonic())
+        return _rate_limit_error(f"requests on {self.config.model} (an injected fault)", "requests",
+                                 INJECTED_RETRY_AFTER, headers)
+
+    def _admit(self, body: Any, prompt_field: str) -> dict[str, str]:
+        """Charge a completion request to the rate limits: its x-ratelimit headers, or raise a 429."""
+        if not self._buckets:
+            return {}
+        costs = {"requests": 1, "tokens": _usage_tokens(body, prompt_field)}
+        now = time.monotonic()
+        with self._gate:
+            wait, bucket = max(((b.wait(costs[b.name], now), b) for b in self._buckets), key=lambda pair: pair[0])
+            if wait:
+                self.rejected += 1
+            else:
+                for b in self._buckets:
+                    b.take(costs[b.name], now)
+            headers = self._limit_headers(now)
+        if wait:
+            per_minute = "RPM" if bucket.name == "requests" else "TPM"
+            reason = (f"{bucket.name} per min ({per_minute}) on {self.config.model}: "
+                      f"Limit {_number(bucket.limit)}, Requested {costs[bucket.name]}")
+            raise _rate_limit_error(reason, bucket.name, wait, headers)
+        return headers
+
+    def _limit_headers(self, now: float) -> dict[str, str]:
+        """Every limit's x-ratelimit-* headers (call with the gate held)."""
+        return {name: value for bucket in self._buckets for name, value in bucket.headers(now).items()}
+
     def _completion_request(self, body: Any) -> dict[str, Any]:
-        """Checks shared by both completion routes; sleeps the configured latency."""
-        if self.config.latency:
-            time.sleep(self.config.latency)
+        """Checks shared by both completion routes."""
         if not isinstance(body, dict):
             raise _ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
@@ -239,26 +392,61 @@ class SimulatorServer:
 
     def _answer(self, prompt: Prompt, query: Query) -> Answer:
         try:
-            with self._lock:  # the simulator is not thread-safe
+            with self._lock:
                 return self.endpoint.answer(prompt, query)
         except EndpointError as exc:
             raise _ApiError(400, str(exc)) from exc
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        raw = simulator_token_bytes(token_id)
-        entry: dict[str, Any] = {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        text, raw = _token(token_id)
+        entry: dict[str, Any] = {"token": text, "logprob": logprob, "bytes": raw}
         if self.config.token_ids:
             entry["id"] = token_id
         return entry
 
 
+@lru_cache(maxsize=1 << 16)
+def _token(token_id: int) -> tuple[str, tuple[int, ...]]:
+    """A token's text (invalid UTF-8 replaced) and its bytes, as OpenAI reports them."""
+    raw = simulator_token_bytes(token_id)
+    return raw.decode("utf-8", errors="replace"), tuple(raw)
+
+
 def _text(token_id: int) -> str:
-    return simulator_token_bytes(token_id).decode("utf-8", errors="replace")
+    return _token(token_id)[0]
 
 
 def _approx_tokens(content: Any) -> int:
     """A prompt-token estimate for `usage`: about four bytes a token."""
     return max(1, len(json.dumps(content, ensure_ascii=False).encode()) // 4)
+
+
+def _usage_tokens(body: Any, prompt_field: str) -> int:
+    """The usage.total_tokens a completion request's answer reports: its prompt estimate plus one."""
+    prompt = body.get(prompt_field) if isinstance(body, dict) else body
+    return _approx_tokens(prompt) + 1
+
+
+def _milliseconds(seconds: float) -> int:
+    return math.ceil(round(seconds * 1000, 6))  # round first: 0.12 s is 120 ms, not 121
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's duration format, rounded up to the millisecond: "0s", "120ms", "1.5s", "6m0s", "1h2m3.5s"."""
+    ms = _milliseconds(seconds)
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    text = f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{minutes}m{text}"
+    return f"{hours}h{text}" if hours else text
+
+
+def _number(value: float) -> str:
+    """A header number: "600" for 600.0, "0.5" for 0.5."""
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _integer(body: dict[str, Any], key: str) -> int | None:
@@ -287,10 +475,13 @@ def _finite(value: Any) -> float | None:
 class _HTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that tracks open connections so `close()` can end idle keep-alives."""
 
+    request_queue_size = 128  # the listen backlog: many clients may connect at once
+
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], log: bool):
         self.log = log
         self.closed = False
         self._connections: set[socket.socket] = set()
+        self._resets: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, handler)
 
@@ -299,10 +490,21 @@ class _HTTPServer(ThreadingHTTPServer):
             self._connections.add(request)
         super().process_request(request, client_address)
 
+    def reset(self, request: socket.socket) -> None:
+        """End this connection with a TCP reset instead of a graceful close once its handler returns."""
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with self._connections_lock:
+            self._resets.add(request)
+
     def shutdown_request(self, request: Any) -> None:
         with self._connections_lock:
             self._connections.discard(request)
-        super().shutdown_request(request)
+            reset = request in self._resets
+            self._resets.discard(request)
+        if reset:
+            self.close_request(request)  # no shutdown (FIN) first: with SO_LINGER 0, close() sends RST
+        else:
+            super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if self.log:  # only transport failures get here (a client hung up); routes never raise
@@ -331,6 +533,8 @@ def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
         server_version = "logprob-cli-simulator"
+        wbufsize = -1  # buffer each response, sent at once on flush...
+        disable_nagle_algorithm = True  # ...without waiting for the client's delayed ACK
 
         def dispatch(self) -> None:
             headers: dict[str, str] = {}
@@ -343,9 +547,21 @@ def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
                     headers["Allow"] = ", ".join(routes[path])
                     raise _ApiError(405, f"Method {self.command} not allowed for {path}")
                 self._authorize()
-                status, payload = 200, routes[path][self.command](self._parse(body))
+                request = self._parse(body)
+                if path in _PROMPT_FIELDS:
+                    if server.config.latency:
+                        time.sleep(server.config.latency)
+                    fault = server._draw_fault()
+                    if fault in ("timeout", "cut", "malformed"):
+                        self._break(fault)
+                        return
+                    if fault:
+                        raise server._fault_error(fault)
+                    headers.update(server._admit(request, _PROMPT_FIELDS[path]))
+                status, payload = 200, routes[path][self.command](request)
             except _ApiError as exc:
                 status, payload = exc.status, exc.body
+                headers.update(exc.headers)
             except Exception as exc:  # a bug: still answer in OpenAI's format, no traceback
                 status, payload = 500, _ApiError(500, f"internal error: {exc!r}", type="server_error").body
             self._send(status, payload, headers)
@@ -380,8 +596,21 @@ def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
             if not hmac.compare_digest(auth[len("Bearer "):].strip().encode(), key.encode()):
                 raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
+        def _break(self, fault: str) -> None:
+            """A fault that breaks the HTTP exchange: "timeout", "cut" or "malformed"."""
+            if fault == "malformed":
+                self._write(200, _MALFORMED_BODY)
+                return
+            self.close_connection = True
+            if fault == "timeout":
+                time.sleep(server.config.stall)
+            else:
+                self.server.reset(self.connection)
+
         def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(payload, ensure_ascii=False).encode()
+            self._write(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
+
+        def _write(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

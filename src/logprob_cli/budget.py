@@ -1,0 +1,109 @@
+"""What a run spends, and the caps it stops at (--max-calls, --max-cost).
+
+Every call of a run goes through `MeteredEndpoint.ask`, which reserves the call before it
+is sent: one call and its estimated cost (the prompt's tokens as last billed, else about
+four bytes a token, plus one completion token, at the model's price). A call that would
+carry the reserved total past a cap is not sent (`BudgetReached`), so calls in flight never
+overshoot a cap; once an answer arrives its reservation is replaced by what was billed.
+The totals include what the checkpoint already spent, so the same command with a higher
+cap resumes where the lower one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .endpoint import Answer, Endpoint, Prompt, Query
+from .prices import Price
+
+
+@dataclass
+class Spend:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def minus(self, other: "Spend") -> "Spend":
+        return Spend(
+            self.calls - other.calls,
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+        )
+
+    def plus(self, other: "Spend") -> "Spend":
+        return Spend(
+            self.calls + other.calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+class BudgetReached(Exception):
+    """The next call would cross --max-calls or --max-cost; the message says which and how far."""
+
+
+class MeteredEndpoint:
+    """`endpoint` with every call counted into `spent` and checked against the caps (see module docstring).
+
+    Everything else (model, vocab_size, limits, describe, ...) is the wrapped endpoint's.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        spent: Spend,
+        price: Price | None,
+        max_calls: int | None = None,
+        max_cost: float | None = None,
+    ):
+        if max_cost is not None and price is None:
+            raise ValueError("--max-cost needs the model's price: give --price PROMPT,COMPLETION (US$ per 1M tokens)")
+        self.endpoint = endpoint
+        self.spent = spent
+        self.price = price
+        self.max_calls = max_calls
+        self.max_cost = max_cost
+        self._reserved_calls = 0
+        self._reserved_cost = 0.0
+        self._prompt_tokens: dict[Any, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.endpoint, name)
+
+    def cost(self) -> float | None:
+        """US$ spent so far (None when the price is unknown)."""
+        return None if self.price is None else self.price.cost(self.spent.prompt_tokens, self.spent.completion_tokens)
+
+    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+        estimate = self._estimate(prompt)
+        self._reserve(estimate)
+        try:
+            answer = await self.endpoint.ask(prompt, query)
+        finally:
+            self._reserved_calls -= 1
+            self._reserved_cost -= estimate
+        if answer.prompt_tokens:
+            self._prompt_tokens[prompt.id] = answer.prompt_tokens
+        self.spent.calls += 1
+        self.spent.prompt_tokens += answer.prompt_tokens
+        self.spent.completion_tokens += answer.completion_tokens
+        return answer
+
+    def _estimate(self, prompt: Prompt) -> float:
+        if self.price is None:
+            return 0.0
+        tokens = self._prompt_tokens.get(prompt.id)
+        if tokens is None:
+            tokens = max(1, len(json.dumps(prompt.content(), ensure_ascii=False).encode()) // 4)
+        return self.price.cost(tokens, 1)
+
+    def _reserve(self, estimate: float) -> None:
+        if self.max_calls is not None and self.spent.calls + self._reserved_calls + 1 > self.max_calls:
+            raise BudgetReached(f"--max-calls {self.max_calls:,} reached ({self.spent.calls:,} calls spent)")
+        cost = self.cost()
+        if self.max_cost is not None and cost is not None and cost + self._reserved_cost + estimate > self.max_cost:
+            raise BudgetReached(f"--max-cost ${self.max_cost:,.4f} reached (${cost:,.4f} spent)")
+        self._reserved_calls += 1
+        self._reserved_cost += estimate

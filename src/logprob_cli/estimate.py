@@ -1,0 +1,263 @@
+"""What a run will spend, before a call is spent: calls, prompt and completion tokens, US$, time.
+
+Calls per prompt (V = vocabulary, k = logprobs per call after the endpoint's cap, M = bias
+entries per call), as each method's code spends them on a fresh checkpoint:
+
+    direct, visible   1
+    topk              2 + ceil((V - k) / (k - 1))             the 2-call check, then k-1 new tokens a call
+    exact             2 + G + ceil(G / (k - 1)),  G = ceil((V - k) / k)
+                      (float32 engines: every group is anchored through its leader beside the
+                      reference token; an engine whose group normalizers resolve needs fewer)
+    forced            1 + min(k, 3) + (V - k)                 top-k, the forcing check, one call a token
+    bisection         2 + 75 + V (0.76 + r(M) (0.50 + 0.182 ln(1/eps))),  r(M) = ln(150) / ln(M/2)
+
+topk, exact and forced count exactly what the simulator spends when every token lies within
+the bias limit of the top (true at OpenAI's 100); a token beyond it is retried, up to 3 more
+rounds. The bisection line is a fit to measured runs on the float32 simulator (V 300 to
+100,000, eps 1e-1 to 1e-5, M 30 to 1,000: every run within 4%): every token must win one call
+to get a lower bound (one winner a call: the 0.76), the rest shrinks brackets by the
+information a call carries, ~ln(M/2) nats (r(M) = 1 at M = 300), and the last rounds of
+nearly empty queries cost ~75 calls. A model whose logits spread otherwise than the
+simulator's will differ somewhat.
+
+Per run: 2 calls checking the token mapping on OpenAI-compatible endpoints, and for `auto`
+the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and as
+--max-calls counts them: the requests the probe sends to be rejected (2 of its 13 on the
+simulator) are not. Every call sends the prompt again and generates one token.
+Prompt tokens per call: counted with the tiktoken encoding when the vocabulary is one, with
+OpenAI's chat framing (3 tokens a message, its fields' tokens, 3 more for the reply);
+otherwise about 4 bytes a token of the JSON sent (approximate; the built-in simulator bills
+exactly this when served). Time = calls / rate, rate = min(concurrency / latency, rpm / 60,
+tpm / 60 / tokens per call) calls a second (llama-server answers one call at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt
+from .prices import Price
+from .probe import ProbeReport
+
+MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
+BISECTION_ENDGAME_CALLS = 75
+BISECTION_WIN_PER_TOKEN = 0.76
+BISECTION_BASE_PER_TOKEN = 0.50
+BISECTION_PER_NAT = 0.182
+BISECTION_FIT_ENTRIES = 300
+
+# When the probe picks each method (probe._recommend), for `auto` on endpoints it may not probe for free.
+CONDITIONS = {
+    "direct": "the whole vocabulary comes back in one call (vLLM --max-logprobs -1, llama-server)",
+    "topk": "returned logprobs move with the bias",
+    "forced": "logprobs are pre-bias, the bias steers sampling and a forced token reports its own logprob "
+    "(llama-server, vLLM)",
+    "bisection": "logprobs are pre-bias, the bias steers sampling, a forced token's own logprob is withheld "
+    "(OpenAI's -9999)",
+    "visible": "the bias changes nothing",
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One method's bill for a batch. cost is None when the price is unknown.
+
+    calls = prompts * calls_per_prompt + overhead_calls (the token check and the probe, once per run).
+    tokens_counted: prompt tokens counted with the model's tokenizer (else ~4 bytes a token).
+    condition: for `auto` without a probe, when the probe picks this method ("" otherwise).
+    """
+
+    method: str
+    prompts: int
+    calls_per_prompt: int
+    overhead_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None
+    seconds: float
+    tokens_counted: bool
+    condition: str = ""
+
+    @property
+    def calls(self) -> int:
+        return self.prompts * self.calls_per_prompt + self.overhead_calls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "calls": self.calls}
+
+
+def calls_per_prompt(method: str, vocab_size: int, top_k: int, eps: float = 1e-3, limits: Limits = Limits()) -> int:
+    """Calls one prompt costs with `method` (module docstring); top_k is already capped by the endpoint."""
+    v, k = vocab_size, top_k
+    if method in ("topk", "exact") and k < 2:
+        raise EndpointUnsuitable(f"{method} needs at least 2 logprobs per call; this endpoint returns {k}")
+    if method in ("direct", "visible"):
+        return 1
+    if method == "topk":
+        return 2 + math.ceil((v - k) / (k - 1))
+    if method == "exact":
+        groups = math.ceil((v - k) / k)
+        return 2 + groups + math.ceil(groups / (k - 1))
+    if method == "forced":
+        return 1 + min(k, 3) + v - k
+    if method == "bisection":
+        info = math.log(BISECTION_FIT_ENTRIES / 2) / math.log(limits.bias_entries / 2)
+        per_token = BISECTION_WIN_PER_TOKEN + info * (BISECTION_BASE_PER_TOKEN + BISECTION_PER_NAT * math.log(1 / eps))
+        return 2 + BISECTION_ENDGAME_CALLS + math.ceil(v * per_token)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def probe_calls(report: ProbeReport) -> int:
+    """The calls the probe (probe.probe) gets answered, found or expected as in `report`: the one ask for the
+    top-k cap that succeeds (asks for more are rejected), 2 identical calls, 4 together and 1 alone, 1 biased,
+    1 forced where the bias steers sampling, and each limit test (bias above 100, 301 entries) accepted."""
+    limit_tests = (report.bias_above_100, report.bias_entries_over_300)
+    return 1 + 2 + 4 + 1 + 1 + int(report.bias_steers_sampling) + sum(test == "accepted" for test in limit_tests)
+
+
+def token_counter(endpoint: Endpoint) -> tuple[Callable[[Prompt], int], bool]:
+    """Prompt tokens one call of `endpoint` sends for a prompt, and whether they are counted (else ~bytes/4).
+
+    The counter raises ValueError for chat messages on the legacy completions API (such calls fail).
+    """
+    vocabulary = getattr(endpoint, "vocabulary", None)
+    if vocabulary is None:  # the built-in simulator: what it bills when served
+        return (lambda prompt: _approx_tokens(prompt.content())), False
+    api, system = endpoint.api, endpoint.system
+
+    def sent(prompt: Prompt) -> Any:
+        """The request's prompt field: the legacy prompt string, or the chat messages."""
+        if api == "completions":
+            if prompt.messages is not None:
+                raise ValueError(f"prompt {prompt.id!r} has chat messages: they need --api chat")
+            return prompt.prompt
+        if prompt.messages is not None:
+            return prompt.messages
+        return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt.prompt}]
+
+    encoding = _tiktoken_encoding(vocabulary.name)
+    if encoding is None:
+        return (lambda prompt: _approx_tokens(sent(prompt))), False
+
+    def tokens(value: Any) -> int:
+        return len(encoding.encode(value if isinstance(value, str) else json.dumps(value), disallowed_special=()))
+
+    def count(prompt: Prompt) -> int:
+        body = sent(prompt)
+        if isinstance(body, str):
+            return tokens(body)
+        return 3 + sum(3 + sum(tokens(value) for value in message.values()) for message in body)
+
+    return count, True
+
+
+def duration(
+    calls: int, tokens_per_call: float, concurrency: int, latency: float, rpm: float | None = None, tpm: float | None = None
+) -> float:
+    """Seconds for `calls`: calls / min(concurrency / latency, rpm / 60, tpm / 60 / tokens_per_call)."""
+    rates = [concurrency / latency if latency > 0 else math.inf]
+    if rpm:
+        rates.append(rpm / 60)
+    if tpm:
+        rates.append(tpm / 60 / max(tokens_per_call, 1.0))
+    rate = min(rates)
+    return 0.0 if math.isinf(rate) else calls / rate
+
+
+def estimate_run(
+    prompts: list[Prompt],
+    endpoint: Endpoint,
+    method: str,
+    *,
+    top_k: int = 20,
+    eps: float = 1e-3,
+    concurrency: int = 16,
+    latency: float = 0.5,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    price: Price | None = None,
+    report: ProbeReport | None = None,
+) -> list[Estimate]:
+    """The bill of running `prompts` through `method` on `endpoint` (module docstring), as extract runs it.
+
+    For "auto", `report` (the probe's findings, where probing is free) fixes the method and its
+    overhead; without one there is a row per method the probe may pick, each with its condition,
+    its probe counted as on OpenAI (which rejects both limit tests; a server accepting them answers
+    1-2 calls more).
+    Raises EndpointUnsuitable for `direct` where the endpoint is not known to return the whole
+    vocabulary (the run would stop before its first call), ValueError for prompts the API cannot take.
+    """
+    count, counted = token_counter(endpoint)
+    tokens = [count(p) for p in prompts]
+    check = MAPPING_CHECK_CALLS if hasattr(endpoint, "verify_mapping") else 0
+    if getattr(endpoint, "dialect", None) == "llama.cpp":
+        concurrency = 1  # OpenAIEndpoint.ask sends llama-server's requests one at a time
+    vocab = endpoint.vocab_size
+
+    def row(name: str, limits: Limits, overhead: int, condition: str = "") -> Estimate:
+        if name == "direct" and limits.top_logprobs < vocab:
+            raise EndpointUnsuitable(
+                f"direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
+                f"this one returns at most {limits.top_logprobs}: use --method auto to probe it"
+            )
+        per_prompt = calls_per_prompt(name, vocab, min(top_k, limits.top_logprobs), eps, limits)
+        calls = per_prompt * len(prompts) + overhead
+        prompt_tokens = per_prompt * sum(tokens) + overhead * tokens[0]
+        seconds = duration(calls, prompt_tokens / calls + 1, concurrency, latency, rpm, tpm)
+        cost = None if price is None else price.cost(prompt_tokens, calls)
+        return Estimate(name, len(prompts), per_prompt, overhead, prompt_tokens, calls, cost, seconds, counted, condition)
+
+    if method != "auto":
+        return [row(method, endpoint.limits, check)]
+    if report is not None:
+        return [row(report.recommended, report.limits(), check + probe_calls(report))]
+    cap = endpoint.limits.top_logprobs
+    found = 20 if cap >= 20 else min(cap, 5)  # the probe asks for the vocabulary, then 20, then 5
+    rows = []
+    for name, condition in CONDITIONS.items():
+        expected = ProbeReport(
+            top_logprobs_cap=vocab if name == "direct" else found,
+            bias_steers_sampling=name != "visible",
+            bias_above_100="rejected",
+            bias_entries_over_300="rejected",
+        )
+        rows.append(row(name, expected.limits(), check + probe_calls(expected), condition))
+    return rows
+
+
+def format_count(n: int) -> str:
+    """A count that fits a narrow column: 10,224 or 19.64M."""
+    return f"{n:,}" if n < 1_000_000 else f"{n / 1e6:,.2f}M"
+
+
+def format_dollars(cost: float | None) -> str:
+    """US$ with cents, or 4 decimals below a dollar; the unknown price says how to give one."""
+    if cost is None:
+        return "unknown (give --price)"
+    return f"{cost:,.2f}" if cost >= 1 else f"{cost:.4f}"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 12 min, 3.4 h, 2.1 days."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.1f} days"
+
+
+def _tiktoken_encoding(name: str) -> Any:
+    """The tiktoken Encoding of that name (a vocabulary loaded as o200k_base, ...), else None."""
+    import tiktoken
+
+    return tiktoken.get_encoding(name) if name in tiktoken.list_encoding_names() else None
+
+
+def _approx_tokens(content: Any) -> int:
+    """About four bytes a token of the JSON sent (what the simulator server bills)."""
+    return max(1, len(json.dumps(content, ensure_ascii=False).encode()) // 4)

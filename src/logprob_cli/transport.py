@@ -1,0 +1,192 @@
+"""The wire to an OpenAI-compatible API: JSON POSTs, paced, retried, cheap on CPU.
+
+One keep-alive aiohttp session per event loop (its C HTTP parser costs ~0.5 ms of CPU a
+call where the openai client's stack costs ~4 ms: benchmarks/client_cpu.py), honouring
+HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request). Every attempt first waits its turn at the
+`RateLimiter`. What happens to an answer:
+
+- 2xx with a body `parse` accepts: returned; the limiter learns from its headers;
+- 429: the limiter pauses everyone for the server's Retry-After and slows down; retried;
+- 408, 409, 5xx, timeouts, dropped or cut connections, bodies that are not JSON or that
+  `parse` rejects (ValueError, KeyError, TypeError, IndexError): retried after
+  exponential backoff with full jitter, delay_n = uniform(0, min(cap, base * 2**n));
+- 401/403/404: `EndpointFatal` at once (every request would fail the same way);
+  other 4xx: `EndpointError` at once (this request is wrong; retrying will not help);
+- a connection that cannot be opened at all: `EndpointFatal` after `connect_attempts`.
+A request still failing after `attempts` tries raises `EndpointError` with the last reason:
+its prompt fails, the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .endpoint import EndpointError, EndpointFatal
+from .ratelimit import RateLimiter, retry_after
+
+T = TypeVar("T")
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: `attempts` per request (the first included), backoff `base`..`cap` seconds,
+    `timeout` seconds per attempt, and `connect_attempts` before an unreachable server is fatal."""
+
+    attempts: int = 8
+    base: float = 0.5
+    cap: float = 30.0
+    timeout: float = 60.0
+    connect_attempts: int = 3
+
+    def backoff(self, failures: int) -> float:
+        return random.uniform(0.0, min(self.cap, self.base * 2 ** (failures - 1)))
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth retrying; `wait` is the server's own ask, if any."""
+
+    def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+class Transport:
+    """POSTs JSON bodies to `base_url` (see module docstring). `aclose()` before the loop ends."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        headers: dict[str, str] | None = None,
+        limiter: RateLimiter | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.limiter = limiter or RateLimiter()
+        self.retry = retry or RetryPolicy()
+        self.retries = 0
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json", **(headers or {})}
+        self._proxy = _env_proxy(self.base_url)
+        self._session_of_loop: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
+
+    async def post(self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[Any], T]) -> T:
+        """POST `body` to base_url + path and return `parse(json)`, retrying as the module docstring says.
+
+        tokens: what the request counts against a tokens-per-minute limit (prompt + max_tokens).
+        """
+        data = json.dumps(body).encode()
+        failures = connect_failures = 0
+        while True:
+            await self.limiter.acquire(tokens)
+            try:
+                return await self._attempt(path, data, tokens, parse)
+            except _Retry as retry:
+                reason, wait = str(retry), retry.wait
+            except aiohttp.ClientConnectorError as err:
+                connect_failures += 1
+                if connect_failures >= min(self.retry.connect_attempts, self.retry.attempts):
+                    raise EndpointFatal(
+                        f"cannot reach {self.base_url} ({err.os_error or err}): is the server running, and the URL right?"
+                    ) from None
+                reason, wait = f"cannot connect ({err.os_error or err})", None
+            except asyncio.TimeoutError:
+                reason, wait = f"no answer within {self.retry.timeout:g} s", None
+            except (aiohttp.ClientError, ConnectionError) as err:  # dropped, reset or cut connections
+                reason, wait = f"connection failed ({type(err).__name__}: {err})", None
+            failures += 1
+            if failures >= self.retry.attempts:
+                raise EndpointError(f"{self.base_url} kept failing ({failures} tries); last: {reason}")
+            self.retries += 1
+            await asyncio.sleep(self.retry.backoff(failures) if wait is None else wait)
+
+    async def _attempt(self, path: str, data: bytes, tokens: int, parse: Callable[[Any], T]) -> T:
+        async with self._session().post(
+            self.base_url + path, data=data, headers=self._headers, proxy=self._proxy
+        ) as response:
+            raw = await response.read()
+            headers = response.headers
+            status = response.status
+        if status == 429:
+            kind = _error_type(raw)
+            wait = self.limiter.throttled(headers, "tokens" if kind == "tokens" else None)
+            raise _Retry(f"429 rate limited: {_message(raw, status)}", wait)
+        if status in RETRYABLE_STATUS:
+            raise _Retry(f"{status}: {_message(raw, status)}", retry_after(headers) if status == 503 else None)
+        if status >= 400:
+            raise _status_error(status, _message(raw, status), self.base_url)
+        try:
+            result = parse(json.loads(raw))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise _Retry(f"an unreadable answer ({type(err).__name__}: {err}; body starts {raw[:80]!r})") from None
+        self.limiter.succeeded(tokens, headers)
+        return result
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The session of the running loop (a connection pool cannot outlive its loop)."""
+        loop = asyncio.get_running_loop()
+        if self._session_of_loop is None or self._session_of_loop[0] is not loop:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=self.retry.timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent",),
+                headers={"User-Agent": "logprob-cli"},
+            )
+            self._session_of_loop = (loop, session)
+        return self._session_of_loop[1]
+
+    async def aclose(self) -> None:
+        """Close the running loop's session (call before that loop ends)."""
+        if self._session_of_loop is not None and self._session_of_loop[0] is asyncio.get_running_loop():
+            await self._session_of_loop[1].close()
+            self._session_of_loop = None
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY, NO_PROXY) names for `url`, if any."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)
+
+
+def _error_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {}
+    inner = body.get("error", body) if isinstance(body, dict) else {}
+    return inner if isinstance(inner, dict) else {"message": str(inner)}
+
+
+def _error_type(raw: bytes) -> str | None:
+    kind = _error_body(raw).get("type")
+    return kind if isinstance(kind, str) else None
+
+
+def _message(raw: bytes, status: int) -> str:
+    message = _error_body(raw).get("message")
+    if message:
+        return str(message)
+    text = raw[:200].decode("utf-8", errors="replace").strip()
+    return text or f"HTTP {status} with no body"
+
+
+def _status_error(status: int, message: str, where: str) -> EndpointError:
+    if status == 401:
+        return EndpointFatal(f"{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass --api-key")
+    if status == 403:
+        return EndpointFatal(f"{where} refused access (403: {message})")
+    if status == 404:
+        return EndpointFatal(f"{where} answered 404 ({message}); check --model and --base-url")
+    return EndpointError(f"{where} answered {status}: {message}")
