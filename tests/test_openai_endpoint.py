@@ -154,3 +154,17 @@ def test_a_vocabulary_that_is_not_the_models_is_caught_before_extracting(server,
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "--tokenizer" in run.stderr
     assert server.endpoint.calls <= 6
+
+
+def test_legacy_completions_extract_the_full_vector_including_byte_tokens(server, tmp_path):
+    """Legacy string keys: tokens that are not valid UTF-8 come back as "bytes:\\xNN" and still map to their ids."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    run = run_cli(
+        "extract", prompts, "--model", "simulator", "--base-url", server.url, "--tokenizer", f"simulator:{VOCAB}",
+        "--api", "completions", "--method", "topk", "-q", env={"OPENAI_API_KEY": KEY},
+    )
+    assert run.returncode == 0, run.stderr
+    (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    truth = server.endpoint.true_logprobs("hello")
+    assert np.abs(np.array(row["logprobs"]) - truth).max() < 1e-4

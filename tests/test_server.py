@@ -138,14 +138,16 @@ def test_legacy_completions_return_the_simulator_answer(client):
     assert choice.logprobs.top_logprobs == [top]
 
 
-def test_legacy_top_logprobs_merge_tokens_with_the_same_string(client):
-    # Ids 200 and 201 are lone bytes that are not valid UTF-8: both read "\ufffd".
+def test_legacy_names_tokens_that_are_not_utf8_by_their_bytes(client):
+    # Ids 200 and 201 are lone bytes that are not valid UTF-8: as text both would read "\ufffd".
     bias = {"200": 100, "201": 90}
     response = client.completions.create(model="simulator", prompt=PROMPT, max_tokens=1, logprobs=5, logit_bias=bias)
     expected = SimulatedEndpoint(SIM).answer(PROMPT, Query.make({200: 100, 201: 90}, top_logprobs=5))
     assert expected.top_ids[:2] == (200, 201)
-    (top,) = response.choices[0].logprobs.top_logprobs
-    assert len(top) == 4 and top["\ufffd"] == expected.top_logprobs[0]
+    logprobs = response.choices[0].logprobs
+    (top,) = logprobs.top_logprobs
+    assert logprobs.tokens == ["bytes:\\xc8"]
+    assert len(top) == 5 and top["bytes:\\xc8"] == expected.top_logprobs[0] and top["bytes:\\xc9"] == expected.top_logprobs[1]
 
 
 def test_legacy_without_logprobs_returns_null_logprobs(client):

@@ -291,9 +291,13 @@ class SimulatorServer:
         if k is not None:
             top: dict[str, float] = {}
             for i, lp in zip(answer.top_ids, answer.top_logprobs):
-                top[_text(i)] = max(lp, top.get(_text(i), -math.inf))  # same string: one key, as OpenAI
+                key = _legacy_token(i)
+                top[key] = max(lp, top.get(key, -math.inf))  # same string: one key, as OpenAI
             sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
-            logprobs = {"tokens": [text], "token_logprobs": [sampled_lp], "top_logprobs": [top], "text_offset": [0]}
+            logprobs = {
+                "tokens": [_legacy_token(answer.sampled)], "token_logprobs": [sampled_lp], "top_logprobs": [top],
+                "text_offset": [0],
+            }
         n = _approx_tokens(prompt)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -414,6 +418,15 @@ def _token(token_id: int) -> tuple[str, tuple[int, ...]]:
 
 def _text(token_id: int) -> str:
     return _token(token_id)[0]
+
+
+def _legacy_token(token_id: int) -> str:
+    """A token as legacy completions name it: its text, or "bytes:\\xNN..." when it is not valid UTF-8."""
+    raw = simulator_token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _approx_tokens(content: Any) -> int:
