@@ -168,3 +168,18 @@ def test_legacy_completions_extract_the_full_vector_including_byte_tokens(server
     (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
     truth = server.endpoint.true_logprobs("hello")
     assert np.abs(np.array(row["logprobs"]) - truth).max() < 1e-4
+
+
+def test_merged_legacy_entries_fail_the_answer_instead_of_shifting_values():
+    """vLLM-style legacy logprobs key entries by text: two byte tokens that both read "\ufffd" collapse into one."""
+    from logprob_cli.endpoint import EndpointError
+
+    endpoint = OpenAIEndpoint("m", load_vocabulary("simulator:1000"), base_url="http://127.0.0.1:9/v1", api="completions")
+    merged = {
+        "choices": [{"logprobs": {"tokens": ["ba"], "token_logprobs": [-0.1],
+                                   "top_logprobs": [{"ba": -0.1, "bytes:\\xc8": -2.0, "be": -3.0, "bi": -4.0}]}}],
+    }
+    with pytest.raises(EndpointError, match="merged distinct tokens"):
+        endpoint._completion_answer(merged, requested=5)
+    whole = endpoint._completion_answer(merged, requested=4)
+    assert len(whole.top_ids) == 4 and whole.top_ids[1] == 200

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -178,7 +179,7 @@ class OpenAIEndpoint:
         elif prompt.messages is not None:
             raise EndpointError("chat messages need --api chat; legacy completions take plain prompts")
         else:
-            path, parse = "/completions", self._completion_answer
+            path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
             body.update(prompt=prompt.prompt, logprobs=top_k)
         if query.bias:
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
@@ -230,7 +231,7 @@ class OpenAIEndpoint:
             data,
         )
 
-    def _completion_answer(self, data: dict[str, Any]) -> Answer:
+    def _completion_answer(self, data: dict[str, Any], requested: int = 0) -> Answer:
         choices = data["choices"]
         choice = choices[0] if choices else None
         logprobs = choice.get("logprobs") if choice is not None else None
@@ -259,6 +260,12 @@ class OpenAIEndpoint:
         self.identity.add("strings")
         top = sorted(((logprobs.get("top_logprobs") or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]
+        if len(top) < min(requested, self.vocab_size) or len(set(ids)) < len(ids):
+            raise EndpointError(
+                f"{self.model}'s legacy completions merged distinct tokens that read the same ({len(top)} string keys "
+                f"for {requested} requested): their values cannot be told apart. Use --api chat, or a server that "
+                "returns token ids"
+            )
         first = logprobs["token_logprobs"][0]
         return _with_usage(
             Answer(
