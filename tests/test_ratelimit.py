@@ -104,6 +104,9 @@ def test_a_429_with_no_known_limit_learns_from_the_measured_rate():
     start = clock.now
     send(lim, 1)
     assert clock.now - start == pytest.approx(1.0)  # no retry-after: one second
+    for _ in range(40):
+        lim.succeeded(1, {})
+    assert lim.describe()["rpm"] is None  # a stray 429 does not cap the run for good
 
 
 def test_token_429s_slow_the_token_lane():

@@ -101,9 +101,9 @@ class MeteredEndpoint:
 
     def _reserve(self, estimate: float) -> None:
         if self.max_calls is not None and self.spent.calls + self._reserved_calls + 1 > self.max_calls:
-            raise BudgetReached(f"--max-calls {self.max_calls:,} reached ({self.spent.calls:,} calls spent)")
+            raise BudgetReached(f"--max-calls {self.max_calls:,} reached")
         cost = self.cost()
         if self.max_cost is not None and cost is not None and cost + self._reserved_cost + estimate > self.max_cost:
-            raise BudgetReached(f"--max-cost ${self.max_cost:,.4f} reached (${cost:,.4f} spent)")
+            raise BudgetReached(f"--max-cost ${self.max_cost:,.4f} reached")
         self._reserved_calls += 1
         self._reserved_cost += estimate

@@ -13,6 +13,7 @@ One process at a time: an exclusive flock on the checkpoint file refuses a secon
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -148,26 +149,44 @@ class Journal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a failed write (disk full, read-only directory) into a JournalError that says what to do."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise JournalError(
+                f"cannot write the checkpoint {self.path}: {err}. Every answer committed before is kept: free some "
+                "space (or make the directory writable) and run the same command again"
+            ) from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def get_meta(self, key: str) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def set_meta(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+        with self._writing():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     def put_answers(self, rows: list[tuple[str, int, bytes, Answer]]) -> None:
         """Make answers (prompt, seq, query digest, answer) and their billed usage durable, in one
         transaction, before anyone uses them."""
-        self.db.execute("BEGIN")
-        try:
+        with self._writing(), self._transaction():
             self.db.executemany(
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
                 [(p, seq, q, a.to_bytes(), a.prompt_tokens, a.completion_tokens) for p, seq, q, a in rows],
             )
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def spent(self) -> Spend:
         """Everything this checkpoint paid for: its answers plus the run set-up's calls (probe, token check)."""
@@ -188,20 +207,21 @@ class Journal:
     def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
         ids = np.array(sorted(result.upper_bounds), dtype="<i4")
         bounds = np.array([result.upper_bounds[int(i)] for i in ids], dtype="<f8")
-        self.db.execute(
-            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                prompt,
-                calls,
-                np.asarray(result.logprobs, dtype="<f4").tobytes(),
-                ids.tobytes(),
-                bounds.tobytes(),
-                result.precision,
-                json.dumps(result.behaviour, sort_keys=True),
-                json.dumps(result.notes),
-            ),
-        )
-        self.db.execute("DELETE FROM failures WHERE prompt = ?", (prompt,))
+        with self._writing(), self._transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    prompt,
+                    calls,
+                    np.asarray(result.logprobs, dtype="<f4").tobytes(),
+                    ids.tobytes(),
+                    bounds.tobytes(),
+                    result.precision,
+                    json.dumps(result.behaviour, sort_keys=True),
+                    json.dumps(result.notes),
+                ),
+            )
+            self.db.execute("DELETE FROM failures WHERE prompt = ?", (prompt,))
 
     def finished(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT prompt FROM results")}
@@ -233,7 +253,8 @@ class Journal:
                 yield prompt, saved
 
     def put_failure(self, prompt: str, message: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?)", (prompt, message))
+        with self._writing():
+            self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?)", (prompt, message))
 
     def failures(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT prompt, message FROM failures").fetchall())

@@ -12,9 +12,11 @@ the server announces in `x-ratelimit-limit-requests` / `-tokens`. The limiter le
 - `x-ratelimit-remaining-* = 0` on a lane with no known rate pauses it until
   `x-ratelimit-reset-*` (with a known rate the schedule already paces it);
 - a 429 pauses every request for its `retry-after-ms` / `retry-after` (else the reset
-  header, else one second) and cuts the lane's rate by 30% (to the measured success rate
-  when no rate was known), never below 5% of the ceiling;
-- each success adds 1% of the ceiling back, so the rate recovers within ~100 calls.
+  header, else one second) and cuts the lane's rate by 30%, never below 5% of the
+  ceiling; with no known limit, the success rate measured at that moment becomes the
+  ceiling (a guess) and the rate starts at 70% of it;
+- each success adds 1% of the ceiling back, so the rate recovers within ~100 calls; a
+  guessed ceiling, once reached, is dropped (no limit until the next 429).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Lane:
     rate: float | None = None
     tat: float = 0.0
     paused_until: float = 0.0
+    guessed: bool = False  # the ceiling is a measured rate at a 429, not a known limit
     successes: deque = field(default_factory=lambda: deque(maxlen=512))
 
     def __post_init__(self) -> None:
@@ -92,21 +95,24 @@ class Lane:
         return wait
 
     def learn_limit(self, per_minute: float) -> None:
-        if self.user_ceiling is None and per_minute > 0 and self.ceiling != per_minute / 60:
-            self.ceiling = per_minute / 60
+        if self.user_ceiling is None and per_minute > 0 and (self.guessed or self.ceiling != per_minute / 60):
+            self.ceiling, self.guessed = per_minute / 60, False
             self.rate = self.ceiling if self.rate is None else min(self.rate, self.ceiling)
 
     def succeeded(self, cost: float, now: float) -> None:
         self.successes.append((now, cost))
         if self.rate and self.ceiling and self.rate < self.ceiling:
             self.rate = min(self.ceiling, self.rate + RECOVERY * self.ceiling)
+        elif self.guessed:  # recovered to the guess: drop it, unlimited until the next 429
+            self.rate = self.ceiling = None
+            self.guessed = False
 
     def throttled(self, now: float) -> None:
         if self.rate is None:
             measured = self.measured_rate(now)
             if measured is None:
                 return
-            self.ceiling = self.ceiling or measured
+            self.ceiling, self.guessed = measured, True
             self.rate = CUT * measured
         else:
             self.rate = max(FLOOR * (self.ceiling or self.rate), CUT * self.rate)

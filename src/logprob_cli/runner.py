@@ -204,11 +204,8 @@ class Runner:
             return
         try:
             self.journal.put_answers([(key, seq, query_key, answer) for key, seq, query_key, answer, _ in unsaved])
-        except Exception as err:  # a full disk or a broken journal: the answers cannot be kept, stop
-            failure = JournalError(
-                f"cannot write the checkpoint {self.journal.path}: {err}. Every answer committed before is kept: "
-                "free some space (or make the directory writable) and run the same command again"
-            )
+        except JournalError as failure:  # a full disk or a read-only directory: send nothing more
+            self._stopping = True
             for *_, future in unsaved:
                 if not future.done():
                     future.set_exception(failure)
