@@ -31,7 +31,7 @@ UNRECOVERED = [3, 17, 250]
 
 def metadata(vocabulary="simulator"):
     return {
-        "tool_version": "0.1.0",
+        "tool_version": "0.2.0",
         "vocabulary": {"name": vocabulary, "size": V},
         "endpoint": {"backend": "simulator", "model": "simulator", "vocab_size": V},
         "behaviour": {"bias_steers_sampling": True, "logprobs_after_bias": True},

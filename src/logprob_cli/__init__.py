@@ -6,7 +6,7 @@
     vector.calls      # endpoint calls spent
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .api import Extraction, extract_logprobs  # noqa: E402
 

@@ -120,7 +120,7 @@ class Journal:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(answers)")}
-            for column in ("prompt_tokens", "completion_tokens"):  # checkpoints of version 0.1.0
+            for column in ("prompt_tokens", "completion_tokens"):  # checkpoints written by version 0.1.0
                 if column not in columns:
                     db.execute(f"ALTER TABLE answers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as err:
