@@ -141,3 +141,22 @@ def test_shards_are_a_partition_that_ignores_order(n):
     assert [{p.id for p in select_shard(shuffled, i, n)} for i in range(n)] == [{p.id for p in part} for part in parts]
     if n > 1:
         assert all(len(part) > 200 / n / 2 for part in parts)  # roughly balanced
+
+
+def test_a_checkpoint_of_version_0_1_0_is_migrated_and_its_calls_count(tmp_path):
+    import sqlite3
+
+    from logprob_cli.endpoint import Answer
+    from logprob_cli.journal import Journal
+
+    path = tmp_path / "old.checkpoint.sqlite"
+    with sqlite3.connect(path) as db:  # the 0.1.0 answers table: no usage columns
+        db.execute("CREATE TABLE answers (prompt TEXT NOT NULL, seq INTEGER NOT NULL, query BLOB NOT NULL, "
+                   "answer BLOB NOT NULL, PRIMARY KEY (prompt, seq)) WITHOUT ROWID")
+        db.execute("INSERT INTO answers VALUES ('p', 0, x'00', ?)", (Answer(3, -0.5).to_bytes(),))
+    with Journal.open(path, {"method": "topk"}) as journal:
+        assert journal.spent().calls == 1
+        journal.put_answers([("p", 1, b"\x01", Answer(4, -1.0, prompt_tokens=7, completion_tokens=1))])
+        spent = journal.spent()
+        assert (spent.calls, spent.prompt_tokens, spent.completion_tokens) == (2, 7, 1)
+        assert journal.answers("p")[0][1] == Answer(3, -0.5)
