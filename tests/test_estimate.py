@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiktoken
 from typer.testing import CliRunner
 
 from logprob_cli.cli import app
@@ -20,7 +19,7 @@ from logprob_cli.probe import probe
 from logprob_cli.runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.vocabulary import load_vocabulary
+from logprob_cli.vocabulary import load_vocabulary, tiktoken_encoding
 
 COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"
 VOCAB = 2000
@@ -115,7 +114,7 @@ def test_served_simulator_calls_and_billed_tokens(tmp_path, method, switches):
 
 
 def test_tiktoken_vocabularies_count_chat_tokens_with_openai_framing():
-    encoding = tiktoken.get_encoding("o200k_base")
+    encoding = tiktoken_encoding("o200k_base")
     chat = OpenAIEndpoint("gpt-4o", load_vocabulary("o200k_base"), system="You are terse.")
     count, counted = token_counter(chat)
     plain = Prompt(id=0, line=1, prompt="The capital of France is")
@@ -128,7 +127,7 @@ def test_tiktoken_vocabularies_count_chat_tokens_with_openai_framing():
     assert count(plain) == framed(("system", "You are terse."), ("user", "The capital of France is"))
     assert count(messages) == framed(("user", "Name a prime between 10 and 20."))
     legacy, _ = token_counter(OpenAIEndpoint("davinci-002", load_vocabulary("cl100k_base"), api="completions"))
-    assert legacy(plain) == len(tiktoken.get_encoding("cl100k_base").encode("The capital of France is"))
+    assert legacy(plain) == len(tiktoken_encoding("cl100k_base").encode("The capital of France is"))
     with pytest.raises(ValueError, match="--api chat"):
         legacy(messages)
 

