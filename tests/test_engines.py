@@ -3,6 +3,7 @@
 Skips unless `scripts/build_llama_server.sh` has filled the cache (see tests/engines.py).
 """
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,6 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from engines import llama_server_fixture
+from logprob_cli.endpoint import Prompt, Query
+from logprob_cli.openai_endpoint import OpenAIEndpoint
+from logprob_cli.vocabulary import server_vocabulary
 
 smollm2_server = llama_server_fixture("smollm2")
 tiny_server = llama_server_fixture("tiny")
@@ -118,3 +122,43 @@ def test_post_bias_mode_serves_topk_and_exact(tiny_server, tmp_path):
             mask = truth > np.log(1e-6)
             assert not np.isnan(got[mask]).any()
             assert np.abs(got[mask] - truth[mask]).max() < 1e-3
+
+
+TINY_LEAD_BYTES = np.arange(0xC0, 0xF8)  # tiny ids 0-255 are the bytes: these are lone UTF-8 lead bytes
+
+
+def test_withheld_tokens_are_the_ones_whose_answers_the_server_withholds(tiny_server):
+    """Forcing each of the 459 ids in turn: the server withholds the answer exactly for `withheld_tokens`."""
+    endpoint = OpenAIEndpoint("tiny", server_vocabulary(459), base_url=f"{tiny_server}/v1", dialect="llama.cpp")
+    prompt = Prompt(id=0, line=1, prompt="The capital of France is")
+
+    async def force_each():
+        try:
+            return [await endpoint.ask(prompt, Query.make({i: 1000.0})) for i in range(459)]
+        finally:
+            await endpoint.aclose()
+
+    answers = asyncio.run(force_each())
+    withheld = {i for i, answer in enumerate(answers) if answer.withheld}
+    assert set(TINY_LEAD_BYTES) <= withheld
+    assert endpoint.withheld_tokens == withheld
+    assert all(answer.sampled == i for i, answer in enumerate(answers) if not answer.withheld)
+
+
+def test_bisection_matches_the_server_where_it_withholds_answers(tiny_server, tmp_path):
+    """Lone lead bytes hold a tenth of the mass here and win queries whose answers the server withholds;
+    bisection biases at most one such token per query, so a withheld answer names its winner."""
+    text = "The capital of France is"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": text}) + "\n")
+    run = logprobs("extract", prompts, "--model", "tiny", "--base-url", f"{tiny_server}/v1", "--method", "bisection",
+                   "-q")
+    assert run.returncode == 0, run.stderr
+    (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    truth = whole_distribution(tiny_server, text, 459)
+    got = np.array([np.nan if v is None else v for v in row["logprobs"]], dtype=float)
+    mask = truth > np.log(1e-6)
+    assert mask[TINY_LEAD_BYTES].sum() >= 20 and np.exp(truth[TINY_LEAD_BYTES]).sum() > 0.05
+    assert row["unrecovered_count"] == 0
+    assert np.abs(got[mask] - truth[mask]).max() < 1e-3
+    assert row["calls"] < 4 * 459  # measured 1,526 (3.3 per token)

@@ -40,7 +40,10 @@ def extract_logprobs(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     endpoint = endpoint or SimulatedEndpoint()
     item = Prompt(id=0, line=0, **({"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}))
-    ctx = Context(endpoint.vocab_size, endpoint.limits, top_k=min(top_k, endpoint.limits.top_logprobs), eps=eps)
+    ctx = Context(
+        endpoint.vocab_size, endpoint.limits, top_k=min(top_k, endpoint.limits.top_logprobs), eps=eps,
+        withheld=getattr(endpoint, "withheld_tokens", frozenset()),
+    )
 
     async def ask(gate: asyncio.Semaphore, query: Query) -> Answer:
         async with gate:

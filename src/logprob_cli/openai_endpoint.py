@@ -6,7 +6,8 @@ conventions: OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_ORG_ID, OPENAI_PROJECT_ID).
 the server returns (llama.cpp's "id", vLLM's "token_id:N" strings), its `bytes` through
 the vocabulary, and last its string (ambiguous: distinct tokens can share a string; the
 endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
-becomes None. The API key goes to the client only; `describe` never includes it.
+becomes None. The API key goes to the client only; `describe` never includes it. For
+llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize).
 
 Failures that doom every request (bad key, unknown model, server unreachable) raise
 `EndpointFatal` so a run stops at once with one message; a request that keeps failing
@@ -102,8 +103,16 @@ class OpenAIEndpoint:
             for name, var in (("OpenAI-Organization", "OPENAI_ORG_ID"), ("OpenAI-Project", "OPENAI_PROJECT_ID"))
             if os.environ.get(var)
         }
-        self.transport = Transport(
-            self.base_url, api_key or _env_key() or "none", headers=headers, limiter=limiter, retry=retry
+        key = api_key or _env_key() or "none"
+        self.transport = Transport(self.base_url, key, headers=headers, limiter=limiter, retry=retry)
+        # llama-server's own routes (/tokenize) sit beside /v1: asked through the official client, once.
+        self._llama_routes = (
+            openai.OpenAI(
+                base_url=self.base_url.removesuffix("/v1"), api_key=key, timeout=self.transport.retry.timeout,
+                max_retries=2,
+            )
+            if dialect == "llama.cpp"
+            else None
         )
         self._prompt_tokens: dict[Any, int] = {}
         self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
@@ -118,6 +127,32 @@ class OpenAIEndpoint:
             self._one_at_a_time = (loop, asyncio.Lock())
         async with self._one_at_a_time[1]:
             return await self._ask(prompt, query)
+
+    @functools.cached_property
+    def withheld_tokens(self) -> frozenset[int]:
+        """The ids whose generation makes llama-server withhold the whole answer (empty for other servers).
+
+        llama.cpp holds a generated token back while the generated text ends in an incomplete UTF-8
+        sequence (`validate_utf8`, tools/server/server-common.cpp); with max_tokens 1 that text is the
+        token's piece, and the answer comes back without logprobs or token. One request to /tokenize
+        with every id and `with_pieces` returns every piece (as a list of byte values where it is not
+        valid UTF-8). Asked synchronously on first use: a run reads this once, before extracting.
+        """
+        if self._llama_routes is None:
+            return frozenset()
+        body = {"content": list(range(self.vocab_size)), "with_pieces": True}
+        try:
+            pieces = self._llama_routes.post("/tokenize", cast_to=object, body=body)["tokens"]
+        except (openai.APIError, KeyError, TypeError) as err:
+            raise EndpointFatal(
+                f"llama-server's /tokenize at {self._llama_routes.base_url} did not list the token pieces "
+                f"({err}): without them the answers it withholds cannot be read"
+            ) from None
+        return frozenset(
+            entry["id"]
+            for entry in pieces
+            if isinstance(entry["piece"], list) and _incomplete_utf8(bytes(entry["piece"]))
+        )
 
     async def verify_mapping(self, prompt: Prompt, ask: Callable[[Prompt, Query], Awaitable[Answer]] | None = None) -> str:
         """Bias one token id hard and read back what the server generated (2 calls, through `ask`,
@@ -306,6 +341,16 @@ class OpenAIEndpoint:
                 "have: name the model's tokenizer with --tokenizer"
             )
         return found
+
+
+def _incomplete_utf8(piece: bytes) -> bool:
+    """llama.cpp's test (validate_utf8 < size): a lead byte among the last four lacks its continuation bytes."""
+    for back in range(1, min(4, len(piece)) + 1):
+        byte = piece[-back]
+        length = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 0
+        if back < length:
+            return True
+    return False
 
 
 def _post_bias_answer(entry: dict[str, Any]) -> Answer:

@@ -400,7 +400,10 @@ def extract_batch(
                     chosen, limits = report.recommended, report.limits()
                 journal.add_setup_spend(metered.spent.minus(before))
                 announce(chosen, report)
-                ctx = Context(endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps)
+                ctx = Context(
+                    endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
+                    withheld=getattr(endpoint, "withheld_tokens", frozenset()),
+                )
                 writer = OutputWriter(
                     output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None,
                     schema_prompts,

@@ -31,12 +31,16 @@ class Context:
 
     top_k: logprobs to ask for per call (the k of the method names).
     eps: bisection's target precision in nats (bracket width).
+    withheld: token ids whose generation makes the endpoint withhold the whole answer
+        (llama.cpp: tokens ending in an incomplete UTF-8 sequence), so that a withheld answer
+        names its winner when a query biases only one of them.
     """
 
     vocab_size: int
     limits: Limits
     top_k: int = 20
     eps: float = 1e-3
+    withheld: frozenset[int] = frozenset()
 
     @property
     def bias_max(self) -> float:
