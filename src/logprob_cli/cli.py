@@ -574,13 +574,25 @@ def serve(
         "malformed (200 with a truncated JSON body)."),
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault draws."),
     stall: float = typer.Option(5.0, "--stall", help="Seconds a timeout fault holds the request."),
+    dialect: str = typer.Option(
+        "openai", "--dialect", metavar="openai|vllm",
+        help="vllm: answer as vLLM's OpenAI-compatible server does (its top_logprobs cap and list order, "
+        "\"token_id:N\" tokens, bias clamped to 100 with no entry cap, its error format). vLLM's default "
+        "--logprobs-mode raw_logprobs is --sim logprobs_after_bias=false; processed_logprobs is the default true."),
+    max_logprobs: int = typer.Option(
+        20, "--max-logprobs", help="vllm dialect: vLLM's --max-logprobs, the most top_logprobs a request may ask "
+        "for; -1 = the whole vocabulary (and top_logprobs -1 returns all of it)."),
+    return_tokens_as_token_ids: bool = typer.Option(
+        False, "--return-tokens-as-token-ids", help="vllm dialect: every token as \"token_id:N\" (a request's own "
+        "return_tokens_as_token_ids field overrides it)."),
 ) -> None:
     """Serve the built-in simulator as an OpenAI-compatible HTTP API on 127.0.0.1 (Ctrl-C stops it)."""
     fault_kinds = tuple(kind.strip() for kind in faults.split(",") if kind.strip())
     try:
         config = ServerConfig(simulator_config(sim), model, api_key, token_ids, latency, log,
                               rpm=rpm, tpm=tpm, fault_rate=fault_rate, faults=fault_kinds, fault_seed=fault_seed,
-                              stall=stall)
+                              stall=stall, dialect=dialect, max_logprobs=max_logprobs,
+                              return_tokens_as_token_ids=return_tokens_as_token_ids)
     except ValueError as error:
         fail(str(error), 2)
     try:

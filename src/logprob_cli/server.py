@@ -8,6 +8,35 @@ generated token outside the returned top-k that the simulator withholds is repor
 -9999.0, OpenAI's sentinel. With `token_ids`, chat logprob entries also carry llama.cpp's
 "id". Every error is OpenAI's {"error": {...}} JSON, never an HTML page or a traceback.
 
+With `dialect="vllm"` the server answers as vLLM's OpenAI-compatible server does (vLLM's
+sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 sampler):
+- top_logprobs is capped by `max_logprobs` (vLLM's --max-logprobs, default 20); more is a
+  400 "Requested sample logprobs of N, which is greater than max allowed: CAP"; with
+  max_logprobs -1 the cap is the vocabulary size and top_logprobs -1 means all of it;
+  other negative values are a 400;
+- a response's top_logprobs list starts with the generated token, then the top-k by rank
+  without it, cut to k entries (vLLM builds one {token: logprob} dict per position with
+  the sampled token inserted first): when a biased token outside the top-k is generated,
+  it comes first and the k-th token is left out;
+- with `return_tokens_as_token_ids` (the request field, or the server switch for every
+  request) each token is the string "token_id:N"; a top entry's `bytes` are then the
+  UTF-8 of that string and the generated entry's `bytes` are its decoded text. Without it
+  a token is its decoded text and `bytes` that text's UTF-8, so they are not the token's
+  own bytes where it is not valid UTF-8 (vLLM decodes it as "" there);
+- logprobs below -9999 are reported as -9999 (vLLM never withholds the generated token's
+  own logprob, so -9999 is never a sentinel here);
+- logit_bias values are clipped to +-bias_max (vLLM: 100) silently, any number of entries
+  is accepted, and an id outside the vocabulary is a 400 naming the ids;
+- legacy completions' `logprobs` is capped by max_logprobs too (not 5) and their
+  top_logprobs dict holds the first k + 1 entries of that same list;
+- errors are vLLM's {"error": {"message", "type": "BadRequestError", "param", "code": 400}},
+  a wrong or missing key is 401 {"error": "Unauthorized"}, an unknown route FastAPI's
+  {"detail": "Not Found"}; a request without `model` goes to the served model; GET
+  /v1/models lists it as owned_by "vllm" with max_model_len. Rate limits and faults stand
+  for a gateway in front of the server and keep OpenAI's format.
+Whether logprobs are raw (vLLM's default --logprobs-mode raw_logprobs: before the bias) or
+processed (processed_logprobs: after it) is the simulator's `logprobs_after_bias` switch.
+
 A completion request, once read, authorized and parsed, goes through: the configured
 latency; a fault draw (`fault_rate`: a flaky network in front of the API); the rate limits
 (`rpm`, `tpm`: the API's gateway); the simulator. Faulted and rate-limited requests never
@@ -36,6 +65,7 @@ Faults (`faults`, drawn uniformly from a seeded generator):
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import math
@@ -60,6 +90,9 @@ SENTINEL = -9999.0
 LEGACY_LOGPROBS_CAP = 5  # OpenAI's legacy Completions cap
 _TOKEN_ID = re.compile(r"-?[0-9]+")
 FAULT_KINDS = ("429", "500", "timeout", "cut", "malformed")
+DIALECTS = ("openai", "vllm")
+VLLM_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
+VLLM_MAX_MODEL_LEN = 4096  # what the vllm dialect's GET /v1/models reports
 BURST_SECONDS = 1.0  # a rate limit's bucket holds one second's worth
 INJECTED_RETRY_AFTER = 0.05  # seconds an injected 429 asks the client to wait
 # The prompt field of each completion route, for its usage tokens.
@@ -83,6 +116,12 @@ class ServerConfig:
     faults: the fault kinds drawn, uniformly (see the module docstring).
     fault_seed: seed of the fault draws (the same request sequence gets the same faults).
     stall: seconds a "timeout" fault holds the request before closing the connection.
+    dialect: "openai" (default) or "vllm", vLLM's OpenAI-compatible server (module docstring).
+    max_logprobs: vllm only: vLLM's --max-logprobs, the most top_logprobs a request may ask
+        for (-1: the whole vocabulary); it replaces the simulator's top_logprobs_cap, and the
+        simulator's bias_entries cap does not apply (vLLM has none).
+    return_tokens_as_token_ids: vllm only: vLLM's --return-tokens-as-token-ids, every token
+        as "token_id:N" unless the request's own return_tokens_as_token_ids says otherwise.
     """
 
     simulator: SimulatorConfig = SimulatorConfig()
@@ -97,6 +136,9 @@ class ServerConfig:
     faults: tuple[str, ...] = FAULT_KINDS
     fault_seed: int = 0
     stall: float = 5.0
+    dialect: str = "openai"
+    max_logprobs: int = VLLM_MAX_LOGPROBS
+    return_tokens_as_token_ids: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "faults", tuple(self.faults))
@@ -113,17 +155,31 @@ class ServerConfig:
             raise ValueError("faults must not repeat a kind")
         if self.fault_rate and not self.faults:
             raise ValueError("a fault_rate above 0 needs at least one fault kind")
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for the whole vocabulary, got {self.max_logprobs!r}")
+        if self.dialect != "vllm" and (self.max_logprobs != VLLM_MAX_LOGPROBS or self.return_tokens_as_token_ids):
+            raise ValueError("max_logprobs and return_tokens_as_token_ids are vLLM's: they need dialect vllm")
+        if self.dialect == "vllm" and self.token_ids:
+            raise ValueError("token_ids is llama.cpp's dialect; vLLM names tokens with return_tokens_as_token_ids")
 
 
 class _ApiError(Exception):
-    """A request failure, sent as OpenAI's error JSON with this status."""
+    """A request failure, sent as OpenAI's error JSON with this status.
+
+    origin: "api" (the API refused the request), "route" (no such route or method) or
+    "gateway" (rate limits and injected faults, from in front of the API); the vllm dialect
+    reshapes the first two into vLLM's formats (`SimulatorServer._error_body`).
+    """
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None, origin: str = "api"):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
         self.headers = headers or {}
+        self.origin = origin
 
 
 def _rate_limit_error(reason: str, type: str, wait: float, headers: dict[str, str]) -> _ApiError:
@@ -131,7 +187,7 @@ def _rate_limit_error(reason: str, type: str, wait: float, headers: dict[str, st
     ms = _milliseconds(wait)
     retry = {"retry-after": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
     return _ApiError(429, f"Rate limit reached for {reason}. Please try again in {_duration(wait)}.",
-                     code="rate_limit_exceeded", type=type, headers={**headers, **retry})
+                     code="rate_limit_exceeded", type=type, headers={**headers, **retry}, origin="gateway")
 
 
 class _RateBucket:
@@ -182,7 +238,8 @@ class SimulatorServer:
 
     def __init__(self, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 0):
         self.config = config or ServerConfig()
-        self.endpoint = SimulatedEndpoint(self.config.simulator)
+        self._vllm = self.config.dialect == "vllm"
+        self.endpoint = SimulatedEndpoint(_engine_config(self.config))
         self._lock = threading.Lock()  # the simulator is not thread-safe
         self.rejected = 0
         self.faults_injected = {kind: 0 for kind in self.config.faults}
@@ -228,6 +285,18 @@ class SimulatorServer:
     # --- routes -------------------------------------------------------------------------
 
     def models(self, body: Any) -> dict[str, Any]:
+        if self._vllm:  # vLLM's ModelCard
+            card = {
+                "id": self.config.model, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+                "root": self.config.model, "parent": None, "max_model_len": VLLM_MAX_MODEL_LEN,
+                "permission": [{
+                    "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": int(time.time()),
+                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                    "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                    "organization": "*", "group": None, "is_blocking": False,
+                }],
+            }
+            return {"object": "list", "data": [card]}
         return {"object": "list", "data": [{"id": self.config.model, "object": "model", "owned_by": "logprob-cli"}]}
 
     def chat_completions(self, body: Any) -> dict[str, Any]:
@@ -240,36 +309,49 @@ class SimulatorServer:
         logprobs = body.get("logprobs")
         if logprobs is not None and not isinstance(logprobs, bool):
             raise _ApiError(400, "'logprobs' must be a boolean", "logprobs")
-        cap = self.config.simulator.top_logprobs_cap
-        k = _integer(body, "top_logprobs") or 0
-        if k > cap:
-            raise _ApiError(400, f"top_logprobs must be <= {cap}", "top_logprobs")
-        if k < 0:
-            raise _ApiError(400, "top_logprobs must be >= 0", "top_logprobs")
-        if k and not logprobs:
-            raise _ApiError(400, "logprobs must be set to true if top_logprobs is used", "top_logprobs")
+        if self._vllm:
+            k = self._vllm_top_logprobs(body, bool(logprobs))
+        else:
+            cap = self.config.simulator.top_logprobs_cap
+            k = _integer(body, "top_logprobs") or 0
+            if k > cap:
+                raise _ApiError(400, f"top_logprobs must be <= {cap}", "top_logprobs")
+            if k < 0:
+                raise _ApiError(400, "top_logprobs must be >= 0", "top_logprobs")
+            if k and not logprobs:
+                raise _ApiError(400, "logprobs must be set to true if top_logprobs is used", "top_logprobs")
         prompt = Prompt(id=0, line=0, messages=messages)
         answer = self._answer(prompt, Query.make(self._bias(body), k if logprobs else 0))
         sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
         content = None
-        if logprobs:
+        if logprobs and self._vllm:
+            content = {"content": [self._vllm_chat_entry(answer, k, self._as_token_ids(body))]}
+        elif logprobs:
             top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
             content = {"content": [{**self._entry(answer.sampled, sampled_lp), "top_logprobs": top}]}
         n = _approx_tokens(messages)
-        return {
+        message: dict[str, Any] = {"role": "assistant", "content": _text(answer.sampled)}
+        if self._vllm:
+            message = {"role": "assistant", "content": _vllm_text(answer.sampled), "reasoning_content": None,
+                       "tool_calls": []}
+        response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.config.model,
-            "system_fingerprint": "fp_simulator",
+            "system_fingerprint": None if self._vllm else "fp_simulator",
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": _text(answer.sampled)},
+                "message": message,
                 "finish_reason": "length",
                 "logprobs": content,
             }],
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
+        if self._vllm:
+            response["choices"][0]["stop_reason"] = None
+            response["prompt_logprobs"] = None
+        return response
 
     def completions(self, body: Any) -> dict[str, Any]:
         body = self._completion_request(body)
@@ -280,15 +362,23 @@ class SimulatorServer:
         if body.get("echo"):
             raise _ApiError(400, "echo is not supported", "echo")
         k = _integer(body, "logprobs")
-        cap = min(LEGACY_LOGPROBS_CAP, self.config.simulator.top_logprobs_cap)
-        if k is not None and k > cap:
-            raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
-        if k is not None and k < 0:
-            raise _ApiError(400, "logprobs must be >= 0", "logprobs")
+        if self._vllm:
+            if k is not None and k < 0:
+                raise _ApiError(400, f"`logprobs` must be a positive value. (parameter=logprobs, value={k})", "logprobs")
+            if k is not None:
+                self._vllm_logprobs_cap(k)
+        else:
+            cap = min(LEGACY_LOGPROBS_CAP, self.config.simulator.top_logprobs_cap)
+            if k is not None and k > cap:
+                raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
+            if k is not None and k < 0:
+                raise _ApiError(400, "logprobs must be >= 0", "logprobs")
         answer = self._answer(Prompt(id=0, line=0, prompt=prompt), Query.make(self._bias(body), k or 0))
-        text = _text(answer.sampled)
+        text = _vllm_text(answer.sampled) if self._vllm else _text(answer.sampled)
         logprobs = None
-        if k is not None:
+        if k is not None and self._vllm:
+            logprobs = self._vllm_completion_logprobs(answer, k, self._as_token_ids(body))
+        elif k is not None:
             top: dict[str, float] = {}
             for i, lp in zip(answer.top_ids, answer.top_logprobs):
                 key = _legacy_token(i)
@@ -304,8 +394,9 @@ class SimulatorServer:
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.config.model,
-            "system_fingerprint": "fp_simulator",
-            "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs}],
+            "system_fingerprint": None if self._vllm else "fp_simulator",
+            "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs,
+                         **({"stop_reason": None, "prompt_logprobs": None} if self._vllm else {})}],
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
 
@@ -325,7 +416,8 @@ class SimulatorServer:
     def _fault_error(self, kind: str) -> _ApiError:
         """The error response of a "429" or "500" fault."""
         if kind == "500":
-            return _ApiError(500, "The server had an error while processing your request.", type="server_error")
+            return _ApiError(500, "The server had an error while processing your request.", type="server_error",
+                             origin="gateway")
         with self._gate:
             headers = self._limit_headers(time.monotonic())
         return _rate_limit_error(f"requests on {self.config.model} (an injected fault)", "requests",
@@ -361,8 +453,12 @@ class SimulatorServer:
         if not isinstance(body, dict):
             raise _ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
+        if self._vllm and model is None:
+            model = self.config.model  # vLLM answers a request without a model with the served one
         if not isinstance(model, str) or not model:
             raise _ApiError(400, "you must provide a model parameter", "model")
+        if self._vllm and model != self.config.model:
+            raise _ApiError(404, f"The model `{model}` does not exist.", "model")
         if model != self.config.model:
             raise _ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                             "model", "model_not_found")
@@ -378,6 +474,8 @@ class SimulatorServer:
             return {}
         if not isinstance(raw, dict):
             raise _ApiError(400, "'logit_bias' must be an object mapping token ids to numbers", "logit_bias")
+        if self._vllm:
+            return self._vllm_bias(raw)
         entries = self.config.simulator.bias_entries
         if len(raw) > entries:
             raise _ApiError(400, f"logit_bias may have at most {entries} entries, got {len(raw)}", "logit_bias")
@@ -407,6 +505,133 @@ class SimulatorServer:
         if self.config.token_ids:
             entry["id"] = token_id
         return entry
+
+    def _error_body(self, exc: _ApiError) -> dict[str, Any]:
+        """The error's JSON: OpenAI's, or in the vllm dialect vLLM's (gateway errors stay OpenAI's)."""
+        if not self._vllm or exc.origin == "gateway":
+            return exc.body
+        if exc.status == 401:
+            return {"error": "Unauthorized"}  # vLLM's --api-key middleware
+        if exc.origin == "route":
+            return {"detail": HTTPStatus(exc.status).phrase}  # FastAPI's own 404 / 405
+        error = exc.body["error"]
+        kind = _VLLM_ERROR_TYPES.get(exc.status) or HTTPStatus(exc.status).phrase.replace(" ", "") + "Error"
+        return {"error": {"message": error["message"], "type": kind, "param": error["param"], "code": exc.status}}
+
+    # --- the vllm dialect ----------------------------------------------------------------
+
+    def _vllm_logprobs_cap(self, k: int) -> None:
+        """vLLM's check of the logprobs a request asks for against --max-logprobs (-1: the vocabulary)."""
+        vocab = self.config.simulator.vocab_size
+        cap = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
+        if k > cap:
+            raise _ApiError(400, f"Requested sample logprobs of {k}, which is greater than max allowed: {cap} "
+                                 f"(parameter=logprobs, value={k})", "logprobs")
+
+    def _vllm_top_logprobs(self, body: dict[str, Any], logprobs: bool) -> int:
+        """A chat request's top_logprobs, validated as vLLM does; -1 becomes the vocabulary size."""
+        k = _integer(body, "top_logprobs")
+        if k is None:
+            return 0
+        if k < -1:
+            raise _ApiError(400, f"`top_logprobs` must be a positive value or -1. (parameter=top_logprobs, value={k})",
+                            "top_logprobs")
+        if k and not logprobs:
+            raise _ApiError(400, "when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)",
+                            "top_logprobs")
+        if k == -1:
+            k = self.config.simulator.vocab_size
+        if logprobs:
+            self._vllm_logprobs_cap(k)
+        return k
+
+    def _as_token_ids(self, body: dict[str, Any]) -> bool:
+        """vLLM's return_tokens_as_token_ids: the request's own field, else the server's switch."""
+        value = body.get("return_tokens_as_token_ids")
+        if value is not None and not isinstance(value, bool):
+            raise _ApiError(400, "'return_tokens_as_token_ids' must be a boolean", "return_tokens_as_token_ids")
+        return self.config.return_tokens_as_token_ids if value is None else value
+
+    def _vllm_bias(self, raw: dict[str, Any]) -> dict[int, float]:
+        """vLLM's logit_bias: integer keys, any number of entries, out-of-vocabulary ids refused.
+
+        The values are clipped to +-bias_max by the simulator, silently, as vLLM clamps to +-100.
+        """
+        vocab = self.config.simulator.vocab_size
+        bias: dict[int, float] = {}
+        for key, value in raw.items():
+            if not _TOKEN_ID.fullmatch(key.strip()):
+                raise _ApiError(400, f"Found token_id `{key}` in logit_bias but token_id must be an integer or string "
+                                     "representing an integer", "logit_bias")
+            number = _finite(value)
+            if number is None:
+                raise _ApiError(400, f"logit_bias value for token {key} must be a finite number", "logit_bias")
+            bias[int(key)] = number
+        outside = [i for i in bias if not 0 <= i < vocab]
+        if outside:
+            raise _ApiError(400, f"token_id(s) {outside} in logit_bias contain out-of-vocab token ids. Vocabulary size: "
+                                 f"{vocab} (parameter=logit_bias, value={outside})", "logit_bias")
+        return bias
+
+    def _vllm_chat_entry(self, answer: Answer, k: int, as_ids: bool) -> dict[str, Any]:
+        """The generated token's chat logprobs entry as vLLM writes it (module docstring)."""
+        token, text = _vllm_token(answer.sampled, as_ids)
+        top = [
+            {"token": name, "logprob": _vllm_logprob(lp), "bytes": list(name.encode())}
+            for name, lp in ((_vllm_token(i, as_ids)[0], lp) for i, lp in _vllm_ranked(answer)[:k])
+        ]
+        sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
+        return {"token": token, "logprob": _vllm_logprob(sampled_lp), "bytes": list(text.encode()), "top_logprobs": top}
+
+    def _vllm_completion_logprobs(self, answer: Answer, k: int, as_ids: bool) -> dict[str, Any]:
+        """Legacy completions' logprobs as vLLM writes them: the first k + 1 entries, keyed by token string."""
+        top: dict[str, float] = {}
+        for i, lp in _vllm_ranked(answer)[: k + 1]:
+            top[_vllm_token(i, as_ids)[0]] = _vllm_logprob(lp)  # same string: one key, the later value
+        sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
+        return {
+            "tokens": [_vllm_token(answer.sampled, as_ids)[0]], "token_logprobs": [_vllm_logprob(sampled_lp)],
+            "top_logprobs": [top], "text_offset": [0],
+        }
+
+
+# vLLM's error types by status (create_error_response); others are the status phrase + "Error".
+_VLLM_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+
+
+def _engine_config(config: ServerConfig) -> SimulatorConfig:
+    """The simulator behind the server: in the vllm dialect, its top-k cap is max_logprobs and no entry cap."""
+    sim = config.simulator
+    if config.dialect != "vllm":
+        return sim
+    cap = sim.vocab_size if config.max_logprobs == -1 else config.max_logprobs
+    return dataclasses.replace(sim, top_logprobs_cap=cap, bias_entries=sim.vocab_size)
+
+
+def _vllm_ranked(answer: Answer) -> list[tuple[int, float]]:
+    """vLLM's entries for one position: the generated token first, then the top-k by rank without it."""
+    sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
+    rest = [(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs) if i != answer.sampled]
+    if len(rest) == len(answer.top_ids):
+        return [(answer.sampled, sampled_lp), *rest]
+    return [(answer.sampled, answer.top()[answer.sampled]), *rest]
+
+
+def _vllm_logprob(logprob: float) -> float:
+    return max(logprob, SENTINEL)  # vLLM: max(logprob, -9999.0), so -inf is JSON
+
+
+@lru_cache(maxsize=1 << 16)
+def _vllm_text(token_id: int) -> str:
+    """A token's text as vLLM decodes it: "" where its bytes end in an incomplete UTF-8 sequence."""
+    text = simulator_token_bytes(token_id).decode("utf-8", errors="replace")
+    return "" if text.endswith("\ufffd") else text
+
+
+def _vllm_token(token_id: int, as_ids: bool) -> tuple[str, str]:
+    """(vLLM's token string, its decoded text)."""
+    text = _vllm_text(token_id)
+    return (f"token_id:{token_id}" if as_ids else text), text
 
 
 @lru_cache(maxsize=1 << 16)
@@ -555,10 +780,10 @@ def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
                 body = self._read_body()
                 path = urlsplit(self.path).path
                 if path not in routes:
-                    raise _ApiError(404, f"Invalid URL ({self.command} {path})")
+                    raise _ApiError(404, f"Invalid URL ({self.command} {path})", origin="route")
                 if self.command not in routes[path]:
                     headers["Allow"] = ", ".join(routes[path])
-                    raise _ApiError(405, f"Method {self.command} not allowed for {path}")
+                    raise _ApiError(405, f"Method {self.command} not allowed for {path}", origin="route")
                 self._authorize()
                 request = self._parse(body)
                 if path in _PROMPT_FIELDS:
@@ -573,10 +798,10 @@ def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
                     headers.update(server._admit(request, _PROMPT_FIELDS[path]))
                 status, payload = 200, routes[path][self.command](request)
             except _ApiError as exc:
-                status, payload = exc.status, exc.body
+                status, payload = exc.status, server._error_body(exc)
                 headers.update(exc.headers)
-            except Exception as exc:  # a bug: still answer in OpenAI's format, no traceback
-                status, payload = 500, _ApiError(500, f"internal error: {exc!r}", type="server_error").body
+            except Exception as exc:  # a bug: still answer in the API's format, no traceback
+                status, payload = 500, server._error_body(_ApiError(500, f"internal error: {exc!r}", type="server_error"))
             self._send(status, payload, headers)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
