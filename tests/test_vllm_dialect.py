@@ -149,25 +149,30 @@ def test_processed_logprobs_with_token_ids_make_auto_pick_a_post_bias_method(tmp
         assert_matches_ground_truth(server, rows)
 
 
-def test_without_token_ids_a_byte_token_stops_the_run_instead_of_landing_on_a_wrong_id(tmp_path):
-    """vLLM's `bytes` are its decoded text ("" for an incomplete UTF-8 byte), not the token's bytes: this
-    prompt's unbiased top-20 holds such a token, so already the probe stops, with one line."""
+def test_vllm_is_recognised_and_asked_for_token_ids_unless_the_user_says_otherwise(tmp_path):
+    """vLLM's `bytes` are its decoded text ("" for an incomplete UTF-8 byte), not the token's bytes, and
+    this prompt's unbiased top-20 holds such a token. Told by GET /models that the server is vLLM, the
+    client asks for ids itself; a user who turns that off gets one line saying what to send."""
     with vllm_server(raw=False) as server:
         top = chat(server, logprobs=True, top_logprobs=20, return_tokens_as_token_ids=True)
         ids = [entry_id(t) for t in top["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
         assert any(simulator_token_bytes(i).decode("utf-8", errors="replace").endswith("\ufffd") for i in ids)
-        run = run_cli("probe", *endpoint_args(server, token_ids=False), "--json")
-        assert run.returncode == 1 and "bytes b''" in run.stderr and "Traceback" not in run.stderr
+        assert probe(server, token_ids=False)["identity"] == ["ids"]
         run, rows = extract(server, tmp_path, "--method", "topk", token_ids=False)
-        assert run.returncode == 1 and not rows
-        assert "bytes b''" in run.stderr and "Traceback" not in run.stderr
+        assert run.returncode == 0, run.stderr
+        assert_matches_ground_truth(server, rows)
+        off = '{"return_tokens_as_token_ids": false}'
+        run = run_cli("probe", *endpoint_args(server, token_ids=False), "--extra-body", off, "--json")
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.startswith("error: ") and "return_tokens_as_token_ids" in run.stderr
 
 
 def test_client_answers_carry_vllms_entries_each_on_its_own_id():
-    """Through OpenAIEndpoint: a forced token outside the top-k comes first, each value on its own id."""
+    """Through OpenAIEndpoint: a forced token outside the top-k (vLLM sends it first) is ranked by its
+    value, each value on its own id."""
     with vllm_server(raw=True) as server:
         endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url,
-                                  api_key=KEY, extra_body={"return_tokens_as_token_ids": True},
+                                  api_key=KEY, dialect="vllm",
                                   retry=RetryPolicy(attempts=1))
         prompt = Prompt(id=1, line=1, messages=MESSAGES)
         truth = server.endpoint.true_logprobs(MESSAGES)
@@ -183,14 +188,12 @@ def test_client_answers_carry_vllms_entries_each_on_its_own_id():
         plain, forced = asyncio.run(ask_all())
         assert list(plain.top_ids) == order[:5].tolist()
         assert forced.sampled == low and abs(forced.sampled_logprob - truth[low]) < 1e-5
-        assert list(forced.top_ids) == [low, *order[:4].tolist()]
+        assert list(forced.top_ids) == [*order[:4].tolist(), low]  # best first, as Answer promises
         for answer in (plain, forced):
             assert np.abs(np.array(answer.top_logprobs) - truth[list(answer.top_ids)]).max() < 1e-5
         assert endpoint.identity == {"ids"}
 
 
-@pytest.mark.xfail(strict=True, reason="the legacy-completions path maps string keys by their bytes and does not parse "
-                   "vLLM's \"token_id:N\" (OpenAIEndpoint._completion_answer)")
 def test_legacy_completions_with_token_ids_match_ground_truth(tmp_path):
     with vllm_server(raw=False) as server:
         prompts = tmp_path / "p.jsonl"

@@ -37,6 +37,8 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache changes the numbers between calls
 # llama-server's post-bias mode: probabilities after the sampler chain, with its truncation switched off
 # (top_k/top_p/min_p) and temperature 1, so they are exactly softmax(z + b); the seed only fixes the draw.
+# vLLM names tokens by their decoded text unless asked for ids (its `bytes` are that text, empty for byte tokens)
+VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
 POST_BIAS_DRAWS = 8
 LLAMA_CPP_POST_BIAS = {"post_sampling_probs": True, "top_k": 0, "top_p": 1, "min_p": 0, "temperature": 1, "seed": 1}
 
@@ -44,9 +46,9 @@ LLAMA_CPP_POST_BIAS = {"post_sampling_probs": True, "top_k": 0, "top_p": 1, "min
 def server_facts(base_url: str | None, api_key: str | None, model: str, timeout: float = 10.0) -> dict[str, Any]:
     """What the server says about itself in GET /models: llama.cpp reports its vocabulary size there.
 
-    Returns {"dialect": "llama.cpp", "n_vocab": N} for llama-server, {} for servers that say
-    nothing more than the OpenAI contract, and raises EndpointFatal when the server cannot be reached
-    or refuses the key.
+    Returns {"dialect": "llama.cpp", "n_vocab": N} for llama-server, {"dialect": "vllm"} for vLLM
+    (its models are owned_by "vllm"), {} for servers that say nothing more than the OpenAI
+    contract, and raises EndpointFatal when the server cannot be reached or refuses the key.
     """
     client = openai.OpenAI(base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=0)
     try:
@@ -61,6 +63,8 @@ def server_facts(base_url: str | None, api_key: str | None, model: str, timeout:
         meta = (entry.model_extra or {}).get("meta") or {}
         if isinstance(meta.get("n_vocab"), int):
             return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.id}
+        if entry.owned_by == "vllm":
+            return {"dialect": "vllm", "served_model": entry.id}
     return {}
 
 
@@ -92,7 +96,10 @@ class OpenAIEndpoint:
             raise ValueError("post-bias mode is llama-server's (post_sampling_probs); this server is not llama.cpp")
         self.dialect = dialect
         self.post_bias = post_bias
-        defaults = {**LLAMA_CPP_DEFAULTS, **(LLAMA_CPP_POST_BIAS if post_bias else {})} if dialect == "llama.cpp" else {}
+        defaults = {
+            "llama.cpp": {**LLAMA_CPP_DEFAULTS, **(LLAMA_CPP_POST_BIAS if post_bias else {})},
+            "vllm": VLLM_DEFAULTS,
+        }.get(dialect, {})
         self._user_extra = dict(extra_body or {})
         self.extra_body = {**defaults, **self._user_extra}
         self.limits = limits or Limits(top_logprobs=20 if api == "chat" else 5)
@@ -255,6 +262,8 @@ class OpenAIEndpoint:
             self.identity.add("ids")
             return _with_usage(_post_bias_answer(entry), data)
         top = [(self._token_id(t), t["logprob"]) for t in entry.get("top_logprobs") or []]
+        if self.dialect == "vllm":  # vLLM puts the generated token first: best first, as Answer says
+            top.sort(key=lambda entry: -entry[1])
         first = entry["logprob"]
         return _with_usage(
             Answer(
@@ -317,12 +326,14 @@ class OpenAIEndpoint:
             self.identity.add("ids")
             return entry["id"]
         token = entry["token"]
-        if token.startswith("token_id:"):
-            self.identity.add("ids")
-            return int(token.removeprefix("token_id:"))
-        if entry.get("bytes") is not None:
+        if entry.get("bytes") is not None and not token.startswith("token_id:"):
             self.identity.add("bytes")
             found = self.vocabulary.id_for_bytes(bytes(entry["bytes"]))
+            if found is None and not entry["bytes"]:
+                raise EndpointFatal(
+                    "the endpoint returned a token with no bytes (vLLM does so for byte tokens unless it names "
+                    "tokens by id): pass --extra-body '{\"return_tokens_as_token_ids\": true}'"
+                )
             if found is None:
                 raise EndpointFatal(
                     f"the endpoint returned a token (bytes {bytes(entry['bytes'])!r}) that the vocabulary "
@@ -332,6 +343,9 @@ class OpenAIEndpoint:
         return self._string_id(token)
 
     def _string_id(self, text: str) -> int:
+        if text.startswith("token_id:"):  # vLLM's return_tokens_as_token_ids, legacy completions' keys too
+            self.identity.add("ids")
+            return int(text.removeprefix("token_id:"))
         self.identity.add("strings")
         data = bytes.fromhex(text[6:].replace("\\x", "")) if text.startswith("bytes:") else text.encode("utf-8")
         found = self.vocabulary.id_for_bytes(data)
