@@ -220,3 +220,60 @@ def test_answers_withheld_for_a_token_not_named_held_leave_it_unrecovered(monkey
     recovered = ~np.isnan(result.logprobs)
     assert np.abs(result.logprobs - truth)[recovered].max() <= result.precision
     assert any("withheld although no token of their query" in note for note in result.notes)
+
+
+def llama_like(endpoint: SimulatedEndpoint, held: set[int], log: list[tuple[Query, Answer]]):
+    """`withholding`, plus what OpenAIEndpoint does for llama-server (pre-bias logprobs): an unbiased query whose
+    answer is withheld is asked again with every held token biased by -B, and its top entry is the greedy token."""
+    inner = withholding(endpoint, held, log)
+
+    def answer(query: Query) -> Answer:
+        got = inner(query)
+        if got.withheld and not query.bias:
+            again = endpoint.answer(PROMPT, Query.make({i: -endpoint.limits.bias_max for i in held}, query.top_logprobs))
+            got = Answer(again.top_ids[0], again.top_logprobs[0], again.top_ids, again.top_logprobs)
+        return got
+
+    return answer
+
+
+def held_with_top(truth: np.ndarray, vocab: int) -> set[int]:
+    ranked = np.argsort(-truth)
+    rng = np.random.default_rng(11)
+    return {int(ranked[0]), int(ranked[1]), *(int(i) for i in rng.choice(ranked[2:], vocab // 10, replace=False))}
+
+
+def test_a_withheld_top_token_hands_its_part_to_the_best_token_not_held():
+    """The top token, the runner-up and a tenth of the vocabulary are held: every query holds the two down by -B,
+    so the third token is the unbiased argmax, and every token comes back within eps of the truth."""
+    config, eps = SimulatorConfig(vocab_size=2000, logprobs_after_bias=False), 1e-3
+    endpoint = SimulatedEndpoint(config)
+    truth = endpoint.true_logprobs(PROMPT)
+    held = held_with_top(truth, config.vocab_size)
+    log: list[tuple[Query, Answer]] = []
+    ctx = Context(config.vocab_size, endpoint.limits, eps=eps, withheld=frozenset(held))
+    result, calls = drive(bisection.plan(ctx), llama_like(endpoint, held, log))
+    assert result.behaviour["reference"] == int(np.argsort(-truth)[2])
+    assert all(sum(i in held and b > 0 for i, b in query.bias) <= 1 for query, _ in log)
+    assert result.unrecovered_ids.size == 0
+    error = np.abs(result.logprobs - truth)
+    assert error.max() <= result.precision <= eps
+    assert calls / config.vocab_size < 4
+    check_calls = result.behaviour["check_calls"]
+    assert f"({calls} calls," in result.notes[0] and check_calls == 2
+    assert any("held the tokens above token" in note for note in result.notes)
+
+
+def test_calls_per_token_counts_the_checks_retries(monkeypatch):
+    """The check's last top-k tokens are held, untold: it asks twice more, and the note counts those calls."""
+    monkeypatch.setattr(bisection, "SAFETY", 0.5)  # the untold held tokens stay open until the round cap
+    config, eps = SimulatorConfig(vocab_size=1000, logprobs_after_bias=False), 1e-2
+    endpoint = SimulatedEndpoint(config)
+    truth = endpoint.true_logprobs(PROMPT)
+    ranked = np.argsort(-truth)
+    held = {int(ranked[19]), int(ranked[18])}
+    result, calls = drive(
+        bisection.plan(Context(config.vocab_size, endpoint.limits, eps=eps)), withholding(endpoint, held, [])
+    )
+    assert result.behaviour["check_calls"] == 4
+    assert f"{calls / config.vocab_size:.2f} calls per token ({calls} calls" in result.notes[0]

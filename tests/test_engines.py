@@ -22,11 +22,12 @@ smollm2_server = llama_server_fixture("smollm2")
 tiny_server = llama_server_fixture("tiny")
 
 
-def whole_distribution(base_url: str, text: str, n_vocab: int) -> np.ndarray:
-    """The server's own answer for every token, by id (the ground truth on this server)."""
+def whole_distribution(base_url: str, text: str, n_vocab: int, bias: dict | None = None) -> np.ndarray:
+    """The server's own answer for every token, by id (the ground truth on this server). Its logprobs are
+    pre-bias: `bias` forcing a clean token gets an answer where the unbiased greedy token's is withheld."""
     body = {
         "messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0, "logprobs": True,
-        "top_logprobs": n_vocab, "cache_prompt": False,
+        "top_logprobs": n_vocab, "cache_prompt": False, "logit_bias": bias or {},
     }
     request = urllib.request.Request(f"{base_url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -86,7 +87,7 @@ def sqlite_answers(path):
         return db.execute("select seq from answers").fetchall()
 
 
-def test_forced_matches_the_server_where_it_answers(tiny_server, tmp_path):
+def test_forced_matches_the_server_everywhere(tiny_server, tmp_path):
     text = "The capital of France is"
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": text}) + "\n")
@@ -95,12 +96,10 @@ def test_forced_matches_the_server_where_it_answers(tiny_server, tmp_path):
     (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
     got = np.array([np.nan if v is None else v for v in row["logprobs"]], dtype=float)
     truth = whole_distribution(tiny_server, text, 459)
-    known = ~np.isnan(got)
-    assert known.sum() > 300
-    assert np.abs(got[known] - truth[known]).max() < 1e-3
-    # The rest are tokens whose answers llama.cpp withholds (incomplete UTF-8): unrecovered, not invented.
-    assert row["unrecovered_count"] == (~known).sum()
-    assert any("withheld" in note for note in row["notes"])
+    # Tokens whose answers llama.cpp withholds (incomplete UTF-8) are found by bisection over their bias.
+    assert row["unrecovered_count"] == 0
+    assert np.abs(got - truth).max() <= row["precision_nats"] <= 1e-3
+    assert any("found by bisection" in note for note in row["notes"])
 
 
 def test_post_bias_mode_serves_topk_and_exact(tiny_server, tmp_path):
@@ -162,3 +161,75 @@ def test_bisection_matches_the_server_where_it_withholds_answers(tiny_server, tm
     assert row["unrecovered_count"] == 0
     assert np.abs(got[mask] - truth[mask]).max() < 1e-3
     assert row["calls"] < 4 * 459  # measured 1,526 (3.3 per token)
+
+
+def completion_distribution(base_url: str, text: str, n_vocab: int) -> np.ndarray:
+    """The server's own legacy-completions answer for every token, with a clean token (id 0, a control byte)
+    forced so that the answer is not withheld: its logprobs are pre-bias, so they are the unbiased ones."""
+    body = {"prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": n_vocab, "cache_prompt": False,
+            "logit_bias": {"0": 100}}
+    request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        entry = json.load(response)["choices"][0]["logprobs"]["content"][0]
+    assert entry["id"] == 0
+    truth = np.full(n_vocab, np.nan)
+    for e in entry["top_logprobs"]:
+        truth[e["id"]] = e["logprob"]
+    return truth
+
+
+WITHHELD_GREEDY = "The capital of France is"  # with --api completions its greedy token is id 201, byte 0xC9: held
+
+
+def test_methods_work_when_the_greedy_token_itself_is_withheld(tiny_server, tmp_path):
+    """The unbiased answer comes back without logprobs: the endpoint asks again with the held tokens at -100, and
+    auto (direct) and forced recover every token; forced finds the held ones by bisection over their bias."""
+    truth = completion_distribution(tiny_server, WITHHELD_GREEDY, 459)
+    assert int(np.argmax(truth)) in TINY_LEAD_BYTES
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": WITHHELD_GREEDY}) + "\n")
+    for method in ("auto", "forced"):
+        out = tmp_path / f"{method}.parquet"
+        run = logprobs("extract", prompts, "-o", out, "--model", "tiny", "--base-url", f"{tiny_server}/v1",
+                       "--api", "completions", "--method", method, "-q")
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        (row,) = pq.read_table(out).to_pylist()
+        assert row["unrecovered_count"] == 0
+        got = np.array(row["logprobs"], dtype=float)
+        assert np.abs(got - truth).max() <= max(row["precision_nats"], 1e-6)
+    assert row["calls"] < 4 * 459  # measured 1,531 (459 - 5 forced, 1,136 for the 63 held tokens outside the top-5)
+
+
+def test_bisection_when_the_greedy_token_itself_is_withheld(tiny_server, tmp_path):
+    """t0 is held: every query holds the held tokens above the best clean one down, and every token is found."""
+    truth = completion_distribution(tiny_server, WITHHELD_GREEDY, 459)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": WITHHELD_GREEDY}) + "\n")
+    run = logprobs("extract", prompts, "--model", "tiny", "--base-url", f"{tiny_server}/v1", "--api", "completions",
+                   "--method", "bisection", "-q")
+    assert run.returncode == 0, run.stderr
+    (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    got = np.array([np.nan if v is None else v for v in row["logprobs"]], dtype=float)
+    assert row["unrecovered_count"] == 0
+    assert np.abs(got - truth).max() <= row["precision_nats"] <= 1e-3
+    assert row["calls"] < 4 * 459  # measured 1,514
+    assert any("held the tokens above token" in note for note in row["notes"])
+
+
+def test_a_chat_prompt_with_a_withheld_greedy_token_comes_back_whole(tiny_server):
+    """Chat "Paris is": the greedy token (205) is held; one query with no bias still returns the true top-k."""
+    endpoint = OpenAIEndpoint("tiny", server_vocabulary(459), base_url=f"{tiny_server}/v1", dialect="llama.cpp")
+
+    async def once():
+        try:
+            return await endpoint.ask(Prompt(id=0, line=1, prompt="Paris is"), Query.make(top_logprobs=459))
+        finally:
+            await endpoint.aclose()
+
+    answer = asyncio.run(once())
+    truth = whole_distribution(tiny_server, "Paris is", 459, {"0": 100})
+    got = np.full(459, np.nan)
+    got[list(answer.top_ids)] = answer.top_logprobs
+    assert answer.sampled in endpoint.withheld_tokens and answer.sampled == int(np.argmax(truth))
+    assert answer.sampled_logprob == truth.max() and np.array_equal(got, truth)

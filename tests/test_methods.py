@@ -3,8 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from logprob_cli.endpoint import EndpointUnsuitable
-from logprob_cli.simulator import SimulatorConfig
+from logprob_cli.endpoint import WITHHELD, Answer, EndpointUnsuitable, Limits, Query
+from logprob_cli.methods import METHODS, Context, drive
+from logprob_cli.simulator import SimulatedEndpoint, SimulatorConfig
 
 from conftest import max_error, run_method
 
@@ -59,3 +60,70 @@ def test_narrow_bias_range_reports_unrecovered_with_true_bounds(name, small):
     assert not np.isnan(bounds).any()
     assert (truth[missing] <= bounds + 1e-4).all()
     assert 0 < result.unrecovered_mass_bound() <= 1
+
+
+def llama_like(endpoint, held, prompt="The capital of France is"):
+    """Answers withheld when the generated token is held; an unbiased one asked again with the held tokens at -B
+    (what OpenAIEndpoint does for llama-server)."""
+
+    def answer(query):
+        got = endpoint.answer(prompt, query)
+        if got.sampled not in held:
+            return got
+        if query.bias:
+            return Answer(WITHHELD, None)
+        again = endpoint.answer(prompt, Query.make({i: -endpoint.limits.bias_max for i in held}, query.top_logprobs))
+        return Answer(again.top_ids[0], again.top_logprobs[0], again.top_ids, again.top_logprobs)
+
+    return answer
+
+
+def held_tokens(truth, share=10):
+    ranked = np.argsort(-truth)
+    rng = np.random.default_rng(3)
+    return {int(ranked[0]), *(int(i) for i in rng.choice(ranked[25:], truth.size // share, replace=False))}
+
+
+def test_forced_searches_held_tokens_by_bisection_to_eps():
+    """The top token and a tenth of the rest are held: forced finds every one of them within eps of the truth."""
+    config = SimulatorConfig(vocab_size=1000, logprobs_after_bias=False)
+    endpoint = SimulatedEndpoint(config)
+    truth = endpoint.true_logprobs("The capital of France is")
+    held = held_tokens(truth)
+    ctx = Context(config.vocab_size, endpoint.limits, top_k=20, eps=1e-3, withheld=frozenset(held))
+    result, calls = drive(METHODS["forced"](ctx), llama_like(endpoint, held))
+    assert result.unrecovered_ids.size == 0
+    error = np.abs(result.logprobs - truth)
+    assert error.max() <= result.precision <= 1e-3
+    assert any("found by bisection" in note for note in result.notes)
+    assert calls < config.vocab_size + 25 * len(held)
+
+
+def test_forced_without_the_list_bounds_withheld_tokens_by_the_top_k():
+    config = SimulatorConfig(vocab_size=1000, logprobs_after_bias=False)
+    endpoint = SimulatedEndpoint(config)
+    truth = endpoint.true_logprobs("The capital of France is")
+    held = held_tokens(truth) - {int(np.argmax(truth))}
+    ctx = Context(config.vocab_size, endpoint.limits, top_k=20)
+    result, _ = drive(METHODS["forced"](ctx), llama_like(endpoint, held))
+    assert set(result.unrecovered_ids.tolist()) == held
+    assert all(truth[i] <= result.upper_bounds[i] for i in held)
+    known = ~np.isnan(result.logprobs)
+    assert np.abs(result.logprobs - truth)[known].max() <= result.precision
+
+
+@pytest.mark.parametrize("name", ["visible", "direct"])
+def test_a_withheld_answer_leaves_everything_unrecovered_without_a_crash(name):
+    config = SimulatorConfig(vocab_size=1000)
+    ctx = Context(config.vocab_size, Limits(top_logprobs=1000), top_k=20)
+    result, calls = drive(METHODS[name](ctx), lambda q: Answer(WITHHELD, None))
+    assert calls == 1 and result.unrecovered_ids.size == config.vocab_size
+    assert any("withheld" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("name", ["bisection", "forced", "topk"])
+def test_a_withheld_first_answer_is_refused_with_a_message(name):
+    config = SimulatorConfig(vocab_size=1000)
+    ctx = Context(config.vocab_size, Limits(), top_k=20)
+    with pytest.raises(EndpointUnsuitable, match="withheld its whole answer"):
+        drive(METHODS[name](ctx), lambda q: Answer(WITHHELD, None))

@@ -150,16 +150,15 @@ class OpenAIEndpoint:
         body = {"content": list(range(self.vocab_size)), "with_pieces": True}
         try:
             pieces = self._llama_routes.post("/tokenize", cast_to=object, body=body)["tokens"]
-        except (openai.APIError, KeyError, TypeError) as err:
-            raise EndpointFatal(
-                f"llama-server's /tokenize at {self._llama_routes.base_url} did not list the token pieces "
-                f"({err}): without them the answers it withholds cannot be read"
-            ) from None
-        return frozenset(
-            entry["id"]
-            for entry in pieces
-            if isinstance(entry["piece"], list) and _incomplete_utf8(bytes(entry["piece"]))
-        )
+            return frozenset(
+                entry["id"]
+                for entry in pieces
+                if isinstance(entry["piece"], list) and _incomplete_utf8(bytes(entry["piece"]))
+            )
+        except (openai.APIError, KeyError, TypeError, ValueError):
+            # Not fatal: `direct` never needs the list, and without it a withheld answer stays unread (never
+            # misread): bisection asks such queries again and leaves their winners unrecovered, saying so.
+            return frozenset()
 
     async def verify_mapping(self, prompt: Prompt, ask: Callable[[Prompt, Query], Awaitable[Answer]] | None = None) -> str:
         """Bias one token id hard and read back what the server generated (2 calls, through `ask`,
@@ -229,6 +228,8 @@ class OpenAIEndpoint:
         tokens = self._prompt_tokens.get(prompt.id) or _approx_tokens(prompt.content())
         if not (self.post_bias and "seed" not in self._user_extra):
             answer = await self.transport.post(path, body, tokens + 1, parse)
+            if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
+                answer = await self._greedy_behind_withheld(path, body, tokens + 1, parse, answer)
         else:
             # Post-bias mode draws at temperature 1. The probabilities do not depend on the draw, but a
             # draw that lands on an incomplete UTF-8 token makes llama.cpp withhold them: draw again with
@@ -241,6 +242,31 @@ class OpenAIEndpoint:
         if answer.prompt_tokens:
             self._prompt_tokens[prompt.id] = answer.prompt_tokens
         return _trim(answer, query.top_logprobs)
+
+    async def _greedy_behind_withheld(
+        self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer], withheld: Answer
+    ) -> Answer:
+        """The unbiased answer llama-server withheld because its greedy token is a held one (`withheld_tokens`).
+
+        Asked again with every held token biased by -B: its logprobs are pre-bias, so the returned top-k
+        is the unbiased one, and at temperature 0 the unbiased greedy token is its first entry. The answer
+        bills both requests. Without the list of held tokens, or if the second answer is withheld too,
+        the withheld answer stands.
+        """
+        held = await asyncio.to_thread(lambda: self.withheld_tokens)
+        if not held:
+            return withheld
+        floor = _bias_value(-self.limits.bias_max)
+        again = await self.transport.post(path, {**body, "logit_bias": {str(i): floor for i in sorted(held)}}, tokens, parse)
+        if again.withheld or not again.top_ids:
+            return withheld
+        return dataclasses.replace(
+            again,
+            sampled=again.top_ids[0],
+            sampled_logprob=again.top_logprobs[0],
+            prompt_tokens=withheld.prompt_tokens + again.prompt_tokens,
+            completion_tokens=withheld.completion_tokens + again.completion_tokens,
+        )
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:

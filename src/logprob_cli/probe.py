@@ -94,13 +94,15 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     if roundoff(list(head.top_logprobs)) == BFLOAT16_ROUNDOFF:
         report.precision = "bfloat16"
 
+    held = getattr(endpoint, "withheld_tokens", frozenset())  # their answers come back empty: never probe with them
     if len(head.top_ids) >= 2:
-        target = head.top_ids[-1]
-        b = min(100.0, head.top_logprobs[0] - head.top_logprobs[-1] + 2.0)
+        rank = next((r for r in range(len(head.top_ids) - 1, 0, -1) if head.top_ids[r] not in held), len(head.top_ids) - 1)
+        target = head.top_ids[rank]
+        b = min(100.0, head.top_logprobs[0] - head.top_logprobs[rank] + 2.0)
         moved = await ask(Query.make({target: b}, top_logprobs=k))
         report.bias_steers_sampling, report.logprobs_after_bias = bias_response(head, moved, target, b)
     if report.bias_steers_sampling:
-        outside = next(i for i in range(endpoint.vocab_size) if i not in set(first.top_ids[:k]))
+        outside = next(i for i in range(endpoint.vocab_size) if i not in set(first.top_ids[:k]) and i not in held)
         forced = await ask(Query.make({outside: 100.0}, top_logprobs=k))
         if forced.sampled != outside:
             report.forced_logprob = "untested"

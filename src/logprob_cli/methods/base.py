@@ -110,32 +110,46 @@ def bias_response(before: Answer, after: Answer, target: int, bias: float) -> tu
 
 
 def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], list[Answer], tuple[Answer, dict]]:
-    """Two calls that tell how the endpoint treats logit_bias, before a method spends more.
+    """Two calls (up to four) that tell how the endpoint treats logit_bias, before a method spends more.
 
-    Call 1 asks for the unbiased top-k. Call 2 biases the last visible token t (or the one
-    before, if the endpoint withholds t's answer) by
+    Call 1 asks for the unbiased top-k. Call 2 biases the last visible token t that is not held
+    (ctx.withheld; the one before if the endpoint still withholds t's answer, up to three tries) by
     b = (lp_top - lp_t) + 2, enough to make it the argmax by 2 nats, and reads back:
       - bias steers sampling: t is the generated token;
       - logprobs are post-bias: lp'_t - lp'_top moved by b (identity 1 with two biases).
     `needs` is "post_bias" (exact, topk) or "steers" (bisection). Returns the first
-    answer and the findings; raises EndpointUnsuitable naming a method that would work.
+    answer and the findings, with the calls made as "check_calls"; raises EndpointUnsuitable
+    naming a method that would work.
     """
     k = max(ctx.top_k, 2)
     (first,) = yield [Query.make(top_logprobs=k)]
-    found: dict[str, Any] = {"top_logprobs_returned": len(first.top_ids)}
+    found: dict[str, Any] = {"top_logprobs_returned": len(first.top_ids), "check_calls": 1}
+    if first.withheld:
+        raise EndpointUnsuitable(
+            f"the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy "
+            f"token ends in an incomplete UTF-8 sequence and it cannot list such tokens), so {method} cannot start: "
+            "use --method visible, or direct if the server returns the whole vocabulary"
+        )
     if len(first.top_ids) < 2:
         raise EndpointUnsuitable(
             f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; "
             f"{method} needs at least 2 (check that the endpoint supports top_logprobs)"
         )
-    for rank in range(len(first.top_ids) - 1, max(0, len(first.top_ids) - 4), -1):
+    ranks = [r for r in range(len(first.top_ids) - 1, 0, -1) if first.top_ids[r] not in ctx.withheld][:3]
+    for rank in ranks or [len(first.top_ids) - 1]:
         # A token whose answer the endpoint withholds (llama.cpp: incomplete UTF-8) tells nothing: try the next.
         target = first.top_ids[rank]
         gap = first.top_logprobs[0] - first.top_logprobs[rank]
         b = min(ctx.bias_max, gap + 2.0)
         (second,) = yield [Query.make({target: b}, top_logprobs=k)]
+        found["check_calls"] += 1
         if not second.withheld:
             break
+    if second.withheld:
+        raise EndpointUnsuitable(
+            f"the endpoint withheld its answer each time a token of the top-{len(first.top_ids)} was biased "
+            f"(last: token {target} by {b:+.2f}), so {method} cannot tell what the bias does here"
+        )
     steers, moved = bias_response(first, second, target, b)
     found.update(bias_steers_sampling=steers, logprobs_after_bias=moved)
     if needs == "post_bias" and not moved:
@@ -157,6 +171,22 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             f"(enough to make it the most likely) left token {second.sampled} generated. {alternative}"
         )
     return first, found
+
+
+def reference(first: Answer, ctx: Context) -> tuple[int, dict[int, float]] | None:
+    """The best token of the unbiased top-k whose answers are not withheld, and the held tokens above it.
+
+    Returns (r, {j: log p_j - log p_r} for the held tokens ranked above r). Biasing those tokens by -B
+    makes r the unbiased argmax of every query when each gap is below B, so that a withheld answer can
+    only name a held token the query lifts. None when that cannot be done: every returned token held,
+    a gap of B or more (neither passes the checks), or more such tokens than a query has bias entries.
+    """
+    for rank, (i, lp) in enumerate(zip(first.top_ids, first.top_logprobs)):
+        if i not in ctx.withheld:
+            above = {j: v - lp for j, v in zip(first.top_ids[:rank], first.top_logprobs[:rank])}
+            usable = len(above) < ctx.limits.bias_entries and max(above.values(), default=0.0) < ctx.bias_max
+            return (i, above) if usable else None
+    return None
 
 
 def vector_from(answer: Answer, vocab_size: int) -> np.ndarray:

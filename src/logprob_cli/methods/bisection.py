@@ -36,18 +36,26 @@ and an unrecovered token has log p_i <= hi_i - logsumexp(lo).
 
 Withheld answers: an endpoint may return nothing at all when it generates one of a known set of
 "held" tokens (ctx.withheld; llama-server: tokens whose bytes end in an incomplete UTF-8
-sequence). t0 is not held (the check read its answer). A query holds at most one held token, so
-a withheld answer names its winner: that token was generated, read as above. While other tokens
-are open, each query holds one held token (widest bracket first, so they take turns) beside up
-to `bias_entries` - 1 others, and its threshold leaves it the chance Q_HELD = 1/4 of exceeding
-(more than q): at q = LAMBDA / |M| a held token would learn almost nothing per turn, while a
-held winner's wide slice bounds its neighbours only loosely, so a larger chance takes the query
-from them; 1/4 measured cheapest (1/10: +11% calls, 1/2: +12%). Once only held tokens are open,
-each is searched alone. A withheld answer for a query without a held token (noise, or an
-endpoint that withholds others too) tells nothing: it is asked again next round, and counted in
-a note. Measured on llama-server's tiny model (vocabulary 459, 65 held tokens; six prompts,
-in-process replay of its own distribution): 3.3 calls per token, against 2.7 had nothing been
-withheld (6.7 with every held token in its own query each round).
+sequence). A query holds at most one held token, so a withheld answer names its winner: that
+token was generated, read as above. This needs t0 not held. If it is (the endpoint layer still
+returns its unbiased top-k, as llama-server's pre-bias logprobs allow), t0 hands its part to r, the
+best token of the check's top-k that is not held: every query also biases the held tokens ranked
+above r (t0 among them) by -B, which leaves r the argmax of the unbiased rest when each of their
+gaps D_j = lp_j - lp_r is below B, so D is taken relative to r, and those few tokens' D_j are the
+first answer's own values (exact up to its rounding). Such an r exists once the check has passed
+(it saw a non-held top-k token win with a bias of at most B); only a query too short for those
+tokens (bias_entries at most their number) makes bisection refuse.
+While other tokens are open, each query holds one held token (widest bracket first, so they take
+turns) beside up to `bias_entries` - 1 others, and its threshold leaves it the chance Q_HELD = 1/4
+of exceeding (more than q): at q = LAMBDA / |M| a held token would learn almost nothing per turn,
+while a held winner's wide slice bounds its neighbours only loosely, so a larger chance takes the
+query from them; 1/4 measured cheapest (1/10: +11% calls, 1/2: +12%). Once only held tokens are
+open, each is searched alone (`search`, which forced reuses for its held tokens). A withheld answer
+for a query without a held token (noise, or an endpoint that withholds others too, or one that
+could not list them) tells nothing: it is asked again next round, and counted in a note. Measured
+on llama-server's tiny model (vocabulary 459, 65 held tokens; six prompts, in-process replay of its
+own distribution): 3.3 calls per token, against 2.7 had nothing been withheld (6.7 with every held
+token in its own query each round).
 
 Noise (temperature-0 near-ties): thresholds lie strictly inside brackets, so no answer about
 a token in M can invert its bracket. A token outside the query that is generated beat t0,
@@ -63,11 +71,12 @@ half of the cap); tokens still open then are unrecovered, with their proven boun
 from __future__ import annotations
 
 import math
+from typing import Generator
 
 import numpy as np
 
-from ..endpoint import Query
-from .base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, roundoff
+from ..endpoint import Answer, EndpointUnsuitable, Query
+from .base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
 
 LAMBDA = 2.0  # expected number of tokens per query above their threshold
 SAFETY = 4.0  # round cap, in multiples of the rounds a bracket shrinking by 1 - q needs
@@ -77,17 +86,49 @@ Q_HELD = 0.25  # chance that a held token (one whose answers the endpoint withho
 
 def plan(ctx: Context) -> Plan:
     first, behaviour = yield from check_bias(ctx, needs="steers", method="bisection")
-    top, big, eps, size = first.sampled, ctx.bias_max, ctx.eps, ctx.limits.bias_entries
-    lo = np.full(ctx.vocab_size, -2.0 * big)
-    hi = np.zeros(ctx.vocab_size)
-    lo[top] = 0.0
-    others = np.arange(ctx.vocab_size) != top
+    big, eps = ctx.bias_max, ctx.eps
+    top, above = first.sampled, {}
     marked = np.zeros(ctx.vocab_size, dtype=bool)  # tokens whose answers the endpoint withholds
     marked[sorted(ctx.withheld)] = True
+    if marked[top]:  # see "Withheld answers" in the module doc
+        found = reference(first, ctx)
+        if found is None:
+            raise EndpointUnsuitable(
+                f"the top token {top} is one whose answers the endpoint withholds, and the "
+                f"{ctx.limits.bias_entries} bias entries a query may carry leave no room to hold it and its peers "
+                "down: use --method forced or direct"
+            )
+        top, above = found
+    searchable = np.ones(ctx.vocab_size, dtype=bool)
+    lo = np.full(ctx.vocab_size, -2.0 * big)
+    hi = np.zeros(ctx.vocab_size)
+    for i, d in [(top, 0.0), *above.items()]:
+        lo[i] = hi[i] = d
+    searchable[[top, *above]] = False
+    counts = yield from search(ctx, lo, hi, top, marked, searchable, {i: -big for i in above})
+    counts["calls"] += behaviour["check_calls"]
+    if above:
+        behaviour["reference"] = top
+    return _result(lo, hi, top, big, eps, behaviour, counts, roundoff(first.top_logprobs))
+
+
+def search(
+    ctx: Context, lo: np.ndarray, hi: np.ndarray, top: int, marked: np.ndarray, searchable: np.ndarray,
+    fixed: dict[int, float],
+) -> Generator[list[Query], list[Answer], dict[str, int]]:
+    """Shrink the brackets lo < D_i <= hi of the `searchable` tokens (D relative to `top`) to eps, in place.
+
+    Every query also carries the `fixed` biases (tokens held down so that `top` is its unbiased argmax);
+    `marked` tokens are the held ones. Returns the calls made, the answers won outside the query
+    ("outside") and the withheld answers that named no token ("unexplained").
+    """
+    big, eps = ctx.bias_max, ctx.eps
+    size = ctx.limits.bias_entries - len(fixed)
+    others = searchable.copy()
     max_rounds = math.ceil(SAFETY * math.log(2.0 * big / eps) / min(0.5, LAMBDA / size))
-    calls, outside, unexplained = 2, 0, 0  # the check made 2 calls
+    counts = {"calls": 0, "outside": 0, "unexplained": 0}
     for _ in range(max_rounds):
-        pending = np.flatnonzero((hi - lo > eps) & (hi > -big))
+        pending = np.flatnonzero((hi - lo > eps) & (hi > -big) & searchable)
         if not pending.size:
             break
         belief = _pooled_cdf(lo[others], hi[others], big)
@@ -103,19 +144,19 @@ def plan(ctx: Context) -> Plan:
         order = np.concatenate([held, plain])
         groups = [np.sort(order[i::n]) for i in range(n)]
         thresholds = [_thresholds(lo[g], hi[g], marked[g], big, eps, belief) for g in groups]
-        answers = yield [Query(tuple(zip(g.tolist(), (-t).tolist()))) for g, t in zip(groups, thresholds)]
-        calls += len(answers)
+        answers = yield [Query.make({**fixed, **dict(zip(g.tolist(), (-t).tolist()))}) for g, t in zip(groups, thresholds)]
+        counts["calls"] += len(answers)
         for group, tau, answer in zip(groups, thresholds, answers):
             winner = answer.sampled
             if answer.withheld:  # the query's one withheld token won; with none, nothing is known: ask again
                 suspects = group[marked[group]]
                 if not suspects.size:
-                    unexplained += 1
+                    counts["unexplained"] += 1
                     continue
                 winner = int(suspects[0])
-            outside += winner != top and winner not in group
+            counts["outside"] += winner != top and winner not in group
             _learn(lo, hi, group, tau, winner)
-    return _result(lo, hi, top, big, eps, behaviour, calls, outside, unexplained, roundoff(first.top_logprobs))
+    return counts
 
 
 def _pooled_cdf(lo: np.ndarray, hi: np.ndarray, big: float) -> tuple[np.ndarray, np.ndarray]:
@@ -164,9 +205,7 @@ def _learn(lo: np.ndarray, hi: np.ndarray, group: np.ndarray, tau: np.ndarray, w
 LOGIT_MAGNITUDE = 64.0  # assumed bound on |z + b| at a comparison, for the bfloat16 rounding term
 
 
-def _result(
-    lo, hi, top: int, big: float, eps: float, behaviour: dict, calls: int, outside: int, unexplained: int, grid: float
-) -> MethodResult:
+def _result(lo, hi, top: int, big: float, eps: float, behaviour: dict, counts: dict, grid: float) -> MethodResult:
     """Midpoints of the resolved brackets, normalised; bounds for the rest (see the module doc)."""
     vocab = lo.size
     resolved = (hi - lo <= eps) & (hi > -big)
@@ -182,7 +221,13 @@ def _result(
         precision += 2 * grid * LOGIT_MAGNITUDE
     missing = np.flatnonzero(~resolved)
     below = int((hi[missing] <= -big).sum())
+    calls, outside, unexplained = counts["calls"], counts["outside"], counts["unexplained"]
     notes = [f"{calls / vocab:.2f} calls per token ({calls} calls, vocabulary {vocab}, eps {eps:g})"]
+    if "reference" in behaviour:
+        notes.append(
+            f"the top token is one whose answers the endpoint withholds: every query held the tokens above token "
+            f"{top} down by {big:g}, and their values are the first answer's"
+        )
     if below:
         notes.append(f"{below} tokens never won at bias {big:g}: more than {big:g} nats below the top, unrecovered")
     if missing.size > below:

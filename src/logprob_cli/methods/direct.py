@@ -27,6 +27,8 @@ def plan(ctx: Context) -> Plan:
     missing = np.flatnonzero(np.isnan(logprobs))
     floor = min(answer.top_logprobs) if answer.top_logprobs else math.nan
     notes = [f"{missing.size} tokens were not returned: reported as unrecovered"] if missing.size else []
+    if answer.withheld:
+        notes.append("the endpoint withheld the whole answer (an incomplete UTF-8 greedy token it could not work around)")
     precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)
     behaviour = {"top_logprobs_returned": len(answer.top_ids)}
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, behaviour, notes)

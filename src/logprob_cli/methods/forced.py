@@ -7,10 +7,21 @@ search. OpenAI's contract hides it (-9999 for a token outside the top-k), which 
 check catches. A token that cannot be forced is more than B nats below the top:
 unrecovered, with log p_i < log p_top - B.
 
-The check: force a token of the unbiased top-k (the last one whose answer is not withheld)
-and require that it is generated and reported at its unbiased value (within rounding).
-A token whose answer the endpoint withholds (llama.cpp: an incomplete UTF-8 byte) is
-unrecovered with no bound.
+The check: force a token of the unbiased top-k (the last one not known to be held, whose answer
+is not withheld) and require that it is generated and reported at its unbiased value (within
+rounding).
+
+Held tokens (ctx.withheld; llama.cpp: tokens ending in an incomplete UTF-8 sequence), whose answers
+the endpoint withholds, report nothing when forced, so each one outside the top-k is searched alone
+by bisection over its bias (bisection.search): with r the best non-held token of the top-k and the
+held tokens above it biased by -B, a query biasing only h by b is withheld iff h won, i.e.
+D_h = log p_h - log p_r > -b, and r is generated otherwise. D_h starts in (-2B, lp_k - lp_r]
+(lp_k the last top-k value: every token outside it is below) and ends in a bracket of width
+<= eps, so log p_h = lp_r + its midpoint is within half a bracket plus the rounding of lp_r: the
+precision is forced's rounding bound plus the largest half-width. A held token that never wins at
+b = B is unrecovered, with log p_h <= lp_r - B. About log2(2B / eps) calls each, fewer as the
+pooled belief learns where they lie. Where the endpoint cannot list its held tokens, a withheld
+forced answer leaves that token unrecovered, below lp_k.
 """
 
 from __future__ import annotations
@@ -20,14 +31,21 @@ import math
 import numpy as np
 
 from ..endpoint import EndpointUnsuitable, Query
-from .base import Context, MethodResult, Plan, roundoff, vector_from
+from . import bisection
+from .base import Context, MethodResult, Plan, reference, roundoff, vector_from
 
 
 def plan(ctx: Context) -> Plan:
     k = max(ctx.top_k, 2)
     (first,) = yield [Query.make(top_logprobs=k)]
+    if not first.top_ids:
+        raise EndpointUnsuitable(
+            "the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy token "
+            "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use --method visible"
+        )
     big = ctx.bias_max
-    candidates = list(zip(first.top_ids, first.top_logprobs))[::-1][:3]
+    ranked = list(zip(first.top_ids, first.top_logprobs))[::-1]
+    candidates = ([c for c in ranked if c[0] not in ctx.withheld] or ranked)[:3]
     probes = yield [Query.make({i: big}, top_logprobs=k) for i, _ in candidates]
     (target, value), probe = next(
         ((c, p) for c, p in zip(candidates, probes) if not p.withheld), (candidates[0], probes[0])
@@ -46,18 +64,20 @@ def plan(ctx: Context) -> Plan:
         )
     behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
     logprobs = vector_from(first, ctx.vocab_size)
-    pending = np.flatnonzero(np.isnan(logprobs)).tolist()
+    unknown = np.flatnonzero(np.isnan(logprobs))
+    held = np.isin(unknown, sorted(ctx.withheld))
+    pending, searched = unknown[~held].tolist(), unknown[held]
     answers = yield [Query.make({i: big}, top_logprobs=0) for i in pending]
     bounds: dict[int, float] = {}
     withheld = 0
-    top_lp = first.top_logprobs[0]
+    top_lp, floor = first.top_logprobs[0], first.top_logprobs[-1]
     returned = list(first.top_logprobs)
     for i, answer in zip(pending, answers):
         if answer.sampled == i and answer.sampled_logprob is not None:
             logprobs[i] = answer.sampled_logprob
             returned.append(answer.sampled_logprob)
-        elif answer.withheld:
-            bounds[i] = math.nan
+        elif answer.withheld and not ctx.withheld:  # perhaps i itself: outside the top-k is all that is known
+            bounds[i] = floor
             withheld += 1
         else:
             bounds[i] = top_lp - big
@@ -66,5 +86,41 @@ def plan(ctx: Context) -> Plan:
     if len(bounds) > withheld:
         notes.append(f"{len(bounds) - withheld} tokens could not be forced (more than {big:g} nats below the top)")
     if withheld:
-        notes.append(f"the endpoint withheld the logprobs of {withheld} forced tokens (incomplete UTF-8): unrecovered")
+        notes.append(
+            f"the endpoint withheld the logprobs of {withheld} forced tokens (incomplete UTF-8) and could not list "
+            f"such tokens: unrecovered, each below the last top-{len(first.top_ids)} value"
+        )
+    if searched.size:
+        precision = yield from _search_held(ctx, first, searched, logprobs, bounds, precision, notes)
     return MethodResult(logprobs, bounds, precision, behaviour, notes)
+
+
+def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray, bounds: dict, precision: float, notes):
+    """Recover the held tokens outside the top-k by bisection over each one's bias (module doc); returns the
+    precision, widened by the brackets' half-width."""
+    big = ctx.bias_max
+    found = reference(first, ctx)
+    floor = first.top_logprobs[-1]
+    if found is None:  # see `reference`: only a query too short for the held tokens above r
+        bounds.update({int(i): floor for i in searched})
+        notes.append(f"{searched.size} tokens whose answers the endpoint withholds could not be searched: unrecovered")
+        return precision
+    ref, above = found
+    ref_lp = first.top()[ref]
+    lo = np.full(ctx.vocab_size, -2.0 * big)
+    hi = np.full(ctx.vocab_size, floor - ref_lp)
+    lo[ref] = hi[ref] = 0.0
+    marked = np.zeros(ctx.vocab_size, dtype=bool)
+    marked[searched] = True
+    counts = yield from bisection.search(ctx, lo, hi, ref, marked, marked.copy(), {j: -big for j in above})
+    done = (hi[searched] - lo[searched] <= ctx.eps) & (hi[searched] > -big)
+    resolved = searched[done]
+    logprobs[resolved] = ref_lp + (lo[resolved] + hi[resolved]) / 2
+    bounds.update({int(i): float(ref_lp + hi[i]) for i in searched[~done]})
+    notes.append(
+        f"{resolved.size} of {searched.size} tokens whose answers the endpoint withholds were found by bisection "
+        f"over their bias ({counts['calls']} calls, eps {ctx.eps:g})"
+    )
+    if resolved.size:
+        precision += float((hi[resolved] - lo[resolved]).max()) / 2
+    return precision

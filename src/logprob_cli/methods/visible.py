@@ -2,10 +2,13 @@
 
 One unbiased call. The k returned tokens are exact; every other token is unrecovered,
 each bounded by the smallest returned value (log p_i <= lp_k), and together they hold
-at most 1 - sum(top-k probabilities) (the `unrecovered_mass_bound` column).
+at most 1 - sum(top-k probabilities) (the `unrecovered_mass_bound` column). An answer with no
+logprobs at all (withheld) leaves every token unrecovered, with no bound.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -16,8 +19,11 @@ from .base import Context, MethodResult, Plan, roundoff, vector_from
 def plan(ctx: Context) -> Plan:
     (answer,) = yield [Query.make(top_logprobs=ctx.top_k)]
     logprobs = vector_from(answer, ctx.vocab_size)
-    floor = min(answer.top_logprobs)
+    floor = min(answer.top_logprobs, default=math.nan)
     missing = np.flatnonzero(np.isnan(logprobs))
-    precision = 2 * roundoff(answer.top_logprobs) * max(abs(v) for v in answer.top_logprobs)
-    notes = [f"only the top-{len(answer.top_ids)} is identifiable here; the other {missing.size} tokens are bounded"]
+    precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)
+    if answer.top_ids:
+        notes = [f"only the top-{len(answer.top_ids)} is identifiable here; the other {missing.size} tokens are bounded"]
+    else:
+        notes = ["the endpoint returned no logprobs (withheld answer): every token is unrecovered, with no bound"]
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
