@@ -70,6 +70,26 @@ def test_auto_matches_the_servers_own_distribution(smollm2_server, tmp_path):
         assert np.abs(got[mask] - truth[mask]).max() < 1e-3
 
 
+def test_direct_asked_by_name_matches_the_server_on_either_api(tiny_server, tmp_path):
+    """llama-server is known to return the whole vocabulary, so --method direct needs no probe."""
+    text = "It was the best of times"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": text}) + "\n")
+    truth = whole_distribution(tiny_server, text, 459)
+    for api in ("chat", "completions"):
+        out = tmp_path / f"{api}.parquet"
+        run = logprobs("extract", prompts, "-o", out, "--model", "tiny", "--base-url", f"{tiny_server}/v1",
+                       "--api", api, "--method", "direct", "-q")
+        assert run.returncode == 0, run.stderr
+        (row,) = pq.read_table(out).to_pylist()
+        assert row["calls"] == 1 and row["unrecovered_count"] == 0
+        got = np.array(row["logprobs"], dtype=float)
+        if api == "chat":  # whole_distribution asks the chat route
+            assert np.abs(got - truth).max() < 1e-6
+        else:
+            assert abs(np.exp(got).sum() - 1) < 1e-4  # no chat template: another distribution, but a whole one
+
+
 def test_methods_that_need_post_bias_logprobs_are_refused_quickly(smollm2_server, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "The capital of France is"}\n')

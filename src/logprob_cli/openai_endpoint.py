@@ -102,7 +102,9 @@ class OpenAIEndpoint:
         }.get(dialect, {})
         self._user_extra = dict(extra_body or {})
         self.extra_body = {**defaults, **self._user_extra}
-        self.limits = limits or Limits(top_logprobs=20 if api == "chat" else 5)
+        # llama-server returns as many top logprobs as asked for (the whole vocabulary); OpenAI's caps otherwise
+        cap = vocabulary.size if dialect == "llama.cpp" else 20 if api == "chat" else 5
+        self.limits = limits or Limits(top_logprobs=cap)
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         headers = {
