@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .endpoint import Endpoint, EndpointError, EndpointFatal, Limits, Prompt, Query
-from .methods.base import BFLOAT16_ROUNDOFF, bias_response, roundoff
+from .methods.base import BFLOAT16_ROUNDOFF, bias_response, probe_ranks, roundoff
 
 BISECTION_CALLS_PER_TOKEN = 2.5  # benchmarks/calls_per_prompt.py at eps 1e-3 (README); for the estimate only
 
@@ -96,7 +96,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
 
     held = getattr(endpoint, "withheld_tokens", frozenset())  # their answers come back empty: never probe with them
     if len(head.top_ids) >= 2:
-        rank = next((r for r in range(len(head.top_ids) - 1, 0, -1) if head.top_ids[r] not in held), len(head.top_ids) - 1)
+        rank = probe_ranks(head, held)[0]
         target = head.top_ids[rank]
         b = min(100.0, head.top_logprobs[0] - head.top_logprobs[rank] + 2.0)
         moved = await ask(Query.make({target: b}, top_logprobs=k))

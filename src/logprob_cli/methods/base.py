@@ -135,8 +135,7 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; "
             f"{method} needs at least 2 (check that the endpoint supports top_logprobs)"
         )
-    ranks = [r for r in range(len(first.top_ids) - 1, 0, -1) if first.top_ids[r] not in ctx.withheld][:3]
-    for rank in ranks or [len(first.top_ids) - 1]:
+    for rank in probe_ranks(first, ctx.withheld)[:3]:
         # A token whose answer the endpoint withholds (llama.cpp: incomplete UTF-8) tells nothing: try the next.
         target = first.top_ids[rank]
         gap = first.top_logprobs[0] - first.top_logprobs[rank]
@@ -171,6 +170,13 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             f"(enough to make it the most likely) left token {second.sampled} generated. {alternative}"
         )
     return first, found
+
+
+def probe_ranks(answer: Answer, withheld: frozenset[int]) -> list[int]:
+    """Ranks of the answer's top-k worth biasing to see what the bias does, last first: every rank
+    but the top whose token's answers are not withheld, or the last rank when there is none."""
+    ranks = [r for r in range(len(answer.top_ids) - 1, 0, -1) if answer.top_ids[r] not in withheld]
+    return ranks or [len(answer.top_ids) - 1]
 
 
 def reference(first: Answer, ctx: Context) -> tuple[int, dict[int, float]] | None:

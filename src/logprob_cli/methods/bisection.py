@@ -124,14 +124,13 @@ def search(
     """
     big, eps = ctx.bias_max, ctx.eps
     size = ctx.limits.bias_entries - len(fixed)
-    others = searchable.copy()
     max_rounds = math.ceil(SAFETY * math.log(2.0 * big / eps) / min(0.5, LAMBDA / size))
     counts = {"calls": 0, "outside": 0, "unexplained": 0}
     for _ in range(max_rounds):
         pending = np.flatnonzero((hi - lo > eps) & (hi > -big) & searchable)
         if not pending.size:
             break
-        belief = _pooled_cdf(lo[others], hi[others], big)
+        belief = _pooled_cdf(lo[searchable], hi[searchable], big)
         by_width = pending[np.argsort(hi[pending] - lo[pending], kind="stable")]
         plain, held = by_width[~marked[by_width]], by_width[marked[by_width]][::-1]  # held: widest first
         if not plain.size:  # only held tokens left: each alone
