@@ -303,7 +303,7 @@ def extract(
         output = Path(input).with_name(Path(input).stem + suffix)
     journal_path = checkpoint_path(output)
     try:
-        all_prompts = read_prompts(input)
+        all_prompts = read_prompts(input, api=api.value if model else None)  # the simulator takes both shapes
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     prompts = select_shard(all_prompts, *part) if part else all_prompts
@@ -482,7 +482,7 @@ def estimate(
     (free) is asked, as extract does, to learn its vocabulary.
     """
     try:
-        prompts = read_prompts(input)
+        prompts = read_prompts(input, api=api.value if model else None)
         override = parse_price(price) if price else None
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)

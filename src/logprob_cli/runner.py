@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
+from .inputs import check_prompts
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
@@ -372,11 +373,13 @@ def extract_batch(
     cleanly and the summary says so. `schema_prompts` (default: `prompts`) fix the output's
     columns, so every shard of a batch writes the same schema. Raises JournalError
     (checkpoint in use / other settings), EndpointUnsuitable (the endpoint cannot support
-    the method), EndpointFatal (it cannot be used at all). Ctrl-C stops the run: the
+    the method), EndpointFatal (it cannot be used at all), InputError (the pre-flight check of
+    the prompts, inputs.check_prompts, found problems; nothing was sent). Ctrl-C stops the run: the
     summary says so, and the output holds every prompt finished so far.
     """
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
+    check_prompts(schema_prompts or prompts, getattr(endpoint, "api", None))
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
     with Journal.open(journal_path, settings) as journal:
