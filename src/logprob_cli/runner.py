@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 
 from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
-from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
+from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRefused, EndpointUnsuitable, Prompt, Query
 from .inputs import check_prompts
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
@@ -33,6 +33,7 @@ from .prices import Price
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
 DRAIN_SECONDS = 30.0
+SAME_REFUSALS_FATAL = 3  # prompts refused with one message, none finished: every prompt would be
 
 
 class Progress(Protocol):
@@ -67,6 +68,7 @@ class RunSummary:
     finished: int = 0
     calls: int = 0
     failures: dict[Any, str] = field(default_factory=dict)
+    refused: set[Any] = field(default_factory=set)  # ids whose request the endpoint refused: a rerun cannot help
     interrupted: bool = False
     budget_reached: str | None = None
     rows_written: int = 0
@@ -136,6 +138,8 @@ class Runner:
         self._room = asyncio.Event()
         self._stopping = False
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
+        self._finished_here = 0
+        self._refusals: dict[str, int] = {}
 
     async def run(self) -> RunSummary:
         finished = self.journal.finished()
@@ -256,8 +260,7 @@ class Runner:
                     future.cancel()
                 if isinstance(err, EndpointFatal):
                     raise
-                self.summary.failures[prompt.id] = str(err)
-                self.journal.put_failure(key, str(err))
+                self._fail(prompt, key, err)
                 return
             except BaseException:
                 for future in futures:
@@ -269,8 +272,25 @@ class Runner:
                 self.journal.put_result(key, seq, stop.value)
                 break
         self.summary.finished += 1
+        self._finished_here += 1
         self.progress.prompt_done()
         self.on_prompt_finished()
+
+    def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
+        """Record the prompt's failure; raise EndpointFatal when the endpoint refuses the same request of
+        SAME_REFUSALS_FATAL prompts before any prompt finished (every prompt would be refused: stop spending)."""
+        message = str(err)
+        self.summary.failures[prompt.id] = message
+        self.journal.put_failure(key, message)
+        if not isinstance(err, EndpointRefused):
+            return
+        self.summary.refused.add(prompt.id)
+        same = self._refusals[message] = self._refusals.get(message, 0) + 1
+        if same >= SAME_REFUSALS_FATAL and self._finished_here == 0:
+            raise EndpointFatal(
+                f"the endpoint refused the requests of {same} prompts the same way and none has succeeded, so every "
+                f"prompt would be refused: {message}"
+            )
 
 
 def output_metadata(
