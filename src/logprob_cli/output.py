@@ -30,6 +30,8 @@ from .simulator import simulator_token_bytes
 METADATA_KEY = b"logprob_cli"
 ROW_GROUP_ROWS = 32
 JSON_FIELD = {b"encoding": b"json"}  # field metadata of an extra column holding JSON text
+# deeper values are stored as JSON text: Parquet readers refuse schemas nested about 50 lists deep
+MAX_TYPED_NESTING = 16
 
 _HEAD = ("id", "prompt", "messages")
 _TAIL = (
@@ -64,7 +66,8 @@ def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
 
     Extra keys are the union over all prompts in first-seen order; each column's type is
     inferred from all values (NULL where absent), falling back to JSON text (field
-    metadata {"encoding": "json"}) when no Parquet-storable type fits. Raises ValueError
+    metadata {"encoding": "json"}) when no Parquet-storable type fits or the type nests
+    deeper than MAX_TYPED_NESTING. Raises ValueError
     when an extra key collides with a column of the tool (`colliding_column`); the
     pre-flight check (preflight.prompt_problems) reports such keys before any call.
     """
@@ -110,11 +113,28 @@ def colliding_column(key: str) -> str | None:
 def _extra_field(key: str, values: list[Any]) -> pa.Field:
     try:
         inferred = pa.array(values).type
-    except (pa.ArrowException, OverflowError):
+    except (pa.ArrowException, OverflowError, RecursionError):
         return pa.field(key, pa.string(), metadata=JSON_FIELD)
-    if pa.types.is_null(inferred) or _has_empty_struct(inferred):
+    if pa.types.is_null(inferred) or _too_deep(inferred) or _has_empty_struct(inferred):
         return pa.field(key, pa.string(), metadata=JSON_FIELD)
     return pa.field(key, inferred)
+
+
+def _too_deep(type_: pa.DataType) -> bool:
+    """Whether `type_` nests lists and structs more than MAX_TYPED_NESTING deep (walked without recursion)."""
+    stack = [(type_, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if pa.types.is_struct(current):
+            children = [field.type for field in current]
+        elif pa.types.is_list(current) or pa.types.is_large_list(current):
+            children = [current.value_type]
+        else:
+            continue
+        if depth + 1 > MAX_TYPED_NESTING:
+            return True
+        stack += [(child, depth + 1) for child in children]
+    return False
 
 
 def _has_empty_struct(type_: pa.DataType) -> bool:

@@ -6,23 +6,26 @@ integer id beyond 64 bits, an extra key named like one of the tool's columns, or
 the Parquet writer refuses would crash the output after the whole run; chat `messages`
 cannot go to the legacy completions API. `prompt_problems` finds them all, each with the
 prompt it belongs to, by checking every value and by building the output schema and
-converting every prompt's columns as the writer will (a dry run).
+converting every prompt's columns as the writer will, then writing them to Parquet in
+memory and opening that (a dry run).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .endpoint import Prompt
 from .output import colliding_column, output_schema, prompt_columns
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# what building the schema or converting a column raises for a value it cannot hold
-STORE_ERRORS = (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError, RecursionError)
+# what building the schema, converting a column or writing and reading it raises for a value it cannot hold
+STORE_ERRORS = (pa.ArrowException, OSError, OverflowError, UnicodeError, TypeError, ValueError)
 
 
 def prompt_problems(prompts: list[Prompt], api: str | None = None) -> list[tuple[Prompt, str]]:
@@ -82,7 +85,9 @@ def _json_error(prompt: Prompt) -> str | None:
     """Why the prompt cannot be encoded as strict JSON in UTF-8 (as requests and checkpoint keys are), or None."""
     try:
         json.dumps([prompt.id, prompt.prompt, prompt.messages, prompt.extra], ensure_ascii=False, allow_nan=False).encode()
-    except (ValueError, TypeError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
+    except RecursionError:
+        return "a value is nested too deeply"
+    except (ValueError, TypeError) as error:  # UnicodeEncodeError is a ValueError
         return f"{type(error).__name__}: {error}"
     return None
 
@@ -135,7 +140,7 @@ def _storage_problems(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
         return []
     try:
         schema: pa.Schema | None = output_schema(prompts, 1)
-    except STORE_ERRORS:
+    except (*STORE_ERRORS, RecursionError):
         schema = None
     problems = [
         (prompt, f"cannot be stored in the Parquet output ({error})")
@@ -148,8 +153,14 @@ def _storage_problems(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
 
 
 def _store_error(prompts: list[Prompt], schema: pa.Schema | None = None) -> str | None:
+    """Why the prompts' own columns cannot be written to Parquet and read back (in memory), or None."""
     try:
-        prompt_columns(schema or output_schema(prompts, 1), prompts)
+        table = pa.table(prompt_columns(schema or output_schema(prompts, 1), prompts))
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        pq.ParquetFile(io.BytesIO(sink.getvalue())).schema_arrow
+    except RecursionError:
+        return "a value is nested too deeply: flatten it"
     except STORE_ERRORS as error:
         return f"{type(error).__name__}: {error}"
     return None
