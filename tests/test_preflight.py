@@ -5,6 +5,7 @@ simulator call counted (one case also in a subprocess); class 4 (errors every pr
 SimulatorServer and counts the HTTP requests the client sends.
 """
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -16,11 +17,13 @@ from typer.testing import CliRunner
 
 from logprob_cli import transport
 from logprob_cli.cli import app, failure_advice
-from logprob_cli.endpoint import Prompt
+from logprob_cli.endpoint import Answer, Prompt
 from logprob_cli.inputs import InputError, check_prompts
+from logprob_cli.openai_endpoint import OpenAIEndpoint
 from logprob_cli.runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.vocabulary import load_vocabulary
 
 OK = '{"prompt": "a fine line"}'
 
@@ -173,7 +176,7 @@ def test_tokenizer_larger_than_the_vocabulary_stops_in_the_mapping_check(tmp_pat
     server, sent = served
     result, message = invoke(tmp_path, server.url, "--tokenizer", "simulator:2000", "--method", "topk")
     assert result.exit_code == 1 and "Traceback" not in message
-    assert "--tokenizer" in message and "larger than the model's" in message
+    assert "--tokenizer" in message and "vocabulary is smaller" in message
     assert "run the same command again" not in message
     assert len(sent) == 2  # the mapping check's two calls, not one per prompt
     assert not (tmp_path / "in.parquet").exists()
@@ -182,7 +185,6 @@ def test_tokenizer_larger_than_the_vocabulary_stops_in_the_mapping_check(tmp_pat
 def test_refused_token_ids_during_the_run_are_fatal(tmp_path, served, monkeypatch):
     """Where the mapping check cannot see it (a server that accepts the last id), a refused id still stops at once."""
     server, sent = served
-    from logprob_cli.openai_endpoint import OpenAIEndpoint
 
     async def unchecked(self, prompt, ask=None):
         return "not verified: skipped by the test"
@@ -221,3 +223,20 @@ def test_retry_advice_only_for_failures_a_retry_can_fix():
     mixed = failure_advice(3, 1)
     assert "2 on faults a retry can fix" in mixed and "1 refused" in mixed
     assert failure_advice(1, 0).startswith("1 prompt failed")
+
+
+@pytest.mark.parametrize("tokenizer, last_ordinary", [("simulator:1000", 999), ("cl100k_base", 100255)])
+def test_mapping_check_pushes_down_the_last_ordinary_id(tokenizer, last_ordinary):
+    """The last id with bytes: OpenAI refuses special ids in logit_bias ("Maximum value is 100257" on cl100k)."""
+    endpoint = OpenAIEndpoint("m", load_vocabulary(tokenizer), base_url="http://127.0.0.1:9/v1", api_key="k")
+    asked = []
+
+    async def ask(prompt, query):
+        asked.append(query)
+        bias = query.bias_dict()
+        winner = max(bias, key=bias.get) if bias else 5
+        return Answer(winner, -0.1, (winner,), (-0.1,))
+
+    assert asyncio.run(endpoint.verify_mapping(Prompt(id=1, line=1, prompt="x"), ask)) == "verified"
+    pushed = {i for i, b in asked[1].bias if b < 0}
+    assert pushed == {last_ordinary} and max(i for i, _ in asked[1].bias) <= last_ordinary

@@ -176,16 +176,16 @@ class OpenAIEndpoint:
 
         With the right vocabulary the generated token maps back to the biased id. A different
         id means the vocabulary is not the model's: raises EndpointFatal rather than let every
-        value land on the wrong token. The second call also pushes the vocabulary's last id
-        down (which leaves the forced token alone), so a server that refuses ids outside its
-        vocabulary (OpenAI, vLLM) refuses a vocabulary larger than the model's here, in these
-        two calls, and not on every prompt (EndpointFatal naming --tokenizer). Returns what was
-        found ("verified", or why it could not be).
+        value land on the wrong token. The second call also pushes the vocabulary's last
+        ordinary id down (which leaves the forced token alone), so a server that refuses ids
+        outside its vocabulary (OpenAI, vLLM) refuses a vocabulary larger than the model's here,
+        in these two calls, and not on every prompt (EndpointFatal naming --tokenizer). Returns
+        what was found ("verified", or why it could not be).
         """
         ask = ask or self.ask
         plain = await ask(prompt, Query.make(top_logprobs=1))
         probe_id = self._probe_id({plain.sampled, *plain.top_ids})
-        last_id = self.vocab_size - 1
+        last_id = self._last_ordinary_id()
         bias = {probe_id: 100.0, **({last_id: -100.0} if last_id != probe_id else {})}
         forced = await ask(prompt, Query.make(bias, top_logprobs=1))
         if forced.withheld or plain.withheld:
@@ -212,6 +212,12 @@ class OpenAIEndpoint:
             if i not in avoid and (not by_bytes or self.vocabulary.token_bytes(i)):
                 return i
         raise EndpointFatal(f"the vocabulary {self.vocabulary.name} has no token to verify the mapping with")
+
+    def _last_ordinary_id(self) -> int:
+        """The vocabulary's largest id with bytes (OpenAI refuses special and unassigned ids in logit_bias:
+        "Invalid key in 'logit_bias': 100265. Maximum value is 100257."), or its last id if none has bytes."""
+        size = self.vocabulary.size
+        return next((i for i in range(size - 1, -1, -1) if self.vocabulary.token_bytes(i) is not None), size - 1)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -292,8 +298,8 @@ class OpenAIEndpoint:
             if "logit_bias" in body and _TOKEN_ID_REFUSAL.search(str(error)):
                 raise EndpointFatal(
                     f"the server refused a token id of the vocabulary {self.vocabulary.name} ({self.vocab_size:,} "
-                    f"tokens): {error}. That vocabulary is larger than the model's: name the model's own tokenizer "
-                    "with --tokenizer"
+                    f"tokens): {error}. The model's vocabulary is smaller than that one (or refuses some of its "
+                    "ids): name the model's own tokenizer with --tokenizer"
                 ) from None
             raise
 
