@@ -75,7 +75,7 @@ def _value_problems(prompt: Prompt) -> list[str]:
             if not _encodable(key)
         ]
         problems += [f"{name} {problem}" for name, value in _fields(prompt) if (problem := _first_bad_value(value))]
-        problems = problems or [f"holds a value that cannot be written as JSON ({error})"]
+        problems = problems or [f"a value cannot be written as JSON ({error})"]
     if isinstance(prompt.id, int) and not isinstance(prompt.id, bool) and not INT64_MIN <= prompt.id <= INT64_MAX:
         problems.append(f'"id" {prompt.id} does not fit in a 64-bit integer: give ids as strings')
     return problems
@@ -122,7 +122,9 @@ def _encodable(text: str) -> bool:
 def _collisions(prompt: Prompt, safe_keys: set[str]) -> list[str]:
     """The prompt's extra keys named like an output column; `safe_keys` caches the keys found not to be."""
     problems = []
-    for key in prompt.extra.keys() - safe_keys:
+    for key in prompt.extra:
+        if key in safe_keys:
+            continue
         column = colliding_column(key)
         if column is None:
             safe_keys.add(key)
