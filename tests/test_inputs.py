@@ -214,3 +214,39 @@ def test_no_prompts_on_stdin(monkeypatch):
     use_stdin(monkeypatch, b"\n")
     with pytest.raises(InputError, match="^no prompts in <stdin>$"):
         read_prompts("-")
+
+
+def test_preflight_problems_are_listed_with_the_shape_problems(tmp_path):
+    problems = problems_of(
+        tmp_path,
+        '{"prompt": "a"',
+        '{"prompt": "b\\ud800"}',
+        '{"prompt": "c", "Calls": 1}',
+        '{"prompt": "d"}',
+        '{"prompt": "e", "v": NaN}',
+    )
+    assert [p.split(":")[0] for p in problems] == ["line 1", "line 2", "line 3", "line 5"]
+    assert "invalid JSON" in problems[0] and "Unicode" in problems[1] and '"Calls"' in problems[2] and "NaN" in problems[3]
+
+
+def test_chat_lines_are_refused_for_the_completions_api_only(tmp_path):
+    path = write(tmp_path, '{"prompt": "a"}', json.dumps({"messages": CHAT}), json.dumps({"messages": PARTS}))
+    assert len(read_prompts(path, api="chat")) == len(read_prompts(path)) == 3
+    with pytest.raises(InputError) as caught:
+        read_prompts(path, api="completions")
+    assert [p.split(":")[0] for p in caught.value.problems] == ["line 2", "line 3"]
+    assert all("--api chat" in p for p in caught.value.problems)
+
+
+def test_content_parts_need_a_type_and_text_parts_their_text(tmp_path):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    ok = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+    assert read_prompts(write(tmp_path, json.dumps({"messages": ok})))[0].messages == ok
+    bad = [{"role": "user", "content": ["text", {"text": "no type"}, {"type": "text", "text": 3}]}]
+    problems = problems_of(tmp_path, json.dumps({"messages": bad}))
+    assert [p.split(": ")[1] for p in problems] == ["messages[0].content[0]", "messages[0].content[1]", "messages[0].content[2]"]
+
+
+def test_json_nested_past_the_parser_is_a_line_problem(tmp_path):
+    problems = problems_of(tmp_path, '{"prompt": "a"}', '{"prompt": "b", "k": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    assert problems == ["line 2: JSON nested too deeply to read: flatten the line"]

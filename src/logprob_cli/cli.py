@@ -303,7 +303,7 @@ def extract(
         output = Path(input).with_name(Path(input).stem + suffix)
     journal_path = checkpoint_path(output)
     try:
-        all_prompts = read_prompts(input)
+        all_prompts = read_prompts(input, api=api.value if model else None)  # the simulator takes both shapes
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     prompts = select_shard(all_prompts, *part) if part else all_prompts
@@ -384,7 +384,17 @@ def extract(
     if summary.failures:
         for prompt_id, message in summary.failures.items():
             err.print(f"[red]prompt {prompt_id!r} failed:[/] {message}", highlight=False)
-        fail(f"{len(summary.failures)} prompts failed; run the same command again to retry them")
+        fail(failure_advice(len(summary.failures), len(summary.failures.keys() & summary.refused)))
+
+
+def failure_advice(failed: int, refused: int) -> str:
+    """The closing line for failed prompts: a rerun is advised only for failures a retry can fix."""
+    advice = []
+    if failed > refused:
+        advice.append(f"{failed - refused} on faults a retry can fix (timeouts, 429s, server errors): run the same command again")
+    if refused:
+        advice.append(f"{refused} refused by the endpoint: a rerun sends the same requests, so fix what the message says first")
+    return f"{failed} prompt{'' if failed == 1 else 's'} failed; " + "; ".join(advice)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -482,7 +492,7 @@ def estimate(
     (free) is asked, as extract does, to learn its vocabulary.
     """
     try:
-        prompts = read_prompts(input)
+        prompts = read_prompts(input, api=api.value if model else None)
         override = parse_price(price) if price else None
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)

@@ -24,6 +24,11 @@ class EndpointFatal(EndpointError):
     """Every request would fail the same way (credentials, model name, server down): stop the run."""
 
 
+class EndpointRefused(EndpointError):
+    """The endpoint refused the request itself (a 4xx that is not about rate or access): the same request
+    would be refused again, so running it again cannot help; the message says what it refused."""
+
+
 class EndpointUnsuitable(RuntimeError):
     """The endpoint does not behave as a method needs; the message names a method that would work."""
 

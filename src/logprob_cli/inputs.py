@@ -2,6 +2,9 @@
 
 A line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}`;
 any other keys are kept in `Prompt.extra`. Blank lines are skipped but still count as lines.
+Besides the shape of each line, the pre-flight check (`preflight.prompt_problems`) finds what
+would fail only after calls are paid (text that is not valid Unicode, NaN, ids beyond 64 bits,
+keys named like output columns, values Parquet cannot store, chat lines for legacy completions).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .endpoint import Prompt
+from .preflight import prompt_problems, where
 
 MAX_LISTED = 20
 RESERVED = ("id", "prompt", "messages")
@@ -62,11 +66,12 @@ def select_shard(prompts: list[Prompt], index: int, count: int) -> list[Prompt]:
     return [p for p in prompts if part(p) == index]
 
 
-def read_prompts(source: str | os.PathLike) -> list[Prompt]:
+def read_prompts(source: str | os.PathLike, api: str | None = None) -> list[Prompt]:
     """Read and check every line of `source` ("-" is stdin); return its prompts in file order.
 
     Raises one InputError listing every problem in the file (nothing is returned then),
-    or naming the one reason the file could not be read or held no prompts.
+    or naming the one reason the file could not be read or held no prompts. `api` is the
+    API the prompts go to ("chat", "completions"; None: either), for the pre-flight check.
     A line without "id" gets its line number, as a string if the file's ids are strings.
     """
     name = "<stdin>" if source == "-" else os.fspath(source)
@@ -83,10 +88,8 @@ def read_prompts(source: str | os.PathLike) -> list[Prompt]:
         raise InputError([f"no prompts in {name}"])
     ids, id_problems = _resolve_ids(records)
     problems += id_problems
-    if problems:
-        problems.sort(key=lambda item: item[0])
-        raise InputError([f"line {number}: {problem}" for number, problem in problems], name)
-    return [
+    faulty = {number for number, _ in problems}
+    prompts = [
         Prompt(
             id=ids[number],
             line=number,
@@ -95,7 +98,20 @@ def read_prompts(source: str | os.PathLike) -> list[Prompt]:
             extra={key: value for key, value in record.items() if key not in RESERVED},
         )
         for number, record in records
+        if number not in faulty
     ]
+    problems += [(prompt.line, problem) for prompt, problem in prompt_problems(prompts, api)]
+    if problems:
+        problems.sort(key=lambda item: item[0])
+        raise InputError([f"line {number}: {problem}" for number, problem in problems], name)
+    return prompts
+
+
+def check_prompts(prompts: list[Prompt], api: str | None = None) -> None:
+    """The pre-flight check for prompts not read by `read_prompts` (the Python API): InputError lists every problem."""
+    problems = prompt_problems(prompts, api)
+    if problems:
+        raise InputError([f"{where(prompt)}: {problem}" for prompt, problem in problems], "prompts")
 
 
 def _read_text(source: str | os.PathLike, name: str) -> str:
@@ -119,6 +135,8 @@ def _parse_line(line: str) -> tuple[dict[str, Any] | None, list[str]]:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         return None, [f"invalid JSON: {error.msg} (column {error.colno})"]
+    except RecursionError:
+        return None, ["JSON nested too deeply to read: flatten the line"]
     if not isinstance(record, dict):
         return None, [f"expected a JSON object, got {KINDS[type(record)]}"]
     return record, _content_problems(record) + _id_problems(record)
@@ -159,6 +177,21 @@ def _messages_problems(messages: Any) -> list[str]:
             problems.append(f'{where}: "content" must be a string or an array of content parts, got {KINDS[type(content)]}')
         elif not (content.strip() if isinstance(content, str) else content):
             problems.append(f'{where}: "content" is empty')
+        elif isinstance(content, list):
+            problems += [f"{where}.content[{index}]: {problem}" for index, problem in _parts_problems(content)]
+    return problems
+
+
+def _parts_problems(parts: list[Any]) -> list[tuple[int, str]]:
+    """Content parts as the chat API takes them: objects with a "type"; a "text" part needs its "text" string."""
+    problems = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict):
+            problems.append((index, f'a content part must be an object with "type", got {KINDS[type(part)]}'))
+        elif not isinstance(part.get("type"), str):
+            problems.append((index, 'a content part needs a "type" string, e.g. {"type": "text", "text": "..."}'))
+        elif part["type"] == "text" and not isinstance(part.get("text"), str):
+            problems.append((index, 'a "text" part needs a "text" string'))
     return problems
 
 

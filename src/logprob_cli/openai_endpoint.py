@@ -9,7 +9,8 @@ endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" se
 becomes None. The API key goes to the client only; `describe` never includes it. For
 llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize).
 
-Failures that doom every request (bad key, unknown model, server unreachable) raise
+Failures that doom every request (bad key, unknown model, server unreachable, a token id beyond the
+model's vocabulary) raise
 `EndpointFatal` so a run stops at once with one message; a request that keeps failing
 raises `EndpointError` (its prompt fails). `server_facts` asks GET /models once, through
 the official openai client.
@@ -23,11 +24,12 @@ import functools
 import json
 import math
 import os
+import re
 from typing import Any, Awaitable, Callable, Literal
 
 import openai
 
-from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, Limits, Prompt, Query
+from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, EndpointRefused, Limits, Prompt, Query
 from .ratelimit import RateLimiter
 from .transport import RetryPolicy, Transport
 from .vocabulary import Vocabulary
@@ -40,6 +42,12 @@ LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache chan
 # vLLM names tokens by their decoded text unless asked for ids (its `bytes` are that text, empty for byte tokens)
 VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
 POST_BIAS_DRAWS = 8
+# how servers refuse a logit_bias id beyond their vocabulary: the simulator, vLLM ("out-of-vocab token ids"),
+# OpenAI ("Invalid key in 'logit_bias'"), and the usual "token id ... out of range"
+_TOKEN_ID_REFUSAL = re.compile(
+    r"logit_bias.*(vocab|out of range|outside|invalid key|maximum value)|token.?id.*(out.of.vocab|out of range|outside)",
+    re.IGNORECASE | re.DOTALL,
+)
 LLAMA_CPP_POST_BIAS = {"post_sampling_probs": True, "top_k": 0, "top_p": 1, "min_p": 0, "temperature": 1, "seed": 1}
 
 
@@ -168,12 +176,18 @@ class OpenAIEndpoint:
 
         With the right vocabulary the generated token maps back to the biased id. A different
         id means the vocabulary is not the model's: raises EndpointFatal rather than let every
-        value land on the wrong token. Returns what was found ("verified", or why it could not be).
+        value land on the wrong token. The second call also pushes the vocabulary's last
+        ordinary id down (which leaves the forced token alone), so a server that refuses ids
+        outside its vocabulary (OpenAI, vLLM) refuses a vocabulary larger than the model's here,
+        in these two calls, and not on every prompt (EndpointFatal naming --tokenizer). Returns
+        what was found ("verified", or why it could not be).
         """
         ask = ask or self.ask
         plain = await ask(prompt, Query.make(top_logprobs=1))
         probe_id = self._probe_id({plain.sampled, *plain.top_ids})
-        forced = await ask(prompt, Query.make({probe_id: 100.0}, top_logprobs=1))
+        last_id = self._last_ordinary_id()
+        bias = {probe_id: 100.0, **({last_id: -100.0} if last_id != probe_id else {})}
+        forced = await ask(prompt, Query.make(bias, top_logprobs=1))
         if forced.withheld or plain.withheld:
             return "not verified: the endpoint withheld the answer"
         if forced.sampled == probe_id or (forced.top_ids and forced.top_ids[0] == probe_id):
@@ -199,6 +213,12 @@ class OpenAIEndpoint:
                 return i
         raise EndpointFatal(f"the vocabulary {self.vocabulary.name} has no token to verify the mapping with")
 
+    def _last_ordinary_id(self) -> int:
+        """The vocabulary's largest id with bytes (OpenAI refuses special and unassigned ids in logit_bias:
+        "Invalid key in 'logit_bias': 100265. Maximum value is 100257."), or its last id if none has bytes."""
+        size = self.vocabulary.size
+        return next((i for i in range(size - 1, -1, -1) if self.vocabulary.token_bytes(i) is not None), size - 1)
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "openai",
@@ -220,7 +240,7 @@ class OpenAIEndpoint:
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
         elif prompt.messages is not None:
-            raise EndpointError("chat messages need --api chat; legacy completions take plain prompts")
+            raise EndpointRefused("chat messages need --api chat; legacy completions take plain prompts")
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
             body.update(prompt=prompt.prompt, logprobs=top_k)
@@ -229,7 +249,7 @@ class OpenAIEndpoint:
         body.update(self.extra_body)
         tokens = self._prompt_tokens.get(prompt.id) or _approx_tokens(prompt.content())
         if not (self.post_bias and "seed" not in self._user_extra):
-            answer = await self.transport.post(path, body, tokens + 1, parse)
+            answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
                 answer = await self._greedy_behind_withheld(path, body, tokens + 1, parse, answer)
         else:
@@ -238,7 +258,7 @@ class OpenAIEndpoint:
             # the next seed (seeds derive from the query, so a replay asks the same).
             base_seed = int.from_bytes(query.key()[:4], "little") >> 1
             for attempt in range(POST_BIAS_DRAWS):
-                answer = await self.transport.post(path, {**body, "seed": base_seed + attempt}, tokens + 1, parse)
+                answer = await self._post(path, {**body, "seed": base_seed + attempt}, tokens + 1, parse)
                 if not answer.withheld:
                     break
         if answer.prompt_tokens:
@@ -259,7 +279,7 @@ class OpenAIEndpoint:
         if not held:
             return withheld
         floor = _bias_value(-self.limits.bias_max)
-        again = await self.transport.post(path, {**body, "logit_bias": {str(i): floor for i in sorted(held)}}, tokens, parse)
+        again = await self._post(path, {**body, "logit_bias": {str(i): floor for i in sorted(held)}}, tokens, parse)
         if again.withheld or not again.top_ids:
             return withheld
         return dataclasses.replace(
@@ -269,6 +289,19 @@ class OpenAIEndpoint:
             prompt_tokens=withheld.prompt_tokens + again.prompt_tokens,
             completion_tokens=withheld.completion_tokens + again.completion_tokens,
         )
+
+    async def _post(self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer]) -> Answer:
+        """transport.post, with a refused token id made fatal: every request biasing such ids would be refused."""
+        try:
+            return await self.transport.post(path, body, tokens, parse)
+        except EndpointRefused as error:
+            if "logit_bias" in body and _TOKEN_ID_REFUSAL.search(str(error)):
+                raise EndpointFatal(
+                    f"the server refused a token id of the vocabulary {self.vocabulary.name} ({self.vocab_size:,} "
+                    f"tokens): {error}. The model's vocabulary is smaller than that one (or refuses some of its "
+                    "ids): name the model's own tokenizer with --tokenizer"
+                ) from None
+            raise
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:
@@ -333,7 +366,7 @@ class OpenAIEndpoint:
         top = sorted(((logprobs.get("top_logprobs") or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]
         if len(top) < min(requested, self.vocab_size) or len(set(ids)) < len(ids):
-            raise EndpointError(
+            raise EndpointRefused(
                 f"{self.model}'s legacy completions merged distinct tokens that read the same ({len(top)} string keys "
                 f"for {requested} requested): their values cannot be told apart. Use --api chat, or a server that "
                 "returns token ids"

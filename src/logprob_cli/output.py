@@ -30,6 +30,8 @@ from .simulator import simulator_token_bytes
 METADATA_KEY = b"logprob_cli"
 ROW_GROUP_ROWS = 32
 JSON_FIELD = {b"encoding": b"json"}  # field metadata of an extra column holding JSON text
+# deeper values are stored as JSON text: Parquet readers refuse schemas nested about 50 lists deep
+MAX_TYPED_NESTING = 16
 
 _HEAD = ("id", "prompt", "messages")
 _TAIL = (
@@ -45,6 +47,7 @@ _TAIL = (
     "precision_nats",
     "notes",
 )
+_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL}
 
 
 @dataclass
@@ -63,16 +66,18 @@ def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
 
     Extra keys are the union over all prompts in first-seen order; each column's type is
     inferred from all values (NULL where absent), falling back to JSON text (field
-    metadata {"encoding": "json"}) when no Parquet-storable type fits. Raises ValueError
-    when an extra key collides (ignoring case, as DuckDB does) with a column of the tool.
+    metadata {"encoding": "json"}) when no Parquet-storable type fits or the type nests
+    deeper than MAX_TYPED_NESTING. Raises ValueError
+    when an extra key collides with a column of the tool (`colliding_column`); the
+    pre-flight check (preflight.prompt_problems) reports such keys before any call.
     """
-    taken = {name.lower() for name in _HEAD + _TAIL}
     keys: dict[str, None] = {}  # an ordered set
     for prompt in prompts:
         for key in prompt.extra:
-            if key.lower() in taken and key not in keys:
+            column = colliding_column(key)
+            if column is not None:
                 raise ValueError(
-                    f'the key "{key}" (line {prompt.line}) collides with the output column "{key.lower()}"; '
+                    f'the key "{key}" (line {prompt.line}) collides with the output column "{column}"; '
                     "rename it in the input"
                 )
             keys[key] = None
@@ -99,14 +104,37 @@ def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
     return pa.schema(fields)
 
 
+def colliding_column(key: str) -> str | None:
+    """The tool's own column that an extra key `key` would collide with (names compared ignoring case, as
+    DuckDB does), or None."""
+    return _COLUMNS.get(key.lower())
+
+
 def _extra_field(key: str, values: list[Any]) -> pa.Field:
     try:
         inferred = pa.array(values).type
-    except (pa.ArrowException, OverflowError):
+    except (pa.ArrowException, OverflowError, RecursionError):
         return pa.field(key, pa.string(), metadata=JSON_FIELD)
-    if pa.types.is_null(inferred) or _has_empty_struct(inferred):
+    if pa.types.is_null(inferred) or _too_deep(inferred) or _has_empty_struct(inferred):
         return pa.field(key, pa.string(), metadata=JSON_FIELD)
     return pa.field(key, inferred)
+
+
+def _too_deep(type_: pa.DataType) -> bool:
+    """Whether `type_` nests lists and structs more than MAX_TYPED_NESTING deep (walked without recursion)."""
+    stack = [(type_, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if pa.types.is_struct(current):
+            children = [field.type for field in current]
+        elif pa.types.is_list(current) or pa.types.is_large_list(current):
+            children = [current.value_type]
+        else:
+            continue
+        if depth + 1 > MAX_TYPED_NESTING:
+            return True
+        stack += [(child, depth + 1) for child in children]
+    return False
 
 
 def _has_empty_struct(type_: pa.DataType) -> bool:
@@ -166,14 +194,8 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
                 f"prompt {row.prompt.id!r}: the vector has shape {row.result.logprobs.shape}, "
                 f"expected ({vocab_size},) for this file's vocabulary"
             )
-    id_type = schema.field("id").type
-    columns: dict[str, pa.Array] = {
-        "id": pa.array([r.prompt.id if id_type == pa.int64() else str(r.prompt.id) for r in rows], id_type),
-        "prompt": pa.array([r.prompt.prompt for r in rows], pa.string()),
-        "messages": pa.array(
-            [None if r.prompt.messages is None else json.dumps(r.prompt.messages, ensure_ascii=False) for r in rows],
-            pa.string(),
-        ),
+    columns = prompt_columns(schema, [r.prompt for r in rows])
+    columns |= {
         "model": pa.array([r.model for r in rows], pa.string()),
         "method": pa.array([r.method for r in rows], pa.string()),
         "logprobs": _vectors([r.result.logprobs for r in rows], vocab_size),
@@ -186,16 +208,34 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
         "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
         "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
     }
-    arrays = []
+    return pa.RecordBatch.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+
+def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Array]:
+    """The columns that come from the prompts themselves (id, prompt, messages, extra keys), typed by `schema`.
+
+    Raises what pyarrow raises for a value the column cannot hold (pa.ArrowException,
+    OverflowError, UnicodeEncodeError, TypeError, ValueError): the pre-flight check runs
+    this on every prompt so that no such value is found after the calls are paid.
+    """
+    id_type = schema.field("id").type
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([p.id if id_type == pa.int64() else str(p.id) for p in prompts], id_type),
+        "prompt": pa.array([p.prompt for p in prompts], pa.string()),
+        "messages": pa.array(
+            [None if p.messages is None else json.dumps(p.messages, ensure_ascii=False) for p in prompts],
+            pa.string(),
+        ),
+    }
+    tool_columns = set(_HEAD + _TAIL)
     for field in schema:
-        if field.name in columns:
-            arrays.append(columns[field.name])
-        else:
-            values = [r.prompt.extra.get(field.name) for r in rows]
-            if field.metadata == JSON_FIELD:
-                values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
-            arrays.append(pa.array(values, field.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+        if field.name in tool_columns:
+            continue
+        values = [p.extra.get(field.name) for p in prompts]
+        if field.metadata == JSON_FIELD:
+            values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+        columns[field.name] = pa.array(values, field.type)
+    return columns
 
 
 def _bounds(result: MethodResult) -> np.ndarray:

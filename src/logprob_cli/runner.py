@@ -22,7 +22,8 @@ from typing import Any, Callable, Protocol
 
 from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
-from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
+from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRefused, EndpointUnsuitable, Prompt, Query
+from .inputs import check_prompts
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
@@ -32,6 +33,7 @@ from .prices import Price
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
 DRAIN_SECONDS = 30.0
+SAME_REFUSALS_FATAL = 3  # prompts refused with one message, none finished: every prompt would be
 
 
 class Progress(Protocol):
@@ -66,6 +68,7 @@ class RunSummary:
     finished: int = 0
     calls: int = 0
     failures: dict[Any, str] = field(default_factory=dict)
+    refused: set[Any] = field(default_factory=set)  # ids whose request the endpoint refused: a rerun cannot help
     interrupted: bool = False
     budget_reached: str | None = None
     rows_written: int = 0
@@ -135,6 +138,8 @@ class Runner:
         self._room = asyncio.Event()
         self._stopping = False
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
+        self._finished_here = 0
+        self._refusals: dict[str, int] = {}
 
     async def run(self) -> RunSummary:
         finished = self.journal.finished()
@@ -255,8 +260,7 @@ class Runner:
                     future.cancel()
                 if isinstance(err, EndpointFatal):
                     raise
-                self.summary.failures[prompt.id] = str(err)
-                self.journal.put_failure(key, str(err))
+                self._fail(prompt, key, err)
                 return
             except BaseException:
                 for future in futures:
@@ -268,8 +272,25 @@ class Runner:
                 self.journal.put_result(key, seq, stop.value)
                 break
         self.summary.finished += 1
+        self._finished_here += 1
         self.progress.prompt_done()
         self.on_prompt_finished()
+
+    def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
+        """Record the prompt's failure; raise EndpointFatal when the endpoint refuses the same request of
+        SAME_REFUSALS_FATAL prompts before any prompt finished (every prompt would be refused: stop spending)."""
+        message = str(err)
+        self.summary.failures[prompt.id] = message
+        self.journal.put_failure(key, message)
+        if not isinstance(err, EndpointRefused):
+            return
+        self.summary.refused.add(prompt.id)
+        same = self._refusals[message] = self._refusals.get(message, 0) + 1
+        if same >= SAME_REFUSALS_FATAL and self._finished_here == 0:
+            raise EndpointFatal(
+                f"the endpoint refused the requests of {same} prompts the same way and none has succeeded, so every "
+                f"prompt would be refused: {message}"
+            )
 
 
 def output_metadata(
@@ -372,11 +393,13 @@ def extract_batch(
     cleanly and the summary says so. `schema_prompts` (default: `prompts`) fix the output's
     columns, so every shard of a batch writes the same schema. Raises JournalError
     (checkpoint in use / other settings), EndpointUnsuitable (the endpoint cannot support
-    the method), EndpointFatal (it cannot be used at all). Ctrl-C stops the run: the
+    the method), EndpointFatal (it cannot be used at all), InputError (the pre-flight check of
+    the prompts, inputs.check_prompts, found problems; nothing was sent). Ctrl-C stops the run: the
     summary says so, and the output holds every prompt finished so far.
     """
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
+    check_prompts(schema_prompts or prompts, getattr(endpoint, "api", None))
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
     with Journal.open(journal_path, settings) as journal:

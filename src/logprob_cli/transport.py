@@ -11,7 +11,7 @@ HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request
   `parse` rejects (ValueError, KeyError, TypeError, IndexError): retried after
   exponential backoff with full jitter, delay_n = uniform(0, min(cap, base * 2**n));
 - 401/403/404: `EndpointFatal` at once (every request would fail the same way);
-  other 4xx: `EndpointError` at once (this request is wrong; retrying will not help);
+  other 4xx: `EndpointRefused` at once (this request is wrong; retrying will not help);
 - a connection that cannot be opened at all: `EndpointFatal` after `connect_attempts`.
 A request still failing after `attempts` tries raises `EndpointError` with the last reason:
 its prompt fails, the run goes on.
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .endpoint import EndpointError, EndpointFatal
+from .endpoint import EndpointError, EndpointFatal, EndpointRefused
 from .ratelimit import RateLimiter, retry_after
 
 T = TypeVar("T")
@@ -189,4 +189,4 @@ def _status_error(status: int, message: str, where: str) -> EndpointError:
         return EndpointFatal(f"{where} refused access (403: {message})")
     if status == 404:
         return EndpointFatal(f"{where} answered 404 ({message}); check --model and --base-url")
-    return EndpointError(f"{where} answered {status}: {message}")
+    return EndpointRefused(f"{where} answered {status}: {message}")

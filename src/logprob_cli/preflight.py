@@ -1,0 +1,168 @@
+"""The pre-flight check of prompts: whatever about a prompt would fail after calls are paid, found before any call.
+
+A prompt that parses can still fail later: text that is not valid Unicode (a lone surrogate)
+cannot be encoded for the HTTP body or the checkpoint key; NaN or Infinity is not JSON; an
+integer id beyond 64 bits, an extra key named like one of the tool's columns, or any value
+the Parquet writer refuses would crash the output after the whole run; chat `messages`
+cannot go to the legacy completions API. `prompt_problems` finds them all, each with the
+prompt it belongs to, by checking every value and by building the output schema and
+converting every prompt's columns as the writer will, then writing them to Parquet in
+memory and opening that (a dry run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .endpoint import Prompt
+from .output import colliding_column, output_schema, prompt_columns
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# what building the schema, converting a column or writing and reading it raises for a value it cannot hold
+STORE_ERRORS = (pa.ArrowException, OSError, OverflowError, UnicodeError, TypeError, ValueError)
+
+
+def prompt_problems(prompts: list[Prompt], api: str | None = None) -> list[tuple[Prompt, str]]:
+    """Every problem of `prompts` that would surface only after calls, as (prompt, problem) in input order.
+
+    `api` is the API the prompts will be sent to ("chat", "completions", or None when
+    it does not matter, as on the built-in simulator).
+    """
+    problems: list[tuple[Prompt, str]] = []
+    clean: list[Prompt] = []
+    safe_keys: set[str] = set()
+    for prompt in prompts:
+        found = _value_problems(prompt) + _collisions(prompt, safe_keys)
+        if api == "completions" and prompt.messages is not None:
+            found.append('"messages" needs the chat API: run with --api chat (legacy completions take "prompt" only)')
+        problems += [(prompt, problem) for problem in found]
+        if not found:
+            clean.append(prompt)
+    return problems + _storage_problems(clean)
+
+
+def where(prompt: Prompt) -> str:
+    """How a problem names its prompt: its line, or its id for prompts not read from a file."""
+    return f"line {prompt.line}" if prompt.line else f"prompt {prompt.id!r}"
+
+
+def _fields(prompt: Prompt) -> Iterator[tuple[str, Any]]:
+    """(how a problem names the field, its value) for the id, the content and every extra key."""
+    yield '"id"', prompt.id
+    if prompt.prompt is not None:
+        yield '"prompt"', prompt.prompt
+    if prompt.messages is not None:
+        yield '"messages"', prompt.messages
+    for key, value in prompt.extra.items():
+        yield json.dumps(key), value  # ASCII-escaped: a key that is not valid Unicode still prints
+
+
+def _value_problems(prompt: Prompt) -> list[str]:
+    """Text that is not valid Unicode, NaN/Infinity or other values JSON cannot hold (at most one problem a
+    field), an id beyond 64 bits. One C-speed encoding of the whole prompt clears the usual, clean case."""
+    problems = []
+    error = _json_error(prompt)
+    if error is not None:
+        problems += [
+            f"the key {json.dumps(key)} is text that is not valid Unicode (a lone surrogate such as \\ud800)"
+            for key in prompt.extra
+            if not _encodable(key)
+        ]
+        problems += [f"{name} {problem}" for name, value in _fields(prompt) if (problem := _first_bad_value(value))]
+        problems = problems or [f"a value cannot be written as JSON ({error})"]
+    if isinstance(prompt.id, int) and not isinstance(prompt.id, bool) and not INT64_MIN <= prompt.id <= INT64_MAX:
+        problems.append(f'"id" {prompt.id} does not fit in a 64-bit integer: give ids as strings')
+    return problems
+
+
+def _json_error(prompt: Prompt) -> str | None:
+    """Why the prompt cannot be encoded as strict JSON in UTF-8 (as requests and checkpoint keys are), or None."""
+    try:
+        json.dumps([prompt.id, prompt.prompt, prompt.messages, prompt.extra], ensure_ascii=False, allow_nan=False).encode()
+    except RecursionError:
+        return "a value is nested too deeply"
+    except (ValueError, TypeError) as error:  # UnicodeEncodeError is a ValueError
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _first_bad_value(value: Any) -> str | None:
+    """What is wrong with the first bad value inside `value` (walked without recursion), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and not _encodable(item):
+            return "holds text that is not valid Unicode (a lone surrogate such as \\ud800): it can be neither sent nor stored"
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"holds {json.dumps(item)}, which JSON does not allow: write null or a string"
+        if isinstance(item, dict):
+            bad_key = next((key for key in item if not isinstance(key, str) or not _encodable(key)), None)
+            if bad_key is not None:
+                return f"has the key {bad_key!r}, which is not valid Unicode text"
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _collisions(prompt: Prompt, safe_keys: set[str]) -> list[str]:
+    """The prompt's extra keys named like an output column; `safe_keys` caches the keys found not to be."""
+    problems = []
+    for key in prompt.extra:
+        if key in safe_keys:
+            continue
+        column = colliding_column(key)
+        if column is None:
+            safe_keys.add(key)
+        else:
+            problems.append(
+                f'the key "{key}" collides with the output column "{column}" (names compared ignoring case, as in '
+                "DuckDB): rename it"
+            )
+    return problems
+
+
+def _storage_problems(prompts: list[Prompt]) -> list[tuple[Prompt, str]]:
+    """A dry run of the Parquet writer's conversion of the prompts' own columns; on failure, each prompt alone."""
+    if not prompts or _store_error(prompts) is None:
+        return []
+    try:
+        schema: pa.Schema | None = output_schema(prompts, 1)
+    except (*STORE_ERRORS, RecursionError):
+        schema = None
+    problems = [
+        (prompt, f"cannot be stored in the Parquet output ({error})")
+        for prompt in prompts
+        if (error := _store_error([prompt], schema)) is not None
+    ]
+    if not problems:  # only the prompts together fail: name the first and say so
+        problems = [(prompts[0], f"the prompts' columns cannot be stored together in Parquet ({_store_error(prompts)})")]
+    return problems
+
+
+def _store_error(prompts: list[Prompt], schema: pa.Schema | None = None) -> str | None:
+    """Why the prompts' own columns cannot be written to Parquet and read back (in memory), or None."""
+    try:
+        table = pa.table(prompt_columns(schema or output_schema(prompts, 1), prompts))
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        pq.ParquetFile(io.BytesIO(sink.getvalue())).schema_arrow
+    except RecursionError:
+        return "a value is nested too deeply: flatten it"
+    except STORE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+    return None
