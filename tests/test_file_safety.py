@@ -9,6 +9,7 @@ calls counted; the FIFO case runs in a subprocess with a timeout, since a bug th
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import stat
 import subprocess
@@ -222,8 +223,16 @@ def _foreign(path: Path) -> None:
     db.close()
 
 
+def _garble_after_the_first_page(path: Path) -> None:
+    """Keep the header and the schema (page 1), overwrite every other page with noise."""
+    data = path.read_bytes()
+    page = int.from_bytes(data[16:18], "big")
+    path.write_bytes(data[:page] + random.Random(0).randbytes(len(data) - page))
+
+
 DAMAGE = {
     "random-bytes": lambda path: path.write_bytes(os.urandom(8192)),
+    "garbled-pages": _garble_after_the_first_page,
     "text": lambda path: path.write_text("this is not a database\n"),
     "truncated": _truncate,
     "header-only": lambda path: path.write_bytes(path.read_bytes()[:100]),

@@ -275,7 +275,7 @@ def extract(
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
     eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
     concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard this output's checkpoint and start over."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard this output and its checkpoint and start over (only files logprobs wrote are deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),

@@ -83,6 +83,7 @@ class Journal:
         self.path = Path(path)
         self._lock_file = None
         self._db: sqlite3.Connection | None = None
+        self._opened = False  # past the checks of `open`: a run may be spending
 
     @classmethod
     def open(
@@ -120,6 +121,7 @@ class Journal:
                 journal._prepare()
             if saved is None:
                 journal.set_meta("settings", now)
+            journal._opened = True
         except BaseException:
             if created:
                 for suffix in ("", "-wal", "-shm"):
@@ -207,11 +209,16 @@ class Journal:
         except JournalError as error:
             raise Refused(str(error)) from None
 
-    def _damaged(self, what: str) -> Refused:
+    def _damaged(self, what: str) -> JournalError:
+        """Refused (`damaged`) while opening; once the run is under way, a JournalError that stops it."""
+        choices = (
+            "Add --fresh to discard it (the answers it held are lost) and start over, or choose another output with "
+            "-o to leave it as it is"
+        )
+        if self._opened:
+            return JournalError(f"the checkpoint {self.path} became unreadable during the run ({what}). {choices}")
         refusal = Refused(
-            f"the checkpoint {self.path} is damaged ({what}), so it cannot be resumed; nothing was sent. Add --fresh "
-            "to discard it (the answers it held are lost) and start over, or choose another output with -o to leave "
-            "it as it is"
+            f"the checkpoint {self.path} is damaged ({what}), so it cannot be resumed; nothing was sent. {choices}"
         )
         refusal.damaged = True
         return refusal
@@ -388,6 +395,7 @@ class Journal:
 def reading_connection(path: str | os.PathLike) -> Journal:
     """A second, lock-free connection to an open checkpoint, for a writer thread to read results."""
     journal = Journal(path)
+    journal._opened = True
     journal._connect()
     return journal
 

@@ -169,7 +169,9 @@ def _row_keys(output: Path) -> Iterator[tuple[object, str]]:
     try:
         table = pq.read_table(output, columns=["id", "prompt", "messages"])
     except (pa.ArrowException, OSError) as error:
-        raise Refused(f"{output} cannot be read ({error}); it is left as it is. Choose another output with -o") from None
+        raise Refused(
+            f"{output} cannot be read ({error}); it is left as it is. Choose another output with -o"
+        ) from None
     for row in table.to_pylist():
         messages = None if row["messages"] is None else json.loads(row["messages"])
         yield row["id"], prompt_key(Prompt(id=row["id"], line=0, prompt=row["prompt"], messages=messages))

@@ -385,7 +385,9 @@ def extract_batch(
             nonlocal writer, summary
             try:
                 if not prompts:  # an empty shard: every part of a batch has a file
-                    writer = OutputWriter(output, journal_path, prompts, endpoint, settings, method, None, schema_prompts)
+                    writer = OutputWriter(
+                        output, journal_path, prompts, endpoint, settings, method, None, schema_prompts
+                    )
                     return
                 limits, report, chosen = endpoint.limits, None, method
                 if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
