@@ -316,3 +316,10 @@ def test_write_parquet_replaces_only_a_regular_file(tmp_path):
             write_parquet(tmp_path / name, schema, [], {})
     assert (tmp_path / "out.parquet").is_symlink() and (tmp_path / "target").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.parquet", "out.parquet", "target"]  # no temp left
+
+
+def test_an_output_where_nothing_can_be_created_is_refused(tmp_path, calls):
+    write_input(tmp_path / "x.jsonl", ["one"])
+    (tmp_path / "file").write_text("not a directory")
+    assert_refused(tmp_path, calls, ["x.jsonl", "-o", "file/x.parquet", *SIM], "file is not a directory")
+    assert_refused(tmp_path, calls, ["x.jsonl", "-o", "/proc/x.parquet", *SIM], "cannot create the checkpoint", "-o")

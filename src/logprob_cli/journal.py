@@ -152,13 +152,19 @@ class Journal:
 
     def _lock(self) -> None:
         """flock the database file itself: SQLite's own locks are POSIX fcntl locks, independent of flock."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
             raise Refused(
                 f"{self.path} (the checkpoint's place) is not a regular file; it is left as it is. Move it away or "
                 "choose another output with -o"
             )
-        handle = open(self.path, "ab")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "ab")
+        except OSError as error:
+            raise Refused(
+                f"cannot create the checkpoint {self.path} ({error.strerror or error}); nothing was sent. Choose an "
+                "output in a directory you can write to with -o"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
