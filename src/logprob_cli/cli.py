@@ -22,14 +22,15 @@ from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
 from .estimate import estimate_run, format_count, format_dollars, format_duration
 from .inputs import InputError, read_prompts, select_shard
-from .journal import Journal, JournalError
+from .journal import JournalError, Refused
 from .methods import METHODS
 from .output import render_inspect
 from .prices import parse_price, price_for
 from .probe import probe as run_probe
 from .ratelimit import RateLimiter
 from .transport import RetryPolicy
-from .runner import NoProgress, checkpoint_path, extract_batch
+from .outputs_guard import check_paths, discard
+from .runner import NoProgress, extract_batch
 from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
@@ -269,12 +270,12 @@ class PlainProgress:
 @app.command()
 def extract(
     input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write, NAME.parquet (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
     method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
     eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
     concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard this output's checkpoint and start over."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard this output and its checkpoint and start over (only files logprobs wrote are deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
@@ -301,15 +302,17 @@ def extract(
     if output is None:
         suffix = f".shard-{part[0]}-of-{part[1]}.parquet" if part else ".parquet"
         output = Path(input).with_name(Path(input).stem + suffix)
-    journal_path = checkpoint_path(output)
+    try:
+        journal_path = check_paths(input, output)
+    except Refused as refusal:
+        fail(str(refusal), 2)
     try:
         all_prompts = read_prompts(input, api=api.value if model else None)  # the simulator takes both shapes
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     prompts = select_shard(all_prompts, *part) if part else all_prompts
-    if not prompts:
-        err.print(f"shard {shard} holds none of the {len(all_prompts)} prompts: nothing to do", highlight=False)
-        raise typer.Exit(0)
+    if not prompts and not quiet:
+        err.print(f"shard {shard} holds none of the {len(all_prompts)} prompts: its output has no rows", highlight=False)
     endpoint = make_endpoint(
         sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
         rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
@@ -323,12 +326,11 @@ def extract(
         fail(f"no price is known for model {endpoint.model!r}: give --price PROMPT,COMPLETION (US$ per 1M tokens) to use --max-cost", 2)
     if fresh:
         try:
-            Journal.discard(journal_path)
+            discard(output, journal_path)
+        except Refused as refusal:
+            fail(str(refusal), 2)
         except JournalError as error:
             fail(str(error))
-        output.unlink(missing_ok=True)
-    elif output.exists() and not journal_path.exists():
-        fail(f"{output} exists and has no checkpoint beside it; add --fresh to overwrite it or choose -o", 2)
 
     console = Console(stderr=True)
     if not quiet:
@@ -351,6 +353,9 @@ def extract(
             prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce,
             price=unit_price, max_calls=max_calls, max_cost=max_cost, schema_prompts=all_prompts,
         )
+    except Refused as refusal:
+        progress.stop()
+        fail(str(refusal), 2)
     except (JournalError, EndpointUnsuitable, EndpointError) as error:
         progress.stop()
         fail(str(error))

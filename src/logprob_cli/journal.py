@@ -9,23 +9,29 @@ so a replay that would ask something else is caught instead of silently mixing r
 WAL mode with synchronous=NORMAL: a commit survives the process being killed (the
 failure this guards against); only an OS crash or power loss can drop the last commits.
 One process at a time: an exclusive flock on the checkpoint file refuses a second one.
+
+Opening never writes to a file it cannot vouch for: a file that is not SQLite, is cut
+short or is malformed is reported as damaged, an SQLite database without the checkpoint's
+tables as someone else's, and the caller's check (e.g. "the output holds no row this
+checkpoint lacks") runs before the first write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .budget import Spend
-from .endpoint import Answer
+from .endpoint import Answer, Prompt
 from .methods.base import MethodResult
 
 SCHEMA = """
@@ -40,10 +46,28 @@ CREATE TABLE IF NOT EXISTS results (
     behaviour TEXT NOT NULL, notes TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (prompt TEXT PRIMARY KEY, message TEXT NOT NULL);
 """
+CHECKPOINT_TABLES = {"meta", "answers", "results", "failures"}
+SQLITE_HEADER = b"SQLite format 3\x00"
+DAMAGE_ERRORS = ("SQLITE_CORRUPT", "SQLITE_NOTADB")  # sqlite_errorname prefixes that mean a broken file
 
 
 class JournalError(RuntimeError):
     """The checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+class Refused(JournalError):
+    """The files at the output's place cannot be used for this run, found before any call (a usage error).
+
+    `damaged`: the file is a checkpoint that cannot be read (--fresh may discard it).
+    """
+
+    damaged = False
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A stable key for a prompt's journal entries: its id and content (an edited prompt starts afresh)."""
+    text = json.dumps([prompt.id, prompt.content()], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 @dataclass
@@ -59,42 +83,68 @@ class Journal:
         self.path = Path(path)
         self._lock_file = None
         self._db: sqlite3.Connection | None = None
+        self._opened = False  # past the checks of `open`: a run may be spending
 
     @classmethod
-    def open(cls, path: str | os.PathLike, settings: dict[str, Any]) -> "Journal":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        settings: dict[str, Any],
+        check: Callable[[set[str]], None] = lambda finished: None,
+    ) -> "Journal":
         """Open (or create) the checkpoint for a run with these settings, under an exclusive lock.
 
-        Raises JournalError when another process holds it, or when it was made with other settings.
+        `check(finished)` gets the keys of the prompts the checkpoint has finished and may
+        refuse the run by raising; it runs before the run writes anything to the file
+        (only a checkpoint of an earlier version is brought to this schema before).
+        Raises Refused when the file is damaged or not a checkpoint, JournalError when
+        another process holds it or it was made with other settings; a file this call
+        created is removed again then.
         """
         journal = cls(path)
+        created = not journal.path.exists()
         journal._lock()
         try:
-            journal._connect()
-            saved = journal.get_meta("settings")
-            if saved is None:
-                journal.set_meta("settings", settings)
-            elif saved != settings:
-                diff = ", ".join(
-                    f"{key} {saved.get(key)!r} (now {settings.get(key)!r})"
-                    for key in sorted(set(saved) | set(settings))
-                    if saved.get(key) != settings.get(key)
-                )
+            ours = journal._inspect()
+            if ours:
+                journal._prepare()  # a checkpoint of an earlier version gets this version's tables and columns
+            now = json.loads(json.dumps(settings, sort_keys=True))  # as it is stored
+            saved = journal.get_meta("settings") if ours else None
+            if saved is not None and saved != now:
                 raise JournalError(
-                    f"the checkpoint {journal.path} belongs to a run with other settings: {diff}. "
-                    "Re-run with those settings to resume it, add --fresh to discard it and start over, "
-                    "or choose another output with -o."
+                    f"the checkpoint {journal.path} belongs to a run with other settings: "
+                    f"{', '.join(settings_differences(saved, now))}. Re-run with those settings to resume it, add "
+                    "--fresh to discard it and start over, or choose another output with -o."
                 )
+            check(journal._verified_finished() if ours else set())
+            if not ours:
+                journal._prepare()
+            if saved is None:
+                journal.set_meta("settings", now)
+            journal._opened = True
         except BaseException:
+            if created:
+                for suffix in ("", "-wal", "-shm"):
+                    journal.path.with_name(journal.path.name + suffix).unlink(missing_ok=True)
             journal.close()
             raise
         return journal
 
     @classmethod
     def discard(cls, path: str | os.PathLike) -> None:
-        """Delete a checkpoint (unless another process is using it)."""
+        """Delete a checkpoint, a damaged one included (unless another process is using it).
+
+        Raises Refused, deleting nothing, when the file is not a regular file or is an SQLite
+        database without the checkpoint's tables: that file is not the tool's to delete.
+        """
         journal = cls(path)
         journal._lock()
         try:
+            try:
+                journal._inspect()
+            except Refused as refusal:
+                if not refusal.damaged:
+                    raise
             for suffix in ("", "-wal", "-shm"):
                 journal.path.with_name(journal.path.name + suffix).unlink(missing_ok=True)
         finally:
@@ -102,8 +152,19 @@ class Journal:
 
     def _lock(self) -> None:
         """flock the database file itself: SQLite's own locks are POSIX fcntl locks, independent of flock."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "ab")
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise Refused(
+                f"{self.path} (the checkpoint's place) is not a regular file; it is left as it is. Move it away or "
+                "choose another output with -o"
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "ab")
+        except OSError as error:
+            raise Refused(
+                f"cannot create the checkpoint {self.path} ({error.strerror or error}); nothing was sent. Choose an "
+                "output in a directory you can write to with -o"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,22 +174,85 @@ class Journal:
             ) from None
         self._lock_file = handle
 
+    def _inspect(self) -> bool:
+        """Connect without writing; True for a checkpoint, False for an empty file (a new one).
+
+        Raises Refused (with `damaged` set) for a file that is not SQLite, is shorter than its
+        header says or is malformed, and Refused (`damaged` unset) for an SQLite database
+        with none of the checkpoint's tables (someone else's).
+        """
+        assert self._lock_file is not None
+        size = os.fstat(self._lock_file.fileno()).st_size
+        with open(self.path, "rb") as file:
+            head = file.read(100)
+        if size and not head.startswith(SQLITE_HEADER):
+            raise self._damaged("it is not an SQLite database")
+        wal = self.path.with_name(self.path.name + "-wal")
+        if size >= 100 and head[24:28] == head[92:96] and not (wal.exists() and wal.stat().st_size):
+            page_size = int.from_bytes(head[16:18], "big")
+            page_size = 65536 if page_size == 1 else page_size  # the header's way of writing 65536
+            expected = page_size * int.from_bytes(head[28:32], "big")
+            if size < expected:
+                raise self._damaged(f"it is cut short: {size:,} of its {expected:,} bytes")
+        self._connect()
+        with self._reading():
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return False
+        if not tables & CHECKPOINT_TABLES:
+            raise Refused(
+                f"{self.path} is an SQLite database but not a logprobs checkpoint (its tables: "
+                f"{', '.join(sorted(tables))}); it is left as it is. Move it away, or choose another output with -o "
+                "(the checkpoint is named after the output)"
+            )
+        return True
+
+    def _verified_finished(self) -> set[str]:
+        """The finished prompts, after reading every answer's usage (so a malformed page shows now, not mid-run)."""
+        try:
+            self.spent()
+            return self.finished()
+        except JournalError as error:
+            raise Refused(str(error)) from None
+
+    def _damaged(self, what: str) -> JournalError:
+        """Refused (`damaged`) while opening; once the run is under way, a JournalError that stops it."""
+        choices = (
+            "Add --fresh to discard it (the answers it held are lost) and start over, or choose another output with "
+            "-o to leave it as it is"
+        )
+        if self._opened:
+            return JournalError(f"the checkpoint {self.path} became unreadable during the run ({what}). {choices}")
+        refusal = Refused(
+            f"the checkpoint {self.path} is damaged ({what}), so it cannot be resumed; nothing was sent. {choices}"
+        )
+        refusal.damaged = True
+        return refusal
+
+    def _error(self, err: sqlite3.Error, doing: str, advice: str) -> JournalError:
+        """A SQLite error as a JournalError: corruption is named as such, anything else gets `advice`."""
+        if getattr(err, "sqlite_errorname", "").startswith(DAMAGE_ERRORS):
+            return self._damaged(str(err))
+        return JournalError(f"cannot {doing} {self.path}: {err}. {advice}")
+
     def _connect(self) -> None:
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(answers)")}
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as err:
+            raise self._error(
+                err, "open the checkpoint", f"Check that {self.path.parent} is readable and writable, then run again"
+            ) from None
+
+    def _prepare(self) -> None:
+        """Make the file a checkpoint of the current schema (the first writes of a run)."""
+        with self._writing():
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
             for column in ("prompt_tokens", "completion_tokens"):  # checkpoints written by version 0.1.0
                 if column not in columns:
-                    db.execute(f"ALTER TABLE answers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-        except sqlite3.DatabaseError as err:
-            raise JournalError(
-                f"cannot use {self.path} as a checkpoint: {err}. Check that {self.path.parent} is writable and has "
-                "free space, then run again"
-            ) from None
-        self._db = db
+                    self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -155,10 +279,18 @@ class Journal:
         try:
             yield
         except sqlite3.Error as err:
-            raise JournalError(
-                f"cannot write the checkpoint {self.path}: {err}. Every answer committed before is kept: free some "
-                "space (or make the directory writable) and run the same command again"
+            raise self._error(
+                err, "write the checkpoint", "Every answer committed before is kept: free some space (or make the "
+                "directory writable) and run the same command again"
             ) from None
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Turn a failed read (a malformed file, an I/O error) into a JournalError that says what happened."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise self._error(err, "read the checkpoint", "Check the disk, then run again") from None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -172,7 +304,8 @@ class Journal:
         self.db.execute("COMMIT")
 
     def get_meta(self, key: str) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._reading():
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -190,9 +323,10 @@ class Journal:
 
     def spent(self) -> Spend:
         """Everything this checkpoint paid for: its answers plus the run set-up's calls (probe, token check)."""
-        calls, prompt_tokens, completion_tokens = self.db.execute(
-            "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM answers"
-        ).fetchone()
+        with self._reading():
+            calls, prompt_tokens, completion_tokens = self.db.execute(
+                "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM answers"
+            ).fetchone()
         return Spend(calls, prompt_tokens, completion_tokens).plus(Spend(**(self.get_meta("setup_spend") or {})))
 
     def add_setup_spend(self, spend: Spend) -> None:
@@ -201,7 +335,8 @@ class Journal:
 
     def answers(self, prompt: str) -> dict[int, tuple[bytes, Answer]]:
         """A prompt's saved answers by sequence number, with the digest of the query each answered."""
-        rows = self.db.execute("SELECT seq, query, answer FROM answers WHERE prompt = ?", (prompt,))
+        with self._reading():
+            rows = self.db.execute("SELECT seq, query, answer FROM answers WHERE prompt = ?", (prompt,)).fetchall()
         return {seq: (bytes(q), Answer.from_bytes(a)) for seq, q, a in rows}
 
     def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
@@ -224,13 +359,15 @@ class Journal:
             self.db.execute("DELETE FROM failures WHERE prompt = ?", (prompt,))
 
     def finished(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT prompt FROM results")}
+        with self._reading():
+            return {row[0] for row in self.db.execute("SELECT prompt FROM results")}
 
     def result(self, prompt: str) -> SavedResult | None:
-        row = self.db.execute(
-            "SELECT calls, logprobs, bound_ids, bounds, precision, behaviour, notes FROM results WHERE prompt = ?",
-            (prompt,),
-        ).fetchone()
+        with self._reading():
+            row = self.db.execute(
+                "SELECT calls, logprobs, bound_ids, bounds, precision, behaviour, notes FROM results WHERE prompt = ?",
+                (prompt,),
+            ).fetchone()
         if row is None:
             return None
         calls, logprobs, bound_ids, bounds, precision, behaviour, notes = row
@@ -257,11 +394,32 @@ class Journal:
             self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?)", (prompt, message))
 
     def failures(self) -> dict[str, str]:
-        return dict(self.db.execute("SELECT prompt, message FROM failures").fetchall())
+        with self._reading():
+            return dict(self.db.execute("SELECT prompt, message FROM failures").fetchall())
 
 
 def reading_connection(path: str | os.PathLike) -> Journal:
     """A second, lock-free connection to an open checkpoint, for a writer thread to read results."""
     journal = Journal(path)
+    journal._opened = True
     journal._connect()
     return journal
+
+
+def settings_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Each setting that differs, by its dotted path: ["endpoint.simulator.vocab_size 1000 (now 2000)", ...]."""
+    differences = []
+    for key in sorted(set(saved) | set(now), key=str):
+        before, after = saved.get(key, _UNSET), now.get(key, _UNSET)
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += settings_differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            differences.append(f"{prefix}{key} {_shown(before)} (now {_shown(after)})")
+    return differences
+
+
+_UNSET = object()
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is _UNSET else json.dumps(value)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -151,8 +152,9 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
 
     The file is written beside `path` under a temporary name and moved onto it with
     os.replace, so `path` is always the old or the new complete file; on error the
-    temporary file is removed and `path` is untouched. `metadata` is stored as JSON
-    under the file-level key b"logprob_cli".
+    temporary file is removed and `path` is untouched. Only a regular file is replaced:
+    FileExistsError when `path` is a link, directory, device or FIFO. `metadata` is stored
+    as JSON under the file-level key b"logprob_cli".
     """
     path = Path(path)
     schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
@@ -173,6 +175,8 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
                     written += len(pending)
             sink.flush()
             os.fsync(sink.fileno())
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise FileExistsError(f"{path} is not a regular file; it was left as it is")
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

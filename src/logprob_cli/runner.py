@@ -12,9 +12,8 @@ passed since the last write, and once more at the end, whatever ended the run.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,10 @@ from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRefused, EndpointUnsuitable, Prompt, Query
 from .inputs import check_prompts
-from .journal import Journal, JournalError, reading_connection
+from .journal import Journal, JournalError, prompt_key, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
+from .outputs_guard import check_resumable, checkpoint_path
 from .probe import ProbeReport, probe
 from .prices import Price
 
@@ -81,17 +81,6 @@ class RunSummary:
 
     def cost(self) -> float | None:
         return self.meter.cost() if self.meter else None
-
-
-def prompt_key(prompt: Prompt) -> str:
-    """A stable key for a prompt's journal entries: its id and content (an edited prompt starts afresh)."""
-    text = json.dumps([prompt.id, prompt.content()], sort_keys=True, ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-def checkpoint_path(output: Path) -> Path:
-    """The journal lives beside the output: results.parquet -> results.checkpoint.sqlite."""
-    return output.with_name(output.stem + ".checkpoint.sqlite")
 
 
 def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float) -> dict[str, Any]:
@@ -391,18 +380,23 @@ def extract_batch(
     and the output metadata) and runs the method it recommends. `max_calls` / `max_cost`
     (US$, at `price`) cap what the checkpoint spends in all: at the cap the run stops
     cleanly and the summary says so. `schema_prompts` (default: `prompts`) fix the output's
-    columns, so every shard of a batch writes the same schema. Raises JournalError
-    (checkpoint in use / other settings), EndpointUnsuitable (the endpoint cannot support
-    the method), EndpointFatal (it cannot be used at all), InputError (the pre-flight check of
-    the prompts, inputs.check_prompts, found problems; nothing was sent). Ctrl-C stops the run: the
-    summary says so, and the output holds every prompt finished so far.
+    columns, so every shard of a batch writes the same schema; with no prompts (an empty
+    shard) the output has those columns and no rows, and no call is made.
+    Before any call: raises InputError (the pre-flight check of the prompts,
+    inputs.check_prompts, found problems), Refused when the output or checkpoint may not be
+    used (see outputs_guard: an output that is not .parquet or not the tool's, rows this run
+    would replace, a damaged checkpoint), JournalError (checkpoint in use / other settings).
+    Later: EndpointUnsuitable (the endpoint cannot support the method), EndpointFatal (it
+    cannot be used at all). Ctrl-C stops the run: the summary says so, and the output holds
+    every prompt finished so far.
     """
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
     check_prompts(schema_prompts or prompts, getattr(endpoint, "api", None))
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
-    with Journal.open(journal_path, settings) as journal:
+    resumable = functools.partial(check_resumable, output, journal_path, prompts)
+    with Journal.open(journal_path, settings, resumable) as journal:
         summary = RunSummary(total=len(prompts))
         before = journal.spent()
         metered = MeteredEndpoint(endpoint, journal.spent(), price, max_calls, max_cost)
@@ -413,6 +407,11 @@ def extract_batch(
         async def main() -> None:
             nonlocal writer, summary
             try:
+                if not prompts:  # an empty shard: every part of a batch has a file
+                    writer = OutputWriter(
+                        output, journal_path, prompts, endpoint, settings, method, None, schema_prompts
+                    )
+                    return
                 limits, report, chosen = endpoint.limits, None, method
                 if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
                     journal.set_meta("token_mapping", await endpoint.verify_mapping(prompts[0], metered.ask))
