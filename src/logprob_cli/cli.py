@@ -34,6 +34,7 @@ from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
 from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
+from .wording import plural
 
 app = typer.Typer(
     help="Extract FULL next-token probability distributions from LLM APIs that only return the top-k logprobs.",
@@ -308,7 +309,7 @@ def extract(
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     prompts = select_shard(all_prompts, *part) if part else all_prompts
     if not prompts:
-        err.print(f"shard {shard} holds none of the {len(all_prompts)} prompts: nothing to do", highlight=False)
+        err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: nothing to do", highlight=False)
         raise typer.Exit(0)
     endpoint = make_endpoint(
         sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
@@ -335,7 +336,7 @@ def extract(
         of_shard = f" (shard {part[0]}/{part[1]} of {len(all_prompts)})" if part else ""
         console.print(
             f"endpoint: {describe(endpoint)}\n"
-            f"{len(prompts)} prompts{of_shard} -> {output}",
+            f"{plural(len(prompts), 'prompt')}{of_shard} -> {output}",
             highlight=False,
         )
 
@@ -360,7 +361,7 @@ def extract(
     progress.stop()
     if summary.interrupted:
         fail(
-            f"interrupted: {summary.finished} of {summary.total} prompts finished, saved in {output}; "
+            f"interrupted: {summary.finished} of {plural(summary.total, 'prompt')} finished, saved in {output}; "
             "run the same command again to resume",
             130,
         )
@@ -368,8 +369,8 @@ def extract(
         spent = summary.spent()
         cost = summary.cost()
         fail(
-            f"budget reached: {summary.budget_reached}. {summary.finished} of {summary.total} prompts finished, saved "
-            f"in {output}; the checkpoint has spent {spent.calls:,} calls"
+            f"budget reached: {summary.budget_reached}. {summary.finished} of {plural(summary.total, 'prompt')} finished, saved "
+            f"in {output}; the checkpoint has spent {plural(spent.calls, 'call')}"
             + (f" (${cost:,.4f})" if cost is not None else "")
             + ". Run the same command with a higher cap to resume.",
             3,
@@ -378,13 +379,13 @@ def extract(
         cost = summary.cost()
         spent = f", ${cost:,.4f} spent in all" if cost else ""
         console.print(
-            f"wrote {summary.rows_written} rows to {output} ({summary.calls:,} calls this run{spent}; checkpoint {journal_path})",
+            f"wrote {plural(summary.rows_written, 'row')} to {output} ({plural(summary.calls, 'call')} this run{spent}; checkpoint {journal_path})",
             highlight=False,
         )
     if summary.failures:
         for prompt_id, message in summary.failures.items():
             err.print(f"[red]prompt {prompt_id!r} failed:[/] {message}", highlight=False)
-        fail(f"{len(summary.failures)} prompts failed; run the same command again to retry them")
+        fail(f"{plural(len(summary.failures), 'prompt')} failed; run the same command again to retry them")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -446,7 +447,7 @@ def probe(
         ("concurrent calls agree", yes_no(report.concurrent_agree)),
         ("tokens identified by", ", ".join(report.identity)),
         ("calls spent probing", str(report.calls)),
-        ("recommended method", f"[bold]{report.recommended}[/] (~{report.estimated_calls:,} calls per prompt)"),
+        ("recommended method", f"[bold]{report.recommended}[/] (~{plural(report.estimated_calls, 'call')} per prompt)"),
     ]
     for name, value in rows:
         table.add_row(name, value)

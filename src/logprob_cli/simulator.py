@@ -20,6 +20,7 @@ distribution (float64 log-softmax of the float32 logits) and `calls` counts requ
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -66,12 +67,39 @@ class SimulatorConfig:
     tie_noise: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 300:
-            raise ValueError("vocab_size must be at least 300")
+        """Refuses a value the simulator would ignore or crash on, naming the field and its allowed range."""
+        _check_int("vocab_size", self.vocab_size, 300, MAX_VOCAB_SIZE)
+        _check_int("hidden_size", self.hidden_size, 1, MAX_HIDDEN_SIZE)
+        _check_int("seed", self.seed, 0, None)
+        _check_int("top_logprobs_cap", self.top_logprobs_cap, 1, self.vocab_size)
+        _check_int("bias_entries", self.bias_entries, 1, None)
+        _check_float("bias_max", self.bias_max, "a finite number above 0", lambda x: x > 0)
+        _check_float("tie_noise", self.tie_noise, "a finite number, 0 or above", lambda x: x >= 0)
+        for name in ("logprobs_after_bias", "bias_steers_sampling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in ("float32", "bfloat16"):
-            raise ValueError("precision must be float32 or bfloat16")
+            raise ValueError(f"precision must be float32 or bfloat16, got {self.precision!r}")
         if self.sampled_logprob not in ("report", "sentinel"):
-            raise ValueError("sampled_logprob must be report or sentinel")
+            raise ValueError(f"sampled_logprob must be report or sentinel, got {self.sampled_logprob!r}")
+
+
+MAX_VOCAB_SIZE = 2_000_000  # the V x d float32 output layer must fit in memory (2M x 64 = 512 MB)
+MAX_HIDDEN_SIZE = 1024
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    allowed = f"an integer from {low:,} to {high:,}" if high is not None else f"an integer, {low:,} or above"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value:,}")
+
+
+def _check_float(name: str, value: Any, allowed: str, ok: Any) -> None:
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import aiohttp
 
 from .endpoint import EndpointError, EndpointFatal
 from .ratelimit import RateLimiter, retry_after
+from .wording import plural
 
 T = TypeVar("T")
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -105,7 +106,7 @@ class Transport:
                 reason, wait = f"connection failed ({type(err).__name__}: {err})", None
             failures += 1
             if failures >= self.retry.attempts:
-                raise EndpointError(f"{self.base_url} kept failing ({failures} tries); last: {reason}")
+                raise EndpointError(f"{self.base_url} kept failing ({plural(failures, 'try', 'tries')}); last: {reason}")
             self.retries += 1
             await asyncio.sleep(self.retry.backoff(failures) if wait is None else wait)
 
