@@ -10,9 +10,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
+import typer.core
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -36,7 +37,36 @@ from .simulator import SimulatedEndpoint, SimulatorConfig
 from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
 from .wording import plural
 
+class _FlagsWithoutPlaceholder:
+    """Flags in --help show no `<bool>` value placeholder (typer 0.29 renders one for every flag, --help included)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class PlainHelpCommand(_FlagsWithoutPlaceholder, typer.core.TyperCommand):
+    """A command whose --help reads as users expect: flags without `<bool>`, and the usage line naming
+    a required argument by its metavar (`INPUT`) rather than typer's `{input}`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class PlainHelpGroup(_FlagsWithoutPlaceholder, typer.core.TyperGroup):
+    """The `logprobs` group: its flags without `<bool>` too."""
+
+
 app = typer.Typer(
+    cls=PlainHelpGroup,
     help="Extract FULL next-token probability distributions from LLM APIs that only return the top-k logprobs.",
     no_args_is_help=True,
     add_completion=False,
@@ -250,7 +280,7 @@ class PlainProgress:
 
     def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
         self.total, self.done, self._cost = total, done, cost
-        self.console.print(f"{done} of {total} prompts already done", highlight=False)
+        self.console.print(f"{done} of {plural(total, 'prompt')} already done", highlight=False)
 
     def call(self) -> None:
         self.calls += 1
@@ -267,9 +297,9 @@ class PlainProgress:
         pass
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def extract(
-    input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
     method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
@@ -404,7 +434,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -456,9 +486,9 @@ def probe(
         Console().print(f"- {reason}", highlight=False)
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def estimate(
-    input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
     method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
     eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
@@ -551,7 +581,7 @@ def yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1."),
     sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
@@ -615,9 +645,9 @@ def serve(
         pass
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def inspect(
-    path: Path = typer.Argument(..., help="A Parquet file written by `logprobs extract`."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A Parquet file written by `logprobs extract`."),
     top: int = typer.Option(5, "--top", "-n", min=1, max=50, help="Top tokens to show per prompt."),
 ) -> None:
     """Show each prompt's top tokens, entropy and diagnostics."""

@@ -1,0 +1,127 @@
+"""Issue 8 class 9: settings are validated or honoured, never silently ignored, and messages read well."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from logprob_cli.cli import app
+from logprob_cli.output import render_inspect
+from logprob_cli.simulator import SimulatorConfig
+from logprob_cli.wording import plural
+
+ROOT = Path(__file__).parent.parent
+COMMANDS = ["extract", "probe", "estimate", "serve", "inspect"]
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "logprob_cli.cli", *map(str, args)], capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "switch, field",
+    [
+        ("tie_noise=nan", "tie_noise"), ("tie_noise=inf", "tie_noise"), ("tie_noise=-0.1", "tie_noise"),
+        ("bias_max=0", "bias_max"), ("bias_max=-1", "bias_max"), ("bias_max=nan", "bias_max"),
+        ("top_logprobs_cap=0", "top_logprobs_cap"), ("top_logprobs_cap=300000", "top_logprobs_cap"),
+        ("bias_entries=0", "bias_entries"), ("hidden_size=0", "hidden_size"), ("seed=-1", "seed"),
+        ("vocab_size=10", "vocab_size"),
+    ],
+)
+def test_simulator_switch_out_of_range_is_refused_naming_the_field(switch, field):
+    key, _, raw = switch.partition("=")
+    value = float(raw) if key in ("tie_noise", "bias_max") else int(raw)
+    with pytest.raises(ValueError, match=rf"^{field} must be .*got"):
+        SimulatorConfig(**{key: value})
+
+
+@pytest.mark.parametrize("switch", ["tie_noise=nan", "bias_max=0"])
+def test_simulator_switch_out_of_range_is_a_usage_error(switch):
+    field = switch.partition("=")[0]
+    run = cli("probe", "--sim", switch)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"{field} must be" in " ".join(run.stderr.split())
+
+
+def test_simulator_config_refuses_wrong_types_and_keeps_valid_edges():
+    with pytest.raises(ValueError, match="logprobs_after_bias must be true or false"):
+        SimulatorConfig(logprobs_after_bias="no")
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        SimulatorConfig(vocab_size=1000.5)
+    edge = SimulatorConfig(vocab_size=300, top_logprobs_cap=300, tie_noise=0.0, bias_entries=1, hidden_size=1, seed=0)
+    assert edge.top_logprobs_cap == 300 and math.isfinite(edge.bias_max)
+
+
+def test_plural_counts():
+    assert plural(1, "prompt") == "1 prompt"
+    assert plural(0, "prompt") == "0 prompts"
+    assert plural(1200, "call") == "1,200 calls"
+    assert plural(1, "try", "tries") == "1 try" and plural(3, "try", "tries") == "3 tries"
+
+
+def test_one_prompt_is_singular_in_extract_messages(tmp_path):
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    run = cli("extract", prompts, "--sim", "vocab_size=1000", "--method", "topk")
+    assert run.returncode == 0, run.stderr
+    assert "1 prompt ->" in run.stderr and "wrote 1 row to" in run.stderr
+    assert not re.search(r"\b1 (prompts|rows|calls)\b", run.stderr)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_flags_without_value_and_arguments_by_name(command):
+    args = ([command] if command else []) + ["--help"]
+    shown = CliRunner().invoke(app, args, env={"COLUMNS": "100"}, terminal_width=100)
+    assert shown.exit_code == 0, shown.output
+    usage = next(line for line in shown.output.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage
+    assert "<bool>" not in shown.output
+    if command in ("extract", "estimate"):
+        assert usage.rstrip().endswith("[OPTIONS] INPUT")
+    if command == "inspect":
+        assert usage.rstrip().endswith("[OPTIONS] PATH")
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("inspect") / "x.parquet"
+    run = cli("extract", ROOT / "examples" / "prompts.jsonl", "-o", out, "--sim", "vocab_size=2000", "-q")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_inspect_fits_80_columns_and_names_the_method_that_ran(extracted):
+    console = Console(record=True, width=80)
+    render_inspect(extracted, console, top=5)
+    text = console.export_text()
+    assert "method: topk (chosen by auto)" in text  # --method auto; the probe picks topk on the default simulator
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    for header in ("entropy", "p sum", "unrec.", "calls", "±nats"):
+        assert header in text
+    lines = (ROOT / "examples" / "prompts.jsonl").read_text().splitlines()
+    whole = re.compile(r"\d\.\d{4}\s+1\.000000\s+0\s+[\d,]+\s+\d\.\de-\d\d\s*$")  # no number cut short
+    assert sum(bool(whole.search(line)) for line in text.splitlines()) == len(lines)
+    assert "chat-greeti…" in text  # long ids are cut to keep the numbers whole
+
+
+def test_inspect_on_wrong_paths_explains_and_exits_nonzero(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    cases = {tmp_path: "is a directory", empty: "is not a Parquet file", tmp_path / "gone.parquet": "does not exist"}
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.parquet"
+        locked.write_bytes(b"PAR1")
+        locked.chmod(0)
+        cases[locked] = "cannot read"
+    for path, message in cases.items():
+        run = cli("inspect", path)
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        assert message in " ".join(run.stderr.split())
