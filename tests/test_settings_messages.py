@@ -12,8 +12,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from logprob_cli.cli import app
-from logprob_cli.output import render_inspect
+from logprob_cli.output import read_metadata, render_inspect
+from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.simulator import SimulatorConfig
+from logprob_cli.urls import redact
 from logprob_cli.wording import plural
 
 ROOT = Path(__file__).parent.parent
@@ -125,3 +127,34 @@ def test_inspect_on_wrong_paths_explains_and_exits_nonzero(tmp_path):
         run = cli("inspect", path)
         assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
         assert message in " ".join(run.stderr.split())
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("http://user:secret@127.0.0.1:9/v1", "http://user:***@127.0.0.1:9/v1"),
+        ("http://user:p@ss@host/v1", "http://user:***@host/v1"),
+        ("https://h/v1?api-version=2024&api_key=secret", "https://h/v1?api-version=2024&api_key=***"),
+        ("cannot reach http://h/v1/?token=secret): x", "cannot reach http://h/v1/?token=***): x"),
+        ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+    ],
+)
+def test_redact_hides_url_passwords_and_secret_query_values(url, shown):
+    assert redact(url) == shown
+
+
+def test_a_credential_in_the_base_url_is_never_printed_or_stored(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "o.parquet"
+    common = ["--model", "simulator", "--tokenizer", "simulator:1000", "--api-key", "k", "--method", "topk", "--retries", "1"]
+    with SimulatorServer(ServerConfig(SimulatorConfig(vocab_size=1000))) as server:
+        userinfo = cli("extract", prompts, "-o", out, "--base-url", server.url.replace("//", "//user:hunter2@"), *common)
+        assert userinfo.returncode == 2 and "user:***@" in userinfo.stderr and "hunter2" not in userinfo.stderr
+        query = cli("extract", prompts, "-o", out, "--base-url", server.url + "?api_key=hunter2", *common)
+        assert query.returncode == 0, query.stderr  # the query string still reaches the server, after the path
+    assert "api_key=***" in query.stderr and "hunter2" not in query.stderr
+    assert b"hunter2" not in out.read_bytes() and b"hunter2" not in (tmp_path / "o.checkpoint.sqlite").read_bytes()
+    assert read_metadata(out)["endpoint"]["base_url"].endswith("?api_key=***")
+    gone = cli("extract", prompts, "-o", tmp_path / "g.parquet", "--base-url", "http://127.0.0.1:9/v1?key=hunter2", *common)
+    assert gone.returncode != 0 and "key=***" in gone.stderr and "hunter2" not in gone.stderr

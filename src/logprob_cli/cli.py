@@ -36,6 +36,7 @@ from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
 from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
 from .wording import plural
+from .urls import USERINFO_REFUSED, has_userinfo, redact
 
 class _FlagsWithoutPlaceholder:
     """Flags in --help show no `<bool>` value placeholder (typer 0.29 renders one for every flag, --help included)."""
@@ -113,7 +114,7 @@ TOKENIZER_HELP = (
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -181,6 +182,8 @@ def make_endpoint(
         return SimulatedEndpoint(simulator_config(sim))
     if sim:
         fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
+    if base_url and has_userinfo(base_url):
+        fail(USERINFO_REFUSED.format(url=redact(base_url)), 2)
     if post_bias and not base_url:
         fail("--post-bias is llama-server's mode: give its --base-url", 2)
     try:
@@ -414,7 +417,7 @@ def extract(
         )
     if summary.failures:
         for prompt_id, message in summary.failures.items():
-            err.print(f"[red]prompt {prompt_id!r} failed:[/] {message}", highlight=False)
+            err.print(f"[red]prompt {prompt_id!r} failed:[/] {redact(message)}", highlight=False)
         fail(f"{plural(len(summary.failures), 'prompt')} failed; run the same command again to retry them")
 
 
