@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from logprob_cli import extract_logprobs
 from logprob_cli.cli import app
 from logprob_cli.output import read_metadata, render_inspect
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.simulator import SimulatorConfig
+from logprob_cli.simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.urls import redact
 from logprob_cli.wording import plural
 
@@ -158,3 +160,44 @@ def test_a_credential_in_the_base_url_is_never_printed_or_stored(tmp_path):
     assert read_metadata(out)["endpoint"]["base_url"].endswith("?api_key=***")
     gone = cli("extract", prompts, "-o", tmp_path / "g.parquet", "--base-url", "http://127.0.0.1:9/v1?key=hunter2", *common)
     assert gone.returncode != 0 and "key=***" in gone.stderr and "hunter2" not in gone.stderr
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("", '"prompt" is empty'), ("   ", '"prompt" is empty'), (None, "must be a string or a list"),
+        (42, "must be a string or a list"), ([], '"messages" is empty'), ([{"role": "user"}], '"content" is missing'),
+        (["hi"], "must be an object"),
+    ],
+)
+def test_api_refuses_a_bad_prompt_before_any_call(prompt, message):
+    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=1000))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extract_logprobs(prompt, endpoint=endpoint)
+    assert endpoint.calls == 0
+
+
+def test_api_auto_probes_then_runs_the_recommended_method():
+    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=2000, logprobs_after_bias=False))
+    result = extract_logprobs("The capital of France is", endpoint=endpoint)  # auto is the default, as in the CLI
+    assert result.method == "forced" and result.probe.recommended == "forced"
+    assert result.calls == endpoint.calls > result.probe.calls
+    truth = endpoint.true_logprobs("The capital of France is")
+    assert np.nanmax(np.abs(result.logprobs - truth)[truth > -20]) < 1e-3
+
+
+def test_top_k_above_the_cap_is_said_not_silent(tmp_path):
+    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=1000, top_logprobs_cap=5))
+    with pytest.warns(UserWarning, match="cap of 5 logprobs"):
+        capped = extract_logprobs("hi", method="topk", endpoint=endpoint, top_k=1000)
+    plain = extract_logprobs("hi", method="topk", endpoint=SimulatedEndpoint(endpoint.config), top_k=5)
+    assert capped.calls == plain.calls and np.array_equal(capped.logprobs, plain.logprobs, equal_nan=True)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    for command in (["extract", prompts, "-o", tmp_path / "o.parquet", "-q"], ["estimate", prompts]):
+        run = cli(*command, "--top-k", "1000", "--sim", "vocab_size=1000", "--sim", "top_logprobs_cap=5")
+        assert run.returncode == 0, run.stderr
+        said = " ".join((run.stdout + run.stderr).split())
+        assert "top-k 1,000 is above this endpoint's cap of 5 logprobs a call" in said
+    quiet = cli("estimate", prompts, "--top-k", "5", "--sim", "vocab_size=1000", "--sim", "top_logprobs_cap=5")
+    assert "cap of" not in quiet.stdout

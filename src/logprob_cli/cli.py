@@ -35,7 +35,7 @@ from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
 from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
-from .wording import plural
+from .wording import plural, top_k_capped
 from .urls import USERINFO_REFUSED, has_userinfo, redact
 
 class _FlagsWithoutPlaceholder:
@@ -374,6 +374,9 @@ def extract(
         )
 
     def announce(chosen: str, report) -> None:
+        capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+        if capped:
+            console.print(f"note: {capped}", highlight=False)
         if quiet:
             return
         why = f" (probe: {'; '.join(report.reasons)})" if report else ""
@@ -558,7 +561,8 @@ def estimate(
     console = Console()
     console.print(table)
     fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
-    notes = []
+    capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+    notes = [capped] if capped else []
     if most:
         once = str(most) if fewest == most else f"{fewest}-{most}"
         notes.append(f"calls include {once} once per run (token check on OpenAI-compatible endpoints, probe for auto)")
