@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
-from .estimate import estimate_run, format_count, format_dollars, format_duration
+from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
 from .inputs import InputError, read_prompts, select_shard
 from .journal import Journal, JournalError
 from .methods import METHODS
@@ -179,7 +179,7 @@ def make_endpoint(
             fail("--base-url needs --model: name the model the server serves", 2)
         if rpm or tpm:
             fail("--rpm/--tpm pace a --model endpoint; the built-in simulator has no rate limit", 2)
-        return SimulatedEndpoint(simulator_config(sim))
+        return SimulatedEndpoint(simulator_config(sim), system=system)
     if sim:
         fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
     if base_url and has_userinfo(base_url):
@@ -508,7 +508,7 @@ def estimate(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help="Requests per minute the endpoint allows (default: no limit)."),
     tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute the endpoint allows, prompt + 1 per call (default: no limit)."),
-    latency: float = typer.Option(0.5, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds."),
+    latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
     price: Optional[str] = typer.Option(None, "--price", metavar="IN,OUT", help="US$ per 1M prompt tokens and per 1M completion tokens, e.g. 2.5,10 (default: the built-in table of common OpenAI models; the simulator is free)."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
@@ -528,6 +528,9 @@ def estimate(
     endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, None, tokenizer)
     unit_price = price_for(model, override)
     report = None
+    in_process = isinstance(endpoint, SimulatedEndpoint)
+    if latency is None:
+        latency = simulator_latency(endpoint, prompts[0], top_k) if in_process else 0.5
     try:
         if method.value == "auto" and isinstance(endpoint, SimulatedEndpoint):
             report = asyncio.run(run_probe(endpoint, prompts[0]))
@@ -538,7 +541,7 @@ def estimate(
     except (EndpointError, EndpointUnsuitable, ValueError) as error:
         fail(str(error))
     if as_json:
-        assumptions = {"latency": latency, "concurrency": concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
+        assumptions = {"latency": latency, "concurrency": 1 if in_process else concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
         print(json.dumps({
             "endpoint": describe(endpoint),
             "method": method.value,
@@ -579,7 +582,11 @@ def estimate(
     if not rows[0].tokens_counted:
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
     limits = "".join(f", {value:g} {name}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
-    notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
+    if in_process:
+        notes.append(f"time: the in-process simulator answers one call at a time, {latency * 1e3:.2g} ms a call (timed "
+                     "here, with the runner's bookkeeping); a resumed run spends only what is left")
+    else:
+        notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
     for note in notes:
         console.print(f"- {note}", highlight=False)
 

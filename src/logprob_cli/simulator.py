@@ -167,8 +167,9 @@ class SimulatedEndpoint:
 
     model = SIMULATOR_MODEL
 
-    def __init__(self, config: SimulatorConfig | None = None):
+    def __init__(self, config: SimulatorConfig | None = None, system: str | None = None):
         self.config = config or SimulatorConfig()
+        self.system = system or None
         c = self.config
         self.vocab_size = c.vocab_size
         self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries)
@@ -177,11 +178,21 @@ class SimulatedEndpoint:
         self._noise = np.random.default_rng([c.seed, 7])
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "simulator", "model": self.model, **asdict(self.config)}
+        system = {"system": self.system} if self.system else {}  # absent without one, as before it was honoured
+        return {"backend": "simulator", "model": self.model, **asdict(self.config), **system}
+
+    def content(self, prompt: Prompt | Any) -> Any:
+        """What the model reads for a prompt (a `Prompt`, its text or its messages): the chat messages
+        as given; plain text as is, or, with a system message, as [system, user] messages as a chat
+        API sends them (so the served simulator, asked with --system, answers the same)."""
+        value = prompt.content() if isinstance(prompt, Prompt) else prompt
+        if self.system and isinstance(value, str):
+            return [{"role": "system", "content": self.system}, {"role": "user", "content": value}]
+        return value
 
     def true_logprobs(self, prompt: Prompt | Any) -> np.ndarray:
         """The exact log-probabilities (float64) of the model's logits for a prompt."""
-        z = self.sim.logits(_content(prompt)).astype(np.float64)
+        z = self.sim.logits(self.content(prompt)).astype(np.float64)
         m = z.max()
         return z - m - np.log(np.exp(z - m).sum())
 
@@ -199,7 +210,7 @@ class SimulatedEndpoint:
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
             raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
         self.calls += 1
-        content = _content(prompt)
+        content = self.content(prompt)
         z = self.sim.logits(content)
         bias = np.clip(np.fromiter((b for _, b in query.bias), dtype=np.float32, count=ids.size), -c.bias_max, c.bias_max)
 
@@ -258,10 +269,6 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     kth = values[part].min()
     tied = np.flatnonzero(values >= kth)
     return tied[np.lexsort((tied, -values[tied]))][:k]
-
-
-def _content(prompt: Prompt | Any) -> Any:
-    return prompt.content() if isinstance(prompt, Prompt) else prompt
 
 
 def simulator_token_bytes(token_id: int) -> bytes:
