@@ -38,6 +38,7 @@ from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
 from .wording import plural, top_k_capped
 from .urls import USERINFO_REFUSED, has_userinfo, redact
 
+
 class _FlagsWithoutPlaceholder:
     """Flags in --help show no `<bool>` value placeholder (typer 0.29 renders one for every flag, --help included)."""
 

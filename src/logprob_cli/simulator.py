@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .endpoint import Answer, EndpointError, Limits, Prompt, Query
+from .wording import plural
 
 SIMULATOR_MODEL = "simulator"
 _SUBNORMAL_EXP = np.float32(-87.3)  # exp(x) < float32's smallest normal below this
@@ -205,7 +206,7 @@ class SimulatedEndpoint:
         if query.top_logprobs > c.top_logprobs_cap or query.top_logprobs < 0:
             raise EndpointError(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
         if len(query.bias) > c.bias_entries:
-            raise EndpointError(f"logit_bias may have at most {c.bias_entries} entries, got {len(query.bias)}")
+            raise EndpointError(f"logit_bias may have at most {plural(c.bias_entries, 'entry', 'entries')}, got {len(query.bias)}")
         ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
             raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
