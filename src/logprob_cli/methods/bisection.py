@@ -222,7 +222,7 @@ def _result(lo, hi, top: int, big: float, eps: float, behaviour: dict, counts: d
     missing = np.flatnonzero(~resolved)
     below = int((hi[missing] <= -big).sum())
     calls, outside, unexplained = counts["calls"], counts["outside"], counts["unexplained"]
-    notes = [f"{calls / vocab:.2f} calls per token ({plural(calls, 'call')}, vocabulary {vocab}, eps {eps:g})"]
+    notes = [f"{calls / vocab:.2f} calls per token ({calls} calls, vocabulary {vocab}, eps {eps:g})"]
     if "reference" in behaviour:
         notes.append(
             f"the top token is one whose answers the endpoint withholds: every query held the tokens above token "
