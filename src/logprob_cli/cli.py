@@ -530,6 +530,7 @@ def estimate(
     unit_price = price_for(model, override)
     report = None
     in_process = isinstance(endpoint, SimulatedEndpoint)
+    timed = in_process and latency is None
     if latency is None:
         latency = simulator_latency(endpoint, prompts[0], top_k) if in_process else 0.5
     try:
@@ -584,8 +585,9 @@ def estimate(
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
     limits = "".join(f", {value:g} {name}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
     if in_process:
-        notes.append(f"time: the in-process simulator answers one call at a time, {latency * 1e3:.2g} ms a call (timed "
-                     "here, with the runner's bookkeeping); a resumed run spends only what is left")
+        how = "timed here, with the runner's bookkeeping" if timed else "--latency"
+        notes.append(f"time: the in-process simulator answers one call at a time, {latency * 1e3:.2g} ms a call ({how}); "
+                     "a resumed run spends only what is left")
     else:
         notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
     for note in notes:
