@@ -250,3 +250,9 @@ def test_the_simulator_reads_the_system_message_as_a_chat_api_would(tmp_path):
         )
         result = extract_logprobs("hi", method="topk", endpoint=served)
     assert np.abs(result.logprobs - truth).max() < 1e-4
+
+
+def test_the_python_endpoint_refuses_url_credentials_without_echoing_them():
+    with pytest.raises(ValueError, match=re.escape("http://user:***@127.0.0.1:9/v1")) as refused:
+        OpenAIEndpoint("m", load_vocabulary("simulator:1000"), base_url="http://user:hunter2@127.0.0.1:9/v1")
+    assert "hunter2" not in str(refused.value)
