@@ -246,7 +246,8 @@ def test_render_inspect_shows_top_tokens_entropy_and_diagnostics(written):
     console = Console(record=True, width=200)
     render_inspect(written, console, top=2)
     out = console.export_text()
-    assert out.splitlines()[0] == f"{written}: model simulator, method exact, vocabulary simulator (300 tokens), 4 rows"
+    assert out.splitlines()[0] == f"{written}: 4 rows, model simulator, vocabulary simulator (300 tokens)"
+    assert out.splitlines()[1] == "method: exact"
     paris = repr(simulator_token_bytes(PARIS).decode())
     assert f"{paris} 0.78" in out and "'\\n' 0.12" in out
     lp = make_result(0).logprobs.astype(np.float32).astype(np.float64)

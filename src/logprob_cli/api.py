@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .endpoint import Answer, Endpoint, Prompt, Query
+from .inputs import content_problems
 from .methods import METHODS, Context, MethodResult
+from .probe import ProbeReport, probe
 from .simulator import SimulatedEndpoint
+from .wording import top_k_capped
 
 
 @dataclass
 class Extraction:
-    """One prompt's full vector: `logprobs[i]` is log p(token i) (NaN where unrecovered)."""
+    """One prompt's full vector: `logprobs[i]` is log p(token i) (NaN where unrecovered).
+
+    calls counts every call spent, the probe's included; method is the method that ran
+    (the probe's choice when method="auto"), probe the probe's report (None unless auto).
+    """
 
     logprobs: np.ndarray
     calls: int
     result: MethodResult
+    method: str = ""
+    probe: ProbeReport | None = None
 
 
 def extract_logprobs(
     prompt: str | list[dict[str, Any]],
-    method: str = "topk",
+    method: str = "auto",
     endpoint: Endpoint | None = None,
     top_k: int = 20,
     eps: float = 1e-3,
@@ -33,36 +43,48 @@ def extract_logprobs(
 ) -> Extraction:
     """Extract the full next-token distribution of one prompt (text, or chat messages).
 
-    With no endpoint, the built-in simulator answers. Raises EndpointUnsuitable when the
-    endpoint cannot support the method, EndpointError when a call fails.
+    method "auto" (the default, as in the CLI) probes the endpoint first and runs the method it
+    recommends. With no endpoint, the built-in simulator answers. A top_k above the endpoint's
+    cap is lowered to it with a UserWarning. Raises ValueError for an empty or malformed prompt or
+    a setting out of range (before any call), EndpointUnsuitable when the endpoint cannot support
+    the method, EndpointError when a call fails.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    item = _prompt(prompt)
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
+        raise ValueError(f"top_k must be an integer, 2 or above, got {top_k!r}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an integer, 1 or above, got {concurrency!r}")
+    if not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"eps must be a positive number of nats, got {eps!r}")
     endpoint = endpoint or SimulatedEndpoint()
-    item = Prompt(id=0, line=0, **({"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}))
-    ctx = Context(
-        endpoint.vocab_size, endpoint.limits, top_k=min(top_k, endpoint.limits.top_logprobs), eps=eps,
-        withheld=getattr(endpoint, "withheld_tokens", frozenset()),
-    )
+
+    counted = _Counted(endpoint)
 
     async def ask(gate: asyncio.Semaphore, query: Query) -> Answer:
         async with gate:
-            return await endpoint.ask(item, query)
+            return await counted.ask(item, query)
 
-    async def run() -> Extraction:
+    async def run() -> tuple[Extraction, str | None]:
+        report = await probe(counted, item) if method == "auto" else None
+        chosen, limits = (report.recommended, report.limits()) if report else (method, endpoint.limits)
+        ctx = Context(
+            endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
+            withheld=getattr(endpoint, "withheld_tokens", frozenset()),
+        )
         gate = asyncio.Semaphore(concurrency)
-        plan = METHODS[method](ctx)
-        calls = 0
+        plan = METHODS[chosen](ctx)
         queries: list[Query] = next(plan)
         while True:
             answers: list[Answer] = list(await asyncio.gather(*(ask(gate, q) for q in queries)))
-            calls += len(answers)
             try:
                 queries = plan.send(answers)
             except StopIteration as stop:
-                return Extraction(stop.value.logprobs, calls, stop.value)
+                extraction = Extraction(stop.value.logprobs, counted.calls, stop.value, chosen, report)
+                return extraction, top_k_capped(top_k, limits.top_logprobs)
 
-    async def run_and_close() -> Extraction:
+    async def run_and_close() -> tuple[Extraction, str | None]:
         try:
             return await run()
         finally:
@@ -72,6 +94,40 @@ def extract_logprobs(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run_and_close())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # inside a running loop (Jupyter)
-        return pool.submit(asyncio.run, run_and_close()).result()
+        extraction, note = asyncio.run(run_and_close())
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # inside a running loop (Jupyter)
+            extraction, note = pool.submit(asyncio.run, run_and_close()).result()
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return extraction
+
+
+class _Counted:
+    """The endpoint, counting the calls it answered (a refused request is not a call spent)."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.endpoint, name)
+
+    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+        answer = await self.endpoint.ask(prompt, query)
+        self.calls += 1
+        return answer
+
+
+def _prompt(prompt: Any) -> Prompt:
+    """The prompt as a `Prompt`, or ValueError saying what is wrong with it (the input file's own checks)."""
+    if isinstance(prompt, str):
+        record = {"prompt": prompt}
+    elif isinstance(prompt, list):
+        record = {"messages": prompt}
+    else:
+        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    problems = content_problems(record)
+    if problems:
+        raise ValueError(f"invalid prompt: {'; '.join(problems)}")
+    return Prompt(id=0, line=0, **record)

@@ -10,9 +10,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
+import typer.core
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
-from .estimate import estimate_run, format_count, format_dollars, format_duration
+from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
 from .inputs import InputError, read_prompts, select_shard
 from .journal import JournalError, Refused
 from .methods import METHODS
@@ -35,8 +36,40 @@ from .openai_endpoint import OpenAIEndpoint, server_facts
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
 from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
+from .wording import plural, top_k_capped
+from .urls import USERINFO_REFUSED, has_userinfo, redact
+
+
+class _FlagsWithoutPlaceholder:
+    """Flags in --help show no `<bool>` value placeholder (typer 0.29 renders one for every flag, --help included)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class PlainHelpCommand(_FlagsWithoutPlaceholder, typer.core.TyperCommand):
+    """A command whose --help reads as users expect: flags without `<bool>`, and the usage line naming
+    a required argument by its metavar (`INPUT`) rather than typer's `{input}`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class PlainHelpGroup(_FlagsWithoutPlaceholder, typer.core.TyperGroup):
+    """The `logprobs` group: its flags without `<bool>` too."""
+
 
 app = typer.Typer(
+    cls=PlainHelpGroup,
     help="Extract FULL next-token probability distributions from LLM APIs that only return the top-k logprobs.",
     no_args_is_help=True,
     add_completion=False,
@@ -83,7 +116,7 @@ TOKENIZER_HELP = (
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -148,9 +181,11 @@ def make_endpoint(
             fail("--base-url needs --model: name the model the server serves", 2)
         if rpm or tpm:
             fail("--rpm/--tpm pace a --model endpoint; the built-in simulator has no rate limit", 2)
-        return SimulatedEndpoint(simulator_config(sim))
+        return SimulatedEndpoint(simulator_config(sim), system=system)
     if sim:
         fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
+    if base_url and has_userinfo(base_url):
+        fail(USERINFO_REFUSED.format(url=redact(base_url)), 2)
     if post_bias and not base_url:
         fail("--post-bias is llama-server's mode: give its --base-url", 2)
     try:
@@ -250,7 +285,7 @@ class PlainProgress:
 
     def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
         self.total, self.done, self._cost = total, done, cost
-        self.console.print(f"{done} of {total} prompts already done", highlight=False)
+        self.console.print(f"{done} of {plural(total, 'prompt')} already done", highlight=False)
 
     def call(self) -> None:
         self.calls += 1
@@ -267,9 +302,9 @@ class PlainProgress:
         pass
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def extract(
-    input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write, NAME.parquet (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
     method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
@@ -312,7 +347,7 @@ def extract(
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     prompts = select_shard(all_prompts, *part) if part else all_prompts
     if not prompts and not quiet:
-        err.print(f"shard {shard} holds none of the {len(all_prompts)} prompts: its output has no rows", highlight=False)
+        err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
     endpoint = make_endpoint(
         sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
         rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
@@ -337,11 +372,14 @@ def extract(
         of_shard = f" (shard {part[0]}/{part[1]} of {len(all_prompts)})" if part else ""
         console.print(
             f"endpoint: {describe(endpoint)}\n"
-            f"{len(prompts)} prompts{of_shard} -> {output}",
+            f"{plural(len(prompts), 'prompt')}{of_shard} -> {output}",
             highlight=False,
         )
 
     def announce(chosen: str, report) -> None:
+        capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+        if capped:
+            console.print(f"note: {capped}", highlight=False)
         if quiet:
             return
         why = f" (probe: {'; '.join(report.reasons)})" if report else ""
@@ -365,7 +403,7 @@ def extract(
     progress.stop()
     if summary.interrupted:
         fail(
-            f"interrupted: {summary.finished} of {summary.total} prompts finished, saved in {output}; "
+            f"interrupted: {summary.finished} of {plural(summary.total, 'prompt')} finished, saved in {output}; "
             "run the same command again to resume",
             130,
         )
@@ -373,8 +411,8 @@ def extract(
         spent = summary.spent()
         cost = summary.cost()
         fail(
-            f"budget reached: {summary.budget_reached}. {summary.finished} of {summary.total} prompts finished, saved "
-            f"in {output}; the checkpoint has spent {spent.calls:,} calls"
+            f"budget reached: {summary.budget_reached}. {summary.finished} of {plural(summary.total, 'prompt')} finished, saved "
+            f"in {output}; the checkpoint has spent {plural(spent.calls, 'call')}"
             + (f" (${cost:,.4f})" if cost is not None else "")
             + ". Run the same command with a higher cap to resume.",
             3,
@@ -383,12 +421,12 @@ def extract(
         cost = summary.cost()
         spent = f", ${cost:,.4f} spent in all" if cost else ""
         console.print(
-            f"wrote {summary.rows_written} rows to {output} ({summary.calls:,} calls this run{spent}; checkpoint {journal_path})",
+            f"wrote {plural(summary.rows_written, 'row')} to {output} ({plural(summary.calls, 'call')} this run{spent}; checkpoint {journal_path})",
             highlight=False,
         )
     if summary.failures:
         for prompt_id, message in summary.failures.items():
-            err.print(f"[red]prompt {prompt_id!r} failed:[/] {message}", highlight=False)
+            err.print(f"[red]prompt {prompt_id!r} failed:[/] {redact(message)}", highlight=False)
         fail(failure_advice(len(summary.failures), len(summary.failures.keys() & summary.refused)))
 
 
@@ -399,7 +437,7 @@ def failure_advice(failed: int, refused: int) -> str:
         advice.append(f"{failed - refused} on faults a retry can fix (timeouts, 429s, server errors): run the same command again")
     if refused:
         advice.append(f"{refused} refused by the endpoint: a rerun sends the same requests, so fix what the message says first")
-    return f"{failed} prompt{'' if failed == 1 else 's'} failed; " + "; ".join(advice)
+    return f"{plural(failed, 'prompt')} failed; " + "; ".join(advice)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -418,7 +456,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -461,7 +499,7 @@ def probe(
         ("concurrent calls agree", yes_no(report.concurrent_agree)),
         ("tokens identified by", ", ".join(report.identity)),
         ("calls spent probing", str(report.calls)),
-        ("recommended method", f"[bold]{report.recommended}[/] (~{report.estimated_calls:,} calls per prompt)"),
+        ("recommended method", f"[bold]{report.recommended}[/] (~{plural(report.estimated_calls, 'call')} per prompt)"),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -470,9 +508,9 @@ def probe(
         Console().print(f"- {reason}", highlight=False)
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def estimate(
-    input: str = typer.Argument(..., help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
     method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
     top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
     eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
@@ -486,7 +524,7 @@ def estimate(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help="Requests per minute the endpoint allows (default: no limit)."),
     tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute the endpoint allows, prompt + 1 per call (default: no limit)."),
-    latency: float = typer.Option(0.5, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds."),
+    latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
     price: Optional[str] = typer.Option(None, "--price", metavar="IN,OUT", help="US$ per 1M prompt tokens and per 1M completion tokens, e.g. 2.5,10 (default: the built-in table of common OpenAI models; the simulator is free)."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
@@ -506,6 +544,10 @@ def estimate(
     endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, None, tokenizer)
     unit_price = price_for(model, override)
     report = None
+    in_process = isinstance(endpoint, SimulatedEndpoint)
+    timed = in_process and latency is None
+    if latency is None:
+        latency = simulator_latency(endpoint, prompts[0], top_k) if in_process else 0.5
     try:
         if method.value == "auto" and isinstance(endpoint, SimulatedEndpoint):
             report = asyncio.run(run_probe(endpoint, prompts[0]))
@@ -516,7 +558,7 @@ def estimate(
     except (EndpointError, EndpointUnsuitable, ValueError) as error:
         fail(str(error))
     if as_json:
-        assumptions = {"latency": latency, "concurrency": concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
+        assumptions = {"latency": latency, "concurrency": 1 if in_process else concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
         print(json.dumps({
             "endpoint": describe(endpoint),
             "method": method.value,
@@ -539,7 +581,8 @@ def estimate(
     console = Console()
     console.print(table)
     fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
-    notes = []
+    capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+    notes = [capped] if capped else []
     if most:
         once = str(most) if fewest == most else f"{fewest}-{most}"
         notes.append(f"calls include {once} once per run (token check on OpenAI-compatible endpoints, probe for auto)")
@@ -556,7 +599,12 @@ def estimate(
     if not rows[0].tokens_counted:
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
     limits = "".join(f", {value:g} {name}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
-    notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
+    if in_process:
+        how = "timed here, with the runner's bookkeeping" if timed else "--latency"
+        notes.append(f"time: the in-process simulator answers one call at a time, {latency * 1e3:.2g} ms a call ({how}); "
+                     "a resumed run spends only what is left")
+    else:
+        notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
     for note in notes:
         console.print(f"- {note}", highlight=False)
 
@@ -565,7 +613,7 @@ def yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1."),
     sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
@@ -629,9 +677,9 @@ def serve(
         pass
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def inspect(
-    path: Path = typer.Argument(..., help="A Parquet file written by `logprobs extract`."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A Parquet file written by `logprobs extract`."),
     top: int = typer.Option(5, "--top", "-n", min=1, max=50, help="Top tokens to show per prompt."),
 ) -> None:
     """Show each prompt's top tokens, entropy and diagnostics."""

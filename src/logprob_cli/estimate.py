@@ -28,22 +28,30 @@ Prompt tokens per call: counted with the tiktoken encoding when the vocabulary i
 OpenAI's chat framing (3 tokens a message, its fields' tokens, 3 more for the reply);
 otherwise about 4 bytes a token of the JSON sent (approximate; the built-in simulator bills
 exactly this when served). Time = calls / rate, rate = min(concurrency / latency, rpm / 60,
-tpm / 60 / tokens per call) calls a second (llama-server answers one call at a time).
+tpm / 60 / tokens per call) calls a second (llama-server answers one call at a time). The
+built-in simulator runs in-process and answers one call at a time too: its latency is timed
+on this machine (`simulator_latency`), not assumed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt
+from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
 from .prices import Price
 from .vocabulary import tiktoken_encoding
 from .probe import ProbeReport
+from .simulator import SimulatedEndpoint
 
 MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
+# The runner's work around each in-process simulator answer (journal, tasks, bookkeeping), in seconds:
+# `python benchmarks/simulator_latency.py` measured 0.17-0.7 ms beside the answer itself on the 2-core CI box.
+IN_PROCESS_BOOKKEEPING = 0.4e-3
+LATENCY_SAMPLES = 100
 BISECTION_ENDGAME_CALLS = 75
 BISECTION_WIN_PER_TOKEN = 0.76
 BISECTION_BASE_PER_TOKEN = 0.50
@@ -126,7 +134,7 @@ def token_counter(endpoint: Endpoint) -> tuple[Callable[[Prompt], int], bool]:
     """
     vocabulary = getattr(endpoint, "vocabulary", None)
     if vocabulary is None:  # the built-in simulator: what it bills when served
-        return (lambda prompt: _approx_tokens(prompt.content())), False
+        return (lambda prompt: _approx_tokens(endpoint.content(prompt))), False
     api, system = endpoint.api, endpoint.system
 
     def sent(prompt: Prompt) -> Any:
@@ -194,8 +202,8 @@ def estimate_run(
     count, counted = token_counter(endpoint)
     tokens = [count(p) for p in prompts]
     check = MAPPING_CHECK_CALLS if hasattr(endpoint, "verify_mapping") else 0
-    if getattr(endpoint, "dialect", None) == "llama.cpp":
-        concurrency = 1  # OpenAIEndpoint.ask sends llama-server's requests one at a time
+    if getattr(endpoint, "dialect", None) == "llama.cpp" or isinstance(endpoint, SimulatedEndpoint):
+        concurrency = 1  # llama-server's requests go one at a time; the in-process simulator answers in turn
     vocab = endpoint.vocab_size
 
     def row(name: str, limits: Limits, overhead: int, condition: str = "") -> Estimate:
@@ -227,6 +235,25 @@ def estimate_run(
         )
         rows.append(row(name, expected.limits(), check + probe_calls(expected), condition))
     return rows
+
+
+def simulator_latency(endpoint: SimulatedEndpoint, prompt: Prompt, top_k: int) -> float:
+    """Seconds one call of the in-process simulator takes in a run, on this machine: its answer to a
+    typical query (k-1 tokens lifted by the largest bias, as topk, exact and forced lift them; the
+    top-k asked) timed over a few calls, plus the runner's
+    bookkeeping (IN_PROCESS_BOOKKEEPING). The calls go to a twin of `endpoint`, so its count is untouched."""
+    twin = SimulatedEndpoint(endpoint.config, endpoint.system)
+    vocab, k = endpoint.vocab_size, min(top_k, endpoint.limits.top_logprobs)
+    entries = min(k - 1, endpoint.limits.bias_entries)
+    queries = [
+        Query.make({(i * 7919 + j * 104_729) % vocab: endpoint.limits.bias_max for j in range(entries)}, top_logprobs=k)
+        for i in range(LATENCY_SAMPLES)
+    ]
+    twin.answer(prompt, queries[0])  # the prompt's logits are computed once, then cached, as in a run
+    start = time.perf_counter()
+    for query in queries:
+        twin.answer(prompt, query)
+    return (time.perf_counter() - start) / LATENCY_SAMPLES + IN_PROCESS_BOOKKEEPING
 
 
 def format_count(n: int) -> str:

@@ -142,6 +142,11 @@ def _parse_line(line: str) -> tuple[dict[str, Any] | None, list[str]]:
     return record, _content_problems(record) + _id_problems(record)
 
 
+def content_problems(record: dict[str, Any]) -> list[str]:
+    """What is wrong with a record's "prompt" or "messages", worded as the input check words it (empty: nothing)."""
+    return _content_problems(record)
+
+
 def _content_problems(record: dict[str, Any]) -> list[str]:
     if "prompt" in record and "messages" in record:
         return ['give either "prompt" or "messages", not both']

@@ -32,6 +32,7 @@ import openai
 from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, EndpointRefused, Limits, Prompt, Query
 from .ratelimit import RateLimiter
 from .transport import RetryPolicy, Transport
+from .urls import USERINFO_REFUSED, has_userinfo, redact
 from .vocabulary import Vocabulary
 
 SENTINEL = -9999.0
@@ -62,9 +63,9 @@ def server_facts(base_url: str | None, api_key: str | None, model: str, timeout:
     try:
         models = client.models.list().data
     except openai.APIConnectionError as err:
-        raise EndpointFatal(f"cannot reach {client.base_url} ({err.__cause__ or err}): is the server running?") from None
+        raise EndpointFatal(redact(f"cannot reach {client.base_url} ({err.__cause__ or err}): is the server running?")) from None
     except openai.AuthenticationError as err:
-        raise EndpointFatal(f"{client.base_url} rejected the API key: {_server_message(err)}") from None
+        raise EndpointFatal(redact(f"{client.base_url} rejected the API key: {_server_message(err)}")) from None
     except openai.APIError:
         return {}
     for entry in models:
@@ -115,6 +116,8 @@ class OpenAIEndpoint:
         self.limits = limits or Limits(top_logprobs=cap)
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        if has_userinfo(self.base_url):
+            raise ValueError(USERINFO_REFUSED.format(url=redact(self.base_url)))
         headers = {
             name: os.environ[var]
             for name, var in (("OpenAI-Organization", "OPENAI_ORG_ID"), ("OpenAI-Project", "OPENAI_PROJECT_ID"))
@@ -223,7 +226,7 @@ class OpenAIEndpoint:
         return {
             "backend": "openai",
             "model": self.model,
-            "base_url": self.base_url,
+            "base_url": redact(self.base_url),
             "api": self.api,
             "dialect": self.dialect,
             "post_bias": self.post_bias,

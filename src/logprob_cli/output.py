@@ -22,11 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
+from rich import box
 from rich.text import Text
 
 from .endpoint import Prompt
 from .methods.base import MethodResult
 from .simulator import simulator_token_bytes
+from .wording import plural
 
 METADATA_KEY = b"logprob_cli"
 ROW_GROUP_ROWS = 32
@@ -268,10 +270,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, dict]:
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory: give a Parquet file written by `logprobs extract`")
     try:
         file = pq.ParquetFile(path, pre_buffer=False)  # with pre-buffering, iter_batches' memory grows batch by batch
     except pa.ArrowException as error:
         raise ValueError(f"{path} is not a Parquet file ({error})") from None
+    except OSError as error:  # no such file, no read permission
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
     raw = (file.schema_arrow.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ValueError(f"{path} has no logprob_cli metadata: it was not written by `logprobs extract`")
@@ -297,42 +303,61 @@ def token_text(metadata: dict) -> Callable[[int], str]:
 def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> None:
     """Print the run header and a table with one row per prompt: top tokens, entropy, diagnostics.
 
-    Reads the file in batches so memory does not grow with its size. Raises ValueError
-    if the file is not Parquet or carries no logprob_cli metadata.
+    The header names the method that ran (the rows' `method` column; "X (chosen by auto)" when
+    the run asked for auto). The table fits 80 columns: the top tokens share one cell, one a line;
+    long ids and token texts are cut short. Reads the file in batches so memory does not grow with
+    its size. Raises ValueError if the path is not a readable Parquet file with logprob_cli metadata.
     """
     file, metadata = _open(path)
-    vocabulary = metadata.get("vocabulary", {})
-    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
-    method = metadata.get("settings", {}).get("method", "?")
-    size = vocabulary.get("size")
-    tokens = f" ({size:,} tokens)" if isinstance(size, int) else ""
-    console.print(
-        f"{path}: model {model}, method {method}, vocabulary {vocabulary.get('name', '?')}{tokens}, "
-        f"{file.metadata.num_rows:,} rows",
-        highlight=False,
-    )
     text = token_text(metadata)
-    table = Table()
-    table.add_column("id")
-    table.add_column(f"top {top}")
-    for name in ("entropy (nats)", "probability sum", "unrecovered", "calls", "precision (nats)"):
-        table.add_column(name, justify="right")
-    scalars = ["id", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", min_width=4, max_width=12, overflow="ellipsis", no_wrap=True)
+    table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
+    for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    scalars = ["id", "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
     for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["logprobs", *scalars]):
         vocab_size = batch.schema.field("logprobs").type.list_size
         vectors = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False).reshape(-1, vocab_size)
         for row, vector in zip(batch.select(scalars).to_pylist(), vectors):
+            ran[row["method"]] = None
             lp = vector.astype(np.float64)
+            tops = (f"{_short(text(int(i)))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))
             table.add_row(
                 Text(str(row["id"])),
-                Text("\n".join(f"{text(int(i))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))),
+                Text("\n".join(tops)),
                 f"{_entropy(lp):.4f}",
                 f"{row['probability_sum']:.6f}",
                 f"{row['unrecovered_count']:,}",
                 f"{row['calls']:,}",
                 f"{row['precision_nats']:.2g}",
             )
+    vocabulary = metadata.get("vocabulary", {})
+    size = vocabulary.get("size")
+    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
+    console.print(
+        f"{path}: {plural(file.metadata.num_rows, 'row')}, model {model}, vocabulary {vocabulary.get('name', '?')}"
+        + (f" ({size:,} tokens)" if isinstance(size, int) else ""),
+        highlight=False,
+    )
+    console.print(f"method: {_method_that_ran(metadata.get('settings', {}).get('method'), list(ran))}", highlight=False)
     console.print(table)
+    console.print("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability "
+                  "recovered; unrec.: tokens not recovered", highlight=False, style="dim")
+
+
+def _method_that_ran(asked: str | None, ran: list[str]) -> str:
+    """The rows' method(s), saying when auto chose it; the asked method if there are no rows."""
+    if not ran:
+        return f"{asked or '?'} (no rows)"
+    shown = ", ".join(ran)
+    return f"{shown} (chosen by auto)" if asked == "auto" else shown
+
+
+def _short(token: str, width: int = 12) -> str:
+    """A token's text cut to `width` characters with an ellipsis."""
+    return token if len(token) <= width else token[: width - 1] + "…"
 
 
 def _top_ids(logprobs: np.ndarray, top: int) -> np.ndarray:

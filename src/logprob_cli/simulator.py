@@ -20,6 +20,7 @@ distribution (float64 log-softmax of the float32 logits) and `calls` counts requ
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .endpoint import Answer, EndpointError, Limits, Prompt, Query
+from .wording import plural
 
 SIMULATOR_MODEL = "simulator"
 _SUBNORMAL_EXP = np.float32(-87.3)  # exp(x) < float32's smallest normal below this
@@ -66,12 +68,39 @@ class SimulatorConfig:
     tie_noise: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 300:
-            raise ValueError("vocab_size must be at least 300")
+        """Refuses a value the simulator would ignore or crash on, naming the field and its allowed range."""
+        _check_int("vocab_size", self.vocab_size, 300, MAX_VOCAB_SIZE)
+        _check_int("hidden_size", self.hidden_size, 1, MAX_HIDDEN_SIZE)
+        _check_int("seed", self.seed, 0, None)
+        _check_int("top_logprobs_cap", self.top_logprobs_cap, 1, self.vocab_size)
+        _check_int("bias_entries", self.bias_entries, 1, None)
+        _check_float("bias_max", self.bias_max, "a finite number above 0", lambda x: x > 0)
+        _check_float("tie_noise", self.tie_noise, "a finite number, 0 or above", lambda x: x >= 0)
+        for name in ("logprobs_after_bias", "bias_steers_sampling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in ("float32", "bfloat16"):
-            raise ValueError("precision must be float32 or bfloat16")
+            raise ValueError(f"precision must be float32 or bfloat16, got {self.precision!r}")
         if self.sampled_logprob not in ("report", "sentinel"):
-            raise ValueError("sampled_logprob must be report or sentinel")
+            raise ValueError(f"sampled_logprob must be report or sentinel, got {self.sampled_logprob!r}")
+
+
+MAX_VOCAB_SIZE = 2_000_000  # the V x d float32 output layer must fit in memory (2M x 64 = 512 MB)
+MAX_HIDDEN_SIZE = 1024
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    allowed = f"an integer from {low:,} to {high:,}" if high is not None else f"an integer, {low:,} or above"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value:,}")
+
+
+def _check_float(name: str, value: Any, allowed: str, ok: Any) -> None:
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
@@ -139,8 +168,9 @@ class SimulatedEndpoint:
 
     model = SIMULATOR_MODEL
 
-    def __init__(self, config: SimulatorConfig | None = None):
+    def __init__(self, config: SimulatorConfig | None = None, system: str | None = None):
         self.config = config or SimulatorConfig()
+        self.system = system or None
         c = self.config
         self.vocab_size = c.vocab_size
         self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries)
@@ -149,11 +179,21 @@ class SimulatedEndpoint:
         self._noise = np.random.default_rng([c.seed, 7])
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "simulator", "model": self.model, **asdict(self.config)}
+        system = {"system": self.system} if self.system else {}  # absent without one, as before it was honoured
+        return {"backend": "simulator", "model": self.model, **asdict(self.config), **system}
+
+    def content(self, prompt: Prompt | Any) -> Any:
+        """What the model reads for a prompt (a `Prompt`, its text or its messages): the chat messages
+        as given; plain text as is, or, with a system message, as [system, user] messages as a chat
+        API sends them (so the served simulator, asked with --system, answers the same)."""
+        value = prompt.content() if isinstance(prompt, Prompt) else prompt
+        if self.system and isinstance(value, str):
+            return [{"role": "system", "content": self.system}, {"role": "user", "content": value}]
+        return value
 
     def true_logprobs(self, prompt: Prompt | Any) -> np.ndarray:
         """The exact log-probabilities (float64) of the model's logits for a prompt."""
-        z = self.sim.logits(_content(prompt)).astype(np.float64)
+        z = self.sim.logits(self.content(prompt)).astype(np.float64)
         m = z.max()
         return z - m - np.log(np.exp(z - m).sum())
 
@@ -166,12 +206,12 @@ class SimulatedEndpoint:
         if query.top_logprobs > c.top_logprobs_cap or query.top_logprobs < 0:
             raise EndpointError(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
         if len(query.bias) > c.bias_entries:
-            raise EndpointError(f"logit_bias may have at most {c.bias_entries} entries, got {len(query.bias)}")
+            raise EndpointError(f"logit_bias may have at most {plural(c.bias_entries, 'entry', 'entries')}, got {len(query.bias)}")
         ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
             raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
         self.calls += 1
-        content = _content(prompt)
+        content = self.content(prompt)
         z = self.sim.logits(content)
         bias = np.clip(np.fromiter((b for _, b in query.bias), dtype=np.float32, count=ids.size), -c.bias_max, c.bias_max)
 
@@ -230,10 +270,6 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     kth = values[part].min()
     tied = np.flatnonzero(values >= kth)
     return tied[np.lexsort((tied, -values[tied]))][:k]
-
-
-def _content(prompt: Prompt | Any) -> Any:
-    return prompt.content() if isinstance(prompt, Prompt) else prompt
 
 
 def simulator_token_bytes(token_id: int) -> bytes:

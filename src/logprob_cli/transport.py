@@ -31,6 +31,8 @@ import aiohttp
 
 from .endpoint import EndpointError, EndpointFatal, EndpointRefused
 from .ratelimit import RateLimiter, retry_after
+from .urls import redact
+from .wording import plural
 
 T = TypeVar("T")
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -71,7 +73,9 @@ class Transport:
         limiter: RateLimiter | None = None,
         retry: RetryPolicy | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
+        base, _, query = base_url.partition("?")  # a query string (?api-version=...) goes after the path
+        self.base_url = base.rstrip("/")
+        self._query = f"?{query}" if query else ""
         self.limiter = limiter or RateLimiter()
         self.retry = retry or RetryPolicy()
         self.retries = 0
@@ -96,7 +100,7 @@ class Transport:
                 connect_failures += 1
                 if connect_failures >= min(self.retry.connect_attempts, self.retry.attempts):
                     raise EndpointFatal(
-                        f"cannot reach {self.base_url} ({err.os_error or err}): is the server running, and the URL right?"
+                        redact(f"cannot reach {self.base_url} ({err.os_error or err}): is the server running, and the URL right?")
                     ) from None
                 reason, wait = f"cannot connect ({err.os_error or err})", None
             except asyncio.TimeoutError:
@@ -105,13 +109,13 @@ class Transport:
                 reason, wait = f"connection failed ({type(err).__name__}: {err})", None
             failures += 1
             if failures >= self.retry.attempts:
-                raise EndpointError(f"{self.base_url} kept failing ({failures} tries); last: {reason}")
+                raise EndpointError(redact(f"{self.base_url} kept failing ({plural(failures, 'try', 'tries')}); last: {reason}"))
             self.retries += 1
             await asyncio.sleep(self.retry.backoff(failures) if wait is None else wait)
 
     async def _attempt(self, path: str, data: bytes, tokens: int, parse: Callable[[Any], T]) -> T:
         async with self._session().post(
-            self.base_url + path, data=data, headers=self._headers, proxy=self._proxy
+            self.base_url + path + self._query, data=data, headers=self._headers, proxy=self._proxy
         ) as response:
             raw = await response.read()
             headers = response.headers
@@ -123,7 +127,7 @@ class Transport:
         if status in RETRYABLE_STATUS:
             raise _Retry(f"{status}: {_message(raw, status)}", retry_after(headers) if status == 503 else None)
         if status >= 400:
-            raise _status_error(status, _message(raw, status), self.base_url)
+            raise _status_error(status, _message(raw, status), redact(self.base_url))
         try:
             result = parse(json.loads(raw))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:

@@ -77,6 +77,7 @@ import numpy as np
 
 from ..endpoint import Answer, EndpointUnsuitable, Query
 from .base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
+from ..wording import plural
 
 LAMBDA = 2.0  # expected number of tokens per query above their threshold
 SAFETY = 4.0  # round cap, in multiples of the rounds a bracket shrinking by 1 - q needs
@@ -228,9 +229,9 @@ def _result(lo, hi, top: int, big: float, eps: float, behaviour: dict, counts: d
             f"{top} down by {big:g}, and their values are the first answer's"
         )
     if below:
-        notes.append(f"{below} tokens never won at bias {big:g}: more than {big:g} nats below the top, unrecovered")
+        notes.append(f"{plural(below, 'token')} never won at bias {big:g}: more than {big:g} nats below the top, unrecovered")
     if missing.size > below:
-        notes.append(f"{missing.size - below} tokens still open at the round cap: unrecovered")
+        notes.append(f"{plural(missing.size - below, 'token')} still open at the round cap: unrecovered")
     if outside:
         notes.append(
             f"{outside} answers generated a token outside the query other than the top one: the endpoint is "

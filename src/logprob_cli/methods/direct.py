@@ -14,6 +14,7 @@ import numpy as np
 
 from ..endpoint import EndpointUnsuitable, Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
+from ..wording import plural
 
 
 def plan(ctx: Context) -> Plan:
@@ -26,7 +27,7 @@ def plan(ctx: Context) -> Plan:
     logprobs = vector_from(answer, ctx.vocab_size)
     missing = np.flatnonzero(np.isnan(logprobs))
     floor = min(answer.top_logprobs) if answer.top_logprobs else math.nan
-    notes = [f"{missing.size} tokens were not returned: reported as unrecovered"] if missing.size else []
+    notes = [f"{plural(missing.size, 'token')} {'was' if missing.size == 1 else 'were'} not returned: reported as unrecovered"] if missing.size else []
     if answer.withheld:
         notes.append("the endpoint withheld the whole answer (an incomplete UTF-8 greedy token it could not work around)")
     precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)

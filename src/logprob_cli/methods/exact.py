@@ -39,6 +39,7 @@ import numpy as np
 from ..endpoint import Query
 from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
 from .topk import reference_rounds
+from ..wording import plural
 
 ACCEPT_ERROR = 1e-5
 
@@ -104,9 +105,9 @@ def plan(ctx: Context) -> Plan:
         f"{len(floating)} groups anchored through the reference token"
     ]
     if missing_ids.size:
-        notes.append(f"{missing_ids.size} tokens could not be brought into the top-{k}: reported as unrecovered")
+        notes.append(f"{plural(missing_ids.size, 'token')} could not be brought into the top-{k}: reported as unrecovered")
     if unanchored:
-        notes.append(f"{unanchored} tokens lost their anchor (their group's leader stayed out of sight)")
+        notes.append(f"{plural(unanchored, 'token')} lost their anchor (their group's leader stayed out of sight)")
     return MethodResult(
         logprobs, {int(i): bounds.get(int(i), math.nan) for i in missing_ids}, max(errors), behaviour, notes
     )

@@ -33,6 +33,7 @@ import numpy as np
 from ..endpoint import EndpointUnsuitable, Query
 from . import bisection
 from .base import Context, MethodResult, Plan, reference, roundoff, vector_from
+from ..wording import plural
 
 
 def plan(ctx: Context) -> Plan:
@@ -84,7 +85,7 @@ def plan(ctx: Context) -> Plan:
     precision = 2 * roundoff(returned) * max(abs(v) for v in returned)
     notes = []
     if len(bounds) > withheld:
-        notes.append(f"{len(bounds) - withheld} tokens could not be forced (more than {big:g} nats below the top)")
+        notes.append(f"{plural(len(bounds) - withheld, 'token')} could not be forced (more than {big:g} nats below the top)")
     if withheld:
         notes.append(
             f"the endpoint withheld the logprobs of {withheld} forced tokens (incomplete UTF-8) and could not list "
@@ -103,7 +104,7 @@ def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray
     floor = first.top_logprobs[-1]
     if found is None:  # see `reference`: only a query too short for the held tokens above r
         bounds.update({int(i): floor for i in searched})
-        notes.append(f"{searched.size} tokens whose answers the endpoint withholds could not be searched: unrecovered")
+        notes.append(f"{plural(searched.size, 'token')} whose answers the endpoint withholds could not be searched: unrecovered")
         return precision
     ref, above = found
     ref_lp = first.top()[ref]
@@ -119,7 +120,7 @@ def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray
     bounds.update({int(i): float(ref_lp + hi[i]) for i in searched[~done]})
     notes.append(
         f"{resolved.size} of {searched.size} tokens whose answers the endpoint withholds were found by bisection "
-        f"over their bias ({counts['calls']} calls, eps {ctx.eps:g})"
+        f"over their bias ({plural(counts['calls'], 'call')}, eps {ctx.eps:g})"
     )
     if resolved.size:
         precision += float((hi[resolved] - lo[resolved]).max()) / 2

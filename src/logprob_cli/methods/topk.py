@@ -28,6 +28,7 @@ from typing import Generator
 
 from ..endpoint import Answer, Query
 from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from ..wording import plural
 
 RETRY_ROUNDS = 3
 
@@ -42,7 +43,7 @@ def plan(ctx: Context) -> Plan:
     notes = []
     if bounds:
         notes.append(
-            f"{len(bounds)} tokens stayed out of the top-{len(first.top_ids)} at bias {ctx.bias_max:g}: "
+            f"{plural(len(bounds), 'token')} stayed out of the top-{len(first.top_ids)} at bias {ctx.bias_max:g}: "
             "reported as unrecovered"
         )
     return MethodResult(logprobs, bounds, precision, behaviour, notes)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..endpoint import Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
+from ..wording import plural
 
 
 def plan(ctx: Context) -> Plan:
@@ -23,7 +24,7 @@ def plan(ctx: Context) -> Plan:
     missing = np.flatnonzero(np.isnan(logprobs))
     precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)
     if answer.top_ids:
-        notes = [f"only the top-{len(answer.top_ids)} is identifiable here; the other {missing.size} tokens are bounded"]
+        notes = [f"only the top-{len(answer.top_ids)} is identifiable here; the other {plural(missing.size, 'token')} {'is' if missing.size == 1 else 'are'} bounded"]
     else:
         notes = ["the endpoint returned no logprobs (withheld answer): every token is unrecovered, with no bound"]
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
