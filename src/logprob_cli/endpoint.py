@@ -24,6 +24,15 @@ class EndpointFatal(EndpointError):
     """Every request would fail the same way (credentials, model name, server down): stop the run."""
 
 
+class EndpointRejected(EndpointError):
+    """The endpoint refused this request as invalid (HTTP 400-class): asking it again fails again, another
+    request may pass, and nothing was billed. `reason` is the endpoint's own words (probe reads its limits there)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+
+
 class EndpointUnsuitable(RuntimeError):
     """The endpoint does not behave as a method needs; the message names a method that would work."""
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .endpoint import Answer, EndpointError, Limits, Prompt, Query
+from .endpoint import Answer, EndpointRejected, Limits, Prompt, Query
 
 SIMULATOR_MODEL = "simulator"
 _SUBNORMAL_EXP = np.float32(-87.3)  # exp(x) < float32's smallest normal below this
@@ -164,12 +164,12 @@ class SimulatedEndpoint:
         """Answer a query synchronously (the `ask` contract without the event loop)."""
         c = self.config
         if query.top_logprobs > c.top_logprobs_cap or query.top_logprobs < 0:
-            raise EndpointError(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
+            raise EndpointRejected(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
         if len(query.bias) > c.bias_entries:
-            raise EndpointError(f"logit_bias may have at most {c.bias_entries} entries, got {len(query.bias)}")
+            raise EndpointRejected(f"logit_bias may have at most {c.bias_entries} entries, got {len(query.bias)}")
         ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
+            raise EndpointRejected(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
         self.calls += 1
         content = _content(prompt)
         z = self.sim.logits(content)
