@@ -29,7 +29,7 @@ import openai
 
 from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, Limits, Prompt, Query
 from .ratelimit import RateLimiter
-from .transport import RetryPolicy, Transport, describe_body, is_html, not_an_api, one_line, parse_json
+from .transport import MESSAGE_CHARS, RetryPolicy, Transport, describe_body, is_html, not_an_api, one_line, parse_json
 from .vocabulary import Vocabulary
 
 SENTINEL = -9999.0
@@ -446,9 +446,9 @@ def _server_message(err: openai.APIStatusError) -> str:
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
-            return one_line(str(inner["message"]))
+            return one_line(str(inner["message"]), MESSAGE_CHARS)
         if isinstance(inner, str):
-            return one_line(inner)
+            return one_line(inner, MESSAGE_CHARS)
     return f"{err.status_code}: {describe_body(err.response.content) or 'no body'}"
 
 

@@ -2,10 +2,11 @@
 
 Measured, in this order, on one prompt:
   1. the top_logprobs cap it honours: ask for the whole vocabulary; while asks are rejected,
-     ask for the cap the endpoint names in its refusal ("top_logprobs must be <= 3"), else
-     for 20, 10, 5, 2, 1, and once one is answered, search between it and the smallest refused
-     ask (rejected asks are not billed: they cost time only). An answer with fewer entries than
-     asked names the cap too. Every later ask stays within it: k = min(cap, 20);
+     ask for the cap the endpoint names in its refusal ("top_logprobs must be <= 3"; once
+     answered, one more must be refused), else for 20, 10, 5, 2, 1, and once one is answered,
+     search between it and the smallest refused ask (rejected asks are not billed: they cost
+     time only). An answer with fewer entries than asked names the cap too. Every later ask
+     stays within the cap: k = min(cap, 20);
   2. determinism: the answered ask again, identical; and whether a call sent alongside others
      (4 at once, then 1 alone: a server that batches them) answers as it does alone;
   3. what the bias does. With k >= 2: the last visible token t, biased to beat the top by
@@ -208,7 +209,8 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
     report.top_logprobs_cap = len(first.top_ids)
     report.whole_vocabulary = len(first.top_ids) >= vocab
     if refused is not None and report.top_logprobs_cap < MAX_TOP_K:
-        report.reasons.append(f"the endpoint returns at most {report.top_logprobs_cap} logprobs a call (it said: {said})")
+        n = report.top_logprobs_cap
+        report.reasons.append(f"the endpoint returns at most {n} logprob{'s' * (n != 1)} a call (it said: {said})")
     return first, asked
 
 

@@ -14,8 +14,8 @@ HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request
   other 4xx: `EndpointRejected` at once (this request is wrong; retrying will not help);
 - an answer no OpenAI-compatible API gives (a 404, 405 or 501 that is not JSON, a 200 that is an
   HTML page, plain text, or JSON with neither `choices` nor `error`): `EndpointFatal` saying so.
-Server messages are quoted in one short line; a body that is not a JSON error is described
-("an HTML page titled '...'") or cut to its first EXCERPT_CHARS characters, never printed whole.
+Server messages are quoted on one line (at most MESSAGE_CHARS characters); a body that is not a
+JSON error is described ("an HTML page titled '...'") or cut to EXCERPT_CHARS, never printed whole.
 - a connection that cannot be opened at all: `EndpointFatal` after `connect_attempts`.
 A request still failing after `attempts` tries raises `EndpointError` with the last reason:
 its prompt fails, the run goes on.
@@ -40,7 +40,8 @@ from .ratelimit import RateLimiter, retry_after
 T = TypeVar("T")
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 NO_ROUTE_STATUS = {404, 405, 501}  # answered without JSON: no OpenAI-compatible route at that URL
-EXCERPT_CHARS = 160
+EXCERPT_CHARS = 160  # of a body that is not a JSON error
+MESSAGE_CHARS = 500  # of a server's own JSON error message
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def _message(raw: bytes, status: int) -> str:
     """What the server said, in one short line: its JSON error message, else a description of the body."""
     message = _error_body(raw).get("message")
     if message:
-        return one_line(str(message))
+        return one_line(str(message), MESSAGE_CHARS)
     return describe_body(raw) or f"HTTP {status} with no body"
 
 
@@ -214,9 +215,10 @@ def is_html(text: str) -> bool:
     return head.startswith(("<!doctype html", "<html", "<head", "<body")) or "<html" in head
 
 
-def one_line(text: str) -> str:
+def one_line(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` on one line, cut to `limit` characters (the cut marked with an ellipsis)."""
     line = " ".join(text.split())
-    return line if len(line) <= EXCERPT_CHARS else line[: EXCERPT_CHARS - 1] + "\u2026"
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
 
 
 def not_an_api(where: str, request: str, status: int, what: str) -> EndpointFatal:
