@@ -96,6 +96,13 @@ def test_every_request_refused_is_not_an_answer():
     assert endpoint.calls == 0
 
 
+def test_requests_that_keep_failing_are_not_taken_for_a_cap():
+    endpoint = Refusing(SimulatorConfig(vocab_size=VOCAB), lambda q: "kept failing (8 tries); last: 500", EndpointError)
+    with pytest.raises(EndpointError, match="nothing could be measured"):
+        probed(endpoint)
+    assert len(endpoint.asked) == 1 and endpoint.calls == 0
+
+
 # --- unknowns are reported as unknown, and never chosen on ---------------------------------------
 
 

@@ -196,6 +196,9 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
                 break
         elif isinstance(outcome, EndpointRejected):
             refused, said = n, outcome.reason
+        elif answered:  # a cap at least this large was observed; whether more is allowed cannot be told
+            report.reasons.append(f"could not tell whether more than {answered[1]} top logprobs are allowed: {_why(outcome)}")
+            break
         else:
             raise EndpointError(f"the probe's request for {n} top logprobs failed, so nothing could be measured: {outcome}")
         n = _next_ask(answered[1] if answered else 0, refused, said)
