@@ -13,12 +13,12 @@ HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request
 - 401/403/404: `EndpointFatal` at once (every request would fail the same way);
   other 4xx: `EndpointRejected` at once (this request is wrong; retrying will not help);
 - an answer no OpenAI-compatible API gives (a 404, 405 or 501 that is not JSON, a 200 that is an
-  HTML page, plain text, or JSON with neither `choices` nor `error`): `EndpointFatal` saying so.
-Server messages are quoted on one line (at most MESSAGE_CHARS characters); a body that is not a
-JSON error is described ("an HTML page titled '...'") or cut to EXCERPT_CHARS, never printed whole.
+  HTML page, plain text, or JSON with neither `choices` nor `error`): `EndpointFatal` saying so;
 - a connection that cannot be opened at all: `EndpointFatal` after `connect_attempts`.
 A request still failing after `attempts` tries raises `EndpointError` with the last reason:
 its prompt fails, the run goes on.
+Server messages are quoted on one line (at most MESSAGE_CHARS characters); a body that is not a
+JSON error is described ("an HTML page titled '...'") or cut to EXCERPT_CHARS, never printed whole.
 """
 
 from __future__ import annotations
