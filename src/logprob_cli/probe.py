@@ -98,6 +98,8 @@ class ProbeReport:
         def shown(name: str, value: Any, yes: str = "yes", no: str = "no") -> str:
             if value is None or value == "unknown":
                 return f"could not tell ({self.unknown.get(name, 'not measured')})"
+            if value == "untested":
+                return "not tested (no method here needs it)"
             return yes if value is True else no if value is False else str(value)
 
         cap = f"{self.top_logprobs_cap:,}" + (" (whole vocabulary)" if self.whole_vocabulary else "")
