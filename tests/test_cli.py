@@ -68,7 +68,7 @@ def test_vectors_match_ground_truth(tmp_path):
         assert np.abs(np.array(row["logprobs"]) - truth).max() < 1e-4
         assert row["method"] == "topk", "auto picks topk where logprobs move with the bias"
     probe = json.loads(pq.read_schema(out).metadata[b"logprob_cli"])["probe"]
-    assert sum(row["calls"] for row in rows) + probe["calls"] == count(tmp_path / "c")
+    assert sum(row["calls"] for row in rows) + probe["calls"] + probe["rejected_calls"] == count(tmp_path / "c")
 
 
 def test_malformed_line_spends_no_calls(tmp_path):

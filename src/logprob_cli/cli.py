@@ -27,7 +27,7 @@ from .journal import JournalError, Refused
 from .methods import METHODS
 from .output import render_inspect
 from .prices import parse_price, price_for
-from .probe import probe as run_probe
+from .probe import PROBE_CALLS, probe as run_probe
 from .ratelimit import RateLimiter
 from .transport import RetryPolicy
 from .outputs_guard import check_paths, discard
@@ -456,7 +456,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@app.command(cls=PlainHelpCommand)
+@app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -470,7 +470,6 @@ def probe(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
 ) -> None:
-    """Measure what an endpoint reveals (about 8 calls) and recommend the method that fits."""
     endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
     async def measure():
         try:
@@ -481,27 +480,13 @@ def probe(
 
     try:
         report = asyncio.run(measure())
-    except EndpointError as error:
+    except (EndpointError, EndpointUnsuitable) as error:
         fail(str(error))
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
     table = Table(title=f"probe of {describe(endpoint)}", show_header=False, title_justify="left")
-    rows = [
-        ("top_logprobs honoured", f"{report.top_logprobs_cap:,}" + (" (whole vocabulary)" if report.whole_vocabulary else "")),
-        ("bias steers sampling", yes_no(report.bias_steers_sampling)),
-        ("logprobs reflect the bias", "yes (post-bias)" if report.logprobs_after_bias else "no (pre-bias)"),
-        ("forced token's own logprob", report.forced_logprob),
-        ("bias above 100", report.bias_above_100),
-        ("more than 300 bias entries", report.bias_entries_over_300),
-        ("returned precision", report.precision),
-        ("identical calls agree", yes_no(report.deterministic)),
-        ("concurrent calls agree", yes_no(report.concurrent_agree)),
-        ("tokens identified by", ", ".join(report.identity)),
-        ("calls spent probing", str(report.calls)),
-        ("recommended method", f"[bold]{report.recommended}[/] (~{plural(report.estimated_calls, 'call')} per prompt)"),
-    ]
-    for name, value in rows:
+    for name, value in report.rows():
         table.add_row(name, value)
     Console().print(table)
     for reason in report.reasons:
@@ -594,7 +579,7 @@ def estimate(
     if report:
         notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(report.reasons)}")
     elif len(rows) > 1:
-        notes.append("auto: the probe picks one of these rows; `logprobs probe` tells which (about 10 calls), or give --method")
+        notes.append(f"auto: the probe picks one of these rows; `logprobs probe` tells which (about {PROBE_CALLS} calls), or give --method")
         notes.extend(f"{row.method} when {row.condition}" for row in rows)
     if not rows[0].tokens_counted:
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
@@ -607,10 +592,6 @@ def estimate(
         notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
     for note in notes:
         console.print(f"- {note}", highlight=False)
-
-
-def yes_no(value: bool) -> str:
-    return "yes" if value else "no"
 
 
 @app.command(cls=PlainHelpCommand)

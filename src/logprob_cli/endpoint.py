@@ -24,9 +24,13 @@ class EndpointFatal(EndpointError):
     """Every request would fail the same way (credentials, model name, server down): stop the run."""
 
 
-class EndpointRefused(EndpointError):
-    """The endpoint refused the request itself (a 4xx that is not about rate or access): the same request
-    would be refused again, so running it again cannot help; the message says what it refused."""
+class EndpointRejected(EndpointError):
+    """The endpoint refused this request as invalid (HTTP 400-class, not rate or access): asking it again
+    fails again, so a rerun cannot help; another request may pass, and nothing was billed. `reason` is the endpoint's own words (probe reads its limits there)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 class EndpointUnsuitable(RuntimeError):

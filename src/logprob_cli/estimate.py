@@ -22,8 +22,8 @@ simulator's will differ somewhat.
 
 Per run: 2 calls checking the token mapping on OpenAI-compatible endpoints, and for `auto`
 the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and as
---max-calls counts them: the requests the probe sends to be rejected (2 of its 13 on the
-simulator) are not. Every call sends the prompt again and generates one token.
+--max-calls counts them: the requests the endpoint rejects (the probe's asks above the top-k
+cap and its limit tests) are not. Every call sends the prompt again and generates one token.
 Prompt tokens per call: counted with the tiktoken encoding when the vocabulary is one, with
 OpenAI's chat framing (3 tokens a message, its fields' tokens, 3 more for the reply);
 otherwise about 4 bytes a token of the JSON sent (approximate; the built-in simulator bills
@@ -44,7 +44,7 @@ from typing import Any, Callable
 from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
 from .prices import Price
 from .vocabulary import tiktoken_encoding
-from .probe import ProbeReport
+from .probe import ProbeReport, expected_calls
 from .simulator import SimulatedEndpoint
 
 MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
@@ -120,11 +120,8 @@ def calls_per_prompt(method: str, vocab_size: int, top_k: int, eps: float = 1e-3
 
 
 def probe_calls(report: ProbeReport) -> int:
-    """The calls the probe (probe.probe) gets answered, found or expected as in `report`: the one ask for the
-    top-k cap that succeeds (asks for more are rejected), 2 identical calls, 4 together and 1 alone, 1 biased,
-    1 forced where the bias steers sampling, and each limit test (bias above 100, 301 entries) accepted."""
-    limit_tests = (report.bias_above_100, report.bias_entries_over_300)
-    return 1 + 2 + 4 + 1 + 1 + int(report.bias_steers_sampling) + sum(test == "accepted" for test in limit_tests)
+    """The calls the probe gets answered on an endpoint that behaves as `report` says (probe.expected_calls)."""
+    return expected_calls(report)
 
 
 def token_counter(endpoint: Endpoint) -> tuple[Callable[[Prompt], int], bool]:
@@ -223,8 +220,7 @@ def estimate_run(
         return [row(method, endpoint.limits, check)]
     if report is not None:
         return [row(report.recommended, report.limits(), check + probe_calls(report))]
-    cap = endpoint.limits.top_logprobs
-    found = 20 if cap >= 20 else min(cap, 5)  # the probe asks for the vocabulary, then 20, then 5
+    found = endpoint.limits.top_logprobs  # the probe learns the cap; where it is the vocabulary, auto picks direct
     rows = []
     for name, condition in CONDITIONS.items():
         expected = ProbeReport(

@@ -29,9 +29,9 @@ from typing import Any, Awaitable, Callable, Literal
 
 import openai
 
-from .endpoint import WITHHELD, Answer, EndpointError, EndpointFatal, EndpointRefused, Limits, Prompt, Query
+from .endpoint import WITHHELD, Answer, EndpointFatal, EndpointRejected, Limits, Prompt, Query
 from .ratelimit import RateLimiter
-from .transport import RetryPolicy, Transport
+from .transport import MESSAGE_CHARS, RetryPolicy, Transport, describe_body, is_html, not_an_api, one_line, parse_json
 from .urls import USERINFO_REFUSED, has_userinfo, redact
 from .vocabulary import Vocabulary
 
@@ -57,23 +57,32 @@ def server_facts(base_url: str | None, api_key: str | None, model: str, timeout:
 
     Returns {"dialect": "llama.cpp", "n_vocab": N} for llama-server, {"dialect": "vllm"} for vLLM
     (its models are owned_by "vllm"), {} for servers that say nothing more than the OpenAI
-    contract, and raises EndpointFatal when the server cannot be reached or refuses the key.
+    contract (or answer GET /models with an error or JSON of another shape: the completion requests
+    will tell), and raises EndpointFatal when the server cannot be reached, refuses the key, or
+    answers with an HTML page (a web site, not an API).
     """
     client = openai.OpenAI(base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=0)
     try:
-        models = client.models.list().data
+        response = client.models.with_raw_response.list().http_response
     except openai.APIConnectionError as err:
         raise EndpointFatal(redact(f"cannot reach {client.base_url} ({err.__cause__ or err}): is the server running?")) from None
     except openai.AuthenticationError as err:
         raise EndpointFatal(redact(f"{client.base_url} rejected the API key: {_server_message(err)}")) from None
     except openai.APIError:
         return {}
-    for entry in models:
-        meta = (entry.model_extra or {}).get("meta") or {}
+    where = redact(str(client.base_url).rstrip("/"))
+    if is_html(response.text):
+        raise not_an_api(where, "GET /models", response.status_code, describe_body(response.content))
+    body = parse_json(response.content)
+    models = body.get("data") if isinstance(body, dict) else None
+    for entry in models if isinstance(models, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
         if isinstance(meta.get("n_vocab"), int):
-            return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.id}
-        if entry.owned_by == "vllm":
-            return {"dialect": "vllm", "served_model": entry.id}
+            return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.get("id")}
+        if entry.get("owned_by") == "vllm":
+            return {"dialect": "vllm", "served_model": entry.get("id")}
     return {}
 
 
@@ -243,7 +252,7 @@ class OpenAIEndpoint:
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
         elif prompt.messages is not None:
-            raise EndpointRefused("chat messages need --api chat; legacy completions take plain prompts")
+            raise EndpointRejected("chat messages need --api chat; legacy completions take plain prompts")
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
             body.update(prompt=prompt.prompt, logprobs=top_k)
@@ -297,7 +306,7 @@ class OpenAIEndpoint:
         """transport.post, with a refused token id made fatal: every request biasing such ids would be refused."""
         try:
             return await self.transport.post(path, body, tokens, parse)
-        except EndpointRefused as error:
+        except EndpointRejected as error:
             if "logit_bias" in body and _TOKEN_ID_REFUSAL.search(str(error)):
                 raise EndpointFatal(
                     f"the server refused a token id of the vocabulary {self.vocabulary.name} ({self.vocab_size:,} "
@@ -369,7 +378,7 @@ class OpenAIEndpoint:
         top = sorted(((logprobs.get("top_logprobs") or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]
         if len(top) < min(requested, self.vocab_size) or len(set(ids)) < len(ids):
-            raise EndpointRefused(
+            raise EndpointRejected(
                 f"{self.model}'s legacy completions merged distinct tokens that read the same ({len(top)} string keys "
                 f"for {requested} requested): their values cannot be told apart. Use --api chat, or a server that "
                 "returns token ids"
@@ -468,13 +477,14 @@ def _env_key() -> str | None:
 
 
 def _server_message(err: openai.APIStatusError) -> str:
+    """The server's own words in one short line (a page that is not JSON is described, not quoted)."""
     body = err.body
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
+            return one_line(str(inner["message"]), MESSAGE_CHARS)
         if isinstance(inner, str):
-            return inner
-    return err.message
+            return one_line(inner, MESSAGE_CHARS)
+    return f"{err.status_code}: {describe_body(err.response.content) or 'no body'}"
 
 

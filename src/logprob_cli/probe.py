@@ -1,52 +1,82 @@
 """`probe`: a handful of calls that measure what an endpoint reveals, and the method that fits.
 
-Measured, in this order (13 calls on the simulator, two of them rejected on purpose):
-  1. the top_logprobs cap it honours: ask for the whole vocabulary, then 20, then 5;
-  2. with token t = the last visible one, biased to beat the top by 2 nats: whether the
-     bias steers sampling (t is generated) and whether the returned logprobs are after
-     the bias (lp'_t - lp'_top moved by the bias) or before it;
-  3. a token outside the top-k forced with the largest bias: is its own logprob reported
-     (and is it its unbiased value), or withheld with the -9999 sentinel;
+Measured, in this order, on one prompt:
+  1. the top_logprobs cap it honours: ask for the whole vocabulary; while asks are rejected,
+     ask for the cap the endpoint names in its refusal ("top_logprobs must be <= 3"; once
+     answered, one more must be refused), else for 20, 10, 5, 2, 1, and once one is answered,
+     search between it and the smallest refused ask (rejected asks are not billed: they cost
+     time only). An answer with fewer entries than asked names the cap too. Every later ask
+     stays within the cap: k = min(cap, 20);
+  2. determinism: the answered ask again, identical; and whether a call sent alongside others
+     (4 at once, then 1 alone: a server that batches them) answers as it does alone;
+  3. what the bias does. With k >= 2: the last visible token t, biased to beat the top by
+     2 nats: whether the bias steers sampling (t is generated) and whether the returned
+     logprobs are after the bias (lp'_t - lp'_top moved by it); then a token outside the
+     top-k forced with the largest bias: is its own logprob reported (below the top-k, so
+     unbiased), withheld (-9999), or wrong. With k = 1, one call does both: the top pushed
+     down by -100 (the runner-up must be generated; pre-bias logprobs keep listing the old
+     top unchanged) and the runner-up's own logprob, which must lie below the top's;
   4. whether a bias above 100 and more than 300 bias entries are rejected;
-  5. returned precision (bfloat16 grid or float32), determinism of identical calls, whether
-     a call sent alongside others (a server that batches them) answers as it does alone,
-     and how tokens are identified (server ids, bytes, strings).
-Then the cheapest valid method: the whole vocabulary in one call (`direct`); k-1 new
-values per call where logprobs are post-bias (`topk`); one call per token where a forced
-token reports its own pre-bias logprob (`forced`); argmax search where only sampling
-responds (`bisection`); else only the top-k (`visible`).
+  5. returned precision (bfloat16 grid or float32) and how tokens are identified.
+Calls: `expected_calls` gives what the probe gets answered (billed) on an endpoint that behaves
+as a report says; PROBE_CALLS is that on OpenAI's API, which rejects the two limit tests (the
+built-in simulator clips a bias above 100 instead, one call more). A test holds the two to the
+simulator's own count.
+
+A refused or failed request is not an answer. Each property is observed or unknown: booleans
+are None and string properties "unknown" when the probe could not tell, and `unknown` says why
+for each (the request was rejected, failed after its retries, or its answer was withheld). The
+method is the cheapest one whose requirements were observed: the whole vocabulary in one call
+(`direct`); k-1 new values per call where logprobs are post-bias and k >= 2 (`topk`); one call
+per token where a forced token reports its own pre-bias logprob (`forced`); argmax search where
+the bias steers sampling (`bisection`); else only the top-k (`visible`), and `reasons` say when an
+unknown kept a better method out. If no request for top logprobs is answered at all, nothing
+can be told: `probe` raises EndpointUnsuitable, naming --method to choose by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .endpoint import Endpoint, EndpointError, EndpointFatal, Limits, Prompt, Query
-from .methods.base import BFLOAT16_ROUNDOFF, bias_response, probe_ranks, roundoff
+from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query
+from .methods.base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
 BISECTION_CALLS_PER_TOKEN = 2.5  # benchmarks/calls_per_prompt.py at eps 1e-3 (README); for the estimate only
+MAX_TOP_K = 20  # the most logprobs a measurement asks for (OpenAI's cap)
+CAP_STEPS = (20, 10, 5, 2, 1)  # asks after the whole vocabulary, where a refusal names no cap
+TOGETHER = 4  # calls sent at once to see whether a batching server answers them as it does one alone
+BIG_BIAS = 100.0  # OpenAI's bias limit: the bias of the forcing tests
 
 
 @dataclass
 class ProbeReport:
+    """What the probe found (module docstring). None / "unknown": could not tell, `unknown` says why.
+
+    calls: requests answered (billed); rejected_calls: requests the endpoint refused (not billed).
+    """
+
     top_logprobs_cap: int = 0
     whole_vocabulary: bool = False
-    bias_steers_sampling: bool = False
-    logprobs_after_bias: bool = False
-    forced_logprob: str = "untested"  # reported | sentinel | wrong | untested
-    bias_above_100: str = "untested"  # rejected | accepted
-    bias_entries_over_300: str = "untested"  # rejected | accepted
+    bias_steers_sampling: bool | None = None
+    logprobs_after_bias: bool | None = None
+    forced_logprob: str = "untested"  # reported | sentinel | wrong | untested (not needed) | unknown
+    bias_above_100: str = "untested"  # rejected | accepted | unknown
+    bias_entries_over_300: str = "untested"  # rejected | accepted | unknown
     precision: str = "float32"
-    deterministic: bool = True
-    concurrent_agree: bool = True
+    deterministic: bool | None = None
+    concurrent_agree: bool | None = None
     identity: list[str] = field(default_factory=list)
     vocab_size: int = 0
     calls: int = 0
+    rejected_calls: int = 0
     recommended: str = "visible"
     estimated_calls: int = 1
+    unknown: dict[str, str] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,106 +84,280 @@ class ProbeReport:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "ProbeReport":
-        return ProbeReport(**data)
+        """A report saved by this or an earlier version (checkpoints keep it); keys it does not know are dropped."""
+        names = {f.name for f in dataclasses.fields(ProbeReport)}
+        return ProbeReport(**{key: value for key, value in data.items() if key in names})
 
     def limits(self) -> Limits:
         """The request limits the probe found (bias range and entry cap as documented where not rejected)."""
         return Limits(top_logprobs=self.top_logprobs_cap, bias_max=100.0, bias_entries=300)
 
+    def rows(self) -> list[tuple[str, str]]:
+        """The report as (property, value) lines for a table; unknowns read "could not tell (why)"."""
 
-async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
-    """Measure the endpoint on one prompt (see module docstring). Raises EndpointFatal if it cannot be reached."""
-    report = ProbeReport(vocab_size=endpoint.vocab_size)
+        def shown(name: str, value: Any, yes: str = "yes", no: str = "no") -> str:
+            if value is None or value == "unknown":
+                return f"could not tell ({self.unknown.get(name, 'not measured')})"
+            if value == "untested":
+                return "not tested (no method here needs it)"
+            return yes if value is True else no if value is False else str(value)
 
-    async def ask(query: Query):
-        report.calls += 1
-        return await endpoint.ask(prompt, query)
+        cap = f"{self.top_logprobs_cap:,}" + (" (whole vocabulary)" if self.whole_vocabulary else "")
+        spent = f"{self.calls} answered" + (f", {self.rejected_calls} rejected (not billed)" if self.rejected_calls else "")
+        return [
+            ("top_logprobs honoured", cap),
+            ("bias steers sampling", shown("bias_steers_sampling", self.bias_steers_sampling)),
+            ("logprobs reflect the bias", shown("logprobs_after_bias", self.logprobs_after_bias, "yes (post-bias)", "no (pre-bias)")),
+            ("forced token's own logprob", shown("forced_logprob", self.forced_logprob)),
+            ("bias above 100", shown("bias_above_100", self.bias_above_100)),
+            ("more than 300 bias entries", shown("bias_entries_over_300", self.bias_entries_over_300)),
+            ("returned precision", self.precision),
+            ("identical calls agree", shown("deterministic", self.deterministic)),
+            ("concurrent calls agree", shown("concurrent_agree", self.concurrent_agree)),
+            ("tokens identified by", ", ".join(self.identity)),
+            ("calls spent probing", spent),
+            ("recommended method", f"[bold]{self.recommended}[/] (~{self.estimated_calls:,} calls per prompt)"),
+        ]
 
-    first = None
-    for cap in (endpoint.vocab_size, 20, 5):
+
+class _Asker:
+    """Sends the probe's queries on one prompt, counting answered and rejected ones in the report."""
+
+    def __init__(self, endpoint: Endpoint, prompt: Prompt, report: ProbeReport):
+        self.endpoint, self.prompt, self.report = endpoint, prompt, report
+
+    async def __call__(self, query: Query) -> Answer | EndpointError:
+        """The answer, or the error of a request rejected or failed after its retries (EndpointFatal is raised)."""
         try:
-            first = await ask(Query.make(top_logprobs=cap))
-            break
+            answer = await self.endpoint.ask(self.prompt, query)
         except EndpointFatal:
             raise
-        except EndpointError:
-            continue
-    if first is None or not first.top_ids:
-        report.reasons.append("the endpoint returned no top logprobs at any of vocab size, 20, 5")
-        report.recommended, report.estimated_calls = "visible", 1
-        return report
-    report.top_logprobs_cap = len(first.top_ids)
-    report.whole_vocabulary = len(first.top_ids) >= endpoint.vocab_size
-    k = min(report.top_logprobs_cap, 20)
-    head = await ask(Query.make(top_logprobs=k))
-    again = await ask(Query.make(top_logprobs=k))
-    report.deterministic = head == again
-    together = await asyncio.gather(*(ask(Query.make({i: 1.0}, top_logprobs=k)) for i in head.top_ids[:4]))
-    alone = await ask(Query.make({head.top_ids[0]: 1.0}, top_logprobs=k))
-    report.concurrent_agree = together[0] == alone
+        except EndpointRejected as rejected:
+            self.report.rejected_calls += 1
+            return rejected
+        except EndpointError as failed:
+            return failed
+        self.report.calls += 1
+        return answer
+
+
+def _why(error: EndpointError) -> str:
+    if isinstance(error, EndpointRejected):
+        return f"the request was rejected: {error.reason}"
+    return f"the request failed: {error}"
+
+
+async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
+    """Measure the endpoint on one prompt (see module docstring).
+
+    Raises EndpointFatal if it cannot be used at all, EndpointUnsuitable if no request for top
+    logprobs was answered, EndpointError if such requests kept failing.
+    """
+    report = ProbeReport(vocab_size=endpoint.vocab_size)
+    ask = _Asker(endpoint, prompt, report)
+    first, asked = await _find_cap(ask, report, endpoint.vocab_size)
+    k = min(report.top_logprobs_cap, MAX_TOP_K)
+    head = dataclasses.replace(first, top_ids=first.top_ids[:k], top_logprobs=first.top_logprobs[:k])
     if roundoff(list(head.top_logprobs)) == BFLOAT16_ROUNDOFF:
         report.precision = "bfloat16"
-
     held = getattr(endpoint, "withheld_tokens", frozenset())  # their answers come back empty: never probe with them
-    if len(head.top_ids) >= 2:
-        rank = probe_ranks(head, held)[0]
-        target = head.top_ids[rank]
-        b = min(100.0, head.top_logprobs[0] - head.top_logprobs[rank] + 2.0)
-        moved = await ask(Query.make({target: b}, top_logprobs=k))
-        report.bias_steers_sampling, report.logprobs_after_bias = bias_response(head, moved, target, b)
-    if report.bias_steers_sampling:
-        outside = next(i for i in range(endpoint.vocab_size) if i not in set(first.top_ids[:k]) and i not in held)
-        forced = await ask(Query.make({outside: 100.0}, top_logprobs=k))
-        if forced.sampled != outside:
-            report.forced_logprob = "untested"
-        elif forced.sampled_logprob is None:
-            report.forced_logprob = "sentinel"
-        elif report.logprobs_after_bias or forced.sampled_logprob > head.top_logprobs[-1] + 1e-3:
-            report.forced_logprob = "wrong"
+    await _agreement(ask, report, first, asked, head, k, held)
+    if k >= 2:
+        await _lift_and_force(ask, report, head, k, held)
+    else:
+        await _push_top_down(ask, report, head)
+    for name, bias in (("bias_above_100", {head.top_ids[-1]: 101.0}), ("bias_entries_over_300", {i: 1e-3 for i in range(301)})):
+        outcome = await ask(Query.make(bias, top_logprobs=1))
+        if isinstance(outcome, Answer):
+            setattr(report, name, "accepted")
+        elif isinstance(outcome, EndpointRejected):
+            setattr(report, name, "rejected")
         else:
-            report.forced_logprob = "reported"
-    report.bias_above_100 = await _accepted(ask, Query.make({head.top_ids[-1]: 101.0}, top_logprobs=1))
-    report.bias_entries_over_300 = await _accepted(ask, Query.make({i: 1e-3 for i in range(301)}, top_logprobs=1))
+            setattr(report, name, "unknown")
+            report.unknown[name] = _why(outcome)
     report.identity = sorted(getattr(endpoint, "identity", {"ids"}))
     _recommend(report, endpoint.vocab_size)
     return report
 
 
-async def _accepted(ask, query: Query) -> str:
-    try:
-        await ask(query)
-    except EndpointFatal:
-        raise
-    except EndpointError:
-        return "rejected"
-    return "accepted"
+async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answer, int]:
+    """The answer to the largest top_logprobs ask the endpoint honours, and that ask (module docstring, 1)."""
+    n, answered, refused = vocab, None, None  # next ask; largest answered (answer, ask); smallest refused
+    said = ""
+    while n:
+        outcome = await ask(Query.make(top_logprobs=n))
+        if isinstance(outcome, Answer):
+            if outcome.withheld or not outcome.top_ids:
+                raise EndpointUnsuitable(
+                    f"the endpoint answered a request for {n} top logprobs with none"
+                    + (" (it withheld the whole answer)" if outcome.withheld else "")
+                    + ", so the probe could not tell what it reveals: choose a method by hand with --method"
+                )
+            answered = (outcome, n)
+            if len(outcome.top_ids) < n:  # it returns fewer than asked: that is its cap
+                break
+        elif isinstance(outcome, EndpointRejected):
+            refused, said = n, outcome.reason
+        elif answered:  # a cap at least this large was observed; whether more is allowed cannot be told
+            report.reasons.append(f"could not tell whether more than {answered[1]} top logprobs are allowed: {_why(outcome)}")
+            break
+        else:
+            raise EndpointError(f"the probe's request for {n} top logprobs failed, so nothing could be measured: {outcome}")
+        n = _next_ask(answered[1] if answered else 0, refused, said)
+    if answered is None:
+        raise EndpointUnsuitable(
+            f"the endpoint rejected every request for top logprobs (down to 1; it said: {said}), so the probe could "
+            "not tell what it reveals. Check that the model returns logprobs (and --extra-body), or choose a method "
+            "by hand with --method"
+        )
+    first, asked = answered
+    report.top_logprobs_cap = len(first.top_ids)
+    report.whole_vocabulary = len(first.top_ids) >= vocab
+    if refused is not None and report.top_logprobs_cap < MAX_TOP_K:
+        n = report.top_logprobs_cap
+        report.reasons.append(f"the endpoint returns at most {n} logprob{'s' * (n != 1)} a call (it said: {said})")
+    return first, asked
+
+
+def _next_ask(answered: int, refused: int | None, said: str) -> int:
+    """The next top_logprobs to ask for, strictly between the largest answered ask and the smallest refused
+    one, or 0 when there is none: the largest number the last refusal names there (its cap, as a rule);
+    one above an answered ask it named (so a cap read from a message is confirmed by a refusal, which
+    is free); the next of CAP_STEPS while none is answered; else the midpoint."""
+    if refused is None:
+        return 0
+    numbers = {int(number) for number in re.findall(r"\d+", said)}
+    named = [number for number in numbers if answered < number < refused]
+    if named:
+        return max(named)
+    if answered in numbers and answered + 1 < refused:
+        return answered + 1
+    if not answered:
+        return next((step for step in CAP_STEPS if step < refused), 0)
+    middle = (answered + refused) // 2
+    return middle if middle > answered else 0
+
+
+async def _agreement(ask: _Asker, report: ProbeReport, first: Answer, asked: int, head: Answer, k: int, held) -> None:
+    """Whether identical calls agree, and whether calls sent together answer as one sent alone (module doc, 2)."""
+    again = await ask(Query.make(top_logprobs=asked))
+    if isinstance(again, Answer):
+        report.deterministic = again == first
+    else:
+        report.unknown["deterministic"] = _why(again)
+    others = (i for i in range(report.vocab_size) if i not in set(head.top_ids) and i not in held)
+    ids = [*head.top_ids[:TOGETHER], *(next(others) for _ in range(TOGETHER - min(k, TOGETHER)))]
+    together = await asyncio.gather(*(ask(Query.make({i: 1.0}, top_logprobs=k)) for i in ids))
+    alone = await ask(Query.make({ids[0]: 1.0}, top_logprobs=k))
+    if isinstance(together[0], Answer) and isinstance(alone, Answer):
+        report.concurrent_agree = together[0] == alone
+    else:
+        report.unknown["concurrent_agree"] = _why(alone if not isinstance(alone, Answer) else together[0])
+
+
+async def _lift_and_force(ask: _Asker, report: ProbeReport, head: Answer, k: int, held) -> None:
+    """What the bias does, with k >= 2 (module docstring, 3): one lifted token, then one forced."""
+    target = head.top_ids[probe_ranks(head, held)[0]]
+    b = min(BIG_BIAS, head.top_logprobs[0] - head.top()[target] + 2.0)
+    moved = await ask(Query.make({target: b}, top_logprobs=k))
+    if not isinstance(moved, Answer) or moved.withheld:
+        why = "the endpoint withheld its answer" if isinstance(moved, Answer) else _why(moved)
+        report.unknown.update(bias_steers_sampling=why, logprobs_after_bias=why)
+        report.forced_logprob, report.unknown["forced_logprob"] = "unknown", why
+        return
+    report.bias_steers_sampling, report.logprobs_after_bias = bias_response(head, moved, target, b)
+    if not report.bias_steers_sampling:
+        return
+    outside = next(i for i in range(report.vocab_size) if i not in set(head.top_ids) and i not in held)
+    forced = await ask(Query.make({outside: BIG_BIAS}, top_logprobs=k))
+    if not isinstance(forced, Answer) or forced.sampled != outside:
+        report.forced_logprob = "unknown"
+        report.unknown["forced_logprob"] = (
+            _why(forced) if not isinstance(forced, Answer)
+            else f"token {outside} biased by {BIG_BIAS:g} was not generated" + (" (answer withheld)" if forced.withheld else "")
+        )
+    else:
+        report.forced_logprob = _forced_kind(report, forced.sampled_logprob, head.top_logprobs[-1])
+
+
+async def _push_top_down(ask: _Asker, report: ProbeReport, head: Answer) -> None:
+    """What the bias does, with k = 1 (module docstring, 3): the top pushed down by -100, one call."""
+    pushed = await ask(Query.make({head.top_ids[0]: -BIG_BIAS}, top_logprobs=1))
+    if not isinstance(pushed, Answer) or pushed.withheld:
+        why = "the endpoint withheld its answer" if isinstance(pushed, Answer) else _why(pushed)
+        report.unknown.update(bias_steers_sampling=why, logprobs_after_bias=why)
+        report.forced_logprob, report.unknown["forced_logprob"] = "unknown", why
+        return
+    report.bias_steers_sampling, report.logprobs_after_bias = lowered_top_response(head, pushed)
+    if report.bias_steers_sampling:
+        report.forced_logprob = _forced_kind(report, pushed.sampled_logprob, head.top_logprobs[0])
+
+
+def _forced_kind(report: ProbeReport, value: float | None, ceiling: float) -> str:
+    """A forced token outside the returned top-k reported `value`: its own unbiased logprob lies below `ceiling`."""
+    if value is None:
+        return "sentinel"
+    return "wrong" if report.logprobs_after_bias or value > ceiling + 1e-3 else "reported"
 
 
 def _recommend(report: ProbeReport, vocab: int) -> None:
-    k = min(report.top_logprobs_cap, 20)
+    """The cheapest method whose requirements were observed, with the reasons (module docstring)."""
+    k = min(report.top_logprobs_cap, MAX_TOP_K)
+    steers, post_bias = report.bias_steers_sampling, report.logprobs_after_bias
     if report.whole_vocabulary:
         report.recommended, report.estimated_calls = "direct", 1
         report.reasons.append("the whole vocabulary comes back in one call")
-    elif report.logprobs_after_bias and k >= 2:
+    elif post_bias and k >= 2:
         report.recommended, report.estimated_calls = "topk", math.ceil((vocab - k) / (k - 1)) + 2
         report.reasons.append("returned logprobs move with the bias")
-    elif report.bias_steers_sampling and report.forced_logprob == "reported":
+    elif steers and report.forced_logprob == "reported":
         report.recommended, report.estimated_calls = "forced", vocab - k + 2
         report.reasons.append("a forced token reports its own unbiased logprob")
-    elif report.bias_steers_sampling:
+    elif steers:
         report.recommended = "bisection"
         report.estimated_calls = math.ceil(BISECTION_CALLS_PER_TOKEN * vocab)
-        why = "withheld (-9999)" if report.forced_logprob == "sentinel" else "not reported"
-        report.reasons.append(f"the bias steers sampling but logprobs are pre-bias and a forced token's own is {why}")
+        why = {"sentinel": "withheld (-9999)", "wrong": "not its unbiased value", "unknown": "unknown"}
+        if post_bias:
+            report.reasons.append("the bias steers sampling; logprobs move with it, but one a call is too few for topk")
+        else:
+            shown = why.get(report.forced_logprob, "not reported")
+            report.reasons.append(f"the bias steers sampling but logprobs are pre-bias and a forced token's own is {shown}")
     else:
         report.recommended, report.estimated_calls = "visible", 1
-        report.reasons.append("the bias changes nothing: only the top-k can be learned, the rest is bounded")
-    if not report.deterministic:
+        if steers is None:
+            report.reasons.append(
+                "could not tell what the bias does, so visible is the best method whose requirements were observed: "
+                "run `logprobs probe` again, or choose --method by hand"
+            )
+        elif post_bias:
+            report.reasons.append("the bias moves the one logprob returned but not the generated token: no method reads past it")
+        else:
+            report.reasons.append("the bias changes nothing: only the top-k can be learned, the rest is bounded")
+    for name, why in report.unknown.items():
+        report.reasons.append(f"could not tell {name.replace('_', ' ')}: {why}")
+    if report.deterministic is False:
         report.reasons.append("identical calls gave different answers: expect near-tie noise")
-    elif not report.concurrent_agree:
+    elif report.concurrent_agree is False:
         report.reasons.append(
             "a call answered alongside others differs from the same call alone (the server batches requests): "
             "auto runs one call at a time"
         )
     if "strings" in report.identity:
         report.reasons.append("tokens come back as strings only: distinct tokens with the same string merge")
+
+
+def expected_calls(report: ProbeReport) -> int:
+    """The calls `probe` gets answered (billed) on an endpoint that behaves as `report` says, its cap found
+    by the first answered ask (the whole vocabulary, a cap the refusal names, or one of CAP_STEPS): that
+    ask and its twin, TOGETHER at once and 1 alone, the bias test, the forced token where k >= 2 and the
+    bias steers sampling (with k = 1 the bias test forces one), and each limit test the endpoint accepts."""
+    k = min(report.top_logprobs_cap, MAX_TOP_K)
+    forced = int(k >= 2 and bool(report.bias_steers_sampling))
+    accepted = sum(test == "accepted" for test in (report.bias_above_100, report.bias_entries_over_300))
+    return 2 + TOGETHER + 1 + 1 + forced + accepted
+
+
+# OpenAI's API: cap 20, the bias steers sampling, both limit tests rejected.
+PROBE_CALLS = expected_calls(
+    ProbeReport(top_logprobs_cap=MAX_TOP_K, bias_steers_sampling=True, bias_above_100="rejected", bias_entries_over_300="rejected")
+)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 
 from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
-from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRefused, EndpointUnsuitable, Prompt, Query
+from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
 from .inputs import check_prompts
 from .journal import Journal, JournalError, prompt_key, reading_connection
 from .methods import METHODS, Context
@@ -271,7 +271,7 @@ class Runner:
         message = str(err)
         self.summary.failures[prompt.id] = message
         self.journal.put_failure(key, message)
-        if not isinstance(err, EndpointRefused):
+        if not isinstance(err, EndpointRejected):
             return
         self.summary.refused.add(prompt.id)
         same = self._refusals[message] = self._refusals.get(message, 0) + 1
@@ -405,7 +405,7 @@ def extract_batch(
         writer: OutputWriter | None = None
 
         async def main() -> None:
-            nonlocal writer, summary
+            nonlocal writer
             try:
                 if not prompts:  # an empty shard: every part of a batch has a file
                     writer = OutputWriter(

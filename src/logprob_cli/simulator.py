@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .endpoint import Answer, EndpointError, Limits, Prompt, Query
+from .endpoint import Answer, EndpointRejected, Limits, Prompt, Query
 from .wording import plural
 
 SIMULATOR_MODEL = "simulator"
@@ -204,12 +204,12 @@ class SimulatedEndpoint:
         """Answer a query synchronously (the `ask` contract without the event loop)."""
         c = self.config
         if query.top_logprobs > c.top_logprobs_cap or query.top_logprobs < 0:
-            raise EndpointError(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
+            raise EndpointRejected(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
         if len(query.bias) > c.bias_entries:
-            raise EndpointError(f"logit_bias may have at most {plural(c.bias_entries, 'entry', 'entries')}, got {len(query.bias)}")
+            raise EndpointRejected(f"logit_bias may have at most {plural(c.bias_entries, 'entry', 'entries')}, got {len(query.bias)}")
         ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
         if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise EndpointError(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
+            raise EndpointRejected(f"logit_bias has a token id outside the vocabulary [0, {c.vocab_size})")
         self.calls += 1
         content = self.content(prompt)
         z = self.sim.logits(content)

@@ -7,14 +7,18 @@ HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request
 
 - 2xx with a body `parse` accepts: returned; the limiter learns from its headers;
 - 429: the limiter pauses everyone for the server's Retry-After and slows down; retried;
-- 408, 409, 5xx, timeouts, dropped or cut connections, bodies that are not JSON or that
+- 408, 409, 5xx, timeouts, dropped or cut connections, bodies that are cut-off JSON or that
   `parse` rejects (ValueError, KeyError, TypeError, IndexError): retried after
   exponential backoff with full jitter, delay_n = uniform(0, min(cap, base * 2**n));
 - 401/403/404: `EndpointFatal` at once (every request would fail the same way);
-  other 4xx: `EndpointRefused` at once (this request is wrong; retrying will not help);
+  other 4xx: `EndpointRejected` at once (this request is wrong; retrying will not help);
+- an answer no OpenAI-compatible API gives (a 404, 405 or 501 that is not JSON, a 200 that is an
+  HTML page, plain text, or JSON with neither `choices` nor `error`): `EndpointFatal` saying so;
 - a connection that cannot be opened at all: `EndpointFatal` after `connect_attempts`.
 A request still failing after `attempts` tries raises `EndpointError` with the last reason:
 its prompt fails, the run goes on.
+Server messages are quoted on one line (at most MESSAGE_CHARS characters); a body that is not a
+JSON error is described ("an HTML page titled '...'") or cut to EXCERPT_CHARS, never printed whole.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -29,13 +34,16 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .endpoint import EndpointError, EndpointFatal, EndpointRefused
+from .endpoint import EndpointError, EndpointFatal, EndpointRejected
 from .ratelimit import RateLimiter, retry_after
 from .urls import redact
 from .wording import plural
 
 T = TypeVar("T")
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+NO_ROUTE_STATUS = {404, 405, 501}  # answered without JSON: no OpenAI-compatible route at that URL
+EXCERPT_CHARS = 160  # of a body that is not a JSON error
+MESSAGE_CHARS = 500  # of a server's own JSON error message
 
 
 @dataclass(frozen=True)
@@ -127,11 +135,11 @@ class Transport:
         if status in RETRYABLE_STATUS:
             raise _Retry(f"{status}: {_message(raw, status)}", retry_after(headers) if status == 503 else None)
         if status >= 400:
-            raise _status_error(status, _message(raw, status), redact(self.base_url))
+            raise _status_error(status, raw, redact(self.base_url), path)
         try:
             result = parse(json.loads(raw))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            raise _Retry(f"an unreadable answer ({type(err).__name__}: {err}; body starts {raw[:80]!r})") from None
+            raise _unreadable(status, raw, err, redact(self.base_url), path) from None
         self.limiter.succeeded(tokens, headers)
         return result
 
@@ -164,11 +172,20 @@ def _env_proxy(url: str) -> str | None:
     return urllib.request.getproxies_environment().get(parts.scheme)
 
 
-def _error_body(raw: bytes) -> dict[str, Any]:
+NOT_JSON = object()
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or NOT_JSON."""
     try:
-        body = json.loads(raw)
-    except ValueError:
-        return {}
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return NOT_JSON
+
+
+def _error_body(raw: bytes) -> dict[str, Any]:
+    """The error object of a JSON answer (its "error", or the body itself); {} for a body that is not JSON."""
+    body = parse_json(raw)
     inner = body.get("error", body) if isinstance(body, dict) else {}
     return inner if isinstance(inner, dict) else {"message": str(inner)}
 
@@ -179,18 +196,66 @@ def _error_type(raw: bytes) -> str | None:
 
 
 def _message(raw: bytes, status: int) -> str:
+    """What the server said, in one short line: its JSON error message, else a description of the body."""
     message = _error_body(raw).get("message")
     if message:
-        return str(message)
-    text = raw[:200].decode("utf-8", errors="replace").strip()
-    return text or f"HTTP {status} with no body"
+        return one_line(str(message), MESSAGE_CHARS)
+    return describe_body(raw) or f"HTTP {status} with no body"
 
 
-def _status_error(status: int, message: str, where: str) -> EndpointError:
+def describe_body(raw: bytes) -> str:
+    """A body that is not a JSON error, in a few words: "an HTML page titled '404 Not Found'", or its
+    first EXCERPT_CHARS characters on one line; "" for an empty body."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    if is_html(text):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text[:4096], re.IGNORECASE | re.DOTALL)
+        named = one_line(title.group(1)) if title else ""
+        return "an HTML page" + (f" titled {named!r}" if named else "")
+    return one_line(text)
+
+
+def is_html(text: str) -> bool:
+    head = text[:1024].lstrip().lower()
+    return head.startswith(("<!doctype html", "<html", "<head", "<body")) or "<html" in head
+
+
+def one_line(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` on one line, cut to `limit` characters (the cut marked with an ellipsis)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+def not_an_api(where: str, request: str, status: int, what: str) -> EndpointFatal:
+    """The error for an answer no OpenAI-compatible API gives: `request` ("POST /chat/completions") answered
+    `status` with `what` ("an HTML page")."""
+    return EndpointFatal(
+        f"{where} does not look like an OpenAI-compatible API ({request} answered {status} with {what}): "
+        "check --base-url (such APIs usually sit under /v1)"
+    )
+
+
+def _status_error(status: int, raw: bytes, where: str, path: str) -> EndpointError:
+    """The error for a 4xx or 5xx answer that is not retried (see the module docstring)."""
+    message = _message(raw, status)
+    if status in NO_ROUTE_STATUS and parse_json(raw) is NOT_JSON:
+        return not_an_api(where, f"POST {path}", status, describe_body(raw) or "no body")
     if status == 401:
         return EndpointFatal(f"{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass --api-key")
     if status == 403:
         return EndpointFatal(f"{where} refused access (403: {message})")
     if status == 404:
         return EndpointFatal(f"{where} answered 404 ({message}); check --model and --base-url")
-    return EndpointRefused(f"{where} answered {status}: {message}")
+    return EndpointRejected(f"{where} answered {status}: {message}", message)
+
+
+def _unreadable(status: int, raw: bytes, err: Exception, where: str, path: str) -> Exception:
+    """A 2xx answer that `parse` could not read: fatal where no OpenAI-compatible API would send it (HTML,
+    plain text, JSON with neither `choices` nor `error`), else a retry (a cut-off or malformed body)."""
+    text, body = raw.decode("utf-8", errors="replace").strip(), parse_json(raw)
+    if is_html(text):
+        return not_an_api(where, f"POST {path}", status, describe_body(raw))
+    if body is NOT_JSON and text and text[0] not in "{[":
+        return not_an_api(where, f"POST {path}", status, f"plain text: {describe_body(raw)!r}")
+    if body is not NOT_JSON and not (isinstance(body, dict) and ("choices" in body or "error" in body)):
+        return not_an_api(where, f"POST {path}", status, f"JSON that is not a completion: {describe_body(raw)}")
+    return _Retry(f"an unreadable answer ({type(err).__name__}: {one_line(str(err))}; body starts {raw[:80]!r})")

@@ -117,11 +117,12 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
     b = (lp_top - lp_t) + 2, enough to make it the argmax by 2 nats, and reads back:
       - bias steers sampling: t is the generated token;
       - logprobs are post-bias: lp'_t - lp'_top moved by b (identity 1 with two biases).
-    `needs` is "post_bias" (exact, topk) or "steers" (bisection). Returns the first
-    answer and the findings, with the calls made as "check_calls"; raises EndpointUnsuitable
-    naming a method that would work.
+    Where the endpoint returns one logprob a call (k = 1), call 2 lowers the top token by -B
+    instead (`lowered_top_response`). `needs` is "post_bias" (exact, topk: k >= 2) or "steers"
+    (bisection). Returns the first answer and the findings, with the calls made as "check_calls";
+    raises EndpointUnsuitable naming a method that would work.
     """
-    k = max(ctx.top_k, 2)
+    k = max(ctx.top_k, 1)
     (first,) = yield [Query.make(top_logprobs=k)]
     found: dict[str, Any] = {"top_logprobs_returned": len(first.top_ids), "check_calls": 1}
     if first.withheld:
@@ -130,26 +131,28 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             f"token ends in an incomplete UTF-8 sequence and it cannot list such tokens), so {method} cannot start: "
             "use --method visible, or direct if the server returns the whole vocabulary"
         )
-    if len(first.top_ids) < 2:
+    least = 2 if needs == "post_bias" else 1
+    if len(first.top_ids) < least:
+        hint = "try --method auto" if len(first.top_ids) == 1 else "check that the endpoint supports top_logprobs"
         raise EndpointUnsuitable(
-            f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; "
-            f"{method} needs at least 2 (check that the endpoint supports top_logprobs)"
+            f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; {method} needs at least "
+            f"{least} ({hint})"
         )
-    for rank in probe_ranks(first, ctx.withheld)[:3]:
-        # A token whose answer the endpoint withholds (llama.cpp: incomplete UTF-8) tells nothing: try the next.
-        target = first.top_ids[rank]
-        gap = first.top_logprobs[0] - first.top_logprobs[rank]
-        b = min(ctx.bias_max, gap + 2.0)
-        (second,) = yield [Query.make({target: b}, top_logprobs=k)]
+    if len(first.top_ids) == 1:
+        target, b = first.top_ids[0], -ctx.bias_max
+        (second,) = yield [Query.make({target: b}, top_logprobs=1)]
         found["check_calls"] += 1
-        if not second.withheld:
-            break
+    else:
+        target, b, second = yield from _lift_last(ctx, first, k, found)
     if second.withheld:
         raise EndpointUnsuitable(
             f"the endpoint withheld its answer each time a token of the top-{len(first.top_ids)} was biased "
             f"(last: token {target} by {b:+.2f}), so {method} cannot tell what the bias does here"
         )
-    steers, moved = bias_response(first, second, target, b)
+    if len(first.top_ids) == 1:
+        steers, moved = lowered_top_response(first, second)
+    else:
+        steers, moved = bias_response(first, second, target, b)
     found.update(bias_steers_sampling=steers, logprobs_after_bias=moved)
     if needs == "post_bias" and not moved:
         if steers:
@@ -167,9 +170,37 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
             alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
         raise EndpointUnsuitable(
             f"{method} needs logit_bias to change the generated token, but biasing token {target} by {b:+.2f} "
-            f"(enough to make it the most likely) left token {second.sampled} generated. {alternative}"
+            f"({'enough to make it the most likely' if b > 0 else 'the top token, pushed down'}) left token "
+            f"{second.sampled} generated. {alternative}"
         )
     return first, found
+
+
+def _lift_last(ctx: Context, first: Answer, k: int, found: dict[str, Any]) -> Generator[list[Query], list[Answer], tuple]:
+    """check_bias's call 2 where k >= 2: (target, bias, answer); the answer is withheld only if every try was."""
+    for rank in probe_ranks(first, ctx.withheld)[:3]:
+        # A token whose answer the endpoint withholds (llama.cpp: incomplete UTF-8) tells nothing: try the next.
+        target = first.top_ids[rank]
+        gap = first.top_logprobs[0] - first.top_logprobs[rank]
+        b = min(ctx.bias_max, gap + 2.0)
+        (second,) = yield [Query.make({target: b}, top_logprobs=k)]
+        found["check_calls"] += 1
+        if not second.withheld:
+            break
+    return target, b, second
+
+
+def lowered_top_response(before: Answer, after: Answer) -> tuple[bool, bool]:
+    """What lowering the unbiased top token by a large bias did, read through one-entry answers (k = 1).
+
+    (bias steers sampling: another token was generated; logprobs are post-bias: the one returned entry
+    is no longer the old top at its old value). Pre-bias logprobs keep listing the old top unchanged.
+    """
+    top, value = before.top_ids[0], before.top_logprobs[0]
+    steers = not after.withheld and after.sampled != top
+    listed = after.top()
+    moved = top not in listed or abs(listed[top] - value) > 1e-3 + 1e-3 * abs(value)
+    return steers, bool(after.top_ids) and moved
 
 
 def probe_ranks(answer: Answer, withheld: frozenset[int]) -> list[int]:

@@ -9,7 +9,9 @@ unrecovered, with log p_i < log p_top - B.
 
 The check: force a token of the unbiased top-k (the last one not known to be held, whose answer
 is not withheld) and require that it is generated and reported at its unbiased value (within
-rounding).
+rounding). Where the endpoint returns one logprob a call (k = 1), push the top token down by -B
+instead: the runner-up must be generated, the one returned entry must stay the old top at its
+value (pre-bias), and the runner-up's reported logprob must lie below the top's.
 
 Held tokens (ctx.withheld; llama.cpp: tokens ending in an incomplete UTF-8 sequence), whose answers
 the endpoint withholds, report nothing when forced, so each one outside the top-k is searched alone
@@ -26,18 +28,17 @@ forced answer leaves that token unrecovered, below lp_k.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..endpoint import EndpointUnsuitable, Query
 from . import bisection
-from .base import Context, MethodResult, Plan, reference, roundoff, vector_from
+from .base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
 from ..wording import plural
 
 
 def plan(ctx: Context) -> Plan:
-    k = max(ctx.top_k, 2)
+    k = max(ctx.top_k, 1)
     (first,) = yield [Query.make(top_logprobs=k)]
     if not first.top_ids:
         raise EndpointUnsuitable(
@@ -45,23 +46,35 @@ def plan(ctx: Context) -> Plan:
             "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use --method visible"
         )
     big = ctx.bias_max
-    ranked = list(zip(first.top_ids, first.top_logprobs))[::-1]
-    candidates = ([c for c in ranked if c[0] not in ctx.withheld] or ranked)[:3]
-    probes = yield [Query.make({i: big}, top_logprobs=k) for i, _ in candidates]
-    (target, value), probe = next(
-        ((c, p) for c, p in zip(candidates, probes) if not p.withheld), (candidates[0], probes[0])
-    )
-    if probe.sampled != target:
+    if len(first.top_ids) == 1:  # one logprob a call: the check forces the runner-up by pushing the top down
+        (probe,) = yield [Query.make({first.top_ids[0]: -big}, top_logprobs=1)]
+        steers, post_bias = lowered_top_response(first, probe)
+        value = first.top_logprobs[0]
+        own = not post_bias and probe.sampled_logprob is not None and probe.sampled_logprob <= value + 1e-3
+        tried = f"token {first.top_ids[0]} (the top) biased by {-big:+g}"
+        forced = f"forcing the runner-up {probe.sampled} (below the top's {value:.4f})"
+    else:
+        ranked = list(zip(first.top_ids, first.top_logprobs))[::-1]
+        candidates = ([c for c in ranked if c[0] not in ctx.withheld] or ranked)[:3]
+        probes = yield [Query.make({i: big}, top_logprobs=k) for i, _ in candidates]
+        (target, value), probe = next(
+            ((c, p) for c, p in zip(candidates, probes) if not p.withheld), (candidates[0], probes[0])
+        )
+        steers = probe.sampled == target
+        own = probe.sampled_logprob is not None and abs(probe.sampled_logprob - value) <= 1e-3 + 1e-3 * abs(value)
+        tried = f"token {target} biased by {big:+g}"
+        forced = f"forcing token {target} (unbiased {value:.4f})"
+    if not steers:
         raise EndpointUnsuitable(
-            f"forced needs logit_bias to change the generated token, but token {target} biased by {big:+g} was not "
-            "generated. Use --method topk if the returned logprobs move with the bias; otherwise only the top-k "
+            f"forced needs logit_bias to change the generated token, but {tried} did not change it. "
+            "Use --method topk if the returned logprobs move with the bias; otherwise only the top-k "
             "can be had (--method visible)."
         )
-    if probe.sampled_logprob is None or abs(probe.sampled_logprob - value) > 1e-3 + 1e-3 * abs(value):
+    if not own:
         shown = "withheld (-9999)" if probe.sampled_logprob is None else f"{probe.sampled_logprob:.4f}"
         raise EndpointUnsuitable(
-            f"forced needs the generated token's own unbiased logprob, but forcing token {target} "
-            f"(unbiased {value:.4f}) reported {shown}. Use --method bisection: the bias does steer sampling."
+            f"forced needs the generated token's own unbiased logprob, but {forced} reported {shown}. "
+            "Use --method bisection: the bias does steer sampling."
         )
     behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
     logprobs = vector_from(first, ctx.vocab_size)
