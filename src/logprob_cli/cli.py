@@ -400,7 +400,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    """SIGTERM does what Ctrl-C does at that moment (during a run: stop sending calls, journal the calls in
+    flight, exit 130), rather than raising in the middle of whatever code is running."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 @app.command()

@@ -15,7 +15,10 @@ import asyncio
 import hashlib
 import itertools
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -32,6 +35,7 @@ from .prices import Price
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
 DRAIN_SECONDS = 30.0
+INTERRUPT_DRAIN_SECONDS = 1.0  # after Ctrl-C: a call not answered by then is cancelled (it was not paid for)
 
 
 class Progress(Protocol):
@@ -134,6 +138,7 @@ class Runner:
         self._max_active = max(MIN_ACTIVE_PROMPTS, ACTIVE_PROMPTS_PER_WORKER * concurrency)
         self._room = asyncio.Event()
         self._stopping = False
+        self._interrupted = False
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
 
     async def run(self) -> RunSummary:
@@ -157,6 +162,16 @@ class Runner:
             await self._drain(queue, workers)
         return self.summary
 
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM (safe in a signal handler; `interrupts_stop` also cancels the run's task): send no
+        more calls and compute no more plans at once, whatever the event loop is busy with; the calls in flight
+        get INTERRUPT_DRAIN_SECONDS to be answered and journaled."""
+        self._stopping = self._interrupted = True
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
+
     async def _wait_for_room(self, queue: asyncio.Queue) -> None:
         while self._active >= self._max_active or (
             self._active >= MIN_ACTIVE_PROMPTS and queue.qsize() >= self.concurrency
@@ -170,7 +185,7 @@ class Runner:
         for _ in workers:
             queue.put_nowait(None)
         try:
-            await asyncio.wait(workers, timeout=DRAIN_SECONDS)
+            await asyncio.wait(workers, timeout=INTERRUPT_DRAIN_SECONDS if self._interrupted else DRAIN_SECONDS)
         finally:
             for worker in workers:
                 worker.cancel()
@@ -180,7 +195,7 @@ class Runner:
         while True:
             item = await queue.get()
             self._room.set()
-            if item is None:
+            if item is None or self._interrupted:  # interrupted: the queue is left as it is, not skipped item by item
                 return
             prompt, key, seq, query, future = item
             if future.done() or self._stopping:
@@ -262,6 +277,8 @@ class Runner:
                 for future in futures:
                     future.cancel()
                 raise
+            if self._interrupted:  # the next plan step may take a while: leave it to the resumed run
+                raise asyncio.CancelledError
             try:
                 queries = plan.send(answers)
             except StopIteration as stop:
@@ -348,6 +365,30 @@ class OutputWriter:
             await asyncio.gather(self._writing, return_exceptions=True)
 
 
+@contextmanager
+def interrupts_stop(runner: Runner):
+    """While the block runs (in the task that runs `runner`), Ctrl-C (SIGINT) stops the runner at once
+    (`Runner.interrupt`) and cancels that task; a second Ctrl-C raises KeyboardInterrupt where the code is.
+    Only in the main thread, and only where SIGINT is handled by Python (not where it is ignored)."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield
+        return
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if runner.interrupted:
+            raise KeyboardInterrupt
+        runner.interrupt()
+        loop.call_soon_threadsafe(task.cancel)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def extract_batch(
     prompts: list[Prompt],
     output: Path,
@@ -414,7 +455,8 @@ def extract_batch(
                 )
                 runner.summary = summary
                 try:
-                    await runner.run()
+                    with interrupts_stop(runner):
+                        await runner.run()
                 finally:
                     await writer.settle()
             finally:
@@ -426,7 +468,7 @@ def extract_batch(
         except BudgetReached as reached:  # during the probe or token check
             journal.add_setup_spend(metered.spent.minus(before))
             summary.budget_reached = str(reached)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
             summary.interrupted = True
         finally:
             summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
