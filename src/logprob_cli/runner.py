@@ -25,12 +25,14 @@ from typing import Any, Callable, Protocol
 
 from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
+from .estimate import calls_per_prompt
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointUnsuitable, Prompt, Query
 from .journal import Journal, JournalError, reading_connection
 from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
 from .probe import ProbeReport, probe
 from .prices import Price
+from .progress import RunStart, pressure_source
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
@@ -39,25 +41,28 @@ INTERRUPT_DRAIN_SECONDS = 1.0  # after Ctrl-C: a call not answered by then is ca
 
 
 class Progress(Protocol):
-    """What the runner reports as it goes (the CLI draws it; the API ignores it)."""
+    """What the runner reports as it goes (the CLI draws it, see progress.py; the API ignores it)."""
 
-    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
-        """`cost()`: US$ the checkpoint has spent so far (None when the price is unknown)."""
+    def start(self, run: RunStart) -> None:
+        """The calls begin: what is expected of this run, and where to read spend and endpoint pressure."""
 
-    def call(self) -> None: ...
-    def prompt_done(self) -> None: ...
+    def call(self) -> None:
+        """One call was answered and journaled."""
+
+    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
+        """A prompt finished (or failed) after `extra_calls` more calls than expected (negative: fewer)."""
 
 
 class NoProgress:
     """Reports nothing (the API, and the CLI's --quiet)."""
 
-    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
+    def start(self, run: RunStart) -> None:
         pass
 
     def call(self) -> None:
         pass
 
-    def prompt_done(self) -> None:
+    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
         pass
 
     def stop(self) -> None:
@@ -116,7 +121,7 @@ class Runner:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: MeteredEndpoint,
         prompts: list[Prompt],
         method: str,
         ctx: Context,
@@ -126,6 +131,7 @@ class Runner:
         on_prompt_finished: Callable[[], None] = lambda: None,
     ):
         self.endpoint = endpoint
+        self.method = method
         self.prompts = prompts
         self.plan = METHODS[method]
         self.ctx = ctx
@@ -139,13 +145,14 @@ class Runner:
         self._room = asyncio.Event()
         self._stopping = False
         self._interrupted = False
+        self._per_prompt = 0  # calls a prompt is expected to need (0: unknown), told to the progress display
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
 
     async def run(self) -> RunSummary:
         finished = self.journal.finished()
         todo = [p for p in self.prompts if prompt_key(p) not in finished]
         self.summary.finished = len(self.prompts) - len(todo)
-        self.progress.start(len(self.prompts), self.summary.finished, getattr(self.endpoint, "cost", lambda: None))
+        self.progress.start(self._run_start(todo))
         queue: asyncio.Queue = asyncio.Queue()
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
         try:
@@ -161,6 +168,29 @@ class Runner:
         finally:
             await self._drain(queue, workers)
         return self.summary
+
+    def _run_start(self, todo: list[Prompt]) -> RunStart:
+        """What the progress display is told at the start: the calls the unfinished prompts should still need
+        (their method's count per prompt, less the answers the checkpoint already holds for them)."""
+        ctx, meter = self.ctx, self.endpoint
+        try:
+            per_prompt: int | None = calls_per_prompt(self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits)
+        except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
+            per_prompt = None
+        self._per_prompt = per_prompt or 0
+        saved = self.journal.answer_counts()
+        resumed = sum(saved.get(prompt_key(p), 0) for p in todo)
+        return RunStart(
+            prompts=len(self.prompts),
+            prompts_done=self.summary.finished,
+            calls_expected=None if per_prompt is None else per_prompt * len(todo) - resumed,
+            exact=self.method != "bisection" and not resumed,  # bisection's count is a fit
+            cost=meter.cost,
+            calls_spent=lambda: meter.spent.calls,
+            max_calls=meter.max_calls,
+            max_cost=meter.max_cost,
+            pressure=pressure_source(meter.endpoint),
+        )
 
     def interrupt(self) -> None:
         """Ctrl-C or SIGTERM (safe in a signal handler; `interrupts_stop` also cancels the run's task): send no
@@ -272,6 +302,8 @@ class Runner:
                     raise
                 self.summary.failures[prompt.id] = str(err)
                 self.journal.put_failure(key, str(err))
+                unanswered = sum(1 for f in futures if f.cancelled() or f.exception() is not None)
+                self.progress.prompt_done(seq - unanswered - self._per_prompt, failed=True)
                 return
             except BaseException:
                 for future in futures:
@@ -285,7 +317,7 @@ class Runner:
                 self.journal.put_result(key, seq, stop.value)
                 break
         self.summary.finished += 1
-        self.progress.prompt_done()
+        self.progress.prompt_done(seq - self._per_prompt)
         self.on_prompt_finished()
 
 
