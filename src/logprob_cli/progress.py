@@ -255,7 +255,8 @@ class PlainProgress:
         self.tally = Tally(run, self.clock)
         expected = "an unknown number of" if run.calls_expected is None else f"{'' if run.exact else '~'}{run.calls_expected:,}"
         self.console.print(
-            f"{run.prompts_done:,} of {run.prompts:,} prompts already done; {expected} calls to make", highlight=False
+            f"{run.prompts_done:,} of {run.prompts:,} prompts already done; {expected} calls to make",
+            highlight=False, soft_wrap=True,
         )
         self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
         self._ticker.start()
@@ -275,8 +276,8 @@ class PlainProgress:
         self._stopped.set()
         self._ticker.join()
         self._ticker = None
-        self.console.print(self.line(), highlight=False)
+        self.console.print(self.line(), highlight=False, soft_wrap=True)
 
     def _tick(self) -> None:
         while not self._stopped.wait(self.interval):
-            self.console.print(self.line(), highlight=False)
+            self.console.print(self.line(), highlight=False, soft_wrap=True)
