@@ -135,11 +135,15 @@ class Tally:
         while no call is answered, to 0 once none was in the window."""
         elapsed = now - self.started
         window = min(RATE_WINDOW, max(elapsed / 2, min(elapsed, 1.0)))
-        calls_then = self._samples[0][1]
+        since = now - window
+        calls_then, later = self._samples[0][1], None
         for t, calls in reversed(self._samples):
-            if t <= now - window:
+            if t <= since:
                 calls_then = calls
+                if later is not None:  # the count between two samples, read off the line joining them
+                    calls_then += (later[1] - calls) * (since - t) / (later[0] - t)
                 break
+            later = (t, calls)
         return (self.calls - calls_then) / max(window, 1e-9)
 
     def snapshot(self) -> Snapshot:
