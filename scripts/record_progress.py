@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def parse(frame: str) -> tuple[int, int, float | None] | None:
 def record(command: str, directory: Path, session: str) -> tuple[list[tuple[float, str]], float]:
     """Run `command` in a 150x12 tmux pane; returns the captures (seconds since launch, text) and the end."""
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "12",
-                    f"cd {directory} && {command}; echo EXIT=$?; sleep 600"], check=True)
+                    f"cd {shlex.quote(str(directory))} && {command}; echo EXIT=$?; sleep 600"], check=True)
     frames, launched = [], time.monotonic()
     try:
         while True:
@@ -76,8 +78,10 @@ def main() -> int:
         (directory / "p.jsonl").write_text(
             "".join(json.dumps({"id": i, "prompt": f"recorded prompt {i}"}) + "\n" for i in range(args.prompts))
         )
-        command = (f"{sys.executable} -m logprob_cli.cli extract p.jsonl -o out.parquet --method {args.method} "
-                   f"--sim vocab_size={args.vocab}")
+        # a tmux server already running would not pass this environment on: name what the run needs
+        path = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
+        command = (f"{path}{shlex.quote(sys.executable)} -m logprob_cli.cli extract p.jsonl -o out.parquet "
+                   f"--method {shlex.quote(args.method)} --sim vocab_size={args.vocab}")
         frames, end = record(command, directory, f"record-progress-{int(time.time())}")
     if args.keep:
         args.keep.write_text("".join(f"--- {t:.1f} s\n{text}\n" for t, text in frames))
