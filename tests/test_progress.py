@@ -76,9 +76,9 @@ def assert_eta_within_twice_the_truth(samples, end: float, total: int) -> int:
 def test_eta_from_the_call_rate_is_within_twice_the_truth_in_a_real_run(tmp_path):
     """Prompts finish together at the end, so an ETA from prompts has nothing to go on for most of the run."""
     recorder = Recorder()
-    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=40_000))
-    summary = extract_batch(prompts(4), tmp_path / "o.parquet", endpoint, "topk", concurrency=4, progress=recorder)
-    assert summary.finished == 4 and not summary.failures
+    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=100_000))  # 15,795 calls: 5-20 s
+    summary = extract_batch(prompts(3), tmp_path / "o.parquet", endpoint, "topk", concurrency=4, progress=recorder)
+    assert summary.finished == 3 and not summary.failures
     assert recorder.run.calls_expected == summary.calls and recorder.run.exact, "topk's count is known in advance"
     end = recorder.tally.last_call
     samples = [(t, s.calls, s.eta) for t, s in recorder.snapshots]
@@ -200,7 +200,9 @@ def test_retries_429s_and_the_rate_limit_of_an_http_endpoint_are_read(tmp_path):
     vocab = 2000
     config = ServerConfig(SimulatorConfig(vocab_size=vocab), fault_rate=0.2, faults=("429",), fault_seed=3)
     with SimulatorServer(config) as server:
-        endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{vocab}"), base_url=server.url, limiter=RateLimiter(rpm=60_000))
+        endpoint = OpenAIEndpoint(
+            "simulator", load_vocabulary(f"simulator:{vocab}"), base_url=server.url, limiter=RateLimiter(rpm=60_000)
+        )
         recorder = Recorder()
         summary = extract_batch(prompts(1), tmp_path / "o.parquet", endpoint, "topk", concurrency=4, progress=recorder)
         injected = server.faults_injected["429"]

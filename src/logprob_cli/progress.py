@@ -130,14 +130,13 @@ class Tally:
             self.expected, self.exact = max(self.calls, self.expected + extra_calls), False
 
     def rate(self, now: float) -> float:
-        """Calls a second over the later half of the run so far (the whole of its first second), at most the
-        last RATE_WINDOW seconds: a run's first seconds, its first plans, are slower than the rest. It falls
-        while no call is answered, to 0 once none was in the window."""
-        elapsed = now - self.started
-        window = min(RATE_WINDOW, max(elapsed / 2, min(elapsed, 1.0)))
+        """Calls a second over the later half of the run so far, at most the last RATE_WINDOW seconds: a run's
+        first moments, its first plans, are slower than the rest. It falls while no call is answered, to 0 once
+        none was in the window."""
+        window = min(RATE_WINDOW, (now - self.started) / 2)
         since = now - window
         calls_then, later = self._samples[0][1], None
-        for t, calls in reversed(self._samples):
+        for t, calls in reversed(tuple(self._samples)):  # a copy: the display's thread reads while calls come in
             if t <= since:
                 calls_then = calls
                 if later is not None:  # the count between two samples, read off the line joining them
@@ -153,9 +152,9 @@ class Tally:
         eta = (expected - self.calls) / rate if expected is not None and rate > 0 else None
         run = self.run
         return Snapshot(
-            now - self.started, self.calls, expected, self.exact, rate, eta, self.prompts_done, self.prompts_failed, run.prompts,
-            now - self.last_call, run.cost(), run.calls_spent(), run.max_calls, run.max_cost,
-            run.pressure() if run.pressure else None,
+            now - self.started, self.calls, expected, self.exact, rate, eta,
+            self.prompts_done, self.prompts_failed, run.prompts, now - self.last_call,
+            run.cost(), run.calls_spent(), run.max_calls, run.max_cost, run.pressure() if run.pressure else None,
         )
 
 
@@ -172,13 +171,14 @@ def calls_text(s: Snapshot) -> str:
     """calls 1,234 of 5,265 (23.4%) -- or of ~5,265 (estimate), or with no total when none is known."""
     if s.expected is None:
         return f"calls {s.calls:,}"
-    approx = "" if s.exact else "~"
-    return f"calls {s.calls:,} of {approx}{s.expected:,} ({100 * (s.fraction or 0):.1f}%{'' if s.exact else ', estimate'})"
+    approx, note = ("", "") if s.exact else ("~", ", estimate")
+    return f"calls {s.calls:,} of {approx}{s.expected:,} ({100 * (s.fraction or 0):.1f}%{note})"
 
 
 def detail_parts(s: Snapshot) -> list[str]:
     """Prompts, spend against the caps, the rate limit, retries and 429s, and a stall if there is one."""
-    parts = [f"prompts {s.prompts_done:,}/{s.prompts:,}" + (f" ({s.prompts_failed:,} failed)" if s.prompts_failed else "")]
+    failed = f" ({s.prompts_failed:,} failed)" if s.prompts_failed else ""
+    parts = [f"prompts {s.prompts_done:,}/{s.prompts:,}{failed}"]
     if s.max_calls is not None:
         parts.append(f"{s.calls_spent:,} of --max-calls {s.max_calls:,}")
     if s.cost is not None:
@@ -257,7 +257,10 @@ class PlainProgress:
 
     def start(self, run: RunStart) -> None:
         self.tally = Tally(run, self.clock)
-        expected = "an unknown number of" if run.calls_expected is None else f"{'' if run.exact else '~'}{run.calls_expected:,}"
+        if run.calls_expected is None:
+            expected = "an unknown number of"
+        else:
+            expected = f"{'' if run.exact else '~'}{run.calls_expected:,}"
         self.console.print(
             f"{run.prompts_done:,} of {run.prompts:,} prompts already done; {expected} calls to make",
             highlight=False, soft_wrap=True,
