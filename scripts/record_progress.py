@@ -7,7 +7,7 @@ the ETA shown and the time the run actually still took, and whether the ETA is w
 once 10% of the calls are done (with 2 s of slack for the 1 s capture and the display's whole seconds).
 Exits 1 if the display did not move or an ETA after 10% was off by more than that, 2 if tmux is missing.
 
-    python scripts/record_progress.py [--prompts 6] [--vocab 100000] [--keep FRAMES.txt]
+    python scripts/record_progress.py [--prompts 10] [--vocab 100000] [--keep FRAMES.txt]
 
 tmux: `apt-get install -y tmux` (Debian/Ubuntu), `brew install tmux` (macOS).
 """
@@ -65,7 +65,7 @@ def record(command: str, directory: Path, session: str) -> tuple[list[tuple[floa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=100_000)
     parser.add_argument("--method", default="topk")
     parser.add_argument("--keep", type=Path, help="write every captured frame to this file")
