@@ -65,7 +65,7 @@ class Window:
         self.calls = 0
         self.marks: list[dict[str, float]] = []
 
-    def start(self, total: int, done: int, cost: Callable[[], Any]) -> None:
+    def start(self, run: Any) -> None:
         pass
 
     def call(self) -> None:
@@ -73,7 +73,7 @@ class Window:
         if self.calls in (self.first, self.last):
             self.marks.append(self.measure())
 
-    def prompt_done(self) -> None:
+    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
         pass
 
     def delta(self) -> dict[str, float]:

@@ -8,16 +8,14 @@ import enum
 import json
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 import typer.core
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
@@ -27,6 +25,7 @@ from .journal import JournalError, Refused
 from .methods import METHODS
 from .output import render_inspect
 from .prices import parse_price, price_for
+from .progress import PlainProgress, RichProgress
 from .probe import PROBE_CALLS, probe as run_probe
 from .ratelimit import RateLimiter
 from .transport import RetryPolicy
@@ -224,84 +223,6 @@ def describe(endpoint: Endpoint) -> str:
     return f"{info['model']} at {info['base_url']} ({info['api']} API; vocabulary {info['vocabulary']}, {endpoint.vocab_size:,} tokens)"
 
 
-class RichProgress:
-    """Prompts done/total, calls, calls/s, US$ spent and ETA on a terminal."""
-
-    def __init__(self, console: Console):
-        self.bar = Progress(
-            TextColumn("[bold]prompts"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[calls]:,} calls"),
-            TextColumn("{task.fields[rate]:,.0f} calls/s"),
-            TextColumn("{task.fields[spent]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.calls = 0
-        self._shown = 0.0
-        self._t0 = time.monotonic()
-        self._cost: Callable[[], float | None] = lambda: None
-
-    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
-        self._cost = cost
-        self.bar.start()
-        self.task = self.bar.add_task("extract", total=total, completed=done, calls=0, rate=0.0, spent=_dollars(cost()))
-
-    def call(self) -> None:
-        self.calls += 1
-        now = time.monotonic()
-        if now - self._shown > 0.1:
-            self._shown = now
-            self._update(now)
-
-    def prompt_done(self) -> None:
-        self.bar.update(self.task, advance=1)
-        self._update(time.monotonic())
-
-    def stop(self) -> None:
-        if hasattr(self, "task"):
-            self._update(time.monotonic())
-        self.bar.stop()
-
-    def _update(self, now: float) -> None:
-        rate = self.calls / max(now - self._t0, 1e-9)
-        self.bar.update(self.task, calls=self.calls, rate=rate, spent=_dollars(self._cost()))
-
-
-def _dollars(cost: float | None) -> str:
-    return "" if cost is None else f"${cost:,.4f} spent"
-
-
-class PlainProgress:
-    """One line per finished prompt, for logs and pipes."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.calls = 0
-
-    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
-        self.total, self.done, self._cost = total, done, cost
-        self.console.print(f"{done} of {plural(total, 'prompt')} already done", highlight=False)
-
-    def call(self) -> None:
-        self.calls += 1
-
-    def prompt_done(self) -> None:
-        self.done += 1
-        spent = _dollars(self._cost())
-        self.console.print(
-            f"prompt {self.done}/{self.total} done ({self.calls:,} calls this run{', ' + spent if spent else ''})",
-            highlight=False,
-        )
-
-    def stop(self) -> None:
-        pass
-
-
 @app.command(cls=PlainHelpCommand)
 def extract(
     input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
@@ -453,7 +374,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    """SIGTERM does what Ctrl-C does at that moment (during a run: stop sending calls, journal the calls in
+    flight, exit 130), rather than raising in the middle of whatever code is running."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")

@@ -339,6 +339,10 @@ class Journal:
             rows = self.db.execute("SELECT seq, query, answer FROM answers WHERE prompt = ?", (prompt,)).fetchall()
         return {seq: (bytes(q), Answer.from_bytes(a)) for seq, q, a in rows}
 
+    def answer_counts(self) -> dict[str, int]:
+        """How many answers are saved per prompt (the progress display does not expect them again)."""
+        return dict(self.db.execute("SELECT prompt, count(*) FROM answers GROUP BY prompt"))
+
     def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
         ids = np.array(sorted(result.upper_bounds), dtype="<i4")
         bounds = np.array([result.upper_bounds[int(i)] for i in ids], dtype="<f8")

@@ -14,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
+from .estimate import calls_per_prompt
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
 from .inputs import check_prompts
 from .journal import Journal, JournalError, prompt_key, reading_connection
@@ -29,33 +33,38 @@ from .output import OutputRow, output_schema, write_parquet
 from .outputs_guard import check_resumable, checkpoint_path
 from .probe import ProbeReport, probe
 from .prices import Price
+from .progress import RunStart, pressure_source
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
 DRAIN_SECONDS = 30.0
-SAME_REFUSALS_FATAL = 3  # prompts refused with one message, none finished: every prompt would be
+SAME_REFUSALS_FATAL = 3  # prompts refused with one message and none finished: every prompt would be refused
+INTERRUPT_DRAIN_SECONDS = 1.0  # after Ctrl-C: a call not answered by then is cancelled (it was not paid for)
 
 
 class Progress(Protocol):
-    """What the runner reports as it goes (the CLI draws it; the API ignores it)."""
+    """What the runner reports as it goes (the CLI draws it, see progress.py; the API ignores it)."""
 
-    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
-        """`cost()`: US$ the checkpoint has spent so far (None when the price is unknown)."""
+    def start(self, run: RunStart) -> None:
+        """The calls begin: what is expected of this run, and where to read spend and endpoint pressure."""
 
-    def call(self) -> None: ...
-    def prompt_done(self) -> None: ...
+    def call(self) -> None:
+        """One call was answered and journaled."""
+
+    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
+        """A prompt finished (or failed) after `extra_calls` more calls than expected (negative: fewer)."""
 
 
 class NoProgress:
     """Reports nothing (the API, and the CLI's --quiet)."""
 
-    def start(self, total: int, done: int, cost: Callable[[], float | None]) -> None:
+    def start(self, run: RunStart) -> None:
         pass
 
     def call(self) -> None:
         pass
 
-    def prompt_done(self) -> None:
+    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
         pass
 
     def stop(self) -> None:
@@ -104,7 +113,7 @@ class Runner:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: MeteredEndpoint,
         prompts: list[Prompt],
         method: str,
         ctx: Context,
@@ -114,6 +123,7 @@ class Runner:
         on_prompt_finished: Callable[[], None] = lambda: None,
     ):
         self.endpoint = endpoint
+        self.method = method
         self.prompts = prompts
         self.plan = METHODS[method]
         self.ctx = ctx
@@ -126,6 +136,8 @@ class Runner:
         self._max_active = max(MIN_ACTIVE_PROMPTS, ACTIVE_PROMPTS_PER_WORKER * concurrency)
         self._room = asyncio.Event()
         self._stopping = False
+        self._interrupted = False
+        self._per_prompt = 0  # calls a prompt is expected to need (0: unknown), told to the progress display
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
         self._finished_here = 0
         self._refusals: dict[str, int] = {}
@@ -134,7 +146,7 @@ class Runner:
         finished = self.journal.finished()
         todo = [p for p in self.prompts if prompt_key(p) not in finished]
         self.summary.finished = len(self.prompts) - len(todo)
-        self.progress.start(len(self.prompts), self.summary.finished, getattr(self.endpoint, "cost", lambda: None))
+        self.progress.start(self._run_start(todo))
         queue: asyncio.Queue = asyncio.Queue()
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
         try:
@@ -151,6 +163,39 @@ class Runner:
             await self._drain(queue, workers)
         return self.summary
 
+    def _run_start(self, todo: list[Prompt]) -> RunStart:
+        """What the progress display is told at the start: the calls the unfinished prompts should still need
+        (their method's count per prompt, less the answers the checkpoint already holds for them)."""
+        ctx, meter = self.ctx, self.endpoint
+        try:
+            per_prompt: int | None = calls_per_prompt(self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits)
+        except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
+            per_prompt = None
+        self._per_prompt = per_prompt or 0
+        saved = self.journal.answer_counts()
+        resumed = sum(saved.get(prompt_key(p), 0) for p in todo)
+        return RunStart(
+            prompts=len(self.prompts),
+            prompts_done=self.summary.finished,
+            calls_expected=None if per_prompt is None else per_prompt * len(todo) - resumed,
+            exact=self.method != "bisection" and not resumed,  # bisection's count is a fit
+            cost=meter.cost,
+            calls_spent=lambda: meter.spent.calls,
+            max_calls=meter.max_calls,
+            max_cost=meter.max_cost,
+            pressure=pressure_source(meter.endpoint),
+        )
+
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM (safe in a signal handler; `interrupts_stop` also cancels the run's task): send no
+        more calls and compute no more plans at once, whatever the event loop is busy with; the calls in flight
+        get INTERRUPT_DRAIN_SECONDS to be answered and journaled."""
+        self._stopping = self._interrupted = True
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
+
     async def _wait_for_room(self, queue: asyncio.Queue) -> None:
         while self._active >= self._max_active or (
             self._active >= MIN_ACTIVE_PROMPTS and queue.qsize() >= self.concurrency
@@ -164,7 +209,7 @@ class Runner:
         for _ in workers:
             queue.put_nowait(None)
         try:
-            await asyncio.wait(workers, timeout=DRAIN_SECONDS)
+            await asyncio.wait(workers, timeout=INTERRUPT_DRAIN_SECONDS if self._interrupted else DRAIN_SECONDS)
         finally:
             for worker in workers:
                 worker.cancel()
@@ -174,7 +219,7 @@ class Runner:
         while True:
             item = await queue.get()
             self._room.set()
-            if item is None:
+            if item is None or self._interrupted:  # interrupted: the queue is left as it is, not skipped item by item
                 return
             prompt, key, seq, query, future = item
             if future.done() or self._stopping:
@@ -250,11 +295,15 @@ class Runner:
                 if isinstance(err, EndpointFatal):
                     raise
                 self._fail(prompt, key, err)
+                unanswered = sum(1 for f in futures if f.cancelled() or f.exception() is not None)
+                self.progress.prompt_done(seq - unanswered - self._per_prompt, failed=True)
                 return
             except BaseException:
                 for future in futures:
                     future.cancel()
                 raise
+            if self._interrupted:  # the next plan step may take a while: leave it to the resumed run
+                raise asyncio.CancelledError
             try:
                 queries = plan.send(answers)
             except StopIteration as stop:
@@ -262,7 +311,7 @@ class Runner:
                 break
         self.summary.finished += 1
         self._finished_here += 1
-        self.progress.prompt_done()
+        self.progress.prompt_done(seq - self._per_prompt)
         self.on_prompt_finished()
 
     def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
@@ -358,6 +407,30 @@ class OutputWriter:
             await asyncio.gather(self._writing, return_exceptions=True)
 
 
+@contextmanager
+def interrupts_stop(runner: Runner):
+    """While the block runs (in the task that runs `runner`), Ctrl-C (SIGINT) stops the runner at once
+    (`Runner.interrupt`) and cancels that task; a second Ctrl-C raises KeyboardInterrupt where the code is.
+    Only in the main thread, and only where SIGINT is handled by Python (not where it is ignored)."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield
+        return
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if runner.interrupted:
+            raise KeyboardInterrupt
+        runner.interrupt()
+        loop.call_soon_threadsafe(task.cancel)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def extract_batch(
     prompts: list[Prompt],
     output: Path,
@@ -436,7 +509,8 @@ def extract_batch(
                 )
                 runner.summary = summary
                 try:
-                    await runner.run()
+                    with interrupts_stop(runner):
+                        await runner.run()
                 finally:
                     await writer.settle()
             finally:
@@ -448,7 +522,7 @@ def extract_batch(
         except BudgetReached as reached:  # during the probe or token check
             journal.add_setup_spend(metered.spent.minus(before))
             summary.budget_reached = str(reached)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
             summary.interrupted = True
         finally:
             summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
