@@ -25,6 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .wording import plural
+
 RATE_WINDOW = 30.0
 SAMPLE_SECONDS = 0.25
 SILENT_SECONDS = 5.0
@@ -258,11 +260,11 @@ class PlainProgress:
     def start(self, run: RunStart) -> None:
         self.tally = Tally(run, self.clock)
         if run.calls_expected is None:
-            expected = "an unknown number of"
+            expected = "an unknown number of calls"
         else:
-            expected = f"{'' if run.exact else '~'}{run.calls_expected:,}"
+            expected = ("" if run.exact else "~") + plural(run.calls_expected, "call")
         self.console.print(
-            f"{run.prompts_done:,} of {run.prompts:,} prompts already done; {expected} calls to make",
+            f"{run.prompts_done:,} of {plural(run.prompts, 'prompt')} already done; {expected} to make",
             highlight=False, soft_wrap=True,
         )
         self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
