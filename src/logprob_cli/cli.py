@@ -288,7 +288,7 @@ def extract(
     rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help=RPM_HELP),
     tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); learnt from the server if not given."),
     timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds to wait for one answer before retrying."),
-    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails."),
+    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (5xx, timeouts, cut connections, malformed answers) before its prompt fails; 429s are waited out and not counted."),
     max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
     price: Optional[str] = typer.Option(None, "--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP),

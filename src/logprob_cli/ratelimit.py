@@ -30,8 +30,9 @@ so, else requests):
 
       rate = BACKOFF * admitted,   admitted = (cost of the n_ok successes) / T,   BACKOFF = 0.8
 
-  over the episode's T seconds (at least one request per T), with no burst credit.
-  Otherwise the episode closes with no change.
+  over the episode's T seconds (at least one request per T), with no burst credit; the
+  429s of the next EPISODE_SECONDS answer requests sent before the cut and open no
+  episode. Otherwise the episode closes with no change.
   Random 429s at a share p give n_429 ~ Binomial(n, p): with n = 50, P(s > 25%) is 6e-5
   at p = 7.5% and 1e-3 at p = 10% (a false cut costs 20% of the pace, then recovers).
   A client sending r > L against an untold limit L sees s = (r - L) / r, so it is cut
@@ -42,9 +43,11 @@ Recovery (additive increase toward a known ceiling, multiplicative without one):
 - without one (a rate learnt from bare 429s), the rate grows by GROWTH (5%) a second,
   rate(t) = rate_0 * exp(0.05 t): from 0.8 L it passes L after 4.5 s and reaches 1.33 L,
   where the next episode cuts, after 10 s; the sawtooth runs at about 0.95 L on average
-  and spends at most a quarter of its requests on 429s at its peak. A rate that reaches
-  RELEASE (2) times the admitted rate without another cut means the limit has gone (a
-  passing overload): the lane is unpaced again until the next episode.
+  and spends at most a quarter of its requests on 429s at its peak. The rate grows to
+  RELEASE (2) times the admitted rate at most: there, if no bare 429 came since the cut,
+  the limit has gone (a passing overload) and the lane is unpaced again until the next
+  episode; else it stays there (a limit still refuses now and then, while the calls'
+  demand stays too low to make an episode cut).
 
 `rpm` is the request pace now in force (per minute, None when unpaced); `throttles`
 counts 429s and `retries` the calls sent again (the transport reports them), for the
@@ -138,6 +141,8 @@ class Lane:
     paused_until: float = 0.0
     learnt: float | None = None  # with no ceiling: the admitted rate the last episode measured
     grown_at: float = 0.0  # when a learnt rate last grew
+    cut_at: float = -math.inf  # when the rate was last cut
+    refusals: int = 0  # bare 429s since then
     episode: Episode | None = None
 
     def __post_init__(self) -> None:
@@ -167,11 +172,16 @@ class Lane:
         elif self.rate and self.learnt:
             self.rate *= math.exp(GROWTH * (now - self.grown_at))
             self.grown_at = now
-            if self.rate >= RELEASE * self.learnt:  # the limit has gone: unpaced until the next episode
+            if self.rate >= RELEASE * self.learnt and self.refusals:
+                self.rate = RELEASE * self.learnt
+            elif self.rate >= RELEASE * self.learnt:  # the limit has gone: unpaced until the next episode
                 self.rate = self.learnt = None
 
     def refused(self, now: float) -> None:
-        """A bare 429: counted in the episode (opening one if none is open)."""
+        """A bare 429: counted in the episode (opening one if none is open), unless just after a cut."""
+        if now - self.cut_at < EPISODE_SECONDS:
+            return
+        self.refusals += 1
         if self.episode is None:
             self.episode = Episode(now)
         self.episode.refused += 1
@@ -183,10 +193,12 @@ class Lane:
             self.cut(max(FLOOR * (self.ceiling or self.rate), CUT * self.rate), now)
 
     def cut(self, rate: float, now: float) -> None:
-        """Pace at `rate` from now on, with no burst credit (the server's bucket is empty)."""
+        """Pace at `rate` from now on, with no burst credit (the server's bucket is empty); requests
+        waiting for a slot reserved at the old rate reserve again (`RateLimiter.acquire`)."""
         self.rate = rate
-        self.tat = max(self.tat, now + BURST_SECONDS)
-        self.grown_at = now
+        self.tat = now + BURST_SECONDS
+        self.grown_at = self.cut_at = now
+        self.refusals = 0
 
     def _close_episode(self, now: float) -> None:
         admitted = self.episode.verdict(now)
@@ -230,11 +242,17 @@ class RateLimiter:
         return None if self.requests.rate is None else self.requests.rate * 60
 
     async def acquire(self, tokens: int = 1) -> None:
-        """Wait until one request of `tokens` tokens may go (reserving its place on both schedules)."""
-        now = self.clock()
-        wait = max(self.requests.reserve(1, now), self.tokens.reserve(tokens, now))
-        if wait > 1e-6:  # not float dust from summing 1/rate
+        """Wait until one request of `tokens` tokens may go (reserving its place on both schedules).
+
+        A request whose rate was cut while it waited reserves again, at the new rate."""
+        while True:
+            now = self.clock()
+            wait = max(self.requests.reserve(1, now), self.tokens.reserve(tokens, now))
+            if wait <= 1e-6:  # not float dust from summing 1/rate
+                return
             await self.sleep(wait)
+            if max(self.requests.cut_at, self.tokens.cut_at) < now:
+                return
 
     def succeeded(self, tokens: int, headers: Mapping[str, str]) -> None:
         """A request got through: learn the announced limits and recover the rates."""

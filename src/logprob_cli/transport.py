@@ -7,8 +7,8 @@ HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request
 
 - 2xx with a body `parse` accepts: returned; the limiter learns from its headers;
 - 429: the limiter learns from it (`RateLimiter.throttled`: it may slow everyone down) and
-  the call waits the server's Retry-After (times uniform(1, 1.2), so calls refused together
-  do not all come back at once), then tries again. A 429 is the server asking to wait, not
+  the call waits the server's Retry-After times uniform(1, 1 + 0.2 k) for its k-th 429 (k
+  at most 5), so calls refused together do not all come back at once, then tries again. A 429 is the server asking to wait, not
   a failure: it does not use up `attempts`. A call is refused for at most `patience`
   seconds (10 minutes) from its first 429, or asked to wait past that: then the run stops
   with `EndpointFatal` (every call would be refused alike; the checkpoint keeps what was paid);
@@ -110,6 +110,7 @@ class Transport:
         data = json.dumps(body).encode()
         failures = connect_failures = 0
         limited_since: float | None = None  # when this call's first 429 came
+        refusals = 0  # this call's 429s
         while True:
             await self.limiter.acquire(tokens)
             try:
@@ -119,7 +120,8 @@ class Transport:
                 limited_since = now if limited_since is None else limited_since
                 self._check_patience(str(limited), limited.wait, now - limited_since)
                 self.limiter.retrying()
-                await asyncio.sleep(max(limited.wait, 0.01) * random.uniform(1.0, 1.2))
+                refusals += 1
+                await asyncio.sleep(max(limited.wait, 0.01) * random.uniform(1.0, 1.0 + 0.2 * min(refusals, 5)))
                 continue
             except _Retry as retry:
                 reason, wait = str(retry), retry.wait
