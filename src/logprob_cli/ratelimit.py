@@ -30,11 +30,13 @@ so, else requests):
 
       rate = BACKOFF * admitted,   admitted = (cost of the n_ok successes) / T,   BACKOFF = 0.8
 
-  over the episode's T seconds (at least one request per T), with no burst credit; the
+  over the episode's T seconds (at least one request per T), with no burst credit, and
+  requests already waiting for a slot at the old rate queue again at the new one; the
   429s of the next EPISODE_SECONDS answer requests sent before the cut and open no
   episode. Otherwise the episode closes with no change.
   Random 429s at a share p give n_429 ~ Binomial(n, p): with n = 50, P(s > 25%) is 6e-5
-  at p = 7.5% and 1e-3 at p = 10% (a false cut costs 20% of the pace, then recovers).
+  at p = 7.5% and 1e-3 at p = 10% (less at higher call rates, whose episodes hold more
+  outcomes; a false cut costs 20% of the pace, then recovers).
   A client sending r > L against an untold limit L sees s = (r - L) / r, so it is cut
   once r > L / (1 - SHARE) = 1.33 L, down to 0.8 L.
 
