@@ -1,6 +1,6 @@
 """Every benchmark in sequence, each printing its table: modest sizes by default (a few minutes).
 
-    python benchmarks/run_all.py          # modest sizes, about 4 minutes on 2 cores
+    python benchmarks/run_all.py          # modest sizes, about 6 minutes on 2 cores
     python benchmarks/run_all.py --full   # each script's own defaults: tens of minutes
 
 Run a single script with its flags for other sizes (`python benchmarks/NAME.py --help`).
@@ -22,6 +22,7 @@ MODEST = {
     "throughput.py": [],
     "client_cpu.py": ["--calls", "2000"],
     "memory.py": ["--prompts", "25,50,100"],
+    "rate_recovery.py": [],
 }
 
 

@@ -245,7 +245,7 @@ def extract(
     rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help=RPM_HELP),
     tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); learnt from the server if not given."),
     timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds to wait for one answer before retrying."),
-    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails."),
+    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (5xx, timeouts, cut connections, malformed answers) before its prompt fails; 429s are waited out and not counted."),
     max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
     price: Optional[str] = typer.Option(None, "--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP),
@@ -535,6 +535,9 @@ def serve(
     tpm: float = typer.Option(
         0.0, "--tpm", help="Tokens per minute accepted (a request costs its usage.total_tokens), bursts of one "
         "second's worth. 0: unlimited."),
+    hide_limits: bool = typer.Option(
+        False, "--hide-limits", help="Send no x-ratelimit-* headers: --rpm/--tpm show only as 429 + retry-after, "
+        "as behind a gateway that does not tell its limits."),
     fault_rate: float = typer.Option(
         0.0, "--fault-rate", help="Share of completion requests (0 to 1) that get a fault instead of their answer."),
     faults: str = typer.Option(
@@ -560,7 +563,7 @@ def serve(
     fault_kinds = tuple(kind.strip() for kind in faults.split(",") if kind.strip())
     try:
         config = ServerConfig(simulator_config(sim), model, api_key, token_ids, latency, log,
-                              rpm=rpm, tpm=tpm, fault_rate=fault_rate, faults=fault_kinds, fault_seed=fault_seed,
+                              rpm=rpm, tpm=tpm, rate_headers=not hide_limits, fault_rate=fault_rate, faults=fault_kinds, fault_seed=fault_seed,
                               stall=stall, dialect=dialect, max_logprobs=max_logprobs,
                               return_tokens_as_token_ids=return_tokens_as_token_ids)
     except ValueError as error:
@@ -572,7 +575,7 @@ def serve(
     limits = [f"{value:,.10g} {unit}" for value, unit in ((rpm, "requests"), (tpm, "tokens")) if value]
     err.print(
         f"serving the simulator ({config.simulator.vocab_size:,} tokens) as model {model!r} at {server.url}\n"
-        + (f"rate limits: {' and '.join(limits)} per minute\n" if limits else "")
+        + (f"rate limits: {' and '.join(limits)} per minute{' (not announced)' * hide_limits}\n" if limits else "")
         + (f"faults: {fault_rate:.1%} of completions ({', '.join(fault_kinds)})\n" if fault_rate else "")
         + f"try: logprobs extract examples/prompts.jsonl --model {model} --base-url {server.url} "
         f"--tokenizer simulator:{config.simulator.vocab_size} --api-key any",

@@ -49,7 +49,8 @@ Rate limits work as OpenAI's: a GCRA token bucket per limit holding one second's
 and its usage.total_tokens, charged before it is validated (so a 400 counts too). Every
 completion response carries x-ratelimit-limit-* (the per-minute limit),
 x-ratelimit-remaining-* (what the bucket holds now) and x-ratelimit-reset-* (the time
-until it is full again, as "1s", "120ms", "6m0s") for each limit set. A request over a
+until it is full again, as "1s", "120ms", "6m0s") for each limit set, unless
+`rate_headers` is off (a gateway that keeps its limits to itself). A request over a
 limit gets 429 `rate_limit_exceeded` (type "requests" or "tokens") with retry-after
 (whole seconds, rounded up) and retry-after-ms (milliseconds, rounded up).
 
@@ -112,6 +113,8 @@ class ServerConfig:
     latency: seconds slept per completion request (outside any lock), to emulate a remote API.
     log_requests: log each request to stderr (BaseHTTPRequestHandler's format); off by default.
     rpm, tpm: requests and tokens per minute accepted on the completion routes; 0 is unlimited.
+    rate_headers: announce the limits in x-ratelimit-* headers (OpenAI does); False: a limit
+        shows only as a 429 with retry-after, as behind a gateway that does not tell.
     fault_rate: probability that a completion request gets a fault instead of its answer.
     faults: the fault kinds drawn, uniformly (see the module docstring).
     fault_seed: seed of the fault draws (the same request sequence gets the same faults).
@@ -132,6 +135,7 @@ class ServerConfig:
     log_requests: bool = False
     rpm: float = 0.0
     tpm: float = 0.0
+    rate_headers: bool = True
     fault_rate: float = 0.0
     faults: tuple[str, ...] = FAULT_KINDS
     fault_seed: int = 0
@@ -445,7 +449,9 @@ class SimulatorServer:
         return headers
 
     def _limit_headers(self, now: float) -> dict[str, str]:
-        """Every limit's x-ratelimit-* headers (call with the gate held)."""
+        """Every limit's x-ratelimit-* headers, none when they are not announced (call with the gate held)."""
+        if not self.config.rate_headers:
+            return {}
         return {name: value for bucket in self._buckets for name, value in bucket.headers(now).items()}
 
     def _completion_request(self, body: Any) -> dict[str, Any]:

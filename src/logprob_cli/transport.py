@@ -6,17 +6,26 @@ HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request
 `RateLimiter`. What happens to an answer:
 
 - 2xx with a body `parse` accepts: returned; the limiter learns from its headers;
-- 429: the limiter pauses everyone for the server's Retry-After and slows down; retried;
+- 429: the limiter learns from it (`RateLimiter.throttled`: it may slow everyone down) and
+  the call waits the server's Retry-After times uniform(1, 1 + 0.2 k) for its k-th 429 (k
+  at most 5), so calls refused together do not all come back at once, then tries again. A 429 is the server asking to wait, not
+  a failure: it does not use up `attempts`. A call is refused for at most `patience`
+  seconds (10 minutes) from its first 429, or asked to wait past that: then the run stops
+  with `EndpointFatal` (every call would be refused alike; the checkpoint keeps what was paid);
 - 408, 409, 5xx, timeouts, dropped or cut connections, bodies that are cut-off JSON or that
   `parse` rejects (ValueError, KeyError, TypeError, IndexError): retried after
-  exponential backoff with full jitter, delay_n = uniform(0, min(cap, base * 2**n));
+  exponential backoff with full jitter: the first retry after uniform(0, first) (an
+  isolated fault costs ~50 ms, not a worker idle for 0.25 s on average), the n-th (n >= 2)
+  after uniform(0, min(cap, base * 2**(n-2))), so a server that keeps failing is still
+  given ~30 s (at most 31.6 s over the default 8 tries) to come back;
 - 401/403/404: `EndpointFatal` at once (every request would fail the same way);
   other 4xx: `EndpointRejected` at once (this request is wrong; retrying will not help);
 - an answer no OpenAI-compatible API gives (a 404, 405 or 501 that is not JSON, a 200 that is an
   HTML page, plain text, or JSON with neither `choices` nor `error`): `EndpointFatal` saying so;
 - a connection that cannot be opened at all: `EndpointFatal` after `connect_attempts`.
-A request still failing after `attempts` tries raises `EndpointError` with the last reason:
-its prompt fails, the run goes on.
+A request still failing after `attempts` tries (429s not counted) raises `EndpointError`
+with the last reason: its prompt fails, the run goes on. Every retry is counted in
+`limiter.retries` (and 429s in `limiter.throttles`) for the progress display.
 Server messages are quoted on one line (at most MESSAGE_CHARS characters); a body that is not a
 JSON error is described ("an HTML page titled '...'") or cut to EXCERPT_CHARS, never printed whole.
 """
@@ -48,23 +57,38 @@ MESSAGE_CHARS = 500  # of a server's own JSON error message
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: `attempts` per request (the first included), backoff `base`..`cap` seconds,
-    `timeout` seconds per attempt, and `connect_attempts` before an unreachable server is fatal."""
+    """How hard to try: `attempts` per request (the first included; 429s are not counted),
+    backoff `first`, then `base`..`cap` seconds, `timeout` seconds per attempt,
+    `connect_attempts` before an unreachable server is fatal, and `patience`: seconds a call
+    may stay rate limited (429s)."""
 
     attempts: int = 8
+    first: float = 0.1
     base: float = 0.5
     cap: float = 30.0
     timeout: float = 60.0
     connect_attempts: int = 3
+    patience: float = 600.0
 
     def backoff(self, failures: int) -> float:
-        return random.uniform(0.0, min(self.cap, self.base * 2 ** (failures - 1)))
+        """Seconds to wait after the `failures`-th failure of a call (module docstring)."""
+        if failures <= 1:
+            return random.uniform(0.0, self.first)
+        return random.uniform(0.0, min(self.cap, self.base * 2 ** (failures - 2)))
 
 
 class _Retry(Exception):
     """One attempt failed in a way worth retrying; `wait` is the server's own ask, if any."""
 
     def __init__(self, reason: str, wait: float | None = None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+class _RateLimited(Exception):
+    """A 429: retry after `wait` seconds (the limiter's reading of the answer)."""
+
+    def __init__(self, reason: str, wait: float):
         super().__init__(reason)
         self.wait = wait
 
@@ -86,7 +110,6 @@ class Transport:
         self._query = f"?{query}" if query else ""
         self.limiter = limiter or RateLimiter()
         self.retry = retry or RetryPolicy()
-        self.retries = 0
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json", **(headers or {})}
         self._proxy = _env_proxy(self.base_url)
         self._session_of_loop: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
@@ -98,10 +121,20 @@ class Transport:
         """
         data = json.dumps(body).encode()
         failures = connect_failures = 0
+        limited_since: float | None = None  # when this call's first 429 came
+        refusals = 0  # this call's 429s
         while True:
             await self.limiter.acquire(tokens)
             try:
                 return await self._attempt(path, data, tokens, parse)
+            except _RateLimited as limited:
+                now = asyncio.get_running_loop().time()
+                limited_since = now if limited_since is None else limited_since
+                self._check_patience(str(limited), limited.wait, now - limited_since)
+                self.limiter.retrying()
+                refusals += 1
+                await asyncio.sleep(max(limited.wait, 0.01) * random.uniform(1.0, 1.0 + 0.2 * min(refusals, 5)))
+                continue
             except _Retry as retry:
                 reason, wait = str(retry), retry.wait
             except aiohttp.ClientConnectorError as err:
@@ -118,8 +151,24 @@ class Transport:
             failures += 1
             if failures >= self.retry.attempts:
                 raise EndpointError(redact(f"{self.base_url} kept failing ({plural(failures, 'try', 'tries')}); last: {reason}"))
-            self.retries += 1
+            self.limiter.retrying()
             await asyncio.sleep(self.retry.backoff(failures) if wait is None else wait)
+
+    @property
+    def retries(self) -> int:
+        """Calls sent again so far (after a 429 or another failure), by every transport sharing the limiter."""
+        return self.limiter.retries
+
+    def _check_patience(self, reason: str, wait: float, limited_for: float) -> None:
+        """Stop the run (EndpointFatal) once a call has been rate limited for `patience` seconds."""
+        if limited_for + wait <= self.retry.patience:
+            return
+        asked = f", and asks to wait {wait:,.0f} s more" if wait > 1 else ""
+        raise EndpointFatal(
+            f"{self.base_url} has refused a call with 429 (rate limited) for {limited_for:,.0f} s{asked}; last: "
+            f"{reason}. The checkpoint keeps every answer so far: run the same command later to resume "
+            "(if you know the endpoint's limits, give them with --rpm / --tpm)."
+        )
 
     async def _attempt(self, path: str, data: bytes, tokens: int, parse: Callable[[Any], T]) -> T:
         async with self._session().post(
@@ -130,8 +179,8 @@ class Transport:
             status = response.status
         if status == 429:
             kind = _error_type(raw)
-            wait = self.limiter.throttled(headers, "tokens" if kind == "tokens" else None)
-            raise _Retry(f"429 rate limited: {_message(raw, status)}", wait)
+            wait = self.limiter.throttled(headers, "tokens" if kind == "tokens" else None, tokens)
+            raise _RateLimited(f"429 rate limited: {_message(raw, status)}", wait)
         if status in RETRYABLE_STATUS:
             raise _Retry(f"{status}: {_message(raw, status)}", retry_after(headers) if status == 503 else None)
         if status >= 400:
