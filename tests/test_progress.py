@@ -74,11 +74,16 @@ def assert_eta_within_twice_the_truth(samples, end: float, total: int) -> int:
 
 
 def test_eta_from_the_call_rate_is_within_twice_the_truth_in_a_real_run(tmp_path):
-    """Prompts finish together at the end, so an ETA from prompts has nothing to go on for most of the run."""
-    recorder = Recorder()
-    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=100_000))  # 15,795 calls: 5-20 s
-    summary = extract_batch(prompts(3), tmp_path / "o.parquet", endpoint, "topk", concurrency=4, progress=recorder)
-    assert summary.finished == 3 and not summary.failures
+    """Prompts finish together at the end, so an ETA from prompts has nothing to go on for most of the run.
+
+    Against a served simulator with a fixed latency per request, so the run's pace is set by the latency
+    (about 8 s) and not by how fast or busy the machine is."""
+    vocab = 5_000
+    with SimulatorServer(ServerConfig(SimulatorConfig(vocab_size=vocab), latency=0.02)) as server:
+        endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{vocab}"), base_url=server.url)
+        recorder = Recorder()
+        summary = extract_batch(prompts(6), tmp_path / "o.parquet", endpoint, "topk", concurrency=4, progress=recorder)
+    assert summary.finished == 6 and not summary.failures
     assert recorder.run.calls_expected == summary.calls and recorder.run.exact, "topk's count is known in advance"
     end = recorder.tally.last_call
     samples = [(t, s.calls, s.eta) for t, s in recorder.snapshots]
@@ -87,15 +92,20 @@ def test_eta_from_the_call_rate_is_within_twice_the_truth_in_a_real_run(tmp_path
 
 
 def test_piped_output_prints_periodic_lines_while_the_run_goes(tmp_path):
-    """Not silent until a group of prompts finishes: a line every 10 s, and its ETA holds too."""
+    """Not silent until a group of prompts finishes: a line every 10 s, and its ETA holds too. The run is
+    paced by a served simulator's latency (about 25 s), so it outlasts one interval on any machine."""
+    vocab = 5_000
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"id": i, "prompt": f"piped prompt {i}"}) + "\n" for i in range(6)))
-    command = [sys.executable, "-m", "logprob_cli.cli", "extract", str(path), "--method", "topk", "-c", "4"]
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "COLUMNS": "200"})
-    lines = [(time.monotonic(), line) for line in child.stderr]
-    ended = time.monotonic()
-    assert child.wait() == 0, "".join(line for _, line in lines)
+    with SimulatorServer(ServerConfig(SimulatorConfig(vocab_size=vocab), latency=0.06)) as server:
+        command = [sys.executable, "-m", "logprob_cli.cli", "extract", str(path), "--method", "topk", "-c", "4",
+                   "--model", "simulator", "--base-url", server.url, "--tokenizer", f"simulator:{vocab}",
+                   "--api-key", "any"]
+        child = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                 env={**os.environ, "COLUMNS": "200"})
+        lines = [(time.monotonic(), line) for line in child.stderr]
+        ended = time.monotonic()
+        assert child.wait() == 0, "".join(line for _, line in lines)
     status = [(t, line) for t, line in lines if re.match(r"\[\d+:\d\d\] calls ", line)]
     parsed = []
     for t, line in status:
