@@ -23,6 +23,7 @@ Plan = Generator[list[Query], list[Answer], "MethodResult"]
 
 FLOAT32_ROUNDOFF = 2.0**-24
 BFLOAT16_ROUNDOFF = 2.0**-9
+DEFAULT_EPS = 1e-3  # bisection's default precision in nats
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Context:
     vocab_size: int
     limits: Limits
     top_k: int = 20
-    eps: float = 1e-3
+    eps: float = DEFAULT_EPS
     withheld: frozenset[int] = frozenset()
 
     @property

@@ -12,8 +12,9 @@ import math
 
 import numpy as np
 
-from ..endpoint import EndpointUnsuitable, Query
+from ..endpoint import EndpointUnsuitable, Limits, Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
+from .spec import MethodSpec, Needs
 from ..wording import plural
 
 
@@ -33,3 +34,15 @@ def plan(ctx: Context) -> Plan:
     precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)
     behaviour = {"top_logprobs_returned": len(answer.top_ids)}
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, behaviour, notes)
+
+
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """One call a prompt."""
+    return 1
+
+
+SPEC = MethodSpec(
+    "direct", plan, help="the whole vocabulary in one call (1 call)", needs=Needs(whole_vocabulary=True),
+    calls=calls, exact_count=True,
+    picked_when="the whole vocabulary comes back in one call (vLLM --max-logprobs -1, llama-server)",
+)

@@ -12,8 +12,9 @@ import math
 
 import numpy as np
 
-from ..endpoint import Query
+from ..endpoint import Limits, Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
+from .spec import MethodSpec, Needs
 from ..wording import plural
 
 
@@ -28,3 +29,14 @@ def plan(ctx: Context) -> Plan:
     else:
         notes = ["the endpoint returned no logprobs (withheld answer): every token is unrecovered, with no bound"]
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
+
+
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """One call a prompt."""
+    return 1
+
+
+SPEC = MethodSpec(
+    "visible", plan, help="the top-k only, the rest bounded (1 call)", needs=Needs(), calls=calls, exact_count=True,
+    picked_when="the bias changes nothing", recovers_all=False,
+)
