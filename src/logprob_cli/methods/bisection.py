@@ -98,7 +98,7 @@ def plan(ctx: Context) -> Plan:
             raise EndpointUnsuitable(
                 f"the top token {top} is one whose answers the endpoint withholds, and the "
                 f"{ctx.limits.bias_entries} bias entries a query may carry leave no room to hold it and its peers "
-                "down: use --method forced or direct"
+                'down: use method="forced" or "direct"'
             )
         top, above = found
     searchable = np.ones(ctx.vocab_size, dtype=bool)

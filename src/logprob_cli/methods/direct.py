@@ -22,7 +22,7 @@ def plan(ctx: Context) -> Plan:
     if ctx.limits.top_logprobs < ctx.vocab_size:
         raise EndpointUnsuitable(
             f"direct needs an endpoint that returns the whole vocabulary ({ctx.vocab_size:,} logprobs) in one call; "
-            f"this one is known to return at most {ctx.limits.top_logprobs}. Use --method auto to probe it."
+            f"this one is known to return at most {ctx.limits.top_logprobs}. Use method=\"auto\" to probe it."
         )
     (answer,) = yield [Query.make(top_logprobs=ctx.vocab_size)]
     logprobs = vector_from(answer, ctx.vocab_size)

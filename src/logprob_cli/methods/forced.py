@@ -44,7 +44,7 @@ def plan(ctx: Context) -> Plan:
     if not first.top_ids:
         raise EndpointUnsuitable(
             "the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy token "
-            "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use --method visible"
+            "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use method=\"visible\""
         )
     big = ctx.bias_max
     if len(first.top_ids) == 1:  # one logprob a call: the check forces the runner-up by pushing the top down
@@ -68,14 +68,14 @@ def plan(ctx: Context) -> Plan:
     if not steers:
         raise EndpointUnsuitable(
             f"forced needs logit_bias to change the generated token, but {tried} did not change it. "
-            "Use --method topk if the returned logprobs move with the bias; otherwise only the top-k "
-            "can be had (--method visible)."
+            'Use method="topk" if the returned logprobs move with the bias; otherwise only the top-k '
+            'can be had (method="visible").'
         )
     if not own:
         shown = "withheld (-9999)" if probe.sampled_logprob is None else f"{probe.sampled_logprob:.4f}"
         raise EndpointUnsuitable(
             f"forced needs the generated token's own unbiased logprob, but {forced} reported {shown}. "
-            "Use --method bisection: the bias does steer sampling."
+            'Use method="bisection": the bias does steer sampling.'
         )
     behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
     logprobs = vector_from(first, ctx.vocab_size)
