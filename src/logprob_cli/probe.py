@@ -26,7 +26,8 @@ simulator's own count.
 A refused or failed request is not an answer. Each property is observed or unknown: booleans
 are None and string properties "unknown" when the probe could not tell, and `unknown` says why
 for each (the request was rejected, failed after its retries, or its answer was withheld). The
-method is the cheapest one whose requirements were observed: the whole vocabulary in one call
+method is the cheapest one whose requirements were observed, by each method's spec (its needs and
+its calls per prompt at the default eps: methods.cheapest): the whole vocabulary in one call
 (`direct`); k-1 new values per call where logprobs are post-bias and k >= 2 (`topk`); one call
 per token where a forced token reports its own pre-bias logprob (`forced`); argmax search where
 the bias steers sampling (`bisection`); else only the top-k (`visible`), and `reasons` say when an

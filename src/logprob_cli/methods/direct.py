@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from ..endpoint import EndpointUnsuitable, Limits, Query
+from ..endpoint import EndpointUnsuitable, Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
-from .spec import MethodSpec, Needs
+from .spec import MethodSpec, Needs, one_call
 from ..wording import plural
 
 
@@ -36,13 +36,8 @@ def plan(ctx: Context) -> Plan:
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, behaviour, notes)
 
 
-def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
-    """One call a prompt."""
-    return 1
-
-
 SPEC = MethodSpec(
     "direct", plan, help="the whole vocabulary in one call (1 call)", needs=Needs(whole_vocabulary=True),
-    calls=calls, exact_count=True,
+    calls=one_call, exact_count=True,
     picked_when="the whole vocabulary comes back in one call (vLLM --max-logprobs -1, llama-server)",
 )

@@ -81,3 +81,8 @@ def at_least_two(method: str, top_k: int) -> None:
     """Raise EndpointUnsuitable where fewer than 2 logprobs a call leave `method` no reference beside a token."""
     if top_k < 2:
         raise EndpointUnsuitable(f"{method} needs at least 2 logprobs per call; this endpoint returns {top_k}")
+
+
+def one_call(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """The call model of a method that asks once a prompt."""
+    return 1

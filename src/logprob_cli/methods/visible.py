@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from ..endpoint import Limits, Query
+from ..endpoint import Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
-from .spec import MethodSpec, Needs
+from .spec import MethodSpec, Needs, one_call
 from ..wording import plural
 
 
@@ -31,12 +31,7 @@ def plan(ctx: Context) -> Plan:
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
 
 
-def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
-    """One call a prompt."""
-    return 1
-
-
 SPEC = MethodSpec(
-    "visible", plan, help="the top-k only, the rest bounded (1 call)", needs=Needs(), calls=calls, exact_count=True,
+    "visible", plan, help="the top-k only, the rest bounded (1 call)", needs=Needs(), calls=one_call, exact_count=True,
     picked_when="the bias changes nothing", recovers_all=False,
 )
