@@ -167,3 +167,10 @@ def test_a_refusal_names_the_method_that_would_work_as_a_setting():
         run_method("topk", config)
     with pytest.raises(EndpointUnsuitable, match='Use method="auto"'):
         run_method("direct", config)
+
+
+def test_auto_rows_leave_out_a_method_the_cap_rules_out():
+    endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=VOCAB, top_logprobs_cap=1))
+    rows = estimate_run([PROMPT], endpoint, "auto")
+    assert [row.method for row in rows] == ["direct", "forced", "bisection", "visible"]
+    assert {row.method: row.calls_per_prompt for row in rows}["forced"] == SPECS["forced"].calls(VOCAB, 1, DEFAULT_EPS, endpoint.limits)
