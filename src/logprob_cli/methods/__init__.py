@@ -1,5 +1,8 @@
 """Extraction methods. Each module's `plan(ctx)` is a generator of query batches (see base.py), and its
-`SPEC` (spec.py) declares what it needs, what it costs and its help line; SPECS collects them."""
+`SPEC` (spec.py) declares what it needs, what it costs and its help line; SPECS collects them.
+
+A new method is one module here with its plan and its SPEC, added to SPECS: `auto` (cheapest),
+`estimate`, the CLI's choices and help, and tests/test_method_specs.py then cover it."""
 
 from __future__ import annotations
 
