@@ -22,7 +22,7 @@ from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
 from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
 from .inputs import InputError, read_prompts, select_shard
 from .journal import JournalError, Refused
-from .methods import METHODS
+from .methods import METHODS, SPECS
 from .output import render_inspect
 from .prices import parse_price, price_for
 from .progress import PlainProgress, RichProgress
@@ -76,11 +76,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 Method = enum.Enum("Method", {"auto": "auto", **{name: name for name in METHODS}}, type=str)
-METHOD_HELP = (
-    "auto: probe the endpoint and use the cheapest valid method. direct: the whole vocabulary in one call. "
-    "topk: k-1 tokens per call against a reference token. exact: k per call via the group normalizer where float32 "
-    "allows. forced: one call per token (pre-bias logprobs, bias steers sampling). bisection: argmax-only search. "
-    "visible: the top-k only, the rest bounded."
+METHOD_HELP = "auto: probe the endpoint and use the cheapest valid method. " + " ".join(
+    f"{spec.name}: {spec.help}." for spec in SPECS.values()
 )
 Api = enum.Enum("Api", {"chat": "chat", "completions": "completions"}, type=str)
 SIM_HELP = (

@@ -1,24 +1,9 @@
 """What a run will spend, before a call is spent: calls, prompt and completion tokens, US$, time.
 
-Calls per prompt (V = vocabulary, k = logprobs per call after the endpoint's cap, M = bias
-entries per call), as each method's code spends them on a fresh checkpoint:
-
-    direct, visible   1
-    topk              2 + ceil((V - k) / (k - 1))             the 2-call check, then k-1 new tokens a call
-    exact             2 + G + ceil(G / (k - 1)),  G = ceil((V - k) / k)
-                      (float32 engines: every group is anchored through its leader beside the
-                      reference token; an engine whose group normalizers resolve needs fewer)
-    forced            1 + min(k, 3) + (V - k)                 top-k, the forcing check, one call a token
-    bisection         2 + 75 + V (0.76 + r(M) (0.50 + 0.182 ln(1/eps))),  r(M) = ln(150) / ln(M/2)
-
-topk, exact and forced count exactly what the simulator spends when every token lies within
-the bias limit of the top (true at OpenAI's 100); a token beyond it is retried, up to 3 more
-rounds. The bisection line is a fit to measured runs on the float32 simulator (V 300 to
-100,000, eps 1e-1 to 1e-5, M 30 to 1,000: every run within 4%): every token must win one call
-to get a lower bound (one winner a call: the 0.76), the rest shrinks brackets by the
-information a call carries, ~ln(M/2) nats (r(M) = 1 at M = 300), and the last rounds of
-nearly empty queries cost ~75 calls. A model whose logits spread otherwise than the
-simulator's will differ somewhat.
+Calls per prompt: each method's spec (methods/spec.py; `calls` in the method's own module) says
+what one prompt costs on a fresh checkpoint, and whether that count is exact on the simulator
+(topk, exact, forced: a token beyond the bias limit of the top is retried) or a fit (bisection,
+within 10%). The probe's recommendation and `--method`'s help read the same specs.
 
 Per run: 2 calls checking the token mapping on OpenAI-compatible endpoints, and for `auto`
 the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and as
@@ -44,7 +29,8 @@ from typing import Any, Callable
 from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
 from .prices import Price
 from .vocabulary import tiktoken_encoding
-from .probe import ProbeReport, expected_calls
+from .methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
+from .probe import MAX_TOP_K, ProbeReport, expected_calls
 from .simulator import SimulatedEndpoint
 
 MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
@@ -52,22 +38,6 @@ MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
 # `python benchmarks/simulator_latency.py` measured 0.17-0.7 ms beside the answer itself on the 2-core CI box.
 IN_PROCESS_BOOKKEEPING = 0.4e-3
 LATENCY_SAMPLES = 100
-BISECTION_ENDGAME_CALLS = 75
-BISECTION_WIN_PER_TOKEN = 0.76
-BISECTION_BASE_PER_TOKEN = 0.50
-BISECTION_PER_NAT = 0.182
-BISECTION_FIT_ENTRIES = 300
-
-# When the probe picks each method (probe._recommend), for `auto` on endpoints it may not probe for free.
-CONDITIONS = {
-    "direct": "the whole vocabulary comes back in one call (vLLM --max-logprobs -1, llama-server)",
-    "topk": "returned logprobs move with the bias",
-    "forced": "logprobs are pre-bias, the bias steers sampling and a forced token reports its own logprob "
-    "(llama-server, vLLM)",
-    "bisection": "logprobs are pre-bias, the bias steers sampling, a forced token's own logprob is withheld "
-    "(OpenAI's -9999)",
-    "visible": "the bias changes nothing",
-}
 
 
 @dataclass(frozen=True)
@@ -98,25 +68,13 @@ class Estimate:
         return {**asdict(self), "calls": self.calls}
 
 
-def calls_per_prompt(method: str, vocab_size: int, top_k: int, eps: float = 1e-3, limits: Limits = Limits()) -> int:
-    """Calls one prompt costs with `method` (module docstring); top_k is already capped by the endpoint."""
-    v, k = vocab_size, top_k
-    if method in ("topk", "exact") and k < 2:
-        raise EndpointUnsuitable(f"{method} needs at least 2 logprobs per call; this endpoint returns {k}")
-    if method in ("direct", "visible"):
-        return 1
-    if method == "topk":
-        return 2 + math.ceil((v - k) / (k - 1))
-    if method == "exact":
-        groups = math.ceil((v - k) / k)
-        return 2 + groups + math.ceil(groups / (k - 1))
-    if method == "forced":
-        return 1 + min(k, 3) + v - k
-    if method == "bisection":
-        info = math.log(BISECTION_FIT_ENTRIES / 2) / math.log(limits.bias_entries / 2)
-        per_token = BISECTION_WIN_PER_TOKEN + info * (BISECTION_BASE_PER_TOKEN + BISECTION_PER_NAT * math.log(1 / eps))
-        return 2 + BISECTION_ENDGAME_CALLS + math.ceil(v * per_token)
-    raise ValueError(f"unknown method {method!r}")
+def calls_per_prompt(method: str, vocab_size: int, top_k: int, eps: float = DEFAULT_EPS, limits: Limits = Limits()) -> int:
+    """Calls one prompt costs with `method` (its spec's `calls`); top_k is already capped by the endpoint.
+
+    Raises EndpointUnsuitable for topk and exact below 2 logprobs a call, ValueError for an unknown method."""
+    if method not in SPECS:
+        raise ValueError(f"unknown method {method!r}")
+    return SPECS[method].calls(vocab_size, top_k, eps, limits)
 
 
 def probe_calls(report: ProbeReport) -> int:
@@ -222,15 +180,27 @@ def estimate_run(
         return [row(report.recommended, report.limits(), check + probe_calls(report))]
     found = endpoint.limits.top_logprobs  # the probe learns the cap; where it is the vocabulary, auto picks direct
     rows = []
-    for name, condition in CONDITIONS.items():
-        expected = ProbeReport(
-            top_logprobs_cap=vocab if name == "direct" else found,
-            bias_steers_sampling=name != "visible",
-            bias_above_100="rejected",
-            bias_entries_over_300="rejected",
-        )
-        rows.append(row(name, expected.limits(), check + probe_calls(expected), condition))
+    for spec in SPECS.values():
+        expected = _picking(spec, vocab, found)
+        if spec.picked_when and cheapest(expected, vocab, min(found, MAX_TOP_K), expected.limits(), eps) is spec:
+            rows.append(row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when))
     return rows
+
+
+def _picking(spec: MethodSpec, vocab: int, found: int) -> ProbeReport:
+    """The probe's report on an endpoint that meets exactly what `spec` needs, its cap `found` (the vocabulary
+    where the spec needs it): the bias steers sampling where the method recovers every token and changes
+    nothing otherwise, both limit tests rejected (as on OpenAI)."""
+    needs = spec.needs
+    return ProbeReport(
+        top_logprobs_cap=vocab if needs.whole_vocabulary else found,
+        whole_vocabulary=needs.whole_vocabulary,
+        bias_steers_sampling=spec.recovers_all,
+        logprobs_after_bias=needs.logprobs_after_bias,
+        forced_logprob="reported" if needs.forced_logprob_reported else "sentinel",
+        bias_above_100="rejected",
+        bias_entries_over_300="rejected",
+    )
 
 
 def simulator_latency(endpoint: SimulatedEndpoint, prompt: Prompt, top_k: int) -> float:

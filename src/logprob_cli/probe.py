@@ -26,7 +26,8 @@ simulator's own count.
 A refused or failed request is not an answer. Each property is observed or unknown: booleans
 are None and string properties "unknown" when the probe could not tell, and `unknown` says why
 for each (the request was rejected, failed after its retries, or its answer was withheld). The
-method is the cheapest one whose requirements were observed: the whole vocabulary in one call
+method is the cheapest one whose requirements were observed, by each method's spec (its needs and
+its calls per prompt at the default eps: methods.cheapest): the whole vocabulary in one call
 (`direct`); k-1 new values per call where logprobs are post-bias and k >= 2 (`topk`); one call
 per token where a forced token reports its own pre-bias logprob (`forced`); argmax search where
 the bias steers sampling (`bisection`); else only the top-k (`visible`), and `reasons` say when an
@@ -38,15 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query
+from .methods import DEFAULT_EPS, cheapest
 from .methods.base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
-BISECTION_CALLS_PER_TOKEN = 2.5  # benchmarks/calls_per_prompt.py at eps 1e-3 (README); for the estimate only
 MAX_TOP_K = 20  # the most logprobs a measurement asks for (OpenAI's cap)
 CAP_STEPS = (20, 10, 5, 2, 1)  # asks after the whole vocabulary, where a refusal names no cap
 TOGETHER = 4  # calls sent at once to see whether a batching server answers them as it does one alone
@@ -301,38 +301,12 @@ def _forced_kind(report: ProbeReport, value: float | None, ceiling: float) -> st
 
 
 def _recommend(report: ProbeReport, vocab: int) -> None:
-    """The cheapest method whose requirements were observed, with the reasons (module docstring)."""
-    k = min(report.top_logprobs_cap, MAX_TOP_K)
-    steers, post_bias = report.bias_steers_sampling, report.logprobs_after_bias
-    if report.whole_vocabulary:
-        report.recommended, report.estimated_calls = "direct", 1
-        report.reasons.append("the whole vocabulary comes back in one call")
-    elif post_bias and k >= 2:
-        report.recommended, report.estimated_calls = "topk", math.ceil((vocab - k) / (k - 1)) + 2
-        report.reasons.append("returned logprobs move with the bias")
-    elif steers and report.forced_logprob == "reported":
-        report.recommended, report.estimated_calls = "forced", vocab - k + 2
-        report.reasons.append("a forced token reports its own unbiased logprob")
-    elif steers:
-        report.recommended = "bisection"
-        report.estimated_calls = math.ceil(BISECTION_CALLS_PER_TOKEN * vocab)
-        why = {"sentinel": "withheld (-9999)", "wrong": "not its unbiased value", "unknown": "unknown"}
-        if post_bias:
-            report.reasons.append("the bias steers sampling; logprobs move with it, but one a call is too few for topk")
-        else:
-            shown = why.get(report.forced_logprob, "not reported")
-            report.reasons.append(f"the bias steers sampling but logprobs are pre-bias and a forced token's own is {shown}")
-    else:
-        report.recommended, report.estimated_calls = "visible", 1
-        if steers is None:
-            report.reasons.append(
-                "could not tell what the bias does, so visible is the best method whose requirements were observed: "
-                "run `logprobs probe` again, or choose --method by hand"
-            )
-        elif post_bias:
-            report.reasons.append("the bias moves the one logprob returned but not the generated token: no method reads past it")
-        else:
-            report.reasons.append("the bias changes nothing: only the top-k can be learned, the rest is bounded")
+    """The cheapest method whose requirements were observed (methods.cheapest, over the methods' specs),
+    its calls per prompt by its spec at the default eps, and the reasons (module docstring)."""
+    k, limits = min(report.top_logprobs_cap, MAX_TOP_K), report.limits()
+    spec = cheapest(report, vocab, k, limits)
+    report.recommended, report.estimated_calls = spec.name, spec.calls(vocab, k, DEFAULT_EPS, limits)
+    report.reasons.append(_why_picked(report))
     for name, why in report.unknown.items():
         report.reasons.append(f"could not tell {name.replace('_', ' ')}: {why}")
     if report.deterministic is False:
@@ -344,6 +318,31 @@ def _recommend(report: ProbeReport, vocab: int) -> None:
         )
     if "strings" in report.identity:
         report.reasons.append("tokens come back as strings only: distinct tokens with the same string merge")
+
+
+def _why_picked(report: ProbeReport) -> str:
+    """Why the probe's observations led to `report.recommended`."""
+    steers, post_bias, name = report.bias_steers_sampling, report.logprobs_after_bias, report.recommended
+    if name == "direct":
+        return "the whole vocabulary comes back in one call"
+    if name == "topk":
+        return "returned logprobs move with the bias"
+    if name == "forced":
+        return "a forced token reports its own unbiased logprob"
+    if name == "bisection" and post_bias:
+        return "the bias steers sampling; logprobs move with it, but one a call is too few for topk"
+    if name == "bisection":
+        why = {"sentinel": "withheld (-9999)", "wrong": "not its unbiased value", "unknown": "unknown"}
+        shown = why.get(report.forced_logprob, "not reported")
+        return f"the bias steers sampling but logprobs are pre-bias and a forced token's own is {shown}"
+    if steers is None:
+        return (
+            "could not tell what the bias does, so visible is the best method whose requirements were observed: "
+            "run `logprobs probe` again, or choose --method by hand"
+        )
+    if post_bias:
+        return "the bias moves the one logprob returned but not the generated token: no method reads past it"
+    return "the bias changes nothing: only the top-k can be learned, the rest is bounded"
 
 
 def expected_calls(report: ProbeReport) -> int:

@@ -1,21 +1,30 @@
-"""Extraction methods. Each module's `plan(ctx)` is a generator of query batches (see base.py)."""
+"""Extraction methods. Each module's `plan(ctx)` is a generator of query batches (see base.py), and its
+`SPEC` (spec.py) declares what it needs, what it costs and its help line; SPECS collects them.
+
+A new method is one module here with its plan and its SPEC, added to SPECS: `auto` (cheapest),
+`estimate`, the CLI's choices and help, and tests/test_method_specs.py then cover it."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from ..endpoint import Answer, Query
+from ..endpoint import Answer, Limits, Query
 from . import bisection, direct, exact, forced, topk, visible
-from .base import Context, MethodResult, Plan
+from .base import DEFAULT_EPS, Context, MethodResult, Plan
+from .spec import MethodSpec, Needs, Observations
 
-METHODS: dict[str, Callable[[Context], Plan]] = {
-    "bisection": bisection.plan,
-    "exact": exact.plan,
-    "topk": topk.plan,
-    "direct": direct.plan,
-    "forced": forced.plan,
-    "visible": visible.plan,
+# In the README's order, cheapest first where several fit: a tie goes to the earlier (topk before exact).
+SPECS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (direct.SPEC, topk.SPEC, exact.SPEC, forced.SPEC, bisection.SPEC, visible.SPEC)
 }
+METHODS: dict[str, Callable[[Context], Plan]] = {name: spec.plan for name, spec in SPECS.items()}
+
+
+def cheapest(observed: Observations, vocab_size: int, top_k: int, limits: Limits, eps: float = DEFAULT_EPS) -> MethodSpec:
+    """The method `auto` runs: of those whose needs were observed, the cheapest that recovers every token
+    (by spec.calls, ties to the earlier in SPECS), else the cheapest of the rest (visible needs nothing)."""
+    usable = [spec for spec in SPECS.values() if spec.needs.met_by(observed)]
+    return min(usable, key=lambda spec: (not spec.recovers_all, spec.calls(vocab_size, top_k, eps, limits)))
 
 
 def drive(plan: Plan, answer: Callable[[Query], Answer]) -> tuple[MethodResult, int]:
@@ -31,4 +40,4 @@ def drive(plan: Plan, answer: Callable[[Query], Answer]) -> tuple[MethodResult, 
             return stop.value, calls
 
 
-__all__ = ["METHODS", "Context", "MethodResult", "Plan", "drive"]
+__all__ = ["DEFAULT_EPS", "METHODS", "SPECS", "Context", "MethodResult", "MethodSpec", "Needs", "Observations", "Plan", "cheapest", "drive"]

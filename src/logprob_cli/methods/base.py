@@ -23,6 +23,7 @@ Plan = Generator[list[Query], list[Answer], "MethodResult"]
 
 FLOAT32_ROUNDOFF = 2.0**-24
 BFLOAT16_ROUNDOFF = 2.0**-9
+DEFAULT_EPS = 1e-3  # bisection's default precision in nats
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Context:
     vocab_size: int
     limits: Limits
     top_k: int = 20
-    eps: float = 1e-3
+    eps: float = DEFAULT_EPS
     withheld: frozenset[int] = frozenset()
 
     @property
@@ -129,11 +130,11 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
         raise EndpointUnsuitable(
             f"the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy "
             f"token ends in an incomplete UTF-8 sequence and it cannot list such tokens), so {method} cannot start: "
-            "use --method visible, or direct if the server returns the whole vocabulary"
+            'use method="visible", or "direct" if the server returns the whole vocabulary'
         )
     least = 2 if needs == "post_bias" else 1
     if len(first.top_ids) < least:
-        hint = "try --method auto" if len(first.top_ids) == 1 else "check that the endpoint supports top_logprobs"
+        hint = 'try method="auto"' if len(first.top_ids) == 1 else "check that the endpoint supports top_logprobs"
         raise EndpointUnsuitable(
             f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; {method} needs at least "
             f"{least} ({hint})"
@@ -156,7 +157,7 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
     found.update(bias_steers_sampling=steers, logprobs_after_bias=moved)
     if needs == "post_bias" and not moved:
         if steers:
-            alternative = "Use --method bisection: the bias does steer which token is generated."
+            alternative = 'Use method="bisection": the bias does steer which token is generated.'
         else:
             alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
         raise EndpointUnsuitable(
@@ -165,7 +166,7 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
         )
     if needs == "steers" and not steers:
         if moved:
-            alternative = "Use --method topk or --method exact: the returned logprobs do move with the bias."
+            alternative = 'Use method="topk" or "exact": the returned logprobs do move with the bias.'
         else:
             alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
         raise EndpointUnsuitable(

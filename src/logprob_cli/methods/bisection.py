@@ -75,8 +75,9 @@ from typing import Generator
 
 import numpy as np
 
-from ..endpoint import Answer, EndpointUnsuitable, Query
+from ..endpoint import Answer, EndpointUnsuitable, Limits, Query
 from .base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
+from .spec import MethodSpec, Needs
 from ..wording import plural
 
 LAMBDA = 2.0  # expected number of tokens per query above their threshold
@@ -97,7 +98,7 @@ def plan(ctx: Context) -> Plan:
             raise EndpointUnsuitable(
                 f"the top token {top} is one whose answers the endpoint withholds, and the "
                 f"{ctx.limits.bias_entries} bias entries a query may carry leave no room to hold it and its peers "
-                "down: use --method forced or direct"
+                'down: use method="forced" or "direct"'
             )
         top, above = found
     searchable = np.ones(ctx.vocab_size, dtype=bool)
@@ -254,3 +255,32 @@ def _result(lo, hi, top: int, big: float, eps: float, behaviour: dict, counts: d
 def _logsumexp(x: np.ndarray) -> float:
     m = float(x.max())
     return m + math.log(float(np.exp(x - m).sum()))
+
+
+# calls(): a fit to measured runs on the float32 simulator (module docstring of `calls`).
+ENDGAME_CALLS = 75
+WIN_PER_TOKEN = 0.76
+BASE_PER_TOKEN = 0.50
+PER_NAT = 0.182
+FIT_ENTRIES = 300
+
+
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """2 + 75 + V (0.76 + r(M) (0.50 + 0.182 ln(1/eps))), r(M) = ln(150) / ln(M/2), M = bias entries a call.
+
+    A fit to measured runs on the float32 simulator (V 300 to 100,000, eps 1e-1 to 1e-5, M 30 to 1,000:
+    every run within 4%): every token must win one call to get a lower bound (one winner a call: the
+    0.76), the rest shrinks brackets by the information a call carries, ~ln(M/2) nats (r(M) = 1 at
+    M = 300), and the last rounds of nearly empty queries cost ~75 calls. A model whose logits spread
+    otherwise than the simulator's will differ somewhat."""
+    info = math.log(FIT_ENTRIES / 2) / math.log(limits.bias_entries / 2)
+    per_token = WIN_PER_TOKEN + info * (BASE_PER_TOKEN + PER_NAT * math.log(1 / eps))
+    return 2 + ENDGAME_CALLS + math.ceil(vocab_size * per_token)
+
+
+SPEC = MethodSpec(
+    "bisection", plan, help="argmax-only search (~2.5 V calls at eps 1e-3, 2.1 V at 1e-2)",
+    needs=Needs(bias_steers_sampling=True), calls=calls, exact_count=False,
+    picked_when="logprobs are pre-bias, the bias steers sampling, a forced token's own logprob is withheld "
+    "(OpenAI's -9999)",
+)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..endpoint import EndpointUnsuitable, Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
+from .spec import MethodSpec, Needs, one_call
 from ..wording import plural
 
 
@@ -21,7 +22,7 @@ def plan(ctx: Context) -> Plan:
     if ctx.limits.top_logprobs < ctx.vocab_size:
         raise EndpointUnsuitable(
             f"direct needs an endpoint that returns the whole vocabulary ({ctx.vocab_size:,} logprobs) in one call; "
-            f"this one is known to return at most {ctx.limits.top_logprobs}. Use --method auto to probe it."
+            f"this one is known to return at most {ctx.limits.top_logprobs}. Use method=\"auto\" to probe it."
         )
     (answer,) = yield [Query.make(top_logprobs=ctx.vocab_size)]
     logprobs = vector_from(answer, ctx.vocab_size)
@@ -33,3 +34,10 @@ def plan(ctx: Context) -> Plan:
     precision = 2 * roundoff(answer.top_logprobs) * max((abs(v) for v in answer.top_logprobs), default=0.0)
     behaviour = {"top_logprobs_returned": len(answer.top_ids)}
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, behaviour, notes)
+
+
+SPEC = MethodSpec(
+    "direct", plan, help="the whole vocabulary in one call (1 call)", needs=Needs(whole_vocabulary=True),
+    calls=one_call, exact_count=True,
+    picked_when="the whole vocabulary comes back in one call (vLLM --max-logprobs -1, llama-server)",
+)

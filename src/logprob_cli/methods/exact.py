@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..endpoint import Query
+from ..endpoint import Limits, Query
 from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from .spec import MethodSpec, Needs, at_least_two
 from .topk import reference_rounds
 from ..wording import plural
 
@@ -111,3 +112,19 @@ def plan(ctx: Context) -> Plan:
     return MethodResult(
         logprobs, {int(i): bounds.get(int(i), math.nan) for i in missing_ids}, max(errors), behaviour, notes
     )
+
+
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """2 + G + ceil(G / (k - 1)), G = ceil((V - k) / k): the check, one call a group, and each group
+    anchored through its leader beside the reference token, k-1 leaders a call. Exact on float32 engines,
+    where no group's normalizer resolves (an engine whose normalizers resolve needs fewer), and where every
+    token lies within the bias limit of the top. Raises EndpointUnsuitable for k < 2."""
+    at_least_two("exact", top_k)
+    groups = math.ceil((vocab_size - top_k) / top_k)
+    return 2 + groups + math.ceil(groups / (top_k - 1))
+
+
+SPEC = MethodSpec(
+    "exact", plan, help="k per call via the group normalizer where float32 allows (ideal V/k calls; as topk on float32 engines)",
+    needs=Needs(logprobs_after_bias=True, min_top_k=2), calls=calls, exact_count=True,
+)

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..endpoint import EndpointUnsuitable, Query
+from ..endpoint import EndpointUnsuitable, Limits, Query
 from . import bisection
 from .base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
+from .spec import MethodSpec, Needs
 from ..wording import plural
 
 
@@ -43,7 +44,7 @@ def plan(ctx: Context) -> Plan:
     if not first.top_ids:
         raise EndpointUnsuitable(
             "the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy token "
-            "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use --method visible"
+            "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use method=\"visible\""
         )
     big = ctx.bias_max
     if len(first.top_ids) == 1:  # one logprob a call: the check forces the runner-up by pushing the top down
@@ -67,14 +68,14 @@ def plan(ctx: Context) -> Plan:
     if not steers:
         raise EndpointUnsuitable(
             f"forced needs logit_bias to change the generated token, but {tried} did not change it. "
-            "Use --method topk if the returned logprobs move with the bias; otherwise only the top-k "
-            "can be had (--method visible)."
+            'Use method="topk" if the returned logprobs move with the bias; otherwise only the top-k '
+            'can be had (method="visible").'
         )
     if not own:
         shown = "withheld (-9999)" if probe.sampled_logprob is None else f"{probe.sampled_logprob:.4f}"
         raise EndpointUnsuitable(
             f"forced needs the generated token's own unbiased logprob, but {forced} reported {shown}. "
-            "Use --method bisection: the bias does steer sampling."
+            'Use method="bisection": the bias does steer sampling.'
         )
     behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
     logprobs = vector_from(first, ctx.vocab_size)
@@ -138,3 +139,18 @@ def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray
     if resolved.size:
         precision += float((hi[resolved] - lo[resolved]).max()) / 2
     return precision
+
+
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """1 + min(k, 3) + (V - k): the top-k, the forcing check (up to 3 candidates at once, 1 call at k = 1),
+    then one call a token outside the top-k. Exact where the endpoint withholds no answer (each held token
+    is searched by bisection, ~18 calls) and every token lies within the bias limit of the top."""
+    return 1 + min(top_k, 3) + vocab_size - top_k
+
+
+SPEC = MethodSpec(
+    "forced", plan, help="one call per token: pre-bias logprobs, bias steers sampling (V-k+4 calls)",
+    needs=Needs(bias_steers_sampling=True, forced_logprob_reported=True), calls=calls, exact_count=True,
+    picked_when="logprobs are pre-bias, the bias steers sampling and a forced token reports its own logprob "
+    "(llama-server, vLLM)",
+)

@@ -26,8 +26,9 @@ import numpy as np
 
 from typing import Generator
 
-from ..endpoint import Answer, Query
+from ..endpoint import Answer, Limits, Query
 from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from .spec import MethodSpec, Needs, at_least_two
 from ..wording import plural
 
 RETRY_ROUNDS = 3
@@ -90,3 +91,18 @@ def reference_rounds(
             pushed.update(j for j in answer.top_ids if j not in group and j != ref)
         pending = missing
     return {i: bounds.get(i, math.nan) for i in pending}
+
+
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """2 + ceil((V - k) / (k - 1)): the 2-call check, then k-1 new tokens a call. Exact where every token
+    lies within the bias limit of the top (true at OpenAI's 100); one beyond it is retried, up to
+    RETRY_ROUNDS more rounds. Raises EndpointUnsuitable for k < 2."""
+    at_least_two("topk", top_k)
+    return 2 + math.ceil((vocab_size - top_k) / (top_k - 1))
+
+
+SPEC = MethodSpec(
+    "topk", plan, help="k-1 tokens per call against a reference token (2 + (V-k)/(k-1) calls)",
+    needs=Needs(logprobs_after_bias=True, min_top_k=2), calls=calls, exact_count=True,
+    picked_when="returned logprobs move with the bias",
+)

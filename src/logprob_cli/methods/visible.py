@@ -14,6 +14,7 @@ import numpy as np
 
 from ..endpoint import Query
 from .base import Context, MethodResult, Plan, roundoff, vector_from
+from .spec import MethodSpec, Needs, one_call
 from ..wording import plural
 
 
@@ -28,3 +29,9 @@ def plan(ctx: Context) -> Plan:
     else:
         notes = ["the endpoint returned no logprobs (withheld answer): every token is unrecovered, with no bound"]
     return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
+
+
+SPEC = MethodSpec(
+    "visible", plan, help="the top-k only, the rest bounded (1 call)", needs=Needs(), calls=one_call, exact_count=True,
+    picked_when="the bias changes nothing", recovers_all=False,
+)

@@ -1,0 +1,88 @@
+"""What a method declares about itself, once: `MethodSpec`, read by the probe's recommendation,
+`estimate` and the CLI's `--method` help.
+
+Each method module ends with `SPEC = MethodSpec(...)`; methods/__init__.py collects them in SPECS.
+A spec says what the method needs from the endpoint (`Needs`, over the properties the probe
+observes), what one prompt costs (`calls`), whether that count is exact or a fitted estimate,
+and one help line. Nothing else keeps a copy of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from ..endpoint import EndpointUnsuitable, Limits
+from .base import Context, Plan
+
+CallModel = Callable[[int, int, float, Limits], int]
+
+
+class Observations(Protocol):
+    """The endpoint properties a method may need, as the probe observes them (probe.ProbeReport has
+    them): None, or "unknown", where the probe could not tell, which meets no need."""
+
+    top_logprobs_cap: int
+    whole_vocabulary: bool
+    bias_steers_sampling: bool | None
+    logprobs_after_bias: bool | None
+    forced_logprob: str
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the endpoint; each True field must have been observed True.
+
+    forced_logprob_reported: a token forced by the bias reports its own unbiased logprob.
+    min_top_k: the fewest logprobs a call must return.
+    """
+
+    whole_vocabulary: bool = False
+    bias_steers_sampling: bool = False
+    logprobs_after_bias: bool = False
+    forced_logprob_reported: bool = False
+    min_top_k: int = 1
+
+    def met_by(self, observed: Observations) -> bool:
+        """Whether every need was observed (an unknown property meets none)."""
+        return (
+            observed.top_logprobs_cap >= self.min_top_k
+            and (observed.whole_vocabulary or not self.whole_vocabulary)
+            and (observed.bias_steers_sampling is True or not self.bias_steers_sampling)
+            and (observed.logprobs_after_bias is True or not self.logprobs_after_bias)
+            and (observed.forced_logprob == "reported" or not self.forced_logprob_reported)
+        )
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One extraction method, declared next to its plan.
+
+    name: what `method=` names it. plan: its plan (base.py). help: one line for `--method`'s help,
+    with its cost in calls. needs: what it needs from the endpoint. picked_when: the observations
+    under which the probe picks it, in words, shown by `estimate` for `auto` (empty: a cheaper
+    method with the same needs is always picked instead). calls(vocab_size, top_k, eps, limits):
+    the calls one prompt costs on a fresh checkpoint, top_k already capped by the endpoint.
+    exact_count: calls() is what the simulator spends to the call (else a fit, within 10%).
+    recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
+    """
+
+    name: str
+    plan: Callable[[Context], Plan]
+    help: str
+    needs: Needs
+    calls: CallModel
+    exact_count: bool
+    picked_when: str = ""
+    recovers_all: bool = True
+
+
+def at_least_two(method: str, top_k: int) -> None:
+    """Raise EndpointUnsuitable where fewer than 2 logprobs a call leave `method` no reference beside a token."""
+    if top_k < 2:
+        raise EndpointUnsuitable(f"{method} needs at least 2 logprobs per call; this endpoint returns {top_k}")
+
+
+def one_call(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+    """The call model of a method that asks once a prompt."""
+    return 1
