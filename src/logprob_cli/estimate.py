@@ -20,15 +20,16 @@ information a call carries, ~ln(M/2) nats (r(M) = 1 at M = 300), and the last ro
 nearly empty queries cost ~75 calls. A model whose logits spread otherwise than the
 simulator's will differ somewhat.
 
-Per run: the endpoint's `mapping_check_calls` (2 on OpenAI-compatible endpoints), and for `auto`
-the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and as
---max-calls counts them: the requests the endpoint rejects (the probe's asks above the top-k
+Per run: the endpoint's `mapping_check_calls` (2 on OpenAI-compatible endpoints), and for
+`auto` the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and
+as --max-calls counts them: the requests the endpoint rejects (the probe's asks above the top-k
 cap and its limit tests) are not. Every call sends the prompt again and generates one token.
-Prompt tokens per call (the endpoint's `count_prompt_tokens`): counted with the tiktoken encoding when the vocabulary is one, with
-OpenAI's chat framing (3 tokens a message, its fields' tokens, 3 more for the reply);
-otherwise about 4 bytes a token of the JSON sent (approximate; the built-in simulator bills
-exactly this when served). Time = calls / rate, rate = min(concurrency / latency, rpm / 60,
-tpm / 60 / tokens per call) calls a second (an endpoint that takes `one_call_at_a_time`, as llama-server, at concurrency 1). The
+Prompt tokens per call are the endpoint's `count_prompt_tokens`: counted with the tiktoken
+encoding when the vocabulary is one, with OpenAI's chat framing (3 tokens a message, its fields'
+tokens, 3 more for the reply); otherwise about 4 bytes a token of the JSON sent (approximate;
+the built-in simulator bills exactly this when served). Time = calls / rate, rate =
+min(concurrency / latency, rpm / 60, tpm / 60 / tokens per call) calls a second, at concurrency 1
+where the endpoint takes `one_call_at_a_time` (llama-server). The
 built-in simulator runs in-process and answers one call at a time too: its latency is timed
 on this machine (`simulator_latency`), not assumed.
 """
