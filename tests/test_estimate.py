@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from logprob_cli.cli import app
 from logprob_cli.endpoint import EndpointUnsuitable, Prompt
-from logprob_cli.estimate import duration, estimate_run, token_counter
+from logprob_cli.estimate import duration, estimate_run
 from logprob_cli.openai_endpoint import OpenAIEndpoint
 from logprob_cli.prices import Price, parse_price, price_for
 from logprob_cli.probe import probe
@@ -116,7 +116,7 @@ def test_served_simulator_calls_and_billed_tokens(tmp_path, method, switches):
 def test_tiktoken_vocabularies_count_chat_tokens_with_openai_framing():
     encoding = tiktoken_encoding("o200k_base")
     chat = OpenAIEndpoint("gpt-4o", load_vocabulary("o200k_base"), system="You are terse.")
-    count, counted = token_counter(chat)
+    count, counted = chat.count_prompt_tokens, chat.prompt_tokens_counted
     plain = Prompt(id=0, line=1, prompt="The capital of France is")
     messages = Prompt(id=1, line=2, messages=[{"role": "user", "content": "Name a prime between 10 and 20."}])
 
@@ -126,7 +126,7 @@ def test_tiktoken_vocabularies_count_chat_tokens_with_openai_framing():
     assert counted
     assert count(plain) == framed(("system", "You are terse."), ("user", "The capital of France is"))
     assert count(messages) == framed(("user", "Name a prime between 10 and 20."))
-    legacy, _ = token_counter(OpenAIEndpoint("davinci-002", load_vocabulary("cl100k_base"), api="completions"))
+    legacy = OpenAIEndpoint("davinci-002", load_vocabulary("cl100k_base"), api="completions").count_prompt_tokens
     assert legacy(plain) == len(tiktoken_encoding("cl100k_base").encode("The capital of France is"))
     with pytest.raises(ValueError, match="--api chat"):
         legacy(messages)

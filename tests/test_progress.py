@@ -18,7 +18,7 @@ from rich.console import Console
 from logprob_cli.endpoint import Prompt
 from logprob_cli.openai_endpoint import OpenAIEndpoint
 from logprob_cli.progress import (
-    PlainProgress, Pressure, RichProgress, RunStart, Tally, _Display, plain_line, pressure_source,
+    PlainProgress, Pressure, RichProgress, RunStart, Tally, _Display, plain_line,
 )
 from logprob_cli.ratelimit import RateLimiter
 from logprob_cli.runner import extract_batch
@@ -221,7 +221,7 @@ def test_retries_429s_and_the_rate_limit_of_an_http_endpoint_are_read(tmp_path):
     assert injected > 0
     assert pressure.throttles == injected and pressure.retries >= injected
     assert pressure.rpm is not None and pressure.rpm <= 60_000
-    assert pressure_source(SimulatedEndpoint()) is None, "the simulator has no retries to show"
+    assert SimulatedEndpoint().pressure() is None, "the simulator has no retries to show"
 
 
 def test_plain_progress_prints_at_start_on_its_interval_and_at_the_end():

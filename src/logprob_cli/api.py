@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .budget import MeteredEndpoint, Spend
 from .endpoint import Answer, Endpoint, Prompt, Query
 from .inputs import content_problems
 from .methods import METHODS, Context, MethodResult
@@ -60,7 +61,7 @@ def extract_logprobs(
         raise ValueError(f"eps must be a positive number of nats, got {eps!r}")
     endpoint = endpoint or SimulatedEndpoint()
 
-    counted = _Counted(endpoint)
+    counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
 
     async def ask(gate: asyncio.Semaphore, query: Query) -> Answer:
         async with gate:
@@ -71,7 +72,7 @@ def extract_logprobs(
         chosen, limits = (report.recommended, report.limits()) if report else (method, endpoint.limits)
         ctx = Context(
             endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
-            withheld=getattr(endpoint, "withheld_tokens", frozenset()),
+            withheld=await counted.withheld_tokens(),
         )
         gate = asyncio.Semaphore(concurrency)
         plan = METHODS[chosen](ctx)
@@ -81,15 +82,14 @@ def extract_logprobs(
             try:
                 queries = plan.send(answers)
             except StopIteration as stop:
-                extraction = Extraction(stop.value.logprobs, counted.calls, stop.value, chosen, report)
+                extraction = Extraction(stop.value.logprobs, counted.spent.calls, stop.value, chosen, report)
                 return extraction, top_k_capped(top_k, limits.top_logprobs)
 
     async def run_and_close() -> tuple[Extraction, str | None]:
         try:
             return await run()
         finally:
-            if hasattr(endpoint, "aclose"):
-                await endpoint.aclose()
+            await endpoint.aclose()
 
     try:
         asyncio.get_running_loop()
@@ -101,22 +101,6 @@ def extract_logprobs(
     if note:
         warnings.warn(note, stacklevel=2)
     return extraction
-
-
-class _Counted:
-    """The endpoint, counting the calls it answered (a refused request is not a call spent)."""
-
-    def __init__(self, endpoint: Endpoint):
-        self.endpoint = endpoint
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.endpoint, name)
-
-    async def ask(self, prompt: Prompt, query: Query) -> Answer:
-        answer = await self.endpoint.ask(prompt, query)
-        self.calls += 1
-        return answer
 
 
 def _prompt(prompt: Any) -> Prompt:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import AbstractSet, Any
 
-from .endpoint import Answer, Endpoint, Prompt, Query
+from .endpoint import Answer, AskFunction, Endpoint, EndpointDescription, Limits, Pressure, Prompt, Query
 from .prices import Price
 
 
@@ -44,10 +44,11 @@ class BudgetReached(Exception):
     """The next call would cross --max-calls or --max-cost; the message says which and how far."""
 
 
-class MeteredEndpoint:
+class MeteredEndpoint(Endpoint):
     """`endpoint` with every call counted into `spent` and checked against the caps (see module docstring).
 
-    Everything else (model, vocab_size, limits, describe, ...) is the wrapped endpoint's.
+    Every other member of the contract is the wrapped endpoint's; `verify_mapping` spends its calls through
+    this meter.
     """
 
     def __init__(
@@ -69,8 +70,59 @@ class MeteredEndpoint:
         self._reserved_cost = 0.0
         self._prompt_tokens: dict[Any, int] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.endpoint, name)
+    @property
+    def model(self) -> str:  # type: ignore[override]
+        return self.endpoint.model
+
+    @property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return self.endpoint.vocab_size
+
+    @property
+    def limits(self) -> Limits:  # type: ignore[override]
+        return self.endpoint.limits
+
+    @property
+    def api(self) -> str:  # type: ignore[override]
+        return self.endpoint.api
+
+    @property
+    def one_call_at_a_time(self) -> bool:  # type: ignore[override]
+        return self.endpoint.one_call_at_a_time
+
+    @property
+    def in_process(self) -> bool:  # type: ignore[override]
+        return self.endpoint.in_process
+
+    @property
+    def mapping_check_calls(self) -> int:  # type: ignore[override]
+        return self.endpoint.mapping_check_calls
+
+    @property
+    def identity(self) -> AbstractSet[str]:  # type: ignore[override]
+        return self.endpoint.identity
+
+    @property
+    def prompt_tokens_counted(self) -> bool:  # type: ignore[override]
+        return self.endpoint.prompt_tokens_counted
+
+    def describe(self) -> EndpointDescription:
+        return self.endpoint.describe()
+
+    async def withheld_tokens(self) -> frozenset[int]:
+        return await self.endpoint.withheld_tokens()
+
+    async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str | None:
+        return await self.endpoint.verify_mapping(prompt, ask or self.ask)
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        return self.endpoint.count_prompt_tokens(prompt)
+
+    def pressure(self) -> Pressure | None:
+        return self.endpoint.pressure()
+
+    async def aclose(self) -> None:
+        await self.endpoint.aclose()
 
     def cost(self) -> float | None:
         """US$ spent so far (None when the price is unknown)."""

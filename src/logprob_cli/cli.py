@@ -214,10 +214,7 @@ def make_endpoint(
 
 
 def describe(endpoint: Endpoint) -> str:
-    if isinstance(endpoint, SimulatedEndpoint):
-        return f"built-in simulated endpoint (offline, no API key; {endpoint.vocab_size:,}-token vocabulary)"
-    info = endpoint.describe()
-    return f"{info['model']} at {info['base_url']} ({info['api']} API; vocabulary {info['vocabulary']}, {endpoint.vocab_size:,} tokens)"
+    return endpoint.describe().summary
 
 
 @app.command(cls=PlainHelpCommand)
@@ -274,7 +271,7 @@ def extract(
         override = parse_price(price) if price else None
     except ValueError as error:
         fail(f"--price: {error}", 2)
-    unit_price = override if isinstance(endpoint, SimulatedEndpoint) else price_for(endpoint.model, override)
+    unit_price = override if endpoint.in_process else price_for(endpoint.model, override)
     if max_cost is not None and unit_price is None:
         fail(f"no price is known for model {endpoint.model!r}: give --price PROMPT,COMPLETION (US$ per 1M tokens) to use --max-cost", 2)
     if fresh:
@@ -398,8 +395,7 @@ def probe(
         try:
             return await run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt))
         finally:
-            if hasattr(endpoint, "aclose"):
-                await endpoint.aclose()
+            await endpoint.aclose()
 
     try:
         report = asyncio.run(measure())
@@ -452,12 +448,12 @@ def estimate(
     endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, None, tokenizer)
     unit_price = price_for(model, override)
     report = None
-    in_process = isinstance(endpoint, SimulatedEndpoint)
+    in_process = endpoint.in_process
     timed = in_process and latency is None
     if latency is None:
         latency = simulator_latency(endpoint, prompts[0], top_k) if in_process else 0.5
     try:
-        if method.value == "auto" and isinstance(endpoint, SimulatedEndpoint):
+        if method.value == "auto" and in_process:
             report = asyncio.run(run_probe(endpoint, prompts[0]))
         rows = estimate_run(
             prompts, endpoint, method.value, top_k=top_k, eps=eps, concurrency=concurrency, latency=latency,

@@ -4,14 +4,19 @@ Methods speak only in token ids and numbers. Every backend (the built-in simulat
 OpenAI-compatible HTTP servers) turns a `Query` into an `Answer` and hides transport,
 retries and dialects; an answer is already mapped to token ids and has the OpenAI
 "-9999 = not in the top-k" sentinel turned into `None`.
+
+`Endpoint` declares everything the layers above may ask of a backend, each optional
+capability with a default, so no caller probes an endpoint's attributes (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
+import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import AbstractSet, Any, Awaitable, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -144,14 +149,95 @@ class Prompt:
         return self.prompt if self.messages is None else self.messages
 
 
-@runtime_checkable
-class Endpoint(Protocol):
-    """A backend. `ask` returns one `Answer`; `describe` says what it is, for output metadata."""
+def approx_tokens(content: Any) -> int:
+    """A prompt's tokens where no tokenizer counts them: about four bytes a token of the JSON sent."""
+    return max(1, len(json.dumps(content, ensure_ascii=False).encode()) // 4)
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """An HTTP endpoint's state: retried attempts and 429s so far, the current request-rate limit (None: none)."""
+
+    retries: int
+    throttles: int
+    rpm: float | None
+
+
+@dataclass(frozen=True)
+class EndpointDescription:
+    """What an endpoint is.
+
+    summary: one line for people ("gpt-4o at https://... (chat API; vocabulary o200k_base, ...)").
+    backend ("simulator", "openai"), model, settings (every other setting that changes what the
+    calls return, in the order shown) and vocabulary (the vocabulary's name; None where the backend
+    has none of its own) make `to_dict()`, the form the output metadata shows and a checkpoint is
+    bound to: keep its keys and values as they are, or existing checkpoints stop resuming.
+    """
+
+    backend: str
+    model: str
+    summary: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    vocabulary: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        named = {} if self.vocabulary is None else {"vocabulary": self.vocabulary}
+        return {"backend": self.backend, "model": self.model, **self.settings, **named}
+
+
+AskFunction = Callable[[Prompt, Query], Awaitable[Answer]]
+
+
+class Endpoint(abc.ABC):
+    """A backend: `ask` returns one `Answer`, `describe` says what it is; every other member has a default.
+
+    Subclasses set `model`, `vocab_size` and `limits` (the caps a request must stay within) and override
+    the defaults that do not hold for them.
+    """
 
     model: str
     vocab_size: int
     limits: Limits
+    api: Literal["chat", "completions"] = "chat"
+    """The API prompts go to: "completions" takes plain prompts only, "chat" takes both shapes."""
+    one_call_at_a_time: bool = False
+    """The backend answers one call at a time whatever the concurrency (llama-server, the in-process simulator)."""
+    in_process: bool = False
+    """The backend computes its answers in this process: offline and free (the built-in simulator)."""
+    mapping_check_calls: int = 0
+    """The calls `verify_mapping` spends (0: it has nothing to check)."""
+    identity: AbstractSet[str] = frozenset({"ids"})
+    """How the answers' tokens were identified so far: "ids", "bytes" and/or "strings" (ambiguous)."""
+    prompt_tokens_counted: bool = False
+    """`count_prompt_tokens` counts with the model's own tokenizer (else it approximates)."""
 
-    async def ask(self, prompt: Prompt, query: Query) -> Answer: ...
+    @abc.abstractmethod
+    async def ask(self, prompt: Prompt, query: Query) -> Answer:
+        """One query's answer; raises EndpointError (or its subclasses) when the call fails."""
 
-    def describe(self) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def describe(self) -> EndpointDescription:
+        """What this endpoint is, for people, output metadata and checkpoints (never a secret such as a key)."""
+
+    async def withheld_tokens(self) -> frozenset[int]:
+        """The ids whose generation makes the server withhold the whole answer (default: none).
+        Fetched once without blocking the event loop, then cached."""
+        return frozenset()
+
+    async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str | None:
+        """Check that the vocabulary's ids are the model's, spending `mapping_check_calls` calls through `ask`
+        (default this endpoint's own, so a caller can count them); what was found ("verified", or why it could
+        not be), or None where there is nothing to check (default). Raises EndpointFatal on a mismatch."""
+        return None
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content).
+        Raises ValueError for a prompt this endpoint cannot send."""
+        return approx_tokens(prompt.content())
+
+    def pressure(self) -> Pressure | None:
+        """Retries, 429s and the current rate limit so far, for the progress display (None: not an HTTP endpoint)."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release the running loop's connections; call before that loop ends (default: nothing to release)."""

@@ -5,35 +5,33 @@ what one prompt costs on a fresh checkpoint, and whether that count is exact on 
 (topk, exact, forced: a token beyond the bias limit of the top is retried) or a fit (bisection,
 within 10%). The probe's recommendation and `--method`'s help read the same specs.
 
-Per run: 2 calls checking the token mapping on OpenAI-compatible endpoints, and for `auto`
-the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and as
---max-calls counts them: the requests the endpoint rejects (the probe's asks above the top-k
+Per run: the endpoint's `mapping_check_calls` (2 on OpenAI-compatible endpoints), and for
+`auto` the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and
+as --max-calls counts them: the requests the endpoint rejects (the probe's asks above the top-k
 cap and its limit tests) are not. Every call sends the prompt again and generates one token.
-Prompt tokens per call: counted with the tiktoken encoding when the vocabulary is one, with
-OpenAI's chat framing (3 tokens a message, its fields' tokens, 3 more for the reply);
-otherwise about 4 bytes a token of the JSON sent (approximate; the built-in simulator bills
-exactly this when served). Time = calls / rate, rate = min(concurrency / latency, rpm / 60,
-tpm / 60 / tokens per call) calls a second (llama-server answers one call at a time). The
+Prompt tokens per call are the endpoint's `count_prompt_tokens`: counted with the tiktoken
+encoding when the vocabulary is one, with OpenAI's chat framing (3 tokens a message, its fields'
+tokens, 3 more for the reply); otherwise about 4 bytes a token of the JSON sent (approximate;
+the built-in simulator bills exactly this when served). Time = calls / rate, rate =
+min(concurrency / latency, rpm / 60, tpm / 60 / tokens per call) calls a second, at concurrency 1
+where the endpoint takes `one_call_at_a_time` (llama-server). The
 built-in simulator runs in-process and answers one call at a time too: its latency is timed
 on this machine (`simulator_latency`), not assumed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
 from .prices import Price
-from .vocabulary import tiktoken_encoding
 from .methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
 from .probe import MAX_TOP_K, ProbeReport, expected_calls
 from .simulator import SimulatedEndpoint
 
-MAPPING_CHECK_CALLS = 2  # OpenAIEndpoint.verify_mapping
 # The runner's work around each in-process simulator answer (journal, tasks, bookkeeping), in seconds:
 # `python benchmarks/simulator_latency.py` measured 0.17-0.7 ms beside the answer itself on the 2-core CI box.
 IN_PROCESS_BOOKKEEPING = 0.4e-3
@@ -82,42 +80,6 @@ def probe_calls(report: ProbeReport) -> int:
     return expected_calls(report)
 
 
-def token_counter(endpoint: Endpoint) -> tuple[Callable[[Prompt], int], bool]:
-    """Prompt tokens one call of `endpoint` sends for a prompt, and whether they are counted (else ~bytes/4).
-
-    The counter raises ValueError for chat messages on the legacy completions API (such calls fail).
-    """
-    vocabulary = getattr(endpoint, "vocabulary", None)
-    if vocabulary is None:  # the built-in simulator: what it bills when served
-        return (lambda prompt: _approx_tokens(endpoint.content(prompt))), False
-    api, system = endpoint.api, endpoint.system
-
-    def sent(prompt: Prompt) -> Any:
-        """The request's prompt field: the legacy prompt string, or the chat messages."""
-        if api == "completions":
-            if prompt.messages is not None:
-                raise ValueError(f"prompt {prompt.id!r} has chat messages: they need --api chat")
-            return prompt.prompt
-        if prompt.messages is not None:
-            return prompt.messages
-        return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt.prompt}]
-
-    encoding = _tiktoken_encoding(vocabulary.name)
-    if encoding is None:
-        return (lambda prompt: _approx_tokens(sent(prompt))), False
-
-    def tokens(value: Any) -> int:
-        return len(encoding.encode(value if isinstance(value, str) else json.dumps(value), disallowed_special=()))
-
-    def count(prompt: Prompt) -> int:
-        body = sent(prompt)
-        if isinstance(body, str):
-            return tokens(body)
-        return 3 + sum(3 + sum(tokens(value) for value in message.values()) for message in body)
-
-    return count, True
-
-
 def duration(
     calls: int, tokens_per_call: float, concurrency: int, latency: float, rpm: float | None = None, tpm: float | None = None
 ) -> float:
@@ -154,10 +116,9 @@ def estimate_run(
     Raises EndpointUnsuitable for `direct` where the endpoint is not known to return the whole
     vocabulary (the run would stop before its first call), ValueError for prompts the API cannot take.
     """
-    count, counted = token_counter(endpoint)
-    tokens = [count(p) for p in prompts]
-    check = MAPPING_CHECK_CALLS if hasattr(endpoint, "verify_mapping") else 0
-    if getattr(endpoint, "dialect", None) == "llama.cpp" or isinstance(endpoint, SimulatedEndpoint):
+    tokens, counted = [endpoint.count_prompt_tokens(p) for p in prompts], endpoint.prompt_tokens_counted
+    check = endpoint.mapping_check_calls
+    if endpoint.one_call_at_a_time:
         concurrency = 1  # llama-server's requests go one at a time; the in-process simulator answers in turn
     vocab = endpoint.vocab_size
 
@@ -245,13 +206,3 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:,.1f} days"
 
 
-def _tiktoken_encoding(name: str) -> Any:
-    """The tiktoken Encoding of that name (a vocabulary loaded as o200k_base, ...), else None."""
-    import tiktoken
-
-    return tiktoken_encoding(name) if name in tiktoken.list_encoding_names() else None
-
-
-def _approx_tokens(content: Any) -> int:
-    """About four bytes a token of the JSON sent (what the simulator server bills)."""
-    return max(1, len(json.dumps(content, ensure_ascii=False).encode()) // 4)

@@ -7,7 +7,8 @@ the server returns (llama.cpp's "id", vLLM's "token_id:N" strings), its `bytes` 
 the vocabulary, and last its string (ambiguous: distinct tokens can share a string; the
 endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
 becomes None. The API key goes to the client only; `describe` never includes it. For
-llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize).
+llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize,
+asked once through the same aiohttp transport), and its calls go one at a time.
 
 Failures that doom every request (bad key, unknown model, server unreachable, a token id beyond the
 model's vocabulary) raise
@@ -25,15 +26,18 @@ import json
 import math
 import os
 import re
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Callable, Literal
 
 import openai
 
-from .endpoint import WITHHELD, Answer, EndpointFatal, EndpointRejected, Limits, Prompt, Query
+from .endpoint import (
+    WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, Limits,
+    Pressure, Prompt, Query, approx_tokens,
+)
 from .ratelimit import RateLimiter
 from .transport import MESSAGE_CHARS, RetryPolicy, Transport, describe_body, is_html, not_an_api, one_line, parse_json
 from .urls import USERINFO_REFUSED, has_userinfo, redact
-from .vocabulary import Vocabulary
+from .vocabulary import Vocabulary, tiktoken_encoding
 
 SENTINEL = -9999.0
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -86,8 +90,10 @@ def server_facts(base_url: str | None, api_key: str | None, model: str, timeout:
     return {}
 
 
-class OpenAIEndpoint:
+class OpenAIEndpoint(Endpoint):
     """An OpenAI-compatible chat or legacy-completions endpoint (see module docstring)."""
+
+    mapping_check_calls = 2  # verify_mapping's
 
     def __init__(
         self,
@@ -114,6 +120,7 @@ class OpenAIEndpoint:
             raise ValueError("post-bias mode is llama-server's (post_sampling_probs); this server is not llama.cpp")
         self.dialect = dialect
         self.post_bias = post_bias
+        self.one_call_at_a_time = dialect == "llama.cpp"  # see `ask`
         defaults = {
             "llama.cpp": {**LLAMA_CPP_DEFAULTS, **(LLAMA_CPP_POST_BIAS if post_bias else {})},
             "vllm": VLLM_DEFAULTS,
@@ -134,22 +141,23 @@ class OpenAIEndpoint:
         }
         key = api_key or _env_key() or "none"
         self.transport = Transport(self.base_url, key, headers=headers, limiter=limiter, retry=retry)
-        # llama-server's own routes (/tokenize) sit beside /v1: asked through the official client, once.
+        # llama-server's own routes (/tokenize) sit beside /v1: asked once, three tries at most.
         self._llama_routes = (
-            openai.OpenAI(
-                base_url=self.base_url.removesuffix("/v1"), api_key=key, timeout=self.transport.retry.timeout,
-                max_retries=2,
+            Transport(
+                self.base_url.removesuffix("/v1"), key, headers=headers,
+                retry=dataclasses.replace(self.transport.retry, attempts=3),
             )
             if dialect == "llama.cpp"
             else None
         )
+        self._withheld: frozenset[int] | None = None
         self._prompt_tokens: dict[Any, int] = {}
         self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
         """One query. llama-server batches concurrent requests, which shifts its numbers (measured up to
         8e-3 nats on a small model), so its requests go one at a time."""
-        if self.dialect != "llama.cpp":
+        if not self.one_call_at_a_time:
             return await self._ask(prompt, query)
         loop = asyncio.get_running_loop()
         if self._one_at_a_time is None or self._one_at_a_time[0] is not loop:
@@ -157,32 +165,30 @@ class OpenAIEndpoint:
         async with self._one_at_a_time[1]:
             return await self._ask(prompt, query)
 
-    @functools.cached_property
-    def withheld_tokens(self) -> frozenset[int]:
+    async def withheld_tokens(self) -> frozenset[int]:
         """The ids whose generation makes llama-server withhold the whole answer (empty for other servers).
 
         llama.cpp holds a generated token back while the generated text ends in an incomplete UTF-8
         sequence (`validate_utf8`, tools/server/server-common.cpp); with max_tokens 1 that text is the
         token's piece, and the answer comes back without logprobs or token. One request to /tokenize
         with every id and `with_pieces` returns every piece (as a list of byte values where it is not
-        valid UTF-8). Asked synchronously on first use: a run reads this once, before extracting.
+        valid UTF-8). Asked on first use through the aiohttp transport, then cached (two first uses at
+        once may both ask; they get the same list).
         """
-        if self._llama_routes is None:
-            return frozenset()
+        if self._withheld is None:
+            self._withheld = frozenset() if self._llama_routes is None else await self._ask_withheld(self._llama_routes)
+        return self._withheld
+
+    async def _ask_withheld(self, routes: Transport) -> frozenset[int]:
         body = {"content": list(range(self.vocab_size)), "with_pieces": True}
         try:
-            pieces = self._llama_routes.post("/tokenize", cast_to=object, body=body)["tokens"]
-            return frozenset(
-                entry["id"]
-                for entry in pieces
-                if isinstance(entry["piece"], list) and _incomplete_utf8(bytes(entry["piece"]))
-            )
-        except (openai.APIError, KeyError, TypeError, ValueError):
+            return await routes.post("/tokenize", body, 1, _held_ids)
+        except EndpointError:
             # Not fatal: `direct` never needs the list, and without it a withheld answer stays unread (never
             # misread): bisection asks such queries again and leaves their winners unrecovered, saying so.
             return frozenset()
 
-    async def verify_mapping(self, prompt: Prompt, ask: Callable[[Prompt, Query], Awaitable[Answer]] | None = None) -> str:
+    async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str:
         """Bias one token id hard and read back what the server generated (2 calls, through `ask`,
         default this endpoint's own, so a run can count them).
 
@@ -214,6 +220,44 @@ class OpenAIEndpoint:
     async def aclose(self) -> None:
         """Close the connections of the running loop (call before that loop ends)."""
         await self.transport.aclose()
+        if self._llama_routes is not None:
+            await self._llama_routes.aclose()
+
+    def pressure(self) -> Pressure:
+        """The transport's retries, the limiter's 429s and its current requests-per-minute limit."""
+        limiter = self.transport.limiter
+        return Pressure(self.transport.retries, limiter.throttles, limiter.describe().get("rpm"))
+
+    @property
+    def prompt_tokens_counted(self) -> bool:
+        """Counted where the vocabulary is a tiktoken encoding (OpenAI's models), else approximated."""
+        return self._encoding is not None
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        """The prompt tokens of one call: with OpenAI's chat framing (3 tokens a message, its fields' tokens,
+        3 more for the reply) where the vocabulary is a tiktoken encoding, else about four bytes a token of the
+        JSON sent. Raises ValueError for chat messages on the legacy completions API (such calls fail)."""
+        if self.api == "completions" and prompt.messages is not None:
+            raise ValueError(f"prompt {prompt.id!r} has chat messages: they need --api chat")
+        sent = prompt.prompt if self.api == "completions" else self._messages(prompt)
+        encoding = self._encoding
+        if encoding is None:
+            return approx_tokens(sent)
+
+        def tokens(value: Any) -> int:
+            return len(encoding.encode(value if isinstance(value, str) else json.dumps(value), disallowed_special=()))
+
+        if isinstance(sent, str):
+            return tokens(sent)
+        return 3 + sum(3 + sum(tokens(value) for value in message.values()) for message in sent)
+
+    @functools.cached_property
+    def _encoding(self) -> Any:
+        """The vocabulary's tiktoken Encoding when it is one (o200k_base, ...), else None."""
+        import tiktoken
+
+        name = self.vocabulary.name
+        return tiktoken_encoding(name) if name in tiktoken.list_encoding_names() else None
 
     def _probe_id(self, avoid: set[int]) -> int:
         """A token id a third into the vocabulary, not in `avoid`, with known bytes if the vocabulary has any."""
@@ -231,18 +275,17 @@ class OpenAIEndpoint:
         size = self.vocabulary.size
         return next((i for i in range(size - 1, -1, -1) if self.vocabulary.token_bytes(i) is not None), size - 1)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": "openai",
-            "model": self.model,
-            "base_url": redact(self.base_url),
-            "api": self.api,
-            "dialect": self.dialect,
-            "post_bias": self.post_bias,
-            "system": self.system,
-            "extra_body": self.extra_body,
-            "vocabulary": self.vocabulary.name,
-        }
+    def describe(self) -> EndpointDescription:
+        where = redact(self.base_url)
+        return EndpointDescription(
+            "openai", self.model,
+            f"{self.model} at {where} ({self.api} API; vocabulary {self.vocabulary.name}, {self.vocab_size:,} tokens)",
+            {
+                "base_url": where, "api": self.api, "dialect": self.dialect, "post_bias": self.post_bias,
+                "system": self.system, "extra_body": self.extra_body,
+            },
+            self.vocabulary.name,
+        )
 
     async def _ask(self, prompt: Prompt, query: Query) -> Answer:
         # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
@@ -259,7 +302,7 @@ class OpenAIEndpoint:
         if query.bias:
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         body.update(self.extra_body)
-        tokens = self._prompt_tokens.get(prompt.id) or _approx_tokens(prompt.content())
+        tokens = self._prompt_tokens.get(prompt.id) or approx_tokens(prompt.content())
         if not (self.post_bias and "seed" not in self._user_extra):
             answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
@@ -287,7 +330,7 @@ class OpenAIEndpoint:
         bills both requests. Without the list of held tokens, or if the second answer is withheld too,
         the withheld answer stands.
         """
-        held = await asyncio.to_thread(lambda: self.withheld_tokens)
+        held = await self.withheld_tokens()
         if not held:
             return withheld
         floor = _bias_value(-self.limits.bias_max)
@@ -440,6 +483,13 @@ def _incomplete_utf8(piece: bytes) -> bool:
     return False
 
 
+def _held_ids(data: dict[str, Any]) -> frozenset[int]:
+    """The ids of /tokenize's pieces (byte lists where not valid UTF-8) that end in an incomplete UTF-8 sequence."""
+    return frozenset(
+        entry["id"] for entry in data["tokens"] if isinstance(entry["piece"], list) and _incomplete_utf8(bytes(entry["piece"]))
+    )
+
+
 def _post_bias_answer(entry: dict[str, Any]) -> Answer:
     """llama-server's post_sampling_probs entry (`prob`, `top_probs`, ids) as logprobs after the bias."""
     top = [(t["id"], math.log(t["prob"])) for t in entry.get("top_probs") or [] if t.get("prob", 0) > 0]
@@ -461,11 +511,6 @@ def _trim(answer: Answer, k: int) -> Answer:
     if len(answer.top_ids) <= k:
         return answer
     return dataclasses.replace(answer, top_ids=answer.top_ids[:k], top_logprobs=answer.top_logprobs[:k])
-
-
-def _approx_tokens(content: Any) -> int:
-    """A prompt's tokens before the server has said: about four bytes a token."""
-    return max(1, len(json.dumps(content, ensure_ascii=False).encode()) // 4)
 
 
 def _bias_value(b: float) -> float | int:

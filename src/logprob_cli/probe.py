@@ -160,7 +160,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     head = dataclasses.replace(first, top_ids=first.top_ids[:k], top_logprobs=first.top_logprobs[:k])
     if roundoff(list(head.top_logprobs)) == BFLOAT16_ROUNDOFF:
         report.precision = "bfloat16"
-    held = getattr(endpoint, "withheld_tokens", frozenset())  # their answers come back empty: never probe with them
+    held = await endpoint.withheld_tokens()  # their answers come back empty: never probe with them
     await _agreement(ask, report, first, asked, head, k, held)
     if k >= 2:
         await _lift_and_force(ask, report, head, k, held)
@@ -175,7 +175,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
         else:
             setattr(report, name, "unknown")
             report.unknown[name] = _why(outcome)
-    report.identity = sorted(getattr(endpoint, "identity", {"ids"}))
+    report.identity = sorted(endpoint.identity)
     _recommend(report, endpoint.vocab_size)
     return report
 

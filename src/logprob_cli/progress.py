@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -25,31 +25,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .endpoint import Pressure
 from .wording import plural
 
 RATE_WINDOW = 30.0
 SAMPLE_SECONDS = 0.25
 SILENT_SECONDS = 5.0
 PLAIN_INTERVAL = 10.0
-
-
-@dataclass(frozen=True)
-class Pressure:
-    """An HTTP endpoint's state: retried attempts and 429s so far, the current request-rate limit (None: none)."""
-
-    retries: int
-    throttles: int
-    rpm: float | None
-
-
-def pressure_source(endpoint: Any) -> Callable[[], Pressure] | None:
-    """Reads `endpoint`'s retry, 429 and rate-limit counters where it has them (OpenAIEndpoint's transport and
-    limiter), else None. The one place that knows where those counters live."""
-    transport = getattr(endpoint, "transport", None)
-    limiter = getattr(transport, "limiter", None)
-    if transport is None or limiter is None:
-        return None
-    return lambda: Pressure(transport.retries, limiter.throttles, limiter.describe().get("rpm"))
 
 
 @dataclass(frozen=True)
@@ -69,7 +51,7 @@ class RunStart:
     calls_spent: Callable[[], int] = lambda: 0
     max_calls: int | None = None
     max_cost: float | None = None
-    pressure: Callable[[], Pressure] | None = None
+    pressure: Callable[[], Pressure | None] | None = None  # the endpoint's `pressure`
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .output import OutputRow, output_schema, write_parquet
 from .outputs_guard import check_resumable, checkpoint_path
 from .probe import ProbeReport, probe
 from .prices import Price
-from .progress import RunStart, pressure_source
+from .progress import RunStart
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
@@ -94,7 +94,7 @@ class RunSummary:
 
 def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float) -> dict[str, Any]:
     """The settings a checkpoint is bound to: everything that changes which calls are made."""
-    settings: dict[str, Any] = {"method": method, "top_k": top_k, "endpoint": endpoint.describe()}
+    settings: dict[str, Any] = {"method": method, "top_k": top_k, "endpoint": endpoint.describe().to_dict()}
     if method == "bisection":
         settings["eps"] = eps
     return settings
@@ -183,7 +183,7 @@ class Runner:
             calls_spent=lambda: meter.spent.calls,
             max_calls=meter.max_calls,
             max_cost=meter.max_cost,
-            pressure=pressure_source(meter.endpoint),
+            pressure=meter.pressure,
         )
 
     def interrupt(self) -> None:
@@ -338,13 +338,14 @@ def output_metadata(
     probe: dict[str, Any] | None,
     token_mapping: str | None,
 ) -> dict[str, Any]:
+    description = endpoint.describe()
     return {
         "probe": probe,
         "token_mapping": token_mapping,
         "tool_version": __version__,
-        "vocabulary": {"name": endpoint.describe().get("vocabulary", endpoint.model), "size": endpoint.vocab_size},
+        "vocabulary": {"name": description.vocabulary or endpoint.model, "size": endpoint.vocab_size},
         "model": endpoint.model,
-        "endpoint": endpoint.describe(),
+        "endpoint": description.to_dict(),
         "behaviour": behaviour,
         "settings": settings,
     }
@@ -465,7 +466,7 @@ def extract_batch(
     """
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
-    check_prompts(schema_prompts or prompts, getattr(endpoint, "api", None))
+    check_prompts(schema_prompts or prompts, endpoint.api)
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
@@ -486,8 +487,10 @@ def extract_batch(
                     )
                     return
                 limits, report, chosen = endpoint.limits, None, method
-                if hasattr(endpoint, "verify_mapping") and journal.get_meta("token_mapping") is None:
-                    journal.set_meta("token_mapping", await endpoint.verify_mapping(prompts[0], metered.ask))
+                if journal.get_meta("token_mapping") is None:
+                    mapping = await metered.verify_mapping(prompts[0])
+                    if mapping is not None:
+                        journal.set_meta("token_mapping", mapping)
                 if method == "auto":
                     saved = journal.get_meta("probe")
                     report = ProbeReport.from_dict(saved) if saved else await probe(metered, prompts[0])
@@ -497,7 +500,7 @@ def extract_batch(
                 announce(chosen, report)
                 ctx = Context(
                     endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
-                    withheld=getattr(endpoint, "withheld_tokens", frozenset()),
+                    withheld=await endpoint.withheld_tokens(),
                 )
                 writer = OutputWriter(
                     output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None,
@@ -514,8 +517,7 @@ def extract_batch(
                 finally:
                     await writer.settle()
             finally:
-                if hasattr(endpoint, "aclose"):
-                    await endpoint.aclose()
+                await endpoint.aclose()
 
         try:
             asyncio.run(main())

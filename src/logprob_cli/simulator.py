@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .endpoint import Answer, EndpointRejected, Limits, Prompt, Query
+from .endpoint import Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens
 from .wording import plural
 
 SIMULATOR_MODEL = "simulator"
@@ -164,10 +164,13 @@ def _shared_model(vocab_size: int, hidden_size: int, seed: int, precision: str) 
     return SimulatedModel(vocab_size, hidden_size, seed, precision)
 
 
-class SimulatedEndpoint:
-    """The simulator behind the `Endpoint` contract (see module docstring)."""
+class SimulatedEndpoint(Endpoint):
+    """The simulator behind the `Endpoint` contract (see module docstring): in process, one answer at a time,
+    token ids exact, nothing withheld and no mapping to check."""
 
     model = SIMULATOR_MODEL
+    in_process = True
+    one_call_at_a_time = True
 
     def __init__(self, config: SimulatorConfig | None = None, system: str | None = None):
         self.config = config or SimulatorConfig()
@@ -179,9 +182,17 @@ class SimulatedEndpoint:
         self.calls = 0
         self._noise = np.random.default_rng([c.seed, 7])
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> EndpointDescription:
         system = {"system": self.system} if self.system else {}  # absent without one, as before it was honoured
-        return {"backend": "simulator", "model": self.model, **asdict(self.config), **system}
+        return EndpointDescription(
+            "simulator", self.model,
+            f"built-in simulated endpoint (offline, no API key; {self.vocab_size:,}-token vocabulary)",
+            {**asdict(self.config), **system},
+        )
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        """What the simulator bills when served (server.py): about four bytes a token of what the model reads."""
+        return approx_tokens(self.content(prompt))
 
     def content(self, prompt: Prompt | Any) -> Any:
         """What the model reads for a prompt (a `Prompt`, its text or its messages): the chat messages
