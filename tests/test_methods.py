@@ -127,3 +127,15 @@ def test_a_withheld_first_answer_is_refused_with_a_message(name):
     ctx = Context(config.vocab_size, Limits(), top_k=20)
     with pytest.raises(EndpointUnsuitable, match="withheld its whole answer"):
         drive(METHODS[name](ctx), lambda q: Answer(WITHHELD, None))
+
+
+def test_forced_stops_where_a_forced_token_outside_the_top_k_reports_the_sentinel():
+    """OpenAI's contract: the check's tokens come from the top-k, whose values are shown, but a token forced from
+    outside it reports -9999. forced must stop at the first such token, not spend V - k calls and then call every
+    token 'more than 100 nats below the top'."""
+    config = SimulatorConfig(vocab_size=2_000, logprobs_after_bias=False, sampled_logprob="sentinel")
+    endpoint = SimulatedEndpoint(config)
+    ctx = Context(endpoint.vocab_size, endpoint.limits, top_k=20)
+    with pytest.raises(EndpointUnsuitable, match="bisection"):
+        drive(METHODS["forced"](ctx), lambda q: endpoint.answer("The capital of France is", q))
+    assert endpoint.calls <= 1 + 3 + 1

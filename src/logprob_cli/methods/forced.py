@@ -82,15 +82,18 @@ def plan(ctx: Context) -> Plan:
     unknown = np.flatnonzero(np.isnan(logprobs))
     held = np.isin(unknown, sorted(ctx.withheld))
     pending, searched = unknown[~held].tolist(), unknown[held]
-    answers = yield [Query.make({i: big}, top_logprobs=0) for i in pending]
+    answers = yield from _force_each(pending, big)
     bounds: dict[int, float] = {}
-    withheld = 0
+    withheld = hidden = 0
     top_lp, floor = first.top_logprobs[0], first.top_logprobs[-1]
     returned = list(first.top_logprobs)
     for i, answer in zip(pending, answers):
         if answer.sampled == i and answer.sampled_logprob is not None:
             logprobs[i] = answer.sampled_logprob
             returned.append(answer.sampled_logprob)
+        elif answer.sampled == i:  # generated, its value withheld (-9999): outside the top-k is all that is known
+            bounds[i] = floor
+            hidden += 1
         elif answer.withheld and not ctx.withheld:  # perhaps i itself: outside the top-k is all that is known
             bounds[i] = floor
             withheld += 1
@@ -98,8 +101,13 @@ def plan(ctx: Context) -> Plan:
             bounds[i] = top_lp - big
     precision = 2 * roundoff(returned) * max(abs(v) for v in returned)
     notes = []
-    if len(bounds) > withheld:
-        notes.append(f"{plural(len(bounds) - withheld, 'token')} could not be forced (more than {big:g} nats below the top)")
+    if hidden:
+        notes.append(
+            f"the endpoint generated {plural(hidden, 'forced token')} but withheld its logprob (-9999): unrecovered, "
+            f"each below the last top-{len(first.top_ids)} value"
+        )
+    if len(bounds) > withheld + hidden:
+        notes.append(f"{plural(len(bounds) - withheld - hidden, 'token')} could not be forced (more than {big:g} nats below the top)")
     if withheld:
         notes.append(
             f"the endpoint withheld the logprobs of {withheld} forced tokens (incomplete UTF-8) and could not list "
@@ -108,6 +116,25 @@ def plan(ctx: Context) -> Plan:
     if searched.size:
         precision = yield from _search_held(ctx, first, searched, logprobs, bounds, precision, notes)
     return MethodResult(logprobs, bounds, precision, behaviour, notes)
+
+
+def _force_each(pending: list[int], big: float) -> Plan:
+    """One call per token, forced by +B. The first is asked alone: a token outside the top-k that is
+    generated but reported withheld (OpenAI's -9999) means the check's tokens, all from the top-k, showed
+    a value this endpoint hides for every other token, so the method stops before the other V - k - 1
+    calls (bisection works there). The queries are the same as when all were asked at once, so a
+    checkpoint made either way replays."""
+    if not pending:
+        return []
+    (head,) = yield [Query.make({pending[0]: big}, top_logprobs=0)]
+    if head.sampled == pending[0] and head.sampled_logprob is None:
+        raise EndpointUnsuitable(
+            f"forced needs the generated token's own logprob, but forcing token {pending[0]} (outside the top-k) "
+            'reported it withheld (-9999): the endpoint reveals it only inside the top-k. Use method="bisection": '
+            "the bias does steer sampling."
+        )
+    rest = yield [Query.make({i: big}, top_logprobs=0) for i in pending[1:]]
+    return [head, *rest]
 
 
 def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray, bounds: dict, precision: float, notes):
