@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,12 +34,16 @@ COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The number of simulator calls made so far (a one-item list, read as calls[0])."""
+    """The number of simulator calls the CLI made so far (a one-item list, read as calls[0]).
+
+    Only calls on the main thread, where CliRunner runs the command, count: a served simulator left over
+    from another test file answers on its own threads."""
     count = [0]
     answer = simulator.SimulatedEndpoint.answer
 
     def counted(self, prompt, query):
-        count[0] += 1
+        if threading.current_thread() is threading.main_thread():
+            count[0] += 1
         return answer(self, prompt, query)
 
     monkeypatch.setattr(simulator.SimulatedEndpoint, "answer", counted)

@@ -9,7 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from pathlib import Path
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -50,12 +50,14 @@ HOSTILE = {
 
 @pytest.fixture
 def simulator_calls(monkeypatch):
-    """A list that grows by one for every call the built-in simulator answers."""
+    """A list that grows by one for every call the in-process simulator answers on the main thread, where the
+    CLI runs (a served simulator left over from another test answers on its own threads)."""
     calls = []
     answer = SimulatedEndpoint.answer
 
     def counted(self, prompt, query):
-        calls.append(query)
+        if threading.current_thread() is threading.main_thread():
+            calls.append(query)
         return answer(self, prompt, query)
 
     monkeypatch.setattr(SimulatedEndpoint, "answer", counted)

@@ -10,9 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from logprob_cli.endpoint import Prompt
