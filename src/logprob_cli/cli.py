@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 import typer.core
@@ -20,23 +20,21 @@ from rich.table import Table
 from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
 from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
-from .inputs import InputError, read_prompts, select_shard
+from .inputs import InputError, read_prompts
 from .journal import JournalError, Refused
 from .methods import METHODS
 from .output import render_inspect
 from .prices import parse_price, price_for
 from .progress import PlainProgress, RichProgress
 from .probe import PROBE_CALLS, probe as run_probe
-from .ratelimit import RateLimiter
-from .transport import RetryPolicy
-from .outputs_guard import check_paths, discard
+from .outputs_guard import discard
 from .runner import NoProgress, extract_batch
-from .openai_endpoint import OpenAIEndpoint, server_facts
+from .endpoint_factory import EndpointSettings, SettingsError, build_endpoint
+from .run_config import RunConfig, default_output, read_batch, unit_price
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
-from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
 from .wording import plural, top_k_capped
-from .urls import USERINFO_REFUSED, has_userinfo, redact
+from .urls import redact
 
 
 class _FlagsWithoutPlaceholder:
@@ -95,7 +93,7 @@ POST_BIAS_HELP = (
 )
 RPM_HELP = (
     "Requests per minute to stay under. Without it the limit the server announces (x-ratelimit-* headers) is "
-    "used, and 429s slow the run down and it recovers on its own."
+    "used, and 429s slow the run down and it recovers on its own (estimate: no limit)."
 )
 MAX_CALLS_HELP = (
     "Stop cleanly before the checkpoint's calls (this run and earlier ones) pass this many; the same command with a "
@@ -112,6 +110,42 @@ TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
     "or simulator:SIZE (default: from the model name, via tiktoken)."
 )
+
+# Options shared by extract, probe and estimate, declared once so their flags and help cannot drift apart.
+InputArgument = Annotated[str, typer.Argument(
+    metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin.")]
+MethodOption = Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)]
+TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
+EpsOption = Annotated[float, typer.Option("--eps", min=1e-6, help="bisection: precision in nats.")]
+ConcurrencyOption = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=1024, help="Calls in flight at once.")]
+SimOption = Annotated[list[str], typer.Option("--sim", metavar="KEY=VALUE", help=SIM_HELP)]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)]
+BaseUrlOption = Annotated[Optional[str], typer.Option(
+    "--base-url", envvar="OPENAI_BASE_URL",
+    help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's). Its GET /models (free) is "
+    "asked first: llama-server tells its vocabulary there.")]
+ApiKeyOption = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="OPENAI_API_KEY", show_envvar=True,
+    help="API key (default: $OPENAI_API_KEY). Never written to the checkpoint, output or logs.")]
+ApiOption = Annotated[Api, typer.Option(
+    "--api", "--endpoint",
+    help="chat: /chat/completions; completions: legacy /completions (string-keyed logprobs, at most 5).")]
+SystemOption = Annotated[Optional[str], typer.Option(
+    "--system", help="System message put before plain prompts (chat API); it adds prompt tokens.")]
+ExtraBodyOption = Annotated[Optional[str], typer.Option(
+    "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.')]
+TokenizerOption = Annotated[Optional[str], typer.Option("--tokenizer", help=TOKENIZER_HELP)]
+PostBiasOption = Annotated[bool, typer.Option("--post-bias", help=POST_BIAS_HELP)]
+RpmOption = Annotated[Optional[float], typer.Option("--rpm", min=0.001, help=RPM_HELP)]
+TpmOption = Annotated[Optional[float], typer.Option(
+    "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); as --rpm, learnt from the server "
+    "if not given (estimate: no limit).")]
+
+FLAGS = {
+    "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
+    "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
+    "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost",
+}  # how a SettingsError names each setting on the command line
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -157,63 +191,33 @@ def simulator_config(switches: list[str]) -> SimulatorConfig:
         fail(f"--sim: {error}", 2)
 
 
-def make_endpoint(
-    sim: list[str],
-    model: str | None,
-    base_url: str | None,
-    api_key: str | None,
-    api: str,
-    system: str | None,
-    extra_body: str | None,
-    tokenizer: str | None,
-    post_bias: bool = False,
-    *,
-    rpm: float | None = None,
-    tpm: float | None = None,
-    timeout: float = 60.0,
-    retries: int = 8,
-) -> Endpoint:
-    """The simulator when no model is named, else an OpenAI-compatible endpoint with its vocabulary,
-    paced by a limiter (rpm, tpm) and retrying `retries` times with `timeout` seconds per attempt."""
-    if model is None:
-        if base_url and not sim:
-            fail("--base-url needs --model: name the model the server serves", 2)
-        if rpm or tpm:
-            fail("--rpm/--tpm pace a --model endpoint; the built-in simulator has no rate limit", 2)
-        return SimulatedEndpoint(simulator_config(sim), system=system)
-    if sim:
-        fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
-    if base_url and has_userinfo(base_url):
-        fail(USERINFO_REFUSED.format(url=redact(base_url)), 2)
-    if post_bias and not base_url:
-        fail("--post-bias is llama-server's mode: give its --base-url", 2)
+def endpoint_settings(
+    sim: list[str], model: str | None, base_url: str | None, api_key: str | None, api: str, system: str | None,
+    extra_body: str | None, tokenizer: str | None, post_bias: bool = False, *,
+    rpm: float | None = None, tpm: float | None = None, timeout: float = 60.0, retries: int = 8,
+) -> EndpointSettings:
+    """The endpoint options as EndpointSettings (--sim switches and --extra-body JSON parsed); exits 2 on a
+    switch or JSON that does not parse."""
     try:
-        extra = json.loads(extra_body) if extra_body else None
+        extra = json.loads(extra_body) if extra_body and model is not None else None
     except ValueError as error:
         fail(f"--extra-body is not valid JSON: {error}", 2)
-    if extra is not None and not isinstance(extra, dict):
-        fail("--extra-body must be a JSON object", 2)
+    return EndpointSettings(
+        model=model, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
+        tokenizer=tokenizer, post_bias=post_bias, simulator=simulator_config(sim) if sim else None,
+        rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
+    )
+
+
+def open_endpoint(settings: EndpointSettings) -> Endpoint:
+    """endpoint_factory.build_endpoint, its errors worded with the CLI's flags: exit 2 for settings, 1 for a
+    server that cannot be used."""
     try:
-        facts = server_facts(base_url, api_key, model) if base_url else {}
+        return build_endpoint(settings)
+    except SettingsError as error:
+        fail(error.worded(FLAGS), 2)
     except EndpointError as error:
         fail(str(error))
-    try:
-        if tokenizer is None and "n_vocab" in facts:
-            vocabulary = server_vocabulary(facts["n_vocab"])
-        else:
-            vocabulary = load_vocabulary(tokenizer or model)
-    except VocabularyError as error:
-        hint = "" if tokenizer else f" (no --tokenizer given, so the model name {model!r} was tried)"
-        fail(f"{error}{hint}", 2)
-    if "n_vocab" in facts and vocabulary.size != facts["n_vocab"]:
-        fail(f"--tokenizer {vocabulary.name} has {vocabulary.size:,} tokens but the server's model has {facts['n_vocab']:,}", 2)
-    if post_bias and facts.get("dialect") != "llama.cpp":
-        fail("--post-bias is llama-server's mode (post_sampling_probs), and this server is not llama-server", 2)
-    return OpenAIEndpoint(
-        model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
-        dialect=facts.get("dialect", "openai"), post_bias=post_bias,
-        limiter=RateLimiter(rpm, tpm), retry=RetryPolicy(attempts=retries, timeout=timeout),
-    )
 
 
 def describe(endpoint: Endpoint) -> str:
@@ -225,25 +229,25 @@ def describe(endpoint: Endpoint) -> str:
 
 @app.command(cls=PlainHelpCommand)
 def extract(
-    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    input: InputArgument,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write, NAME.parquet (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
-    method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
-    top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
-    eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
-    concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
+    method: MethodOption = Method.auto,
+    top_k: TopKOption = 20,
+    eps: EpsOption = 1e-3,
+    concurrency: ConcurrencyOption = 16,
     fresh: bool = typer.Option(False, "--fresh", help="Discard this output and its checkpoint and start over (only files logprobs wrote are deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (default: $OPENAI_API_KEY). Never written to the checkpoint, output or logs."),
-    api: Api = typer.Option("chat", "--api", "--endpoint", help="chat: /chat/completions; completions: legacy /completions (string-keyed logprobs, at most 5)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API)."),
-    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.'),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
-    rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help=RPM_HELP),
-    tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); learnt from the server if not given."),
+    sim: SimOption = [],
+    model: ModelOption = None,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    api: ApiOption = Api.chat,
+    system: SystemOption = None,
+    extra_body: ExtraBodyOption = None,
+    tokenizer: TokenizerOption = None,
+    post_bias: PostBiasOption = False,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
     timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds to wait for one answer before retrying."),
     retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails."),
     max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
@@ -255,31 +259,30 @@ def extract(
     if input == "-" and output is None:
         fail("reading prompts from stdin: name the output with -o/--output", 2)
     part = parse_shard(shard) if shard else None
-    if output is None:
-        suffix = f".shard-{part[0]}-of-{part[1]}.parquet" if part else ".parquet"
-        output = Path(input).with_name(Path(input).stem + suffix)
+    output = output if output is not None else default_output(input, part)
     try:
-        journal_path = check_paths(input, output)
+        batch = read_batch(input, output, part, api.value if model else None)  # the simulator takes both shapes
     except Refused as refusal:
         fail(str(refusal), 2)
-    try:
-        all_prompts = read_prompts(input, api=api.value if model else None)  # the simulator takes both shapes
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
-    prompts = select_shard(all_prompts, *part) if part else all_prompts
+    prompts, all_prompts, journal_path = batch.prompts, batch.all_prompts, batch.checkpoint
     if not prompts and not quiet:
         err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
-    endpoint = make_endpoint(
+    settings = endpoint_settings(
         sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
         rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
     )
+    endpoint = open_endpoint(settings)
     try:
         override = parse_price(price) if price else None
     except ValueError as error:
         fail(f"--price: {error}", 2)
-    unit_price = override if isinstance(endpoint, SimulatedEndpoint) else price_for(endpoint.model, override)
-    if max_cost is not None and unit_price is None:
-        fail(f"no price is known for model {endpoint.model!r}: give --price PROMPT,COMPLETION (US$ per 1M tokens) to use --max-cost", 2)
+    try:
+        price_per_token = unit_price(model, endpoint.model, override, max_cost)
+    except SettingsError as error:
+        fail(error.worded(FLAGS), 2)
+    run = RunConfig(method.value, top_k, eps, concurrency, price_per_token, max_calls, max_cost)
     if fresh:
         try:
             discard(output, journal_path)
@@ -308,10 +311,7 @@ def extract(
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = extract_batch(
-            prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce,
-            price=unit_price, max_calls=max_calls, max_cost=max_cost, schema_prompts=all_prompts,
-        )
+        summary = extract_batch(prompts, output, endpoint, run, progress, announce, schema_prompts=all_prompts)
     except Refused as refusal:
         progress.stop()
         fail(str(refusal), 2)
@@ -386,17 +386,17 @@ def _interrupt(signum: int, frame: object) -> None:
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="API key (default: $OPENAI_API_KEY)."),
-    api: Api = typer.Option("chat", "--api", "--endpoint", help="chat or completions."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message for plain prompts (chat API)."),
-    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help="Extra request fields."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
+    sim: SimOption = [],
+    model: ModelOption = None,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    api: ApiOption = Api.chat,
+    system: SystemOption = None,
+    extra_body: ExtraBodyOption = None,
+    tokenizer: TokenizerOption = None,
+    post_bias: PostBiasOption = False,
 ) -> None:
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
+    endpoint = open_endpoint(endpoint_settings(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias))
     async def measure():
         try:
             return await run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt))
@@ -421,20 +421,20 @@ def probe(
 
 @app.command(cls=PlainHelpCommand)
 def estimate(
-    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
-    method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
-    top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
-    eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
-    concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's). Only its GET /models is asked (free): llama-server tells its vocabulary there."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (default: $OPENAI_API_KEY), for a --base-url server's GET /models only."),
-    api: Api = typer.Option("chat", "--api", "--endpoint", help="chat: /chat/completions; completions: legacy /completions (at most 5 logprobs)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API): it adds prompt tokens."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help="Requests per minute the endpoint allows (default: no limit)."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute the endpoint allows, prompt + 1 per call (default: no limit)."),
+    input: InputArgument,
+    method: MethodOption = Method.auto,
+    top_k: TopKOption = 20,
+    eps: EpsOption = 1e-3,
+    concurrency: ConcurrencyOption = 16,
+    sim: SimOption = [],
+    model: ModelOption = None,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    api: ApiOption = Api.chat,
+    system: SystemOption = None,
+    tokenizer: TokenizerOption = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
     latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
     price: Optional[str] = typer.Option(None, "--price", metavar="IN,OUT", help="US$ per 1M prompt tokens and per 1M completion tokens, e.g. 2.5,10 (default: the built-in table of common OpenAI models; the simulator is free)."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
@@ -452,7 +452,7 @@ def estimate(
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     except ValueError as error:
         fail(str(error), 2)
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, None, tokenizer)
+    endpoint = open_endpoint(endpoint_settings(sim, model, base_url, api_key, api.value, system, None, tokenizer))
     unit_price = price_for(model, override)
     report = None
     in_process = isinstance(endpoint, SimulatedEndpoint)
@@ -523,7 +523,7 @@ def estimate(
 @app.command(cls=PlainHelpCommand)
 def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
+    sim: SimOption = [],
     model: str = typer.Option("simulator", "--model", help="Model name the server answers to."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require this API key (Bearer token)."),
     token_ids: bool = typer.Option(False, "--token-ids", help="llama.cpp dialect: every logprob entry carries its token id."),
