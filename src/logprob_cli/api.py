@@ -71,7 +71,8 @@ def extract_logprobs(
     """
     item = _prompt(prompt)
     RunConfig(method, top_k, eps, concurrency)  # checks the run's settings before the endpoint is built
-    endpoint = endpoint or build_endpoint(_settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options))
+    settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
+    endpoint = endpoint or build_endpoint(settings)
 
     counted = _Counted(endpoint)
 

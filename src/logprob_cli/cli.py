@@ -100,7 +100,8 @@ MAX_CALLS_HELP = (
     "higher cap resumes."
 )
 PRICE_HELP = (
-    "US$ per 1M prompt and completion tokens, e.g. 2.5,10 (default: the built-in table for common OpenAI models)."
+    "US$ per 1M prompt and completion tokens, e.g. 2.5,10 (default: the built-in table for common OpenAI models; "
+    "the built-in simulator is free)."
 )
 SHARD_HELP = (
     "Take part I of N (0-based) of the prompts, chosen by a hash of each id: N machines or job-array tasks split a "
@@ -140,6 +141,7 @@ RpmOption = Annotated[Optional[float], typer.Option("--rpm", min=0.001, help=RPM
 TpmOption = Annotated[Optional[float], typer.Option(
     "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); as --rpm, learnt from the server "
     "if not given (estimate: no limit).")]
+PriceOption = Annotated[Optional[str], typer.Option("--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP)]
 
 FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
@@ -252,7 +254,7 @@ def extract(
     retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails."),
     max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
-    price: Optional[str] = typer.Option(None, "--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP),
+    price: PriceOption = None,
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help=SHARD_HELP),
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
@@ -436,7 +438,7 @@ def estimate(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
-    price: Optional[str] = typer.Option(None, "--price", metavar="IN,OUT", help="US$ per 1M prompt tokens and per 1M completion tokens, e.g. 2.5,10 (default: the built-in table of common OpenAI models; the simulator is free)."),
+    price: PriceOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
     """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
