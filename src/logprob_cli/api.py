@@ -21,7 +21,7 @@ from .probe import ProbeReport, probe
 from .endpoint_factory import EndpointSettings, build_endpoint
 from .outputs_guard import discard
 from .prices import Price
-from .run_config import RunConfig, default_output, read_batch, unit_price
+from .run_config import RunConfig, default_output, price_of_calls, read_batch
 from .runner import Progress, RunSummary, extract_batch
 from .wording import top_k_capped
 
@@ -154,7 +154,7 @@ def extract_file(
     batch = read_batch(input, path, shard, settings.api if settings.model else None)
     priced_model = settings.model if endpoint is None else endpoint.model  # None: the built-in simulator
     endpoint = endpoint or build_endpoint(settings)
-    run = dataclasses.replace(run, price=unit_price(priced_model, endpoint.model, price, max_cost))
+    run = dataclasses.replace(run, price=price_of_calls(priced_model, endpoint.model, price, max_cost))
     if fresh:
         discard(path, batch.checkpoint)
     return _outside_event_loop(lambda: extract_batch(

@@ -24,13 +24,13 @@ from .inputs import InputError, read_prompts
 from .journal import JournalError, Refused
 from .methods import METHODS
 from .output import render_inspect
-from .prices import parse_price, price_for
+from .prices import Price, parse_price, price_for
 from .progress import PlainProgress, RichProgress
 from .probe import PROBE_CALLS, probe as run_probe
 from .outputs_guard import discard
-from .runner import NoProgress, extract_batch
+from .runner import NoProgress, RunSummary, extract_batch
 from .endpoint_factory import EndpointSettings, SettingsError, build_endpoint
-from .run_config import RunConfig, default_output, read_batch, unit_price
+from .run_config import RunConfig, default_output, price_of_calls, read_batch
 from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatedEndpoint, SimulatorConfig
 from .wording import plural, top_k_capped
@@ -276,15 +276,9 @@ def extract(
         rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
     )
     endpoint = open_endpoint(settings)
-    try:
-        override = parse_price(price) if price else None
-    except ValueError as error:
-        fail(f"--price: {error}", 2)
-    try:
-        price_per_token = unit_price(model, endpoint.model, override, max_cost)
-    except SettingsError as error:
-        fail(error.worded(FLAGS), 2)
-    run = RunConfig(method.value, top_k, eps, concurrency, price_per_token, max_calls, max_cost)
+    run = RunConfig(
+        method.value, top_k, eps, concurrency, run_price(price, model, endpoint.model, max_cost), max_calls, max_cost
+    )
     if fresh:
         try:
             discard(output, journal_path)
@@ -324,6 +318,24 @@ def extract(
         progress.stop()
         fail(f"{error}. The checkpoint {journal_path} keeps every answer so far: fix the problem and run again.")
     progress.stop()
+    report_run(summary, output, journal_path, quiet, console)
+
+
+def run_price(price: str | None, model: str | None, named_model: str, max_cost: float | None) -> Price | None:
+    """--price parsed, else the built-in table's price of --model (run_config.price_of_calls); exits 2 when --price does
+    not parse, or --max-cost has no price to count with."""
+    try:
+        override = parse_price(price) if price else None
+    except ValueError as error:
+        fail(f"--price: {error}", 2)
+    try:
+        return price_of_calls(model, named_model, override, max_cost)
+    except SettingsError as error:
+        fail(error.worded(FLAGS), 2)
+
+
+def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: bool, console: Console) -> None:
+    """How the run ended, in the CLI's words: exit 130 interrupted, 3 at a budget cap, 1 when prompts failed."""
     if summary.interrupted:
         fail(
             f"interrupted: {summary.finished} of {plural(summary.total, 'prompt')} finished, saved in {output}; "

@@ -54,7 +54,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def unit_price(model: str | None, named_model: str, override: Price | None, max_cost: float | None) -> Price | None:
+def price_of_calls(model: str | None, named_model: str, override: Price | None, max_cost: float | None) -> Price | None:
     """The price of a call: `override`, else (for a model endpoint; `model` None is the built-in simulator)
     the built-in table's. Raises SettingsError when `max_cost` is set and no price is known (`named_model`
     is the endpoint's model name, for the message)."""
