@@ -10,7 +10,7 @@ import pytest
 import typer.main
 
 from logprob_cli import extract_file, extract_logprobs
-from logprob_cli.cli import app
+from logprob_cli.cli import FLAGS, app
 from logprob_cli.endpoint_factory import EndpointSettings, SettingsError, build_endpoint
 from logprob_cli.run_config import RunConfig
 from logprob_cli.server import ServerConfig, SimulatorServer
@@ -95,7 +95,6 @@ def test_settings_errors_name_settings_and_the_cli_words_them_as_flags(settings,
     with pytest.raises(SettingsError) as refused:
         build_endpoint(settings)
     assert python_words in str(refused.value) and "--" not in str(refused.value)
-    from logprob_cli.cli import FLAGS
     assert cli_words in refused.value.worded(FLAGS)
 
 
