@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
+from inspect import Parameter, signature as signature_of
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 import typer.core
@@ -149,6 +152,16 @@ FLAGS = {
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost",
 }  # how a SettingsError names each setting on the command line
 
+TimeoutOption = Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds to wait for one answer before retrying.")]
+RetriesOption = Annotated[int, typer.Option(
+    "--retries", min=1, max=100,
+    help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails.")]
+ENDPOINT_OPTIONS = {
+    "sim": SimOption, "model": ModelOption, "base_url": BaseUrlOption, "api_key": ApiKeyOption, "api": ApiOption,
+    "system": SystemOption, "extra_body": ExtraBodyOption, "tokenizer": TokenizerOption, "post_bias": PostBiasOption,
+    "rpm": RpmOption, "tpm": TpmOption, "timeout": TimeoutOption, "retries": RetriesOption,
+}
+
 
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
@@ -193,22 +206,67 @@ def simulator_config(switches: list[str]) -> SimulatorConfig:
         fail(f"--sim: {error}", 2)
 
 
-def endpoint_settings(
-    sim: list[str], model: str | None, base_url: str | None, api_key: str | None, api: str, system: str | None,
-    extra_body: str | None, tokenizer: str | None, post_bias: bool = False, *,
-    rpm: float | None = None, tpm: float | None = None, timeout: float = 60.0, retries: int = 8,
-) -> EndpointSettings:
-    """The endpoint options as EndpointSettings (--sim switches and --extra-body JSON parsed); exits 2 on a
-    switch or JSON that does not parse."""
-    try:
-        extra = json.loads(extra_body) if extra_body and model is not None else None
-    except ValueError as error:
-        fail(f"--extra-body is not valid JSON: {error}", 2)
-    return EndpointSettings(
-        model=model, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
-        tokenizer=tokenizer, post_bias=post_bias, simulator=simulator_config(sim) if sim else None,
-        rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
-    )
+@dataclass(frozen=True)
+class EndpointOptions:
+    """A command's endpoint options as given on the command line (those it does not take keep these defaults)."""
+
+    sim: tuple[str, ...] = ()
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    api: str = "chat"
+    system: str | None = None
+    extra_body: str | None = None
+    tokenizer: str | None = None
+    post_bias: bool = False
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 60.0
+    retries: int = 8
+
+    def settings(self) -> EndpointSettings:
+        """These options as EndpointSettings (--sim switches and --extra-body JSON parsed); exits 2 on a switch
+        or JSON that does not parse."""
+        try:
+            extra = json.loads(self.extra_body) if self.extra_body and self.model is not None else None
+        except ValueError as error:
+            fail(f"--extra-body is not valid JSON: {error}", 2)
+        simulator = simulator_config(list(self.sim)) if self.sim else None
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("sim", "extra_body")}
+        return EndpointSettings(**fields, extra_body=extra, simulator=simulator)
+
+
+def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator of a command: its `options: EndpointOptions` parameter becomes the shared options `names` on the
+    command line (declared once, in ENDPOINT_OPTIONS), handed back to the command as one EndpointOptions."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = signature_of(command, eval_str=True)
+        defaults = EndpointOptions()
+        parameters = []
+        for parameter in signature.parameters.values():
+            if parameter.name != "options":
+                parameters.append(parameter)
+                continue
+            parameters.extend(
+                Parameter(name, parameter.kind, annotation=ENDPOINT_OPTIONS[name],
+                                  default=[] if name == "sim" else getattr(defaults, name))
+                for name in names
+            )
+
+        @functools.wraps(command)
+        def run(**given: Any) -> None:
+            chosen = {name: given.pop(name) for name in names}
+            if "sim" in chosen:
+                chosen["sim"] = tuple(chosen["sim"])
+            if "api" in chosen:
+                chosen["api"] = chosen["api"].value
+            command(**given, options=EndpointOptions(**chosen))
+
+        run.__signature__ = signature.replace(parameters=parameters)
+        return run
+
+    return decorate
 
 
 def open_endpoint(settings: EndpointSettings) -> Endpoint:
@@ -230,6 +288,10 @@ def describe(endpoint: Endpoint) -> str:
 
 
 @app.command(cls=PlainHelpCommand)
+@endpoint_options(
+    "sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias", "rpm", "tpm",
+    "timeout", "retries",
+)
 def extract(
     input: InputArgument,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write, NAME.parquet (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
@@ -239,19 +301,7 @@ def extract(
     concurrency: ConcurrencyOption = 16,
     fresh: bool = typer.Option(False, "--fresh", help="Discard this output and its checkpoint and start over (only files logprobs wrote are deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    sim: SimOption = [],
-    model: ModelOption = None,
-    base_url: BaseUrlOption = None,
-    api_key: ApiKeyOption = None,
-    api: ApiOption = Api.chat,
-    system: SystemOption = None,
-    extra_body: ExtraBodyOption = None,
-    tokenizer: TokenizerOption = None,
-    post_bias: PostBiasOption = False,
-    rpm: RpmOption = None,
-    tpm: TpmOption = None,
-    timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds to wait for one answer before retrying."),
-    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (429, 5xx, timeouts, cut connections, malformed answers) before its prompt fails."),
+    options: EndpointOptions = EndpointOptions(),
     max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
     price: PriceOption = None,
@@ -263,7 +313,7 @@ def extract(
     part = parse_shard(shard) if shard else None
     output = output if output is not None else default_output(input, part)
     try:
-        batch = read_batch(input, output, part, api.value if model else None)  # the simulator takes both shapes
+        batch = read_batch(input, output, part, options.api if options.model else None)  # the simulator takes both shapes
     except Refused as refusal:
         fail(str(refusal), 2)
     except InputError as error:
@@ -271,13 +321,9 @@ def extract(
     prompts, all_prompts, journal_path = batch.prompts, batch.all_prompts, batch.checkpoint
     if not prompts and not quiet:
         err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
-    settings = endpoint_settings(
-        sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
-        rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
-    )
-    endpoint = open_endpoint(settings)
+    endpoint = open_endpoint(options.settings())
     run = RunConfig(
-        method.value, top_k, eps, concurrency, run_price(price, model, endpoint.model, max_cost), max_calls, max_cost
+        method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost
     )
     if fresh:
         try:
@@ -397,20 +443,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")
+@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias")
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    sim: SimOption = [],
-    model: ModelOption = None,
-    base_url: BaseUrlOption = None,
-    api_key: ApiKeyOption = None,
-    api: ApiOption = Api.chat,
-    system: SystemOption = None,
-    extra_body: ExtraBodyOption = None,
-    tokenizer: TokenizerOption = None,
-    post_bias: PostBiasOption = False,
+    options: EndpointOptions = EndpointOptions(),
 ) -> None:
-    endpoint = open_endpoint(endpoint_settings(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias))
+    endpoint = open_endpoint(options.settings())
     async def measure():
         try:
             return await run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt))
@@ -434,21 +473,14 @@ def probe(
 
 
 @app.command(cls=PlainHelpCommand)
+@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "tokenizer", "rpm", "tpm")
 def estimate(
     input: InputArgument,
     method: MethodOption = Method.auto,
     top_k: TopKOption = 20,
     eps: EpsOption = 1e-3,
     concurrency: ConcurrencyOption = 16,
-    sim: SimOption = [],
-    model: ModelOption = None,
-    base_url: BaseUrlOption = None,
-    api_key: ApiKeyOption = None,
-    api: ApiOption = Api.chat,
-    system: SystemOption = None,
-    tokenizer: TokenizerOption = None,
-    rpm: RpmOption = None,
-    tpm: TpmOption = None,
+    options: EndpointOptions = EndpointOptions(),
     latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
     price: PriceOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
@@ -460,13 +492,14 @@ def estimate(
     (free) is asked, as extract does, to learn its vocabulary.
     """
     try:
-        prompts = read_prompts(input, api=api.value if model else None)
+        prompts = read_prompts(input, api=options.api if options.model else None)
         override = parse_price(price) if price else None
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     except ValueError as error:
         fail(str(error), 2)
-    endpoint = open_endpoint(endpoint_settings(sim, model, base_url, api_key, api.value, system, None, tokenizer))
+    endpoint = open_endpoint(options.settings())
+    model, rpm, tpm = options.model, options.rpm, options.tpm
     unit_price = price_for(model, override)
     report = None
     in_process = isinstance(endpoint, SimulatedEndpoint)
