@@ -250,7 +250,7 @@ def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..
                 continue
             parameters.extend(
                 Parameter(name, parameter.kind, annotation=ENDPOINT_OPTIONS[name],
-                                  default=[] if name == "sim" else getattr(defaults, name))
+                          default=[] if name == "sim" else getattr(defaults, name))
                 for name in names
             )
 
