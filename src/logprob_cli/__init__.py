@@ -8,6 +8,6 @@
 
 __version__ = "0.2.0"
 
-from .api import Extraction, extract_logprobs  # noqa: E402
+from .api import Extraction, extract_file, extract_logprobs  # noqa: E402
 
-__all__ = ["Extraction", "extract_logprobs", "__version__"]
+__all__ = ["Extraction", "extract_file", "extract_logprobs", "__version__"]

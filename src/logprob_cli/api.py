@@ -1,12 +1,16 @@
-"""The Python API for one prompt at a time (notebooks): no journal, no files."""
+"""The Python API: `extract_logprobs`, one prompt at a time (notebooks: no journal, no files), and
+`extract_file`, a JSONL file of prompts into Parquet with its checkpoint, as `logprobs extract` does."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -15,8 +19,14 @@ from .endpoint import Answer, Endpoint, Prompt, Query
 from .inputs import content_problems
 from .methods import METHODS, Context, MethodResult
 from .probe import ProbeReport, probe
-from .simulator import SimulatedEndpoint
+from .endpoint_factory import EndpointSettings, build_endpoint
+from .outputs_guard import discard
+from .prices import Price
+from .run_config import RunConfig, default_output, price_of_calls, read_batch
+from .runner import Progress, RunSummary, extract_batch
 from .wording import top_k_capped
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,25 +51,29 @@ def extract_logprobs(
     top_k: int = 20,
     eps: float = 1e-3,
     concurrency: int = 16,
+    *,
+    model: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    tokenizer: str | None = None,
+    **endpoint_options: Any,
 ) -> Extraction:
     """Extract the full next-token distribution of one prompt (text, or chat messages).
 
     method "auto" (the default, as in the CLI) probes the endpoint first and runs the method it
-    recommends. With no endpoint, the built-in simulator answers. A top_k above the endpoint's
-    cap is lowered to it with a UserWarning. Raises ValueError for an empty or malformed prompt or
-    a setting out of range (before any call), EndpointUnsuitable when the endpoint cannot support
-    the method, EndpointError when a call fails.
+    recommends. The endpoint is `endpoint` if given, else the one `model`, `base_url`, `api_key`,
+    `tokenizer` and `endpoint_options` (the other fields of EndpointSettings: api, system,
+    extra_body, post_bias, simulator, rpm, tpm, timeout, retries) describe; with none of them, the
+    built-in simulator answers. A top_k above the endpoint's cap is lowered to it with a
+    UserWarning. Raises ValueError for an empty or malformed prompt or a setting out of range or
+    contradicting another (SettingsError), before any completion; EndpointFatal when a base_url
+    server cannot be reached; EndpointUnsuitable when the endpoint cannot support the method,
+    EndpointError when a call fails.
     """
     item = _prompt(prompt)
-    if method != "auto" and method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
-        raise ValueError(f"top_k must be an integer, 2 or above, got {top_k!r}")
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an integer, 1 or above, got {concurrency!r}")
-    if not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"eps must be a positive number of nats, got {eps!r}")
-    endpoint = endpoint or SimulatedEndpoint()
+    RunConfig(method, top_k, eps, concurrency)  # checks the run's settings before the endpoint is built
+    settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
+    endpoint = endpoint or build_endpoint(settings)
 
     counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
 
@@ -91,16 +105,83 @@ def extract_logprobs(
         finally:
             await endpoint.aclose()
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        extraction, note = asyncio.run(run_and_close())
-    else:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # inside a running loop (Jupyter)
-            extraction, note = pool.submit(asyncio.run, run_and_close()).result()
+    extraction, note = _outside_event_loop(lambda: asyncio.run(run_and_close()))
     if note:
         warnings.warn(note, stacklevel=2)
     return extraction
+
+
+def extract_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    method: str = "auto",
+    endpoint: Endpoint | None = None,
+    *,
+    top_k: int = 20,
+    eps: float = 1e-3,
+    concurrency: int = 16,
+    price: Price | None = None,
+    max_calls: int | None = None,
+    max_cost: float | None = None,
+    shard: tuple[int, int] | None = None,
+    fresh: bool = False,
+    progress: Progress | None = None,
+    model: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    tokenizer: str | None = None,
+    **endpoint_options: Any,
+) -> RunSummary:
+    """`logprobs extract` from Python: every prompt of a JSONL file into Parquet, with its checkpoint.
+
+    Writes `output` (default: the input's name with .parquet, or .shard-I-of-N.parquet) and its
+    checkpoint NAME.checkpoint.sqlite beside it; the same call again resumes from the checkpoint,
+    spending only what is left (`fresh=True` discards both first, only if the tool wrote them).
+    The endpoint, method and settings are those of extract_logprobs; `price` (US$ per 1M prompt and
+    completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the
+    checkpoint spends in all; `shard=(I, N)` takes part I of N of the prompts. Returns the RunSummary
+    (finished, calls, failures by prompt id, budget_reached, interrupted). Raises, before any call:
+    ValueError (a setting, SettingsError included), InputError (every problem of the input), Refused
+    (an output or checkpoint the tool may not write); later JournalError, EndpointUnsuitable,
+    EndpointError, as runner.extract_batch.
+    """
+    input = os.fspath(input)
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
+    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost)
+    settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
+    path = Path(output) if output is not None else default_output(input, shard)
+    batch = read_batch(input, path, shard, settings.api if settings.model else None)
+    priced_model = settings.model if endpoint is None else endpoint.model  # None: the built-in simulator
+    endpoint = endpoint or build_endpoint(settings)
+    run = dataclasses.replace(run, price=price_of_calls(priced_model, endpoint.model, price, max_cost))
+    if fresh:
+        discard(path, batch.checkpoint)
+    return _outside_event_loop(lambda: extract_batch(
+        batch.prompts, path, endpoint, run, progress, schema_prompts=batch.all_prompts
+    ))
+
+
+def _settings(
+    endpoint: Endpoint | None, model: str | None, base_url: str | None, api_key: str | None, tokenizer: str | None,
+    options: dict[str, Any],
+) -> EndpointSettings:
+    """The endpoint settings of an API call; ValueError when an `endpoint` object comes with settings too."""
+    settings = EndpointSettings(model=model, base_url=base_url, api_key=api_key, tokenizer=tokenizer, **options)
+    if endpoint is not None and settings != EndpointSettings():
+        raise ValueError("give an endpoint object or endpoint settings (model, base_url, ...), not both")
+    return settings
+
+
+def _outside_event_loop(call: Callable[[], T]) -> T:
+    """call(), which runs its own event loop: here, or in a worker thread when this thread already runs one
+    (a Jupyter cell)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return call()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result()
 
 
 def _prompt(prompt: Any) -> Prompt:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
+from inspect import Parameter, signature as signature_of
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 import typer.core
@@ -20,23 +23,21 @@ from rich.table import Table
 from . import __version__
 from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
 from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
-from .inputs import InputError, read_prompts, select_shard
+from .inputs import InputError, read_prompts
 from .journal import JournalError, Refused
 from .methods import METHODS, SPECS
 from .output import render_inspect
-from .prices import parse_price, price_for
+from .prices import Price, parse_price, price_for
 from .progress import PlainProgress, RichProgress
 from .probe import PROBE_CALLS, probe as run_probe
-from .ratelimit import RateLimiter
-from .transport import RetryPolicy
-from .outputs_guard import check_paths, discard
-from .runner import NoProgress, extract_batch
-from .openai_endpoint import OpenAIEndpoint, server_facts
+from .outputs_guard import discard
+from .runner import NoProgress, RunSummary, extract_batch
+from .endpoint_factory import EndpointSettings, SettingsError, build_endpoint
+from .run_config import RunConfig, default_output, price_of_calls, read_batch
 from .server import ServerConfig, SimulatorServer
-from .simulator import SimulatedEndpoint, SimulatorConfig
-from .vocabulary import VocabularyError, load_vocabulary, server_vocabulary
+from .simulator import SimulatorConfig
 from .wording import plural, top_k_capped
-from .urls import USERINFO_REFUSED, has_userinfo, redact
+from .urls import redact
 
 
 class _FlagsWithoutPlaceholder:
@@ -92,14 +93,15 @@ POST_BIAS_HELP = (
 )
 RPM_HELP = (
     "Requests per minute to stay under. Without it the limit the server announces (x-ratelimit-* headers) is "
-    "used, and 429s slow the run down and it recovers on its own."
+    "used, and 429s slow the run down and it recovers on its own (estimate: no limit)."
 )
 MAX_CALLS_HELP = (
     "Stop cleanly before the checkpoint's calls (this run and earlier ones) pass this many; the same command with a "
     "higher cap resumes."
 )
 PRICE_HELP = (
-    "US$ per 1M prompt and completion tokens, e.g. 2.5,10 (default: the built-in table for common OpenAI models)."
+    "US$ per 1M prompt and completion tokens, e.g. 2.5,10 (default: the built-in table for common OpenAI models; "
+    "the built-in simulator is free)."
 )
 SHARD_HELP = (
     "Take part I of N (0-based) of the prompts, chosen by a hash of each id: N machines or job-array tasks split a "
@@ -109,6 +111,54 @@ TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
     "or simulator:SIZE (default: from the model name, via tiktoken)."
 )
+
+# Options shared by extract, probe and estimate, declared once so their flags and help cannot drift apart.
+InputArgument = Annotated[str, typer.Argument(
+    metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin.")]
+MethodOption = Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)]
+TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
+EpsOption = Annotated[float, typer.Option("--eps", min=1e-6, help="bisection: precision in nats.")]
+ConcurrencyOption = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=1024, help="Calls in flight at once.")]
+SimOption = Annotated[list[str], typer.Option("--sim", metavar="KEY=VALUE", help=SIM_HELP)]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)]
+BaseUrlOption = Annotated[Optional[str], typer.Option(
+    "--base-url", envvar="OPENAI_BASE_URL",
+    help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's). Its GET /models (free) is "
+    "asked first: llama-server tells its vocabulary there.")]
+ApiKeyOption = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="OPENAI_API_KEY", show_envvar=True,
+    help="API key (default: $OPENAI_API_KEY). Never written to the checkpoint, output or logs.")]
+ApiOption = Annotated[Api, typer.Option(
+    "--api", "--endpoint",
+    help="chat: /chat/completions; completions: legacy /completions (string-keyed logprobs, at most 5).")]
+SystemOption = Annotated[Optional[str], typer.Option(
+    "--system", help="System message put before plain prompts (chat API); it adds prompt tokens.")]
+ExtraBodyOption = Annotated[Optional[str], typer.Option(
+    "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.')]
+TokenizerOption = Annotated[Optional[str], typer.Option("--tokenizer", help=TOKENIZER_HELP)]
+PostBiasOption = Annotated[bool, typer.Option("--post-bias", help=POST_BIAS_HELP)]
+RpmOption = Annotated[Optional[float], typer.Option("--rpm", min=0.001, help=RPM_HELP)]
+TpmOption = Annotated[Optional[float], typer.Option(
+    "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); as --rpm, learnt from the server "
+    "if not given (estimate: no limit).")]
+PriceOption = Annotated[Optional[str], typer.Option("--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP)]
+
+FLAGS = {
+    "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
+    "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
+    "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost",
+}  # how a SettingsError names each setting on the command line
+
+TimeoutOption = Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds to wait for one answer before retrying.")]
+RetriesOption = Annotated[int, typer.Option(
+    "--retries", min=1, max=100,
+    help="Tries per call (5xx, timeouts, cut connections, malformed answers) before its prompt fails; 429s are "
+    "waited out and not counted.")]
+ENDPOINT_OPTIONS = {
+    "sim": SimOption, "model": ModelOption, "base_url": BaseUrlOption, "api_key": ApiKeyOption, "api": ApiOption,
+    "system": SystemOption, "extra_body": ExtraBodyOption, "tokenizer": TokenizerOption, "post_bias": PostBiasOption,
+    "rpm": RpmOption, "tpm": TpmOption, "timeout": TimeoutOption, "retries": RetriesOption,
+}
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -154,63 +204,78 @@ def simulator_config(switches: list[str]) -> SimulatorConfig:
         fail(f"--sim: {error}", 2)
 
 
-def make_endpoint(
-    sim: list[str],
-    model: str | None,
-    base_url: str | None,
-    api_key: str | None,
-    api: str,
-    system: str | None,
-    extra_body: str | None,
-    tokenizer: str | None,
-    post_bias: bool = False,
-    *,
-    rpm: float | None = None,
-    tpm: float | None = None,
-    timeout: float = 60.0,
-    retries: int = 8,
-) -> Endpoint:
-    """The simulator when no model is named, else an OpenAI-compatible endpoint with its vocabulary,
-    paced by a limiter (rpm, tpm) and retrying `retries` times with `timeout` seconds per attempt."""
-    if model is None:
-        if base_url and not sim:
-            fail("--base-url needs --model: name the model the server serves", 2)
-        if rpm or tpm:
-            fail("--rpm/--tpm pace a --model endpoint; the built-in simulator has no rate limit", 2)
-        return SimulatedEndpoint(simulator_config(sim), system=system)
-    if sim:
-        fail("--sim switches apply to the built-in simulator, not to --model endpoints", 2)
-    if base_url and has_userinfo(base_url):
-        fail(USERINFO_REFUSED.format(url=redact(base_url)), 2)
-    if post_bias and not base_url:
-        fail("--post-bias is llama-server's mode: give its --base-url", 2)
+@dataclass(frozen=True)
+class EndpointOptions:
+    """A command's endpoint options as given on the command line (those it does not take keep these defaults)."""
+
+    sim: tuple[str, ...] = ()
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    api: str = "chat"
+    system: str | None = None
+    extra_body: str | None = None
+    tokenizer: str | None = None
+    post_bias: bool = False
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 60.0
+    retries: int = 8
+
+    def settings(self) -> EndpointSettings:
+        """These options as EndpointSettings (--sim switches and --extra-body JSON parsed); exits 2 on a switch
+        or JSON that does not parse."""
+        try:
+            extra = json.loads(self.extra_body) if self.extra_body and self.model is not None else None
+        except ValueError as error:
+            fail(f"--extra-body is not valid JSON: {error}", 2)
+        simulator = simulator_config(list(self.sim)) if self.sim else None
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("sim", "extra_body")}
+        return EndpointSettings(**fields, extra_body=extra, simulator=simulator)
+
+
+def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator of a command: its `options: EndpointOptions` parameter becomes the shared options `names` on the
+    command line (declared once, in ENDPOINT_OPTIONS), handed back to the command as one EndpointOptions."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = signature_of(command, eval_str=True)
+        defaults = EndpointOptions()
+        parameters = []
+        for parameter in signature.parameters.values():
+            if parameter.name != "options":
+                parameters.append(parameter)
+                continue
+            parameters.extend(
+                Parameter(name, parameter.kind, annotation=ENDPOINT_OPTIONS[name],
+                          default=[] if name == "sim" else getattr(defaults, name))
+                for name in names
+            )
+
+        @functools.wraps(command)
+        def run(**given: Any) -> None:
+            chosen = {name: given.pop(name) for name in names}
+            if "sim" in chosen:
+                chosen["sim"] = tuple(chosen["sim"])
+            if "api" in chosen:
+                chosen["api"] = chosen["api"].value
+            command(**given, options=EndpointOptions(**chosen))
+
+        run.__signature__ = signature.replace(parameters=parameters)
+        return run
+
+    return decorate
+
+
+def open_endpoint(settings: EndpointSettings) -> Endpoint:
+    """endpoint_factory.build_endpoint, its errors worded with the CLI's flags: exit 2 for settings, 1 for a
+    server that cannot be used."""
     try:
-        extra = json.loads(extra_body) if extra_body else None
-    except ValueError as error:
-        fail(f"--extra-body is not valid JSON: {error}", 2)
-    if extra is not None and not isinstance(extra, dict):
-        fail("--extra-body must be a JSON object", 2)
-    try:
-        facts = server_facts(base_url, api_key, model) if base_url else {}
+        return build_endpoint(settings)
+    except SettingsError as error:
+        fail(error.worded(FLAGS), 2)
     except EndpointError as error:
         fail(str(error))
-    try:
-        if tokenizer is None and "n_vocab" in facts:
-            vocabulary = server_vocabulary(facts["n_vocab"])
-        else:
-            vocabulary = load_vocabulary(tokenizer or model)
-    except VocabularyError as error:
-        hint = "" if tokenizer else f" (no --tokenizer given, so the model name {model!r} was tried)"
-        fail(f"{error}{hint}", 2)
-    if "n_vocab" in facts and vocabulary.size != facts["n_vocab"]:
-        fail(f"--tokenizer {vocabulary.name} has {vocabulary.size:,} tokens but the server's model has {facts['n_vocab']:,}", 2)
-    if post_bias and facts.get("dialect") != "llama.cpp":
-        fail("--post-bias is llama-server's mode (post_sampling_probs), and this server is not llama-server", 2)
-    return OpenAIEndpoint(
-        model, vocabulary, base_url=base_url, api_key=api_key, api=api, system=system, extra_body=extra,
-        dialect=facts.get("dialect", "openai"), post_bias=post_bias,
-        limiter=RateLimiter(rpm, tpm), retry=RetryPolicy(attempts=retries, timeout=timeout),
-    )
 
 
 def describe(endpoint: Endpoint) -> str:
@@ -218,62 +283,43 @@ def describe(endpoint: Endpoint) -> str:
 
 
 @app.command(cls=PlainHelpCommand)
+@endpoint_options(
+    "sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias", "rpm", "tpm",
+    "timeout", "retries",
+)
 def extract(
-    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
+    input: InputArgument,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write, NAME.parquet (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
-    method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
-    top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
-    eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
-    concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
+    method: MethodOption = Method.auto,
+    top_k: TopKOption = 20,
+    eps: EpsOption = 1e-3,
+    concurrency: ConcurrencyOption = 16,
     fresh: bool = typer.Option(False, "--fresh", help="Discard this output and its checkpoint and start over (only files logprobs wrote are deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (default: $OPENAI_API_KEY). Never written to the checkpoint, output or logs."),
-    api: Api = typer.Option("chat", "--api", "--endpoint", help="chat: /chat/completions; completions: legacy /completions (string-keyed logprobs, at most 5)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API)."),
-    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help='Extra request fields for the server, e.g. \'{"return_tokens_as_token_ids": true}\'.'),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
-    rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help=RPM_HELP),
-    tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); learnt from the server if not given."),
-    timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Seconds to wait for one answer before retrying."),
-    retries: int = typer.Option(8, "--retries", min=1, max=100, help="Tries per call (5xx, timeouts, cut connections, malformed answers) before its prompt fails; 429s are waited out and not counted."),
+    options: EndpointOptions = EndpointOptions(),
     max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help=MAX_CALLS_HELP),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
-    price: Optional[str] = typer.Option(None, "--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP),
+    price: PriceOption = None,
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help=SHARD_HELP),
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
     if input == "-" and output is None:
         fail("reading prompts from stdin: name the output with -o/--output", 2)
     part = parse_shard(shard) if shard else None
-    if output is None:
-        suffix = f".shard-{part[0]}-of-{part[1]}.parquet" if part else ".parquet"
-        output = Path(input).with_name(Path(input).stem + suffix)
+    output = output if output is not None else default_output(input, part)
     try:
-        journal_path = check_paths(input, output)
+        batch = read_batch(input, output, part, options.api if options.model else None)  # the simulator takes both shapes
     except Refused as refusal:
         fail(str(refusal), 2)
-    try:
-        all_prompts = read_prompts(input, api=api.value if model else None)  # the simulator takes both shapes
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
-    prompts = select_shard(all_prompts, *part) if part else all_prompts
+    prompts, all_prompts, journal_path = batch.prompts, batch.all_prompts, batch.checkpoint
     if not prompts and not quiet:
         err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
-    endpoint = make_endpoint(
-        sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias,
-        rpm=rpm, tpm=tpm, timeout=timeout, retries=retries,
+    endpoint = open_endpoint(options.settings())
+    run = RunConfig(
+        method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost
     )
-    try:
-        override = parse_price(price) if price else None
-    except ValueError as error:
-        fail(f"--price: {error}", 2)
-    unit_price = override if endpoint.in_process else price_for(endpoint.model, override)
-    if max_cost is not None and unit_price is None:
-        fail(f"no price is known for model {endpoint.model!r}: give --price PROMPT,COMPLETION (US$ per 1M tokens) to use --max-cost", 2)
     if fresh:
         try:
             discard(output, journal_path)
@@ -302,10 +348,7 @@ def extract(
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = extract_batch(
-            prompts, output, endpoint, method.value, top_k, eps, concurrency, progress, announce,
-            price=unit_price, max_calls=max_calls, max_cost=max_cost, schema_prompts=all_prompts,
-        )
+        summary = extract_batch(prompts, output, endpoint, run, progress, announce, schema_prompts=all_prompts)
     except Refused as refusal:
         progress.stop()
         fail(str(refusal), 2)
@@ -316,6 +359,24 @@ def extract(
         progress.stop()
         fail(f"{error}. The checkpoint {journal_path} keeps every answer so far: fix the problem and run again.")
     progress.stop()
+    report_run(summary, output, journal_path, quiet, console)
+
+
+def run_price(price: str | None, model: str | None, named_model: str, max_cost: float | None) -> Price | None:
+    """--price parsed, else the built-in table's price of --model (run_config.price_of_calls); exits 2 when --price does
+    not parse, or --max-cost has no price to count with."""
+    try:
+        override = parse_price(price) if price else None
+    except ValueError as error:
+        fail(f"--price: {error}", 2)
+    try:
+        return price_of_calls(model, named_model, override, max_cost)
+    except SettingsError as error:
+        fail(error.worded(FLAGS), 2)
+
+
+def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: bool, console: Console) -> None:
+    """How the run ended, in the CLI's words: exit 130 interrupted, 3 at a budget cap, 1 when prompts failed."""
     if summary.interrupted:
         fail(
             f"interrupted: {summary.finished} of {plural(summary.total, 'prompt')} finished, saved in {output}; "
@@ -377,20 +438,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")
+@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias")
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="API key (default: $OPENAI_API_KEY)."),
-    api: Api = typer.Option("chat", "--api", "--endpoint", help="chat or completions."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message for plain prompts (chat API)."),
-    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help="Extra request fields."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    post_bias: bool = typer.Option(False, "--post-bias", help=POST_BIAS_HELP),
+    options: EndpointOptions = EndpointOptions(),
 ) -> None:
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, extra_body, tokenizer, post_bias)
+    endpoint = open_endpoint(options.settings())
     async def measure():
         try:
             return await run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt))
@@ -413,23 +467,16 @@ def probe(
 
 
 @app.command(cls=PlainHelpCommand)
+@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "tokenizer", "rpm", "tpm")
 def estimate(
-    input: str = typer.Argument(..., metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin."),
-    method: Method = typer.Option("auto", "--method", "-m", help=METHOD_HELP),
-    top_k: int = typer.Option(20, "--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint)."),
-    eps: float = typer.Option(1e-3, "--eps", min=1e-6, help="bisection: precision in nats."),
-    concurrency: int = typer.Option(16, "--concurrency", "-c", min=1, max=1024, help="Calls in flight at once."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's). Only its GET /models is asked (free): llama-server tells its vocabulary there."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (default: $OPENAI_API_KEY), for a --base-url server's GET /models only."),
-    api: Api = typer.Option("chat", "--api", "--endpoint", help="chat: /chat/completions; completions: legacy /completions (at most 5 logprobs)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message put before plain prompts (chat API): it adds prompt tokens."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    rpm: Optional[float] = typer.Option(None, "--rpm", min=0.001, help="Requests per minute the endpoint allows (default: no limit)."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", min=0.001, help="Tokens per minute the endpoint allows, prompt + 1 per call (default: no limit)."),
+    input: InputArgument,
+    method: MethodOption = Method.auto,
+    top_k: TopKOption = 20,
+    eps: EpsOption = 1e-3,
+    concurrency: ConcurrencyOption = 16,
+    options: EndpointOptions = EndpointOptions(),
     latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
-    price: Optional[str] = typer.Option(None, "--price", metavar="IN,OUT", help="US$ per 1M prompt tokens and per 1M completion tokens, e.g. 2.5,10 (default: the built-in table of common OpenAI models; the simulator is free)."),
+    price: PriceOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
     """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
@@ -439,13 +486,14 @@ def estimate(
     (free) is asked, as extract does, to learn its vocabulary.
     """
     try:
-        prompts = read_prompts(input, api=api.value if model else None)
+        prompts = read_prompts(input, api=options.api if options.model else None)
         override = parse_price(price) if price else None
     except InputError as error:
         fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     except ValueError as error:
         fail(str(error), 2)
-    endpoint = make_endpoint(sim, model, base_url, api_key, api.value, system, None, tokenizer)
+    endpoint = open_endpoint(options.settings())
+    model, rpm, tpm = options.model, options.rpm, options.tpm
     unit_price = price_for(model, override)
     report = None
     in_process = endpoint.in_process
@@ -516,7 +564,7 @@ def estimate(
 @app.command(cls=PlainHelpCommand)
 def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1."),
-    sim: list[str] = typer.Option([], "--sim", metavar="KEY=VALUE", help=SIM_HELP),
+    sim: SimOption = [],
     model: str = typer.Option("simulator", "--model", help="Model name the server answers to."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require this API key (Bearer token)."),
     token_ids: bool = typer.Option(False, "--token-ids", help="llama.cpp dialect: every logprob entry carries its token id."),

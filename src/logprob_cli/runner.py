@@ -12,6 +12,7 @@ passed since the last write, and once more at the end, whatever ended the run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import signal
@@ -32,8 +33,8 @@ from .methods import METHODS, Context
 from .output import OutputRow, output_schema, write_parquet
 from .outputs_guard import check_resumable, checkpoint_path
 from .probe import ProbeReport, probe
-from .prices import Price
 from .progress import RunStart
+from .run_config import RunConfig
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
@@ -436,27 +437,23 @@ def extract_batch(
     prompts: list[Prompt],
     output: Path,
     endpoint: Endpoint,
-    method: str,
-    top_k: int = 20,
-    eps: float = 1e-3,
-    concurrency: int = 16,
+    run: RunConfig | str = RunConfig(),
     progress: Progress | None = None,
     announce: Callable[[str, ProbeReport | None], None] = lambda method, report: None,
     *,
-    price: Price | None = None,
-    max_calls: int | None = None,
-    max_cost: float | None = None,
     schema_prompts: list[Prompt] | None = None,
+    **settings: Any,
 ) -> RunSummary:
     """Run a method over prompts into `output`, resuming from (and keeping) its checkpoint.
 
-    method "auto" probes the endpoint once per run (the report is kept in the checkpoint
-    and the output metadata) and runs the method it recommends. `max_calls` / `max_cost`
-    (US$, at `price`) cap what the checkpoint spends in all: at the cap the run stops
-    cleanly and the summary says so. `schema_prompts` (default: `prompts`) fix the output's
-    columns, so every shard of a batch writes the same schema; with no prompts (an empty
-    shard) the output has those columns and no rows, and no call is made.
-    Before any call: raises InputError (the pre-flight check of the prompts,
+    `run` is the RunConfig, or a method name with the RunConfig's other fields as keywords
+    (`settings`, which also override a given RunConfig's). method "auto" probes the endpoint once
+    per run (the report is kept in the checkpoint and the output metadata) and runs the method it
+    recommends. `max_calls` / `max_cost` (US$, at `price`) cap what the checkpoint spends in all:
+    at the cap the run stops cleanly and the summary says so. `schema_prompts` (default: `prompts`)
+    fix the output's columns, so every shard of a batch writes the same schema; with no prompts (an
+    empty shard) the output has those columns and no rows, and no call is made.
+    Before any call: raises ValueError (a setting out of range), InputError (the pre-flight check of the prompts,
     inputs.check_prompts, found problems), Refused when the output or checkpoint may not be
     used (see outputs_guard: an output that is not .parquet or not the tool's, rows this run
     would replace, a damaged checkpoint), JournalError (checkpoint in use / other settings).
@@ -464,8 +461,8 @@ def extract_batch(
     cannot be used at all). Ctrl-C stops the run: the summary says so, and the output holds
     every prompt finished so far.
     """
-    if method != "auto" and method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose auto or one of {', '.join(METHODS)}")
+    config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
+    method, top_k, eps, concurrency = config.method, config.top_k, config.eps, config.concurrency
     check_prompts(schema_prompts or prompts, endpoint.api)
     settings = run_settings(endpoint, method, top_k, eps)
     journal_path = checkpoint_path(output)
@@ -473,7 +470,7 @@ def extract_batch(
     with Journal.open(journal_path, settings, resumable) as journal:
         summary = RunSummary(total=len(prompts))
         before = journal.spent()
-        metered = MeteredEndpoint(endpoint, journal.spent(), price, max_calls, max_cost)
+        metered = MeteredEndpoint(endpoint, journal.spent(), config.price, config.max_calls, config.max_cost)
         summary.spent_before = before
         summary.meter = metered
         writer: OutputWriter | None = None

@@ -1,0 +1,133 @@
+"""Endpoint settings and the one place an endpoint is built from them (the CLI and the Python API both call it).
+
+    settings = EndpointSettings(model="gpt-4o-mini")          # or base_url=..., tokenizer=..., ...
+    endpoint = build_endpoint(settings)                       # SimulatedEndpoint or OpenAIEndpoint
+
+Errors name settings by their Python names (`base_url needs model`); the CLI renders the same
+message with its flags (`--base-url needs --model`) through `SettingsError.worded`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from .endpoint import Endpoint
+from .openai_endpoint import OpenAIEndpoint, server_facts
+from .ratelimit import RateLimiter
+from .simulator import SimulatedEndpoint, SimulatorConfig
+from .transport import RetryPolicy
+from .urls import USERINFO_REFUSED, has_userinfo, redact
+from .vocabulary import Vocabulary, VocabularyError, load_vocabulary, server_vocabulary
+
+SETTING_NAMES = {
+    "model": "model", "base_url": "base_url", "api_key": "api_key", "tokenizer": "tokenizer",
+    "post_bias": "post_bias", "extra_body": "extra_body", "rpm": "rpm", "tpm": "tpm",
+    "simulator": "simulator settings", "price": "price", "max_cost": "max_cost",
+}
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together, found before any completion is asked.
+
+    `template` names settings as `{base_url}`, `{model}`...; `values` fill its other fields (text
+    that may hold braces). str() uses the Python names (SETTING_NAMES); `worded(names)` another
+    naming, e.g. the CLI's flags.
+    """
+
+    def __init__(self, template: str, **values: Any):
+        self.template = template
+        self.values = values
+        super().__init__(self.worded(SETTING_NAMES))
+
+    def worded(self, names: Mapping[str, str]) -> str:
+        return self.template.format(**{**SETTING_NAMES, **names}, **self.values)
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Everything that chooses and configures an endpoint.
+
+    No `model`: the built-in simulator answers (with `simulator`'s switches, default SimulatorConfig()).
+    With a model: an OpenAI-compatible endpoint at `base_url` (default OpenAI's), its vocabulary
+    from `tokenizer` (a tiktoken encoding, a .tiktoken or tokenizer.json file, simulator:SIZE;
+    default: llama-server's own size, else the model name), `api` chat or completions, `system`
+    put before plain prompts, `extra_body` merged into each request, `post_bias` llama-server's
+    post-sampling mode, paced under `rpm`/`tpm` (default: what the server announces), `retries`
+    tries per call of `timeout` seconds each. The API key is never shown in repr.
+    """
+
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    api: Literal["chat", "completions"] = "chat"
+    system: str | None = None
+    extra_body: Mapping[str, Any] | None = None
+    tokenizer: str | None = None
+    post_bias: bool = False
+    simulator: SimulatorConfig | None = None
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 60.0
+    retries: int = 8
+
+
+def build_endpoint(settings: EndpointSettings) -> Endpoint:
+    """The endpoint the settings describe (see EndpointSettings).
+
+    Raises SettingsError (a ValueError) for settings that contradict each other or a vocabulary that
+    cannot be loaded or does not match the server's, and EndpointFatal when a base_url server cannot be
+    reached or refuses the key (its GET /models, free, is asked to learn its dialect and vocabulary).
+    """
+    if settings.model is None:
+        return _simulator(settings)
+    if settings.simulator is not None:
+        raise SettingsError("{simulator} apply to the built-in simulator, not to {model} endpoints")
+    base_url = settings.base_url
+    if base_url and has_userinfo(base_url):
+        raise SettingsError("{refusal}", refusal=USERINFO_REFUSED.format(url=redact(base_url)))
+    if settings.post_bias and not base_url:
+        raise SettingsError("{post_bias} is llama-server's mode: give its {base_url}")
+    if settings.extra_body is not None and not isinstance(settings.extra_body, Mapping):
+        raise SettingsError("{extra_body} must be a JSON object")
+    facts = server_facts(base_url, settings.api_key, settings.model) if base_url else {}
+    vocabulary = _vocabulary(settings, facts.get("n_vocab"))
+    if settings.post_bias and facts.get("dialect") != "llama.cpp":
+        raise SettingsError(
+            "{post_bias} is llama-server's mode (post_sampling_probs), and this server is not llama-server"
+        )
+    return OpenAIEndpoint(
+        settings.model, vocabulary, base_url=base_url, api_key=settings.api_key, api=settings.api,
+        system=settings.system, extra_body=dict(settings.extra_body) if settings.extra_body is not None else None,
+        dialect=facts.get("dialect", "openai"), post_bias=settings.post_bias,
+        limiter=RateLimiter(settings.rpm, settings.tpm),
+        retry=RetryPolicy(attempts=settings.retries, timeout=settings.timeout),
+    )
+
+
+def _simulator(settings: EndpointSettings) -> SimulatedEndpoint:
+    """The built-in simulator, refusing the settings that only a model endpoint takes."""
+    if settings.base_url and settings.simulator is None:
+        raise SettingsError("{base_url} needs {model}: name the model the server serves")
+    if settings.rpm or settings.tpm:
+        raise SettingsError("{rpm}/{tpm} pace a {model} endpoint; the built-in simulator has no rate limit")
+    return SimulatedEndpoint(settings.simulator or SimulatorConfig(), system=settings.system)
+
+
+def _vocabulary(settings: EndpointSettings, server_size: int | None) -> Vocabulary:
+    """The tokenizer's vocabulary (default: llama-server's size, else the model name's), checked against the
+    size the server reports."""
+    try:
+        if settings.tokenizer is None and server_size is not None:
+            vocabulary = server_vocabulary(server_size)
+        else:
+            vocabulary = load_vocabulary(settings.tokenizer or settings.model)
+    except VocabularyError as error:
+        hint = "" if settings.tokenizer else " (no {tokenizer} given, so the model name {model_name!r} was tried)"
+        raise SettingsError("{error}" + hint, error=error, model_name=settings.model) from error
+    if server_size is not None and vocabulary.size != server_size:
+        raise SettingsError(
+            "{tokenizer} {name} has {size:,} tokens but the server's model has {server:,}",
+            name=vocabulary.name, size=vocabulary.size, server=server_size,
+        )
+    return vocabulary
