@@ -107,6 +107,31 @@ def extracted(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_metadata_records_the_method_that_ran_and_how_it_was_chosen(extracted, tmp_path):
+    metadata = read_metadata(extracted)
+    rows = pq.read_table(extracted, columns=["method"]).column("method").to_pylist()
+    assert metadata["settings"]["method"] == "auto"
+    assert set(rows) == {metadata["method"]} == {metadata["probe"]["recommended"]}
+    assert metadata["method_chosen_by"] == "auto (probe)"
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"id": "a", "prompt": "hello"}\n{"id": "b", "prompt": "world"}\n')
+    named = cli("extract", one, "--method", "visible", "--sim", "vocab_size=1000", "-q")
+    assert named.returncode == 0, named.stderr
+    metadata = read_metadata(tmp_path / "one.parquet")
+    assert (metadata["method"], metadata["method_chosen_by"]) == ("visible", "settings")
+    empty = 0
+    for part in (0, 1, 2):  # a part holding no prompt still says which method its run used
+        run = cli("extract", one, "--shard", f"{part}/3", "--method", "visible", "--sim", "vocab_size=1000", "-q")
+        assert run.returncode == 0, run.stderr
+        written = tmp_path / f"one.shard-{part}-of-3.parquet"
+        if pq.read_metadata(written).num_rows == 0:
+            console = Console(record=True, width=80)
+            render_inspect(written, console)
+            assert "method: visible (no rows)" in console.export_text()
+            empty += 1
+    assert empty, "two prompts in three parts leave one part empty"
+
+
 def test_inspect_fits_80_columns_and_names_the_method_that_ran(extracted):
     console = Console(record=True, width=80)
     render_inspect(extracted, console, top=5)

@@ -341,17 +341,19 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
         + (f" ({size:,} tokens)" if isinstance(size, int) else ""),
         highlight=False,
     )
-    console.print(f"method: {_method_that_ran(metadata.get('settings', {}).get('method'), list(ran))}", highlight=False)
+    asked = metadata.get("settings", {}).get("method")
+    console.print(f"method: {_method_that_ran(asked, list(ran), metadata.get('method'))}", highlight=False)
     console.print(table)
     console.print("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability "
                   "recovered; unrec.: tokens not recovered", highlight=False, style="dim")
 
 
-def _method_that_ran(asked: str | None, ran: list[str]) -> str:
-    """The rows' method(s), saying when auto chose it; the asked method if there are no rows."""
-    if not ran:
+def _method_that_ran(asked: str | None, ran: list[str], recorded: str | None = None) -> str:
+    """The rows' method(s), else the one the metadata records (files from 0.2.0 and earlier record none: the
+    asked method), saying when auto chose it."""
+    if not ran and not recorded:
         return f"{asked or '?'} (no rows)"
-    shown = ", ".join(ran)
+    shown = ", ".join(ran) or f"{recorded} (no rows)"
     return f"{shown} (chosen by auto)" if asked == "auto" else shown
 
 

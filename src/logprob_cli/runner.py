@@ -338,9 +338,14 @@ def output_metadata(
     behaviour: dict[str, Any],
     probe: dict[str, Any] | None,
     token_mapping: str | None,
+    method: str,
 ) -> dict[str, Any]:
+    """The run's description stored in the Parquet file. `method` is the method that ran; `method_chosen_by`
+    says whether the settings named it or auto picked it from the probe (`probe`), see `_chosen_by`."""
     description = endpoint.describe()
     return {
+        "method": method,
+        "method_chosen_by": _chosen_by(settings.get("method"), method),
         "probe": probe,
         "token_mapping": token_mapping,
         "tool_version": __version__,
@@ -350,6 +355,14 @@ def output_metadata(
         "behaviour": behaviour,
         "settings": settings,
     }
+
+
+def _chosen_by(asked: str | None, ran: str) -> str:
+    """How the method that ran was chosen: named in the settings, or picked by auto's probe (an auto run of
+    no prompt, an empty shard, picks none)."""
+    if asked != "auto":
+        return "settings"
+    return "auto (probe)" if ran != "auto" else "none: no prompt to run"
 
 
 class OutputWriter:
@@ -390,7 +403,7 @@ class OutputWriter:
                 for key, item in itertools.chain([first] if first else [], saved)
             )
             mapping = reader.get_meta("token_mapping")
-            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, mapping)
+            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, mapping, self.method)
             written = write_parquet(self.path, self.schema, rows, metadata)
         finally:
             reader.close()
