@@ -4,9 +4,9 @@ Every request goes out through one seam, a `Wire` (`send(method, url, headers, b
 `AiohttpWire` by default, `MockWire` in tests (it answers in-process from a handler or from recorded
 exchanges, as httpx's MockTransport does), so everything above the wire runs the same in both.
 `AiohttpWire` keeps one keep-alive aiohttp session per event loop (its C HTTP parser costs ~0.5 ms of CPU a
-call where the openai client's stack costs ~4 ms: benchmarks/client_cpu.py), honouring
-HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request). Every attempt first waits its turn at the
-`RateLimiter`. What happens to an answer:
+call where the openai client's stack costs ~4 ms: benchmarks/client_cpu.py), honouring HTTP(S)_PROXY /
+NO_PROXY like the openai client (looked up once per URL, not per request). Every attempt first waits its
+turn at the `RateLimiter`. What happens to a POST's answer (`get` returns most answers as they came):
 
 - 2xx with a body `parse` accepts: returned; the limiter learns from its headers;
 - 429: the limiter learns from it (`RateLimiter.throttled`: it may slow everyone down) and
