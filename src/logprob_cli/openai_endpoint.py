@@ -8,13 +8,13 @@ the vocabulary, and last its string (ambiguous: distinct tokens can share a stri
 endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
 becomes None. The API key goes to the client only; `describe` never includes it. For
 llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize,
-asked once through the same aiohttp transport), and its calls go one at a time.
+asked once through the same wire), and its calls go one at a time.
 
 Failures that doom every request (bad key, unknown model, server unreachable, a token id beyond the
 model's vocabulary) raise
 `EndpointFatal` so a run stops at once with one message; a request that keeps failing
-raises `EndpointError` (its prompt fails). `server_facts` asks GET /models once, through
-the official openai client.
+raises `EndpointError` (its prompt fails). `server_facts` asks GET /models once. Every request
+goes through `Transport` and its one seam, the `Wire` (tests answer from recorded exchanges with a `MockWire`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import os
 import re
 from typing import Any, Callable, Literal
 
-import openai
-
 from .endpoint import (
     WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, Limits,
     Pressure, Prompt, Query, approx_tokens,
 )
 from .ratelimit import RateLimiter
-from .transport import MESSAGE_CHARS, RetryPolicy, Transport, describe_body, is_html, not_an_api, one_line, parse_json
+from .transport import (
+    RetryPolicy, Transport, Wire, _message, describe_body, is_html, not_an_api, parse_json,
+)
 from .urls import USERINFO_REFUSED, has_userinfo, redact
 from .vocabulary import Vocabulary, tiktoken_encoding
 
@@ -57,28 +57,46 @@ LLAMA_CPP_POST_BIAS = {"post_sampling_probs": True, "top_k": 0, "top_p": 1, "min
 
 
 def server_facts(base_url: str | None, api_key: str | None, model: str, timeout: float = 10.0) -> dict[str, Any]:
-    """What the server says about itself in GET /models: llama.cpp reports its vocabulary size there.
+    """`ask_server_facts` from synchronous code (a fresh event loop; not from inside a running one)."""
+    return asyncio.run(ask_server_facts(base_url, api_key, model, timeout))
+
+
+async def ask_server_facts(
+    base_url: str | None, api_key: str | None, model: str, timeout: float = 10.0, wire: Wire | None = None
+) -> dict[str, Any]:
+    """What the server says about itself in GET /models (one try, `timeout` seconds): llama.cpp reports its
+    vocabulary size there.
 
     Returns {"dialect": "llama.cpp", "n_vocab": N} for llama-server, {"dialect": "vllm"} for vLLM
     (its models are owned_by "vllm"), {} for servers that say nothing more than the OpenAI
-    contract (or answer GET /models with an error or JSON of another shape: the completion requests
-    will tell), and raises EndpointFatal when the server cannot be reached, refuses the key, or
-    answers with an HTML page (a web site, not an API).
+    contract (or answer GET /models with an error, no answer in time, or JSON of another shape: the
+    completion requests will tell), and raises EndpointFatal when the server cannot be reached, refuses
+    the key, or answers with an HTML page (a web site, not an API). `model` is not used (kept for callers).
     """
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or _env_key() or "none", timeout=timeout, max_retries=0)
+    where = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+    retry = RetryPolicy(attempts=1, connect_attempts=1, timeout=timeout)
+    transport = Transport(where, api_key or _env_key() or "none", retry=retry, wire=wire)
     try:
-        response = client.models.with_raw_response.list().http_response
-    except openai.APIConnectionError as err:
-        raise EndpointFatal(redact(f"cannot reach {client.base_url} ({err.__cause__ or err}): is the server running?")) from None
-    except openai.AuthenticationError as err:
-        raise EndpointFatal(redact(f"{client.base_url} rejected the API key: {_server_message(err)}")) from None
-    except openai.APIError:
+        response = await transport.get("/models")
+    except EndpointFatal:
+        raise
+    except EndpointError:
         return {}
-    where = redact(str(client.base_url).rstrip("/"))
-    if is_html(response.text):
-        raise not_an_api(where, "GET /models", response.status_code, describe_body(response.content))
-    body = parse_json(response.content)
-    models = body.get("data") if isinstance(body, dict) else None
+    finally:
+        await transport.aclose()
+    where = redact(transport.base_url)
+    if response.status == 401:
+        raise EndpointFatal(f"{where} rejected the API key: {_message(response.body, 401)}")
+    if response.status >= 300:
+        return {}
+    if is_html(response.body[:1024].decode("utf-8", errors="replace")):
+        raise not_an_api(where, "GET /models", response.status, describe_body(response.body))
+    body = parse_json(response.body)
+    return _facts(body.get("data") if isinstance(body, dict) else None)
+
+
+def _facts(models: Any) -> dict[str, Any]:
+    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}."""
     for entry in models if isinstance(models, list) else []:
         if not isinstance(entry, dict):
             continue
@@ -110,6 +128,7 @@ class OpenAIEndpoint(Endpoint):
         limiter: RateLimiter | None = None,
         dialect: str = "openai",
         post_bias: bool = False,
+        wire: Wire | None = None,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -140,12 +159,12 @@ class OpenAIEndpoint(Endpoint):
             if os.environ.get(var)
         }
         key = api_key or _env_key() or "none"
-        self.transport = Transport(self.base_url, key, headers=headers, limiter=limiter, retry=retry)
+        self.transport = Transport(self.base_url, key, headers=headers, limiter=limiter, retry=retry, wire=wire)
         # llama-server's own routes (/tokenize) sit beside /v1: asked once, three tries at most.
         self._llama_routes = (
             Transport(
                 self.base_url.removesuffix("/v1"), key, headers=headers,
-                retry=dataclasses.replace(self.transport.retry, attempts=3),
+                retry=dataclasses.replace(self.transport.retry, attempts=3), wire=self.transport.wire,
             )
             if dialect == "llama.cpp"
             else None
@@ -172,7 +191,7 @@ class OpenAIEndpoint(Endpoint):
         sequence (`validate_utf8`, tools/server/server-common.cpp); with max_tokens 1 that text is the
         token's piece, and the answer comes back without logprobs or token. One request to /tokenize
         with every id and `with_pieces` returns every piece (as a list of byte values where it is not
-        valid UTF-8). Asked on first use through the aiohttp transport, then cached (two first uses at
+        valid UTF-8). Asked on first use through the endpoint's wire, then cached (two first uses at
         once may both ask; they get the same list).
         """
         if self._withheld is None:
@@ -218,10 +237,8 @@ class OpenAIEndpoint(Endpoint):
         )
 
     async def aclose(self) -> None:
-        """Close the connections of the running loop (call before that loop ends)."""
+        """Close the connections of the running loop (call before that loop ends; both transports share one wire)."""
         await self.transport.aclose()
-        if self._llama_routes is not None:
-            await self._llama_routes.aclose()
 
     def pressure(self) -> Pressure:
         """The transport's retries, the limiter's 429s and its current requests-per-minute limit."""
@@ -519,17 +536,3 @@ def _bias_value(b: float) -> float | int:
 
 def _env_key() -> str | None:
     return os.environ.get("OPENAI_API_KEY")
-
-
-def _server_message(err: openai.APIStatusError) -> str:
-    """The server's own words in one short line (a page that is not JSON is described, not quoted)."""
-    body = err.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return one_line(str(inner["message"]), MESSAGE_CHARS)
-        if isinstance(inner, str):
-            return one_line(inner, MESSAGE_CHARS)
-    return f"{err.status_code}: {describe_body(err.response.content) or 'no body'}"
-
-

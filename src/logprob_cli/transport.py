@@ -1,9 +1,12 @@
-"""The wire to an OpenAI-compatible API: JSON POSTs, paced, retried, cheap on CPU.
+"""The wire to an OpenAI-compatible API: JSON POSTs (and the odd GET), paced, retried, cheap on CPU.
 
-One keep-alive aiohttp session per event loop (its C HTTP parser costs ~0.5 ms of CPU a
-call where the openai client's stack costs ~4 ms: benchmarks/client_cpu.py), honouring
-HTTP(S)_PROXY / NO_PROXY like the openai client (looked up once, not per request). Every attempt first waits its turn at the
-`RateLimiter`. What happens to an answer:
+Every request goes out through one seam, a `Wire` (`send(method, url, headers, body) -> RawResponse`):
+`AiohttpWire` by default, `MockWire` in tests (it answers in-process from a handler or from recorded
+exchanges, as httpx's MockTransport does), so everything above the wire runs the same in both.
+`AiohttpWire` keeps one keep-alive aiohttp session per event loop (its C HTTP parser costs ~0.5 ms of CPU a
+call where the openai client's stack costs ~4 ms: benchmarks/client_cpu.py), honouring HTTP(S)_PROXY /
+NO_PROXY like the openai client (looked up once per URL, not per request). Every attempt first waits its
+turn at the `RateLimiter`. What happens to a POST's answer (`get` returns most answers as they came):
 
 - 2xx with a body `parse` accepts: returned; the limiter learns from its headers;
 - 429: the limiter learns from it (`RateLimiter.throttled`: it may slow everyone down) and
@@ -38,10 +41,11 @@ import random
 import re
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .endpoint import EndpointError, EndpointFatal, EndpointRejected
 from .ratelimit import RateLimiter, retry_after
@@ -93,8 +97,96 @@ class _RateLimited(Exception):
         self.wait = wait
 
 
+@dataclass(frozen=True)
+class RawResponse:
+    """One answer as it came off the wire: status, headers (case-insensitive names), body bytes."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Wire(Protocol):
+    """The one place a request leaves the process. `send` raises aiohttp's errors for a connection that
+    cannot be opened (`aiohttp.ClientConnectorError`), is cut (`aiohttp.ClientError`, `ConnectionError`)
+    or times out (`asyncio.TimeoutError`); `Transport` classifies them and every status."""
+
+    async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> RawResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpWire:
+    """The network: one keep-alive aiohttp session per event loop, `timeout` seconds per request, the
+    environment's proxy (HTTP(S)_PROXY, NO_PROXY) for each URL, looked up once per URL."""
+
+    def __init__(self, timeout: float = 60.0):
+        self.timeout = timeout
+        self._proxies: dict[str, str | None] = {}
+        self._session_of_loop: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
+
+    async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> RawResponse:
+        proxy = self._proxies[url] if url in self._proxies else self._proxies.setdefault(url, _env_proxy(url))
+        async with self._session().request(method, url, data=body, headers=headers, proxy=proxy) as response:
+            return RawResponse(response.status, response.headers, await response.read())
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The session of the running loop (a connection pool cannot outlive its loop)."""
+        loop = asyncio.get_running_loop()
+        if self._session_of_loop is None or self._session_of_loop[0] is not loop:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent",),
+                headers={"User-Agent": "logprob-cli"},
+            )
+            self._session_of_loop = (loop, session)
+        return self._session_of_loop[1]
+
+    async def aclose(self) -> None:
+        """Close the running loop's session (call before that loop ends)."""
+        if self._session_of_loop is not None and self._session_of_loop[0] is asyncio.get_running_loop():
+            await self._session_of_loop[1].close()
+            self._session_of_loop = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as `MockWire` hands it to its handler: method, full URL, headers, body bytes."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+class MockWire:
+    """An in-process wire for tests: `handler(request)` returns the RawResponse (or raises what a real wire
+    would); every request is kept in `requests`, in order."""
+
+    def __init__(self, handler: Callable[[Request], RawResponse | Awaitable[RawResponse]]):
+        self.handler = handler
+        self.requests: list[Request] = []
+
+    async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> RawResponse:
+        request = Request(method, url, dict(headers), body)
+        self.requests.append(request)
+        answer = self.handler(request)
+        if not isinstance(answer, RawResponse):
+            answer = await answer
+        return RawResponse(answer.status, CIMultiDictProxy(CIMultiDict(answer.headers)), answer.body)
+
+    async def aclose(self) -> None:
+        pass
+
+
 class Transport:
-    """POSTs JSON bodies to `base_url` (see module docstring). `aclose()` before the loop ends."""
+    """Sends JSON requests to `base_url` through `wire` (default: the network; see module docstring).
+    `aclose()` before the loop ends."""
 
     def __init__(
         self,
@@ -104,29 +196,39 @@ class Transport:
         headers: dict[str, str] | None = None,
         limiter: RateLimiter | None = None,
         retry: RetryPolicy | None = None,
+        wire: Wire | None = None,
     ):
         base, _, query = base_url.partition("?")  # a query string (?api-version=...) goes after the path
         self.base_url = base.rstrip("/")
         self._query = f"?{query}" if query else ""
         self.limiter = limiter or RateLimiter()
         self.retry = retry or RetryPolicy()
+        self.wire: Wire = wire or AiohttpWire(self.retry.timeout)
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json", **(headers or {})}
-        self._proxy = _env_proxy(self.base_url)
-        self._session_of_loop: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
 
     async def post(self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[Any], T]) -> T:
         """POST `body` to base_url + path and return `parse(json)`, retrying as the module docstring says.
 
         tokens: what the request counts against a tokens-per-minute limit (prompt + max_tokens).
         """
-        data = json.dumps(body).encode()
+        return await self._call("POST", path, json.dumps(body).encode(), tokens, lambda raw: self._read(path, tokens, raw, parse))
+
+    async def get(self, path: str) -> RawResponse:
+        """GET base_url + path: paced, and retried like `post` after connection failures, timeouts and
+        408/409/429/5xx (a 429 counted as a try here); any other answer is returned as it came, for the
+        caller to read (a one-off question such as GET /models has its own idea of what an error means)."""
+        return await self._call("GET", path, None, 1, self._returned)
+
+    async def _call(self, method: str, path: str, data: bytes | None, tokens: int, read: Callable[[RawResponse], T]) -> T:
+        """Send until `read` accepts an answer, retrying as the module docstring says."""
+        url = self.base_url + path + self._query
         failures = connect_failures = 0
         limited_since: float | None = None  # when this call's first 429 came
         refusals = 0  # this call's 429s
         while True:
             await self.limiter.acquire(tokens)
             try:
-                return await self._attempt(path, data, tokens, parse)
+                return read(await self.wire.send(method, url, self._headers, data))
             except _RateLimited as limited:
                 now = asyncio.get_running_loop().time()
                 limited_since = now if limited_since is None else limited_since
@@ -140,8 +242,9 @@ class Transport:
             except aiohttp.ClientConnectorError as err:
                 connect_failures += 1
                 if connect_failures >= min(self.retry.connect_attempts, self.retry.attempts):
+                    where = f"{self.base_url}{self._query}"
                     raise EndpointFatal(
-                        redact(f"cannot reach {self.base_url} ({err.os_error or err}): is the server running, and the URL right?")
+                        redact(f"cannot reach {where} ({err.os_error or err}): is the server running, and the URL right?")
                     ) from None
                 reason, wait = f"cannot connect ({err.os_error or err})", None
             except asyncio.TimeoutError:
@@ -170,13 +273,9 @@ class Transport:
             "(if you know the endpoint's limits, give them with --rpm / --tpm)."
         )
 
-    async def _attempt(self, path: str, data: bytes, tokens: int, parse: Callable[[Any], T]) -> T:
-        async with self._session().post(
-            self.base_url + path + self._query, data=data, headers=self._headers, proxy=self._proxy
-        ) as response:
-            raw = await response.read()
-            headers = response.headers
-            status = response.status
+    def _read(self, path: str, tokens: int, response: RawResponse, parse: Callable[[Any], T]) -> T:
+        """A POST's answer: `parse(json)` of a 2xx, else the retry or error the module docstring names."""
+        status, headers, raw = response.status, response.headers, response.body
         if status == 429:
             kind = _error_type(raw)
             wait = self.limiter.throttled(headers, "tokens" if kind == "tokens" else None, tokens)
@@ -192,25 +291,17 @@ class Transport:
         self.limiter.succeeded(tokens, headers)
         return result
 
-    def _session(self) -> aiohttp.ClientSession:
-        """The session of the running loop (a connection pool cannot outlive its loop)."""
-        loop = asyncio.get_running_loop()
-        if self._session_of_loop is None or self._session_of_loop[0] is not loop:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(total=self.retry.timeout),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent",),
-                headers={"User-Agent": "logprob-cli"},
-            )
-            self._session_of_loop = (loop, session)
-        return self._session_of_loop[1]
+    @staticmethod
+    def _returned(response: RawResponse) -> RawResponse:
+        """A GET's answer, unless it is one worth asking again (see `get`)."""
+        if response.status in RETRYABLE_STATUS:
+            wait = retry_after(response.headers) if response.status in (429, 503) else None
+            raise _Retry(f"{response.status}: {_message(response.body, response.status)}", wait)
+        return response
 
     async def aclose(self) -> None:
-        """Close the running loop's session (call before that loop ends)."""
-        if self._session_of_loop is not None and self._session_of_loop[0] is asyncio.get_running_loop():
-            await self._session_of_loop[1].close()
-            self._session_of_loop = None
+        """Close the wire's connections of the running loop (call before that loop ends)."""
+        await self.wire.aclose()
 
 
 def _env_proxy(url: str) -> str | None:
