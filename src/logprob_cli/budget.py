@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any
 
 from .endpoint import Answer, AskFunction, Endpoint, EndpointDescription, Limits, Pressure, Prompt, Query
+from .errors import LogprobError
 from .prices import Price
 
 
@@ -40,8 +41,9 @@ class Spend:
         )
 
 
-class BudgetReached(Exception):
-    """The next call would cross --max-calls or --max-cost; the message says which and how far."""
+class BudgetReached(LogprobError):
+    """The next call would cross max_calls or max_cost; the message says which and how far. A run stops cleanly
+    and reports it (RunSummary.budget_reached); the CLI exits 3."""
 
 
 class MeteredEndpoint(Endpoint):

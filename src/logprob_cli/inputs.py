@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .endpoint import Prompt
+from .errors import LogprobError
 from .preflight import prompt_problems, where
 
 MAX_LISTED = 20
@@ -33,8 +34,9 @@ KINDS = {
 }
 
 
-class InputError(Exception):
-    """The input cannot be used; `problems` lists everything wrong, line problems as "line N: ..."."""
+class InputError(LogprobError):
+    """The input cannot be used; `problems` lists everything wrong, line problems as "line N: ...". Raised before
+    any call; the CLI exits 2."""
 
     def __init__(self, problems: list[str], source: str | None = None):
         super().__init__(problems, source)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .budget import Spend
+from .errors import LogprobError
 from .endpoint import Answer, Prompt
 from .methods.base import MethodResult
 
@@ -51,14 +52,15 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 DAMAGE_ERRORS = ("SQLITE_CORRUPT", "SQLITE_NOTADB")  # sqlite_errorname prefixes that mean a broken file
 
 
-class JournalError(RuntimeError):
-    """The checkpoint cannot be used as asked; the message says why and what to do."""
+class JournalError(LogprobError, RuntimeError):
+    """The checkpoint cannot be used as asked; the message says why and what to do. The CLI exits 1."""
 
 
 class Refused(JournalError):
-    """The files at the output's place cannot be used for this run, found before any call (a usage error).
+    """The files at the output's place cannot be used for this run, found before any call (a usage error: the
+    CLI exits 2).
 
-    `damaged`: the file is a checkpoint that cannot be read (--fresh may discard it).
+    `damaged`: the file is a checkpoint that cannot be read (fresh=True may discard it).
     """
 
     damaged = False
