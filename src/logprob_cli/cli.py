@@ -23,7 +23,7 @@ from rich.table import Table
 from . import __version__
 from .budget import BudgetReached
 from .endpoint import Endpoint, Prompt
-from .errors import LogprobError
+from .errors import LogprobError, message_of, reworded
 from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
 from .inputs import InputError, read_prompts
 from .journal import Refused
@@ -150,7 +150,7 @@ FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
-    "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "-o",
+    "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (BudgetReached, 3), (LogprobError, 1))
 
@@ -177,10 +177,15 @@ def exit_code(error: LogprobError) -> int:
     return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
 
 
+def flagged(text: str) -> str:
+    """`text` (a message from below the CLI) with its settings named by their flags (errors.Worded)."""
+    return reworded(text, FLAGS)
+
+
 def cli_message(error: LogprobError) -> str:
     """`error`'s message with its settings named by their flags."""
     if isinstance(error, InputError):
-        return f"{error}\nNothing was sent to the endpoint; fix the input and run again."
+        return f"{error.worded(FLAGS)}\nNothing was sent to the endpoint; fix the input and run again."
     return error.worded(FLAGS)
 
 
@@ -355,7 +360,7 @@ def extract(
             console.print(f"note: {capped}", highlight=False)
         if quiet:
             return
-        why = f" (probe: {'; '.join(report.reasons)})" if report else ""
+        why = f" (probe: {'; '.join(map(flagged, report.reasons))})" if report else ""
         console.print(f"method: {chosen}{why}", highlight=False)
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -375,7 +380,7 @@ def run_price(price: str | None, model: str | None, named_model: str, max_cost: 
     try:
         override = parse_price(price) if price else None
     except ValueError as error:
-        fail(f"--price: {error}", 2)
+        fail(flagged(message_of(error)), 2)
     return price_of_calls(model, named_model, override, max_cost)
 
 
@@ -391,7 +396,7 @@ def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: boo
         spent = summary.spent()
         cost = summary.cost()
         fail(
-            f"budget reached: {summary.budget_reached}. {summary.finished} of {plural(summary.total, 'prompt')} finished, saved "
+            f"budget reached: {flagged(summary.budget_reached)}. {summary.finished} of {plural(summary.total, 'prompt')} finished, saved "
             f"in {output}; the checkpoint has spent {plural(spent.calls, 'call')}"
             + (f" (${cost:,.4f})" if cost is not None else "")
             + ". Run the same command with a higher cap to resume.",
@@ -406,7 +411,7 @@ def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: boo
         )
     if summary.failures:
         for prompt_id, message in summary.failures.items():
-            err.print(f"[red]prompt {prompt_id!r} failed:[/] {redact(message)}", highlight=False)
+            err.print(f"[red]prompt {prompt_id!r} failed:[/] {redact(flagged(message))}", highlight=False)
         fail(failure_advice(len(summary.failures), len(summary.failures.keys() & summary.refused)))
 
 
@@ -465,7 +470,7 @@ def probe(
         table.add_row(name, value)
     Console().print(table)
     for reason in report.reasons:
-        Console().print(f"- {reason}", highlight=False)
+        Console().print(f"- {flagged(reason)}", highlight=False)
 
 
 @app.command(cls=PlainHelpCommand)
@@ -492,7 +497,7 @@ def estimate(
     try:
         override = parse_price(price) if price else None
     except ValueError as error:
-        fail(str(error), 2)
+        fail(flagged(message_of(error)), 2)
     endpoint = build_endpoint(options.settings())
     model, rpm, tpm = options.model, options.rpm, options.tpm
     unit_price = price_for(model, override)
@@ -509,7 +514,7 @@ def estimate(
             rpm=rpm, tpm=tpm, price=unit_price, report=report,
         )
     except ValueError as error:
-        fail(str(error))
+        fail(flagged(message_of(error)))
     if as_json:
         assumptions = {"latency": latency, "concurrency": 1 if in_process else concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
         print(json.dumps({
@@ -545,7 +550,7 @@ def estimate(
         source = "--price" if override else "built-in table; override with --price"
         notes.append(f"price: US$ {unit_price.prompt:g} / {unit_price.completion:g} per 1M prompt / completion tokens ({source})")
     if report:
-        notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(report.reasons)}")
+        notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(map(flagged, report.reasons))}")
     elif len(rows) > 1:
         notes.append(f"auto: the probe picks one of these rows; `logprobs probe` tells which (about {PROBE_CALLS} calls), or give --method")
         notes.extend(f"{row.method} when {row.condition}" for row in rows)

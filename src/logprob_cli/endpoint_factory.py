@@ -74,7 +74,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         raise SettingsError("{simulator} apply to the built-in simulator, not to {model} endpoints")
     base_url = settings.base_url
     if base_url and has_userinfo(base_url):
-        raise SettingsError("{refusal}", refusal=USERINFO_REFUSED.format(url=redact(base_url)))
+        raise SettingsError(USERINFO_REFUSED, url=redact(base_url))
     if settings.post_bias and not base_url:
         raise SettingsError("{post_bias} is llama-server's mode: give its {base_url}")
     if settings.extra_body is not None and not isinstance(settings.extra_body, Mapping):

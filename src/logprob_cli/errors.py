@@ -31,7 +31,8 @@ SETTING_NAMES = {
     "model": "model", "base_url": "base_url", "api_key": "api_key", "tokenizer": "tokenizer",
     "post_bias": "post_bias", "extra_body": "extra_body", "rpm": "rpm", "tpm": "tpm",
     "simulator": "simulator settings", "price": "price", "max_cost": "max_cost", "max_calls": "max_calls",
-    "method": "method", "api": "api", "api_chat": 'api="chat"', "fresh": "fresh=True", "output": "output",
+    "method": "method", "method_auto": 'method="auto"', "api": "api", "api_chat": 'api="chat"',
+    "fresh": "fresh=True", "output": "output",
 }  # how the Python API names each setting a message may name
 
 
@@ -53,6 +54,9 @@ class Worded(str):
     def worded(self, names: Mapping[str, str]) -> str:
         return self.template.format(**{**SETTING_NAMES, **names}, **self.values)
 
+    def __getnewargs_ex__(self) -> tuple[tuple[str], dict[str, Any]]:  # copies and pickles rebuild from the template
+        return (self.template,), dict(self.values)
+
 
 class LogprobError(Exception):
     """The base of every error logprob_cli raises for a user to read (see the module docstring).
@@ -62,7 +66,25 @@ class LogprobError(Exception):
     """
 
     def worded(self, names: Mapping[str, str]) -> str:
-        message = self.args[0] if len(self.args) == 1 else None
-        if isinstance(message, Worded) and str(self) == message:
-            return message.worded(names)
-        return str(self)
+        return reworded(message_of(self), names)
+
+
+def message_of(error: BaseException) -> str:
+    """`error`'s message, kept a Worded when it names settings (so that an interface can word them its way
+    after the error was recorded as text: a prompt's failure, the budget cap a run stopped at)."""
+    message = error.args[0] if len(error.args) == 1 else None
+    if isinstance(message, Worded) and str(error) == message:
+        return message
+    return str(error)
+
+
+def prefixed(prefix: str, text: str) -> str:
+    """`prefix: text`, kept a Worded when `text` is one."""
+    if not isinstance(text, Worded):
+        return f"{prefix}: {text}"
+    return Worded("{_prefix}: " + text.template, _prefix=prefix, **text.values)
+
+
+def reworded(text: str, names: Mapping[str, str]) -> str:
+    """`text` with its settings named by `names` when it is a Worded; other text as it is."""
+    return text.worded(names) if isinstance(text, Worded) else text

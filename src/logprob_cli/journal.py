@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .budget import Spend
-from .errors import LogprobError
+from .errors import LogprobError, Worded
 from .endpoint import Answer, Prompt
 from .methods.base import MethodResult
 
@@ -113,10 +113,11 @@ class Journal:
             now = json.loads(json.dumps(settings, sort_keys=True))  # as it is stored
             saved = journal.get_meta("settings") if ours else None
             if saved is not None and saved != now:
-                raise JournalError(
-                    f"the checkpoint {journal.path} belongs to a run with other settings: "
-                    f"{', '.join(settings_differences(saved, now))}. Re-run with those settings to resume it, add "
-                    "--fresh to discard it and start over, or choose another output with -o."
+                raise JournalError(Worded(
+                    "the checkpoint {path} belongs to a run with other settings: {differences}. Re-run with those "
+                    "settings to resume it, add {fresh} to discard it and start over, or choose another {output}.",
+                    path=journal.path, differences=", ".join(settings_differences(saved, now)),
+                )
                 )
             check(journal._verified_finished() if ours else set())
             if not ours:
@@ -220,14 +221,17 @@ class Journal:
     def _damaged(self, what: str) -> JournalError:
         """Refused (`damaged`) while opening; once the run is under way, a JournalError that stops it."""
         choices = (
-            "Add --fresh to discard it (the answers it held are lost) and start over, or choose another output with "
-            "-o to leave it as it is"
+            "Add {fresh} to discard it (the answers it held are lost) and start over, or choose another {output} to "
+            "leave it as it is"
         )
         if self._opened:
-            return JournalError(f"the checkpoint {self.path} became unreadable during the run ({what}). {choices}")
-        refusal = Refused(
-            f"the checkpoint {self.path} is damaged ({what}), so it cannot be resumed; nothing was sent. {choices}"
-        )
+            return JournalError(Worded(
+                "the checkpoint {path} became unreadable during the run ({what}). " + choices, path=self.path, what=what
+            ))
+        refusal = Refused(Worded(
+            "the checkpoint {path} is damaged ({what}), so it cannot be resumed; nothing was sent. " + choices,
+            path=self.path, what=what,
+        ))
         refusal.damaged = True
         return refusal
 
