@@ -198,7 +198,7 @@ class OpenAIEndpoint(Endpoint):
         value land on the wrong token. The second call also pushes the vocabulary's last
         ordinary id down (which leaves the forced token alone), so a server that refuses ids
         outside its vocabulary (OpenAI, vLLM) refuses a vocabulary larger than the model's here,
-        in these two calls, and not on every prompt (EndpointFatal naming --tokenizer). Returns
+        in these two calls, and not on every prompt (EndpointFatal naming the tokenizer setting). Returns
         what was found ("verified", or why it could not be).
         """
         ask = ask or self.ask
