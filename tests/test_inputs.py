@@ -235,7 +235,7 @@ def test_chat_lines_are_refused_for_the_completions_api_only(tmp_path):
     with pytest.raises(InputError) as caught:
         read_prompts(path, api="completions")
     assert [p.split(":")[0] for p in caught.value.problems] == ["line 2", "line 3"]
-    assert all("--api chat" in p for p in caught.value.problems)
+    assert all('api="chat"' in p for p in caught.value.problems)  # the setting, as the Python API names it
 
 
 def test_content_parts_need_a_type_and_text_parts_their_text(tmp_path):

@@ -144,7 +144,7 @@ def test_chat_lines_for_legacy_completions_are_listed(tmp_path):
     check_prompts(prompts)  # the simulator takes both
     with pytest.raises(InputError) as caught:
         check_prompts(prompts, api="completions")
-    assert caught.value.problems[0].startswith("line 2:") and "--api chat" in caught.value.problems[0]
+    assert caught.value.problems[0].startswith("line 2:") and 'api="chat"' in caught.value.problems[0]
 
 
 # --- class 4: errors every prompt would hit stop early, and no futile advice ---------------------------

@@ -91,7 +91,7 @@ def test_a_refusal_that_names_no_cap_is_searched_and_nothing_beyond_it_is_answer
 
 def test_every_request_refused_is_not_an_answer():
     endpoint = Refusing(SimulatorConfig(vocab_size=VOCAB), lambda q: "this model does not support logprobs")
-    with pytest.raises(EndpointUnsuitable, match="--method"):
+    with pytest.raises(EndpointUnsuitable, match="by hand with method"):
         probed(endpoint)
     assert endpoint.calls == 0
 

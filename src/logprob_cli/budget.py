@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any
 
 from .endpoint import Answer, AskFunction, Endpoint, EndpointDescription, Limits, Pressure, Prompt, Query
+from .errors import LogprobError, Worded
 from .prices import Price
 
 
@@ -40,8 +41,9 @@ class Spend:
         )
 
 
-class BudgetReached(Exception):
-    """The next call would cross --max-calls or --max-cost; the message says which and how far."""
+class BudgetReached(LogprobError):
+    """The next call would cross max_calls or max_cost; the message says which and how far. A run stops cleanly
+    and reports it (RunSummary.budget_reached); the CLI exits 3."""
 
 
 class MeteredEndpoint(Endpoint):
@@ -60,7 +62,7 @@ class MeteredEndpoint(Endpoint):
         max_cost: float | None = None,
     ):
         if max_cost is not None and price is None:
-            raise ValueError("--max-cost needs the model's price: give --price PROMPT,COMPLETION (US$ per 1M tokens)")
+            raise ValueError(Worded("{max_cost} needs the model's price: give {price} PROMPT,COMPLETION (US$ per 1M tokens)"))
         self.endpoint = endpoint
         self.spent = spent
         self.price = price
@@ -153,9 +155,9 @@ class MeteredEndpoint(Endpoint):
 
     def _reserve(self, estimate: float) -> None:
         if self.max_calls is not None and self.spent.calls + self._reserved_calls + 1 > self.max_calls:
-            raise BudgetReached(f"--max-calls {self.max_calls:,} reached")
+            raise BudgetReached(Worded("{max_calls} {cap:,} reached", cap=self.max_calls))
         cost = self.cost()
         if self.max_cost is not None and cost is not None and cost + self._reserved_cost + estimate > self.max_cost:
-            raise BudgetReached(f"--max-cost ${self.max_cost:,.4f} reached")
+            raise BudgetReached(Worded("{max_cost} ${cap:,.4f} reached", cap=self.max_cost))
         self._reserved_calls += 1
         self._reserved_cost += estimate

@@ -21,10 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .endpoint import Endpoint, EndpointError, EndpointUnsuitable, Prompt
+from .budget import BudgetReached
+from .endpoint import Endpoint, Prompt
+from .errors import LogprobError, message_of, reworded
 from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
 from .inputs import InputError, read_prompts
-from .journal import JournalError, Refused
+from .journal import Refused
 from .methods import METHODS, SPECS
 from .output import render_inspect
 from .prices import Price, parse_price, price_for
@@ -38,6 +40,7 @@ from .server import ServerConfig, SimulatorServer
 from .simulator import SimulatorConfig
 from .wording import plural, top_k_capped
 from .urls import redact
+from .vocabulary import VocabularyError
 
 
 class _FlagsWithoutPlaceholder:
@@ -146,8 +149,10 @@ PriceOption = Annotated[Optional[str], typer.Option("--price", metavar="PROMPT,C
 FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
-    "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost",
-}  # how a SettingsError names each setting on the command line
+    "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
+    "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
+}  # how an error's message names each setting on the command line (errors.Worded)
+EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (BudgetReached, 3), (LogprobError, 1))
 
 TimeoutOption = Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds to wait for one answer before retrying.")]
 RetriesOption = Annotated[int, typer.Option(
@@ -164,6 +169,38 @@ ENDPOINT_OPTIONS = {
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {redact(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def exit_code(error: LogprobError) -> int:
+    """The exit code of `error` on the command line: its first class in EXIT_CODES (2 for what is refused before
+    any call, 3 at a budget cap, 1 for a run that failed)."""
+    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+
+
+def flagged(text: str) -> str:
+    """`text` (a message from below the CLI) with its settings named by their flags (errors.Worded)."""
+    return reworded(text, FLAGS)
+
+
+def cli_message(error: LogprobError) -> str:
+    """`error`'s message with its settings named by their flags."""
+    if isinstance(error, InputError):
+        return f"{error.worded(FLAGS)}\nNothing was sent to the endpoint; fix the input and run again."
+    return error.worded(FLAGS)
+
+
+def cli_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Decorator of a command: the one edge where an error of the family (errors.py) becomes a message with
+    flags and an exit code (exit_code), instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except LogprobError as error:
+            fail(cli_message(error), exit_code(error))
+
+    return run
 
 
 def version_callback(value: bool) -> None:
@@ -267,17 +304,6 @@ def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..
     return decorate
 
 
-def open_endpoint(settings: EndpointSettings) -> Endpoint:
-    """endpoint_factory.build_endpoint, its errors worded with the CLI's flags: exit 2 for settings, 1 for a
-    server that cannot be used."""
-    try:
-        return build_endpoint(settings)
-    except SettingsError as error:
-        fail(error.worded(FLAGS), 2)
-    except EndpointError as error:
-        fail(str(error))
-
-
 def describe(endpoint: Endpoint) -> str:
     return endpoint.describe().summary
 
@@ -287,6 +313,7 @@ def describe(endpoint: Endpoint) -> str:
     "sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias", "rpm", "tpm",
     "timeout", "retries",
 )
+@cli_errors
 def extract(
     input: InputArgument,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Parquet file to write, NAME.parquet (default: the input's name with .parquet). Its checkpoint (NAME.checkpoint.sqlite) sits beside it."),
@@ -307,26 +334,16 @@ def extract(
         fail("reading prompts from stdin: name the output with -o/--output", 2)
     part = parse_shard(shard) if shard else None
     output = output if output is not None else default_output(input, part)
-    try:
-        batch = read_batch(input, output, part, options.api if options.model else None)  # the simulator takes both shapes
-    except Refused as refusal:
-        fail(str(refusal), 2)
-    except InputError as error:
-        fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
+    batch = read_batch(input, output, part, options.api if options.model else None)  # the simulator takes both shapes
     prompts, all_prompts, journal_path = batch.prompts, batch.all_prompts, batch.checkpoint
     if not prompts and not quiet:
         err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
-    endpoint = open_endpoint(options.settings())
+    endpoint = build_endpoint(options.settings())
     run = RunConfig(
         method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost
     )
     if fresh:
-        try:
-            discard(output, journal_path)
-        except Refused as refusal:
-            fail(str(refusal), 2)
-        except JournalError as error:
-            fail(str(error))
+        discard(output, journal_path)
 
     console = Console(stderr=True)
     if not quiet:
@@ -343,22 +360,17 @@ def extract(
             console.print(f"note: {capped}", highlight=False)
         if quiet:
             return
-        why = f" (probe: {'; '.join(report.reasons)})" if report else ""
+        why = f" (probe: {'; '.join(map(flagged, report.reasons))})" if report else ""
         console.print(f"method: {chosen}{why}", highlight=False)
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = extract_batch(prompts, output, endpoint, run, progress, announce, schema_prompts=all_prompts)
-    except Refused as refusal:
-        progress.stop()
-        fail(str(refusal), 2)
-    except (JournalError, EndpointUnsuitable, EndpointError) as error:
-        progress.stop()
-        fail(str(error))
     except OSError as error:
         progress.stop()
         fail(f"{error}. The checkpoint {journal_path} keeps every answer so far: fix the problem and run again.")
-    progress.stop()
+    finally:
+        progress.stop()
     report_run(summary, output, journal_path, quiet, console)
 
 
@@ -368,11 +380,8 @@ def run_price(price: str | None, model: str | None, named_model: str, max_cost: 
     try:
         override = parse_price(price) if price else None
     except ValueError as error:
-        fail(f"--price: {error}", 2)
-    try:
-        return price_of_calls(model, named_model, override, max_cost)
-    except SettingsError as error:
-        fail(error.worded(FLAGS), 2)
+        fail(flagged(message_of(error)), 2)
+    return price_of_calls(model, named_model, override, max_cost)
 
 
 def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: bool, console: Console) -> None:
@@ -387,7 +396,7 @@ def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: boo
         spent = summary.spent()
         cost = summary.cost()
         fail(
-            f"budget reached: {summary.budget_reached}. {summary.finished} of {plural(summary.total, 'prompt')} finished, saved "
+            f"budget reached: {flagged(summary.budget_reached)}. {summary.finished} of {plural(summary.total, 'prompt')} finished, saved "
             f"in {output}; the checkpoint has spent {plural(spent.calls, 'call')}"
             + (f" (${cost:,.4f})" if cost is not None else "")
             + ". Run the same command with a higher cap to resume.",
@@ -402,7 +411,7 @@ def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: boo
         )
     if summary.failures:
         for prompt_id, message in summary.failures.items():
-            err.print(f"[red]prompt {prompt_id!r} failed:[/] {redact(message)}", highlight=False)
+            err.print(f"[red]prompt {prompt_id!r} failed:[/] {redact(flagged(message))}", highlight=False)
         fail(failure_advice(len(summary.failures), len(summary.failures.keys() & summary.refused)))
 
 
@@ -439,22 +448,20 @@ def _interrupt(signum: int, frame: object) -> None:
 
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")
 @endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias")
+@cli_errors
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     options: EndpointOptions = EndpointOptions(),
 ) -> None:
-    endpoint = open_endpoint(options.settings())
+    endpoint = build_endpoint(options.settings())
     async def measure():
         try:
             return await run_probe(endpoint, Prompt(id=0, line=0, prompt=prompt))
         finally:
             await endpoint.aclose()
 
-    try:
-        report = asyncio.run(measure())
-    except (EndpointError, EndpointUnsuitable) as error:
-        fail(str(error))
+    report = asyncio.run(measure())
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -463,11 +470,12 @@ def probe(
         table.add_row(name, value)
     Console().print(table)
     for reason in report.reasons:
-        Console().print(f"- {reason}", highlight=False)
+        Console().print(f"- {flagged(reason)}", highlight=False)
 
 
 @app.command(cls=PlainHelpCommand)
 @endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "tokenizer", "rpm", "tpm")
+@cli_errors
 def estimate(
     input: InputArgument,
     method: MethodOption = Method.auto,
@@ -485,14 +493,12 @@ def estimate(
     endpoint auto shows each method the probe may pick. With --base-url, the server's GET /models
     (free) is asked, as extract does, to learn its vocabulary.
     """
+    prompts = read_prompts(input, api=options.api if options.model else None)
     try:
-        prompts = read_prompts(input, api=options.api if options.model else None)
         override = parse_price(price) if price else None
-    except InputError as error:
-        fail(f"{error}\nNothing was sent to the endpoint; fix the input and run again.", 2)
     except ValueError as error:
-        fail(str(error), 2)
-    endpoint = open_endpoint(options.settings())
+        fail(flagged(message_of(error)), 2)
+    endpoint = build_endpoint(options.settings())
     model, rpm, tpm = options.model, options.rpm, options.tpm
     unit_price = price_for(model, override)
     report = None
@@ -507,8 +513,8 @@ def estimate(
             prompts, endpoint, method.value, top_k=top_k, eps=eps, concurrency=concurrency, latency=latency,
             rpm=rpm, tpm=tpm, price=unit_price, report=report,
         )
-    except (EndpointError, EndpointUnsuitable, ValueError) as error:
-        fail(str(error))
+    except ValueError as error:
+        fail(flagged(message_of(error)))
     if as_json:
         assumptions = {"latency": latency, "concurrency": 1 if in_process else concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
         print(json.dumps({
@@ -544,7 +550,7 @@ def estimate(
         source = "--price" if override else "built-in table; override with --price"
         notes.append(f"price: US$ {unit_price.prompt:g} / {unit_price.completion:g} per 1M prompt / completion tokens ({source})")
     if report:
-        notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(report.reasons)}")
+        notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(map(flagged, report.reasons))}")
     elif len(rows) > 1:
         notes.append(f"auto: the probe picks one of these rows; `logprobs probe` tells which (about {PROBE_CALLS} calls), or give --method")
         notes.extend(f"{row.method} when {row.condition}" for row in rows)

@@ -20,9 +20,12 @@ from typing import AbstractSet, Any, Awaitable, Callable, Literal, Mapping
 
 import numpy as np
 
+from .errors import LogprobError
 
-class EndpointError(RuntimeError):
-    """The endpoint failed or refused a request; the message says what to do."""
+
+class EndpointError(LogprobError, RuntimeError):
+    """The endpoint failed or refused a request; the message says what to do. The CLI exits 1 (a run records it as
+    the prompt's failure instead, unless it is EndpointFatal)."""
 
 
 class EndpointFatal(EndpointError):
@@ -38,8 +41,8 @@ class EndpointRejected(EndpointError):
         self.reason = message if reason is None else reason
 
 
-class EndpointUnsuitable(RuntimeError):
-    """The endpoint does not behave as a method needs; the message names a method that would work."""
+class EndpointUnsuitable(LogprobError, RuntimeError):
+    """The endpoint does not behave as a method needs; the message names a method that would work. The CLI exits 1."""
 
 
 @dataclass(frozen=True)

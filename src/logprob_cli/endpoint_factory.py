@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from .endpoint import Endpoint
+from .errors import LogprobError, Worded
 from .openai_endpoint import OpenAIEndpoint, server_facts
 from .ratelimit import RateLimiter
 from .simulator import SimulatedEndpoint, SimulatorConfig
@@ -20,28 +21,16 @@ from .transport import RetryPolicy
 from .urls import USERINFO_REFUSED, has_userinfo, redact
 from .vocabulary import Vocabulary, VocabularyError, load_vocabulary, server_vocabulary
 
-SETTING_NAMES = {
-    "model": "model", "base_url": "base_url", "api_key": "api_key", "tokenizer": "tokenizer",
-    "post_bias": "post_bias", "extra_body": "extra_body", "rpm": "rpm", "tpm": "tpm",
-    "simulator": "simulator settings", "price": "price", "max_cost": "max_cost",
-}
-
-
-class SettingsError(ValueError):
-    """Settings that cannot work together, found before any completion is asked.
+class SettingsError(LogprobError, ValueError):
+    """Settings that cannot work together, found before any completion is asked (the CLI exits 2).
 
     `template` names settings as `{base_url}`, `{model}`...; `values` fill its other fields (text
-    that may hold braces). str() uses the Python names (SETTING_NAMES); `worded(names)` another
+    that may hold braces). str() uses the Python names (errors.SETTING_NAMES); `worded(names)` another
     naming, e.g. the CLI's flags.
     """
 
     def __init__(self, template: str, **values: Any):
-        self.template = template
-        self.values = values
-        super().__init__(self.worded(SETTING_NAMES))
-
-    def worded(self, names: Mapping[str, str]) -> str:
-        return self.template.format(**{**SETTING_NAMES, **names}, **self.values)
+        super().__init__(Worded(template, **values))
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         raise SettingsError("{simulator} apply to the built-in simulator, not to {model} endpoints")
     base_url = settings.base_url
     if base_url and has_userinfo(base_url):
-        raise SettingsError("{refusal}", refusal=USERINFO_REFUSED.format(url=redact(base_url)))
+        raise SettingsError(USERINFO_REFUSED, url=redact(base_url))
     if settings.post_bias and not base_url:
         raise SettingsError("{post_bias} is llama-server's mode: give its {base_url}")
     if settings.extra_body is not None and not isinstance(settings.extra_body, Mapping):

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
+from .errors import Worded
 from .prices import Price
 from .methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
 from .probe import MAX_TOP_K, ProbeReport, expected_calls
@@ -124,10 +125,10 @@ def estimate_run(
 
     def row(name: str, limits: Limits, overhead: int, condition: str = "") -> Estimate:
         if name == "direct" and limits.top_logprobs < vocab:
-            raise EndpointUnsuitable(
-                f"direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
-                f"this one returns at most {limits.top_logprobs}: use --method auto to probe it"
-            )
+            raise EndpointUnsuitable(Worded(
+                "direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
+                "this one returns at most {cap}: use {method_auto} to probe it", vocab=vocab, cap=limits.top_logprobs,
+            ))
         per_prompt = calls_per_prompt(name, vocab, min(top_k, limits.top_logprobs), eps, limits)
         calls = per_prompt * len(prompts) + overhead
         prompt_tokens = per_prompt * sum(tokens) + overhead * tokens[0]

@@ -15,9 +15,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .endpoint import Prompt
+from .errors import LogprobError, prefixed, reworded
 from .preflight import prompt_problems, where
 
 MAX_LISTED = 20
@@ -33,8 +34,9 @@ KINDS = {
 }
 
 
-class InputError(Exception):
-    """The input cannot be used; `problems` lists everything wrong, line problems as "line N: ..."."""
+class InputError(LogprobError):
+    """The input cannot be used; `problems` lists everything wrong, line problems as "line N: ...". Raised before
+    any call; the CLI exits 2."""
 
     def __init__(self, problems: list[str], source: str | None = None):
         super().__init__(problems, source)
@@ -42,7 +44,11 @@ class InputError(Exception):
         self.source = source
 
     def __str__(self) -> str:
-        listed = self.problems[:MAX_LISTED]
+        return self.worded({})
+
+    def worded(self, names: Mapping[str, str]) -> str:
+        """The problems (the first MAX_LISTED) under the source's name, their settings named by `names`."""
+        listed = [reworded(problem, names) for problem in self.problems[:MAX_LISTED]]
         if len(self.problems) > MAX_LISTED:
             listed.append(f"... and {len(self.problems) - MAX_LISTED} more")
         if self.source is None:
@@ -103,7 +109,7 @@ def read_prompts(source: str | os.PathLike, api: str | None = None) -> list[Prom
     problems += [(prompt.line, problem) for prompt, problem in prompt_problems(prompts, api)]
     if problems:
         problems.sort(key=lambda item: item[0])
-        raise InputError([f"line {number}: {problem}" for number, problem in problems], name)
+        raise InputError([prefixed(f"line {number}", problem) for number, problem in problems], name)
     return prompts
 
 
@@ -111,7 +117,7 @@ def check_prompts(prompts: list[Prompt], api: str | None = None) -> None:
     """The pre-flight check for prompts not read by `read_prompts` (the Python API): InputError lists every problem."""
     problems = prompt_problems(prompts, api)
     if problems:
-        raise InputError([f"{where(prompt)}: {problem}" for prompt, problem in problems], "prompts")
+        raise InputError([prefixed(where(prompt), problem) for prompt, problem in problems], "prompts")
 
 
 def _read_text(source: str | os.PathLike, name: str) -> str:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .budget import Spend
+from .errors import LogprobError, Worded
 from .endpoint import Answer, Prompt
 from .methods.base import MethodResult
 
@@ -51,14 +52,15 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 DAMAGE_ERRORS = ("SQLITE_CORRUPT", "SQLITE_NOTADB")  # sqlite_errorname prefixes that mean a broken file
 
 
-class JournalError(RuntimeError):
-    """The checkpoint cannot be used as asked; the message says why and what to do."""
+class JournalError(LogprobError, RuntimeError):
+    """The checkpoint cannot be used as asked; the message says why and what to do. The CLI exits 1."""
 
 
 class Refused(JournalError):
-    """The files at the output's place cannot be used for this run, found before any call (a usage error).
+    """The files at the output's place cannot be used for this run, found before any call (a usage error: the
+    CLI exits 2).
 
-    `damaged`: the file is a checkpoint that cannot be read (--fresh may discard it).
+    `damaged`: the file is a checkpoint that cannot be read (fresh=True may discard it).
     """
 
     damaged = False
@@ -111,10 +113,11 @@ class Journal:
             now = json.loads(json.dumps(settings, sort_keys=True))  # as it is stored
             saved = journal.get_meta("settings") if ours else None
             if saved is not None and saved != now:
-                raise JournalError(
-                    f"the checkpoint {journal.path} belongs to a run with other settings: "
-                    f"{', '.join(settings_differences(saved, now))}. Re-run with those settings to resume it, add "
-                    "--fresh to discard it and start over, or choose another output with -o."
+                raise JournalError(Worded(
+                    "the checkpoint {path} belongs to a run with other settings: {differences}. Re-run with those "
+                    "settings to resume it, add {fresh} to discard it and start over, or choose another {output}.",
+                    path=journal.path, differences=", ".join(settings_differences(saved, now)),
+                )
                 )
             check(journal._verified_finished() if ours else set())
             if not ours:
@@ -218,14 +221,17 @@ class Journal:
     def _damaged(self, what: str) -> JournalError:
         """Refused (`damaged`) while opening; once the run is under way, a JournalError that stops it."""
         choices = (
-            "Add --fresh to discard it (the answers it held are lost) and start over, or choose another output with "
-            "-o to leave it as it is"
+            "Add {fresh} to discard it (the answers it held are lost) and start over, or choose another {output} to "
+            "leave it as it is"
         )
         if self._opened:
-            return JournalError(f"the checkpoint {self.path} became unreadable during the run ({what}). {choices}")
-        refusal = Refused(
-            f"the checkpoint {self.path} is damaged ({what}), so it cannot be resumed; nothing was sent. {choices}"
-        )
+            return JournalError(Worded(
+                "the checkpoint {path} became unreadable during the run ({what}). " + choices, path=self.path, what=what
+            ))
+        refusal = Refused(Worded(
+            "the checkpoint {path} is damaged ({what}), so it cannot be resumed; nothing was sent. " + choices,
+            path=self.path, what=what,
+        ))
         refusal.damaged = True
         return refusal
 

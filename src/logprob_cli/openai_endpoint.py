@@ -32,6 +32,7 @@ from .endpoint import (
     WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, Limits,
     Pressure, Prompt, Query, approx_tokens,
 )
+from .errors import Worded
 from .ratelimit import RateLimiter
 from .transport import (
     RetryPolicy, Transport, Wire, _message, describe_body, is_html, not_an_api, parse_json,
@@ -152,7 +153,7 @@ class OpenAIEndpoint(Endpoint):
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         if has_userinfo(self.base_url):
-            raise ValueError(USERINFO_REFUSED.format(url=redact(self.base_url)))
+            raise ValueError(Worded(USERINFO_REFUSED, url=redact(self.base_url)))
         headers = {
             name: os.environ[var]
             for name, var in (("OpenAI-Organization", "OPENAI_ORG_ID"), ("OpenAI-Project", "OPENAI_PROJECT_ID"))
@@ -216,7 +217,7 @@ class OpenAIEndpoint(Endpoint):
         value land on the wrong token. The second call also pushes the vocabulary's last
         ordinary id down (which leaves the forced token alone), so a server that refuses ids
         outside its vocabulary (OpenAI, vLLM) refuses a vocabulary larger than the model's here,
-        in these two calls, and not on every prompt (EndpointFatal naming --tokenizer). Returns
+        in these two calls, and not on every prompt (EndpointFatal naming the tokenizer setting). Returns
         what was found ("verified", or why it could not be).
         """
         ask = ask or self.ask
@@ -231,10 +232,11 @@ class OpenAIEndpoint(Endpoint):
             return "verified"
         if forced.sampled == plain.sampled and (not forced.top_ids or forced.top_ids == plain.top_ids):
             return "not verified: the bias changed nothing"
-        raise EndpointFatal(
-            f"token ids do not match: token {probe_id} was biased but the server generated a token that the "
-            f"vocabulary {self.vocabulary.name} calls {forced.sampled}. Name the model's tokenizer with --tokenizer."
-        )
+        raise EndpointFatal(Worded(
+            "token ids do not match: token {id} was biased but the server generated a token that the vocabulary "
+            "{name} calls {sampled}. Name the model's tokenizer with {tokenizer}.",
+            id=probe_id, name=self.vocabulary.name, sampled=forced.sampled,
+        ))
 
     async def aclose(self) -> None:
         """Close the connections of the running loop (call before that loop ends; both transports share one wire)."""
@@ -255,7 +257,7 @@ class OpenAIEndpoint(Endpoint):
         3 more for the reply) where the vocabulary is a tiktoken encoding, else about four bytes a token of the
         JSON sent. Raises ValueError for chat messages on the legacy completions API (such calls fail)."""
         if self.api == "completions" and prompt.messages is not None:
-            raise ValueError(f"prompt {prompt.id!r} has chat messages: they need --api chat")
+            raise ValueError(Worded("prompt {id!r} has chat messages: they need {api_chat}", id=prompt.id))
         sent = prompt.prompt if self.api == "completions" else self._messages(prompt)
         encoding = self._encoding
         if encoding is None:
@@ -312,7 +314,7 @@ class OpenAIEndpoint(Endpoint):
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
         elif prompt.messages is not None:
-            raise EndpointRejected("chat messages need --api chat; legacy completions take plain prompts")
+            raise EndpointRejected(Worded("chat messages need {api_chat}; legacy completions take plain prompts"))
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
             body.update(prompt=prompt.prompt, logprobs=top_k)
@@ -368,11 +370,11 @@ class OpenAIEndpoint(Endpoint):
             return await self.transport.post(path, body, tokens, parse)
         except EndpointRejected as error:
             if "logit_bias" in body and _TOKEN_ID_REFUSAL.search(str(error)):
-                raise EndpointFatal(
-                    f"the server refused a token id of the vocabulary {self.vocabulary.name} ({self.vocab_size:,} "
-                    f"tokens): {error}. The model's vocabulary is smaller than that one (or refuses some of its "
-                    "ids): name the model's own tokenizer with --tokenizer"
-                ) from None
+                raise EndpointFatal(Worded(
+                    "the server refused a token id of the vocabulary {name} ({size:,} tokens): {error}. The model's "
+                    "vocabulary is smaller than that one (or refuses some of its ids): name the model's own "
+                    "tokenizer with {tokenizer}", name=self.vocabulary.name, size=self.vocab_size, error=error,
+                )) from None
             raise
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
@@ -438,11 +440,11 @@ class OpenAIEndpoint(Endpoint):
         top = sorted(((logprobs.get("top_logprobs") or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]
         if len(top) < min(requested, self.vocab_size) or len(set(ids)) < len(ids):
-            raise EndpointRejected(
-                f"{self.model}'s legacy completions merged distinct tokens that read the same ({len(top)} string keys "
-                f"for {requested} requested): their values cannot be told apart. Use --api chat, or a server that "
-                "returns token ids"
-            )
+            raise EndpointRejected(Worded(
+                "{served}'s legacy completions merged distinct tokens that read the same ({keys} string keys for "
+                "{requested} requested): their values cannot be told apart. Use {api_chat}, or a server that returns "
+                "token ids", served=self.model, keys=len(top), requested=requested,
+            ))
         first = logprobs["token_logprobs"][0]
         return _with_usage(
             Answer(
@@ -463,15 +465,15 @@ class OpenAIEndpoint(Endpoint):
             self.identity.add("bytes")
             found = self.vocabulary.id_for_bytes(bytes(entry["bytes"]))
             if found is None and not entry["bytes"]:
-                raise EndpointFatal(
+                raise EndpointFatal(Worded(
                     "the endpoint returned a token with no bytes (vLLM does so for byte tokens unless it names "
-                    "tokens by id): pass --extra-body '{\"return_tokens_as_token_ids\": true}'"
-                )
+                    "tokens by id): pass {extra_body} '{body}'", body='{"return_tokens_as_token_ids": true}',
+                ))
             if found is None:
-                raise EndpointFatal(
-                    f"the endpoint returned a token (bytes {bytes(entry['bytes'])!r}) that the vocabulary "
-                    f"{self.vocabulary.name} does not have: name the model's tokenizer with --tokenizer"
-                )
+                raise EndpointFatal(Worded(
+                    "the endpoint returned a token (bytes {data!r}) that the vocabulary {name} does not have: name "
+                    "the model's tokenizer with {tokenizer}", data=bytes(entry["bytes"]), name=self.vocabulary.name,
+                ))
             return found
         return self._string_id(token)
 
@@ -483,10 +485,10 @@ class OpenAIEndpoint(Endpoint):
         data = bytes.fromhex(text[6:].replace("\\x", "")) if text.startswith("bytes:") else text.encode("utf-8")
         found = self.vocabulary.id_for_bytes(data)
         if found is None:
-            raise EndpointFatal(
-                f"the endpoint returned the token {text!r}, which the vocabulary {self.vocabulary.name} does not "
-                "have: name the model's tokenizer with --tokenizer"
-            )
+            raise EndpointFatal(Worded(
+                "the endpoint returned the token {text!r}, which the vocabulary {name} does not have: name the "
+                "model's tokenizer with {tokenizer}", text=text, name=self.vocabulary.name,
+            ))
         return found
 
 

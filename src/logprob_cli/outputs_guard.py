@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .endpoint import Prompt
+from .errors import Worded
 from .journal import Journal, Refused, prompt_key
 from .output import read_metadata
 
@@ -114,7 +115,7 @@ def discard(output: Path, checkpoint: Path) -> None:
     Checks both before deleting either; raises Refused and deletes nothing otherwise.
     """
     if output.exists():
-        _tool_output(output, "--fresh deletes only an output that logprobs extract wrote")
+        _tool_output(output, Worded("{fresh} deletes only an output that logprobs extract wrote"))
     Journal.discard(checkpoint)
     output.unlink(missing_ok=True)
 
@@ -126,28 +127,31 @@ def check_resumable(output: Path, checkpoint: Path, prompts: list[Prompt], finis
     id, prompt and messages columns; writes nothing.
     """
     if _kind(output):
-        raise Refused(f"{output} (the output) is {_kind(output)}, not a regular file; choose another output with -o")
+        raise Refused(Worded(
+            "{path} (the output) is {kind}, not a regular file; choose another {output}", path=output, kind=_kind(output)
+        ))
     rows = list(_row_keys(output)) if output.exists() else []
     unheld = [row_id for row_id, key in rows if key not in finished]
     if unheld:
         state = "is empty" if not finished else f"holds {len(finished):,} finished prompts"
-        raise Refused(
-            f"{output} holds {len(unheld):,} rows ({_examples(unheld)}) that its checkpoint {checkpoint} does not "
-            f"hold (the checkpoint {state}): it was written from another input or another checkpoint, and this run "
-            "would replace them. Nothing was sent. Choose another output with -o to keep it, or add --fresh to "
-            "discard it and start over"
-        )
+        raise Refused(Worded(
+            "{path} holds {rows:,} rows ({examples}) that its checkpoint {checkpoint} does not hold (the checkpoint "
+            "{state}): it was written from another input or another checkpoint, and this run would replace them. "
+            "Nothing was sent. Choose another {output} to keep it, or add {fresh} to discard it and start over",
+            path=output, rows=len(unheld), examples=_examples(unheld), checkpoint=checkpoint, state=state,
+        ))
     keys = {prompt_key(prompt) for prompt in prompts}
     strangers = finished - keys
     if strangers:
         dropped = [row_id for row_id, key in rows if key in strangers]
         where = f" ({_examples(dropped)})" if dropped else ""
-        raise Refused(
-            f"the checkpoint {checkpoint} holds {len(strangers):,} finished prompts{where} that are not in this input "
-            f"as it is: it was made from another input, or those prompts were edited or removed since, and this run "
-            f"would drop them from {output}. Nothing was sent. Run with the input it was made from to resume it, "
-            "choose another output with -o for this input, or add --fresh to discard them and start over"
-        )
+        raise Refused(Worded(
+            "the checkpoint {checkpoint} holds {count:,} finished prompts{where} that are not in this input as it is: "
+            "it was made from another input, or those prompts were edited or removed since, and this run would drop "
+            "them from {path}. Nothing was sent. Run with the input it was made from to resume it, choose another "
+            "{output} for this input, or add {fresh} to discard them and start over",
+            checkpoint=checkpoint, count=len(strangers), where=where, path=output,
+        ))
 
 
 def _examples(ids: list) -> str:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .endpoint import Prompt
+from .errors import Worded
 from .output import colliding_column, output_schema, prompt_columns
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -40,7 +41,7 @@ def prompt_problems(prompts: list[Prompt], api: str | None = None) -> list[tuple
     for prompt in prompts:
         found = _value_problems(prompt) + _collisions(prompt, safe_keys)
         if api == "completions" and prompt.messages is not None:
-            found.append('"messages" needs the chat API: run with --api chat (legacy completions take "prompt" only)')
+            found.append(Worded('"messages" needs the chat API: run with {api_chat} (legacy completions take "prompt" only)'))
         problems += [(prompt, problem) for problem in found]
         if not found:
             clean.append(prompt)

@@ -14,6 +14,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from .errors import Worded
+
 
 @dataclass(frozen=True)
 class Price:
@@ -51,12 +53,12 @@ def parse_price(text: str) -> Price:
             raise ValueError
         prompt, completion = (float(part) for part in parts)
     except ValueError:
-        raise ValueError(
-            f"--price takes two numbers IN,OUT: US$ per 1M prompt tokens and per 1M completion tokens "
-            f"(e.g. 2.5,10), got {text!r}"
-        ) from None
+        raise ValueError(Worded(
+            "{price} takes two numbers IN,OUT: US$ per 1M prompt tokens and per 1M completion tokens "
+            "(e.g. 2.5,10), got {text!r}", text=text,
+        )) from None
     if not all(math.isfinite(v) and v >= 0 for v in (prompt, completion)):
-        raise ValueError(f"--price values must be finite and not negative, got {text!r}")
+        raise ValueError(Worded("{price} values must be finite and not negative, got {text!r}", text=text))
     return Price(prompt, completion)
 
 

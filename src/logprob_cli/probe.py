@@ -32,7 +32,7 @@ its calls per prompt at the default eps: methods.cheapest): the whole vocabulary
 per token where a forced token reports its own pre-bias logprob (`forced`); argmax search where
 the bias steers sampling (`bisection`); else only the top-k (`visible`), and `reasons` say when an
 unknown kept a better method out. If no request for top logprobs is answered at all, nothing
-can be told: `probe` raises EndpointUnsuitable, naming --method to choose by hand.
+can be told: `probe` raises EndpointUnsuitable, naming the method setting to choose by hand.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query
+from .errors import Worded
 from .methods import DEFAULT_EPS, cheapest
 from .methods.base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
@@ -188,11 +189,11 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
         outcome = await ask(Query.make(top_logprobs=n))
         if isinstance(outcome, Answer):
             if outcome.withheld or not outcome.top_ids:
-                raise EndpointUnsuitable(
-                    f"the endpoint answered a request for {n} top logprobs with none"
-                    + (" (it withheld the whole answer)" if outcome.withheld else "")
-                    + ", so the probe could not tell what it reveals: choose a method by hand with --method"
-                )
+                raise EndpointUnsuitable(Worded(
+                    "the endpoint answered a request for {n} top logprobs with none{withheld}, so the probe could not "
+                    "tell what it reveals: choose a method by hand with {method}",
+                    n=n, withheld=" (it withheld the whole answer)" if outcome.withheld else "",
+                ))
             answered = (outcome, n)
             if len(outcome.top_ids) < n:  # it returns fewer than asked: that is its cap
                 break
@@ -205,11 +206,11 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
             raise EndpointError(f"the probe's request for {n} top logprobs failed, so nothing could be measured: {outcome}")
         n = _next_ask(answered[1] if answered else 0, refused, said)
     if answered is None:
-        raise EndpointUnsuitable(
-            f"the endpoint rejected every request for top logprobs (down to 1; it said: {said}), so the probe could "
-            "not tell what it reveals. Check that the model returns logprobs (and --extra-body), or choose a method "
-            "by hand with --method"
-        )
+        raise EndpointUnsuitable(Worded(
+            "the endpoint rejected every request for top logprobs (down to 1; it said: {said}), so the probe could "
+            "not tell what it reveals. Check that the model returns logprobs (and {extra_body}), or choose a method "
+            "by hand with {method}", said=said,
+        ))
     first, asked = answered
     report.top_logprobs_cap = len(first.top_ids)
     report.whole_vocabulary = len(first.top_ids) >= vocab
@@ -336,9 +337,9 @@ def _why_picked(report: ProbeReport) -> str:
         shown = why.get(report.forced_logprob, "not reported")
         return f"the bias steers sampling but logprobs are pre-bias and a forced token's own is {shown}"
     if steers is None:
-        return (
+        return Worded(
             "could not tell what the bias does, so visible is the best method whose requirements were observed: "
-            "run `logprobs probe` again, or choose --method by hand"
+            "run `logprobs probe` again, or choose {method} by hand"
         )
     if post_bias:
         return "the bias moves the one logprob returned but not the generated token: no method reads past it"

@@ -27,6 +27,7 @@ from . import __version__
 from .budget import BudgetReached, MeteredEndpoint, Spend
 from .estimate import calls_per_prompt
 from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
+from .errors import Worded, message_of
 from .inputs import check_prompts
 from .journal import Journal, JournalError, prompt_key, reading_connection
 from .methods import METHODS, Context
@@ -157,7 +158,7 @@ class Runner:
                     self._active += 1
                     group.create_task(self._prompt(prompt, queue))
         except* BudgetReached as reached:
-            self.summary.budget_reached = str(reached.exceptions[0])
+            self.summary.budget_reached = message_of(reached.exceptions[0])
         except* (EndpointUnsuitable, EndpointFatal, JournalError) as errors:  # run-level: stop with the first
             raise errors.exceptions[0] from None
         finally:
@@ -280,10 +281,10 @@ class Runner:
                 if hit is None:
                     queue.put_nowait((prompt, key, seq, query, future))
                 elif hit[0] != query.key():
-                    raise JournalError(
-                        f"the checkpoint {self.journal.path} holds answers to other questions for prompt "
-                        f"{prompt.id!r} (made by another version of logprobs?); add --fresh to start over"
-                    )
+                    raise JournalError(Worded(
+                        "the checkpoint {path} holds answers to other questions for prompt {id!r} (made by another "
+                        "version of logprobs?); add {fresh} to start over", path=self.journal.path, id=prompt.id,
+                    ))
                 else:
                     future.set_result(hit[1])
                 futures.append(future)
@@ -318,7 +319,7 @@ class Runner:
     def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
         """Record the prompt's failure; raise EndpointFatal when the endpoint refuses the same request of
         SAME_REFUSALS_FATAL prompts before any prompt finished (every prompt would be refused: stop spending)."""
-        message = str(err)
+        message = message_of(err)
         self.summary.failures[prompt.id] = message
         self.journal.put_failure(key, message)
         if not isinstance(err, EndpointRejected):
@@ -533,7 +534,7 @@ def extract_batch(
             asyncio.run(main())
         except BudgetReached as reached:  # during the probe or token check
             journal.add_setup_spend(metered.spent.minus(before))
-            summary.budget_reached = str(reached)
+            summary.budget_reached = message_of(reached)
         except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
             summary.interrupted = True
         finally:

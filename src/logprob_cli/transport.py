@@ -48,6 +48,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .endpoint import EndpointError, EndpointFatal, EndpointRejected
+from .errors import Worded
 from .ratelimit import RateLimiter, retry_after
 from .urls import redact
 from .wording import plural
@@ -267,11 +268,12 @@ class Transport:
         if limited_for + wait <= self.retry.patience:
             return
         asked = f", and asks to wait {wait:,.0f} s more" if wait > 1 else ""
-        raise EndpointFatal(
-            f"{self.base_url} has refused a call with 429 (rate limited) for {limited_for:,.0f} s{asked}; last: "
-            f"{reason}. The checkpoint keeps every answer so far: run the same command later to resume "
-            "(if you know the endpoint's limits, give them with --rpm / --tpm)."
-        )
+        raise EndpointFatal(Worded(
+            "{url} has refused a call with 429 (rate limited) for {seconds:,.0f} s{asked}; last: {reason}. The "
+            "checkpoint keeps every answer so far: run the same command later to resume (if you know the "
+            "endpoint's limits, give them with {rpm} / {tpm}).",
+            url=self.base_url, seconds=limited_for, asked=asked, reason=reason,
+        ))
 
     def _read(self, path: str, tokens: int, response: RawResponse, parse: Callable[[Any], T]) -> T:
         """A POST's answer: `parse(json)` of a 2xx, else the retry or error the module docstring names."""
@@ -368,10 +370,10 @@ def one_line(text: str, limit: int = EXCERPT_CHARS) -> str:
 def not_an_api(where: str, request: str, status: int, what: str) -> EndpointFatal:
     """The error for an answer no OpenAI-compatible API gives: `request` ("POST /chat/completions") answered
     `status` with `what` ("an HTML page")."""
-    return EndpointFatal(
-        f"{where} does not look like an OpenAI-compatible API ({request} answered {status} with {what}): "
-        "check --base-url (such APIs usually sit under /v1)"
-    )
+    return EndpointFatal(Worded(
+        "{where} does not look like an OpenAI-compatible API ({request} answered {status} with {what}): "
+        "check {base_url} (such APIs usually sit under /v1)", where=where, request=request, status=status, what=what,
+    ))
 
 
 def _status_error(status: int, raw: bytes, where: str, path: str) -> EndpointError:
@@ -380,11 +382,13 @@ def _status_error(status: int, raw: bytes, where: str, path: str) -> EndpointErr
     if status in NO_ROUTE_STATUS and parse_json(raw) is NOT_JSON:
         return not_an_api(where, f"POST {path}", status, describe_body(raw) or "no body")
     if status == 401:
-        return EndpointFatal(f"{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass --api-key")
+        return EndpointFatal(Worded(
+            "{where} rejected the API key (401: {message}); set OPENAI_API_KEY or pass {api_key}", where=where, message=message
+        ))
     if status == 403:
         return EndpointFatal(f"{where} refused access (403: {message})")
     if status == 404:
-        return EndpointFatal(f"{where} answered 404 ({message}); check --model and --base-url")
+        return EndpointFatal(Worded("{where} answered 404 ({message}); check {model} and {base_url}", where=where, message=message))
     return EndpointRejected(f"{where} answered {status}: {message}", message)
 
 

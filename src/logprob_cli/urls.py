@@ -26,6 +26,6 @@ def has_userinfo(url: str) -> bool:
 
 
 USERINFO_REFUSED = (
-    "the base URL {url} carries a user name or password: the API key goes in --api-key or $OPENAI_API_KEY "
+    "the base URL {url} carries a user name or password: the API key goes in {api_key} or $OPENAI_API_KEY "
     "(sent as a Bearer token, which excludes URL credentials); remove them from the URL"
 )

@@ -23,11 +23,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from .errors import LogprobError
 from .simulator import simulator_token_bytes
 
 
-class VocabularyError(ValueError):
-    """The named vocabulary cannot be loaded; the message says what to give instead."""
+class VocabularyError(LogprobError, ValueError):
+    """The named vocabulary cannot be loaded; the message says what to give instead. Raised before any call
+    (the endpoint factory words it as a SettingsError; the CLI exits 2)."""
 
 
 class Vocabulary:
