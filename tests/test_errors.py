@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 import logprob_cli
 from logprob_cli import cli
-from logprob_cli.budget import BudgetReached
-from logprob_cli.endpoint import EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable
-from logprob_cli.endpoint_factory import SettingsError
+from logprob_cli.run.budget import BudgetReached
+from logprob_cli.endpoints.base import EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable
+from logprob_cli.endpoints.factory import SettingsError
 from logprob_cli.errors import LogprobError, Worded
-from logprob_cli.inputs import InputError
-from logprob_cli.journal import JournalError, Refused
-from logprob_cli.vocabulary import VocabularyError
+from logprob_cli.io.jsonl import InputError
+from logprob_cli.run.journal import JournalError, Refused
+from logprob_cli.endpoints.vocabulary import VocabularyError
 from test_method_specs import _cli_flags, _strings
 
 EXIT = {

@@ -11,15 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from logprob_cli.cli import app
-from logprob_cli.endpoint import EndpointUnsuitable, Prompt
-from logprob_cli.estimate import duration, estimate_run
-from logprob_cli.openai_endpoint import OpenAIEndpoint
-from logprob_cli.prices import Price, parse_price, price_for
-from logprob_cli.probe import probe
-from logprob_cli.runner import extract_batch
+from logprob_cli.endpoints.base import EndpointUnsuitable, Prompt
+from logprob_cli.run.estimate import duration, estimate_run
+from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
+from logprob_cli.run.prices import Price, parse_price, price_for
+from logprob_cli.run.probe import probe
+from logprob_cli.run.runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.vocabulary import load_vocabulary, tiktoken_encoding
+from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints.vocabulary import load_vocabulary, tiktoken_encoding
 
 COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"
 VOCAB = 2000

@@ -1,10 +1,16 @@
-"""The endpoint contract is declared, never probed.
+"""The layers: imports go one way, and the endpoint contract is declared, never probed.
+
+Rule 1 (import direction): endpoints/ < methods/ < io/ < run/ < the top (api.py, cli.py, server.py,
+__init__.py). A module imports from its own layer or a lower one, never a higher one; the shared
+leaf modules (wording.py, version.py, errors.py) import nothing of the package and anyone may use them.
+
+Rule 2 (the contract is declared):
 
 Rule: outside the endpoint modules (the contract, its backends and their wire), no module of
 src/logprob_cli calls hasattr, getattr or isinstance with an endpoint as its first argument. An
 endpoint is recognised by its name: a variable or attribute whose name contains "endpoint" or
 "metered" (endpoint, self.endpoint, metered, ...). What a caller needs of an endpoint is a member
-of `Endpoint` with a default (endpoint.py); a new capability is added there, not probed for.
+of `Endpoint` with a default (endpoints/base.py); a new capability is added there, not probed for.
 """
 
 import ast
@@ -13,9 +19,11 @@ from pathlib import Path
 import logprob_cli
 
 PACKAGE = Path(logprob_cli.__file__).parent
-# The endpoint layer: the contract and its backends may look inside endpoints (a flat module here, or
-# anything in an `endpoints` package).
-ENDPOINT_MODULES = {"endpoint", "simulator", "openai_endpoint", "transport", "ratelimit", "vocabulary", "urls"}
+# The endpoint layer: the contract and its backends may look inside endpoints.
+ENDPOINT_MODULES: set[str] = set()
+LAYERS = {"endpoints": 0, "methods": 1, "io": 2, "run": 3}
+TOP = 4
+SHARED = {"wording", "version", "errors"}
 PROBES = {"hasattr", "getattr", "isinstance"}
 ENDPOINT_WORDS = ("endpoint", "metered")
 
@@ -64,3 +72,58 @@ def test_the_rule_catches_each_kind_of_probe():
         "getattr(config, 'seed')\n"
     )
     assert [line for line, _ in endpoint_probes(source)] == [1, 2, 3]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a dotted module name inside the package (None for a shared leaf module)."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return TOP
+    if parts[0] in SHARED:
+        return None
+    return LAYERS.get(parts[0], TOP)
+
+
+def upward_imports(path: Path) -> list[str]:
+    """Every import in `path` of a package module in a higher layer than the module's own."""
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    module = ".".join(relative.parts).removesuffix(".__init__")
+    own = layer_of(module)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            targets = [node.module]
+        elif isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            if not target.startswith("logprob_cli"):
+                continue
+            layer = layer_of(target)
+            if own is None and target != module:
+                found.append(f"{module}:{node.lineno} imports {target} (a shared leaf module imports nothing)")
+            elif layer is not None and own is not None and layer > own:
+                found.append(f"{module}:{node.lineno} imports {target}")
+    return found
+
+
+def test_imports_go_one_way_through_the_layers():
+    modules = sorted(PACKAGE.rglob("*.py"))
+    relative = [path for path in modules if any(isinstance(node, ast.ImportFrom) and node.level
+                                                for node in ast.walk(ast.parse(path.read_text())))]
+    assert not relative, f"relative imports hide the layer: {relative}"
+    upward = [line for path in modules for line in upward_imports(path)]
+    assert not upward, "a module imports a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_direction_rule_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check itself can fail: an endpoints module importing run/ is caught, a run module importing endpoints/ is not."""
+    package = tmp_path / "logprob_cli"
+    (package / "endpoints").mkdir(parents=True)
+    (package / "run").mkdir()
+    (package / "endpoints" / "bad.py").write_text("from logprob_cli.run.runner import extract_batch\n")
+    (package / "run" / "good.py").write_text("from logprob_cli.endpoints.base import Query\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+    assert upward_imports(package / "endpoints" / "bad.py") == ["logprob_cli.endpoints.bad:1 imports logprob_cli.run.runner"]
+    assert upward_imports(package / "run" / "good.py") == []

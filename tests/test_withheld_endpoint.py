@@ -2,10 +2,10 @@
 
 import asyncio
 
-from logprob_cli.openai_endpoint import OpenAIEndpoint
+from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.simulator import SimulatorConfig
-from logprob_cli.vocabulary import load_vocabulary
+from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.endpoints.vocabulary import load_vocabulary
 
 
 def test_a_server_without_tokenize_lists_no_withheld_tokens():

@@ -6,8 +6,8 @@
     vector.calls      # endpoint calls spent
 """
 
-__version__ = "0.2.0"
+from logprob_cli.version import __version__
 
-from .api import Extraction, extract_file, extract_logprobs  # noqa: E402
+from logprob_cli.api import Extraction, extract_file, extract_logprobs  # noqa: E402
 
 __all__ = ["Extraction", "extract_file", "extract_logprobs", "__version__"]

@@ -14,17 +14,17 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from .budget import MeteredEndpoint, Spend
-from .endpoint import Answer, Endpoint, Prompt, Query
-from .inputs import content_problems
-from .methods import METHODS, Context, MethodResult
-from .probe import ProbeReport, probe
-from .endpoint_factory import EndpointSettings, build_endpoint
-from .outputs_guard import discard
-from .prices import Price
-from .run_config import RunConfig, default_output, price_of_calls, read_batch
-from .runner import Progress, RunSummary, extract_batch
-from .wording import top_k_capped
+from logprob_cli.run.budget import MeteredEndpoint, Spend
+from logprob_cli.endpoints.base import Answer, Endpoint, Prompt, Query
+from logprob_cli.io.jsonl import content_problems
+from logprob_cli.methods import METHODS, Context, MethodResult
+from logprob_cli.run.probe import ProbeReport, probe
+from logprob_cli.endpoints.factory import EndpointSettings, build_endpoint
+from logprob_cli.run.outputs_guard import discard
+from logprob_cli.run.prices import Price
+from logprob_cli.run.config import RunConfig, default_output, price_of_calls, read_batch
+from logprob_cli.run.runner import Progress, RunSummary, extract_batch
+from logprob_cli.wording import top_k_capped
 
 T = TypeVar("T")
 

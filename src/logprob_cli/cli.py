@@ -20,27 +20,27 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .budget import BudgetReached
-from .endpoint import Endpoint, Prompt
-from .errors import LogprobError, message_of, reworded
-from .estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
-from .inputs import InputError, read_prompts
-from .journal import Refused
-from .methods import METHODS, SPECS
-from .output import render_inspect
-from .prices import Price, parse_price, price_for
-from .progress import PlainProgress, RichProgress
-from .probe import PROBE_CALLS, probe as run_probe
-from .outputs_guard import discard
-from .runner import NoProgress, RunSummary, extract_batch
-from .endpoint_factory import EndpointSettings, SettingsError, build_endpoint
-from .run_config import RunConfig, default_output, price_of_calls, read_batch
-from .server import ServerConfig, SimulatorServer
-from .simulator import SimulatorConfig
-from .wording import plural, top_k_capped
-from .urls import redact
-from .vocabulary import VocabularyError
+from logprob_cli.version import __version__
+from logprob_cli.run.budget import BudgetReached
+from logprob_cli.endpoints.base import Endpoint, Prompt
+from logprob_cli.errors import LogprobError, message_of, reworded
+from logprob_cli.run.estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.io.jsonl import InputError, read_prompts
+from logprob_cli.run.journal import Refused
+from logprob_cli.methods import METHODS, SPECS
+from logprob_cli.io.parquet import render_inspect
+from logprob_cli.run.prices import Price, parse_price, price_for
+from logprob_cli.run.progress import PlainProgress, RichProgress
+from logprob_cli.run.probe import PROBE_CALLS, probe as run_probe
+from logprob_cli.run.outputs_guard import discard
+from logprob_cli.run.runner import NoProgress, RunSummary, extract_batch
+from logprob_cli.endpoints.factory import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.run.config import RunConfig, default_output, price_of_calls, read_batch
+from logprob_cli.server import ServerConfig, SimulatorServer
+from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.wording import plural, top_k_capped
+from logprob_cli.endpoints.urls import redact
+from logprob_cli.endpoints.vocabulary import VocabularyError
 
 
 class _FlagsWithoutPlaceholder:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..endpoint import Answer, Limits, Query
-from . import bisection, direct, exact, forced, topk, visible
-from .base import DEFAULT_EPS, Context, MethodResult, Plan
-from .spec import MethodSpec, Needs, Observations
+from logprob_cli.endpoints.base import Answer, Limits, Query
+from logprob_cli.methods import bisection, direct, exact, forced, topk, visible
+from logprob_cli.methods.base import DEFAULT_EPS, Context, MethodResult, Plan
+from logprob_cli.methods.spec import MethodSpec, Needs, Observations
 
 # In the README's order, cheapest first where several fit: a tie goes to the earlier (topk before exact).
 SPECS: dict[str, MethodSpec] = {

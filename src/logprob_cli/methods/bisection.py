@@ -75,10 +75,10 @@ from typing import Generator
 
 import numpy as np
 
-from ..endpoint import Answer, EndpointUnsuitable, Limits, Query
-from .base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
-from .spec import MethodSpec, Needs
-from ..wording import plural
+from logprob_cli.endpoints.base import Answer, EndpointUnsuitable, Limits, Query
+from logprob_cli.methods.base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
+from logprob_cli.methods.spec import MethodSpec, Needs
+from logprob_cli.wording import plural
 
 LAMBDA = 2.0  # expected number of tokens per query above their threshold
 SAFETY = 4.0  # round cap, in multiples of the rounds a bracket shrinking by 1 - q needs

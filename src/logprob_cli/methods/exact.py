@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..endpoint import Limits, Query
-from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
-from .spec import MethodSpec, Needs, at_least_two
-from .topk import reference_rounds
-from ..wording import plural
+from logprob_cli.endpoints.base import Limits, Query
+from logprob_cli.methods.base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from logprob_cli.methods.spec import MethodSpec, Needs, at_least_two
+from logprob_cli.methods.topk import reference_rounds
+from logprob_cli.wording import plural
 
 ACCEPT_ERROR = 1e-5
 

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..endpoint import EndpointUnsuitable, Limits, Query
-from . import bisection
-from .base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
-from .spec import MethodSpec, Needs
-from ..wording import plural
+from logprob_cli.endpoints.base import EndpointUnsuitable, Limits, Query
+from logprob_cli.methods import bisection
+from logprob_cli.methods.base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
+from logprob_cli.methods.spec import MethodSpec, Needs
+from logprob_cli.wording import plural
 
 
 def plan(ctx: Context) -> Plan:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..endpoint import EndpointUnsuitable, Limits
-from .base import Context, Plan
+from logprob_cli.endpoints.base import EndpointUnsuitable, Limits
+from logprob_cli.methods.base import Context, Plan
 
 CallModel = Callable[[int, int, float, Limits], int]
 

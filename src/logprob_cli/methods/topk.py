@@ -26,10 +26,10 @@ import numpy as np
 
 from typing import Generator
 
-from ..endpoint import Answer, Limits, Query
-from .base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
-from .spec import MethodSpec, Needs, at_least_two
-from ..wording import plural
+from logprob_cli.endpoints.base import Answer, Limits, Query
+from logprob_cli.methods.base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from logprob_cli.methods.spec import MethodSpec, Needs, at_least_two
+from logprob_cli.wording import plural
 
 RETRY_ROUNDS = 3
 

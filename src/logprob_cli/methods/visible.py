@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 
-from ..endpoint import Query
-from .base import Context, MethodResult, Plan, roundoff, vector_from
-from .spec import MethodSpec, Needs, one_call
-from ..wording import plural
+from logprob_cli.endpoints.base import Query
+from logprob_cli.methods.base import Context, MethodResult, Plan, roundoff, vector_from
+from logprob_cli.methods.spec import MethodSpec, Needs, one_call
+from logprob_cli.wording import plural
 
 
 def plan(ctx: Context) -> Plan:

@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import __version__
-from .budget import BudgetReached, MeteredEndpoint, Spend
-from .estimate import calls_per_prompt
-from .endpoint import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
-from .errors import Worded, message_of
-from .inputs import check_prompts
-from .journal import Journal, JournalError, prompt_key, reading_connection
-from .methods import METHODS, Context
-from .output import OutputRow, output_schema, write_parquet
-from .outputs_guard import check_resumable, checkpoint_path
-from .probe import ProbeReport, probe
-from .progress import RunStart
-from .run_config import RunConfig
+from logprob_cli.version import __version__
+from logprob_cli.run.budget import BudgetReached, MeteredEndpoint, Spend
+from logprob_cli.run.estimate import calls_per_prompt
+from logprob_cli.endpoints.base import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
+from logprob_cli.errors import Worded, message_of
+from logprob_cli.io.jsonl import check_prompts
+from logprob_cli.run.journal import Journal, JournalError, prompt_key, reading_connection
+from logprob_cli.methods import METHODS, Context
+from logprob_cli.io.parquet import OutputRow, output_schema, write_parquet
+from logprob_cli.run.outputs_guard import check_resumable, checkpoint_path
+from logprob_cli.run.probe import ProbeReport, probe
+from logprob_cli.run.progress import RunStart
+from logprob_cli.run.config import RunConfig
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)

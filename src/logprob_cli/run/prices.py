@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import Worded
+from logprob_cli.errors import Worded
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .endpoint import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
-from .errors import Worded
-from .prices import Price
-from .methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
-from .probe import MAX_TOP_K, ProbeReport, expected_calls
-from .simulator import SimulatedEndpoint
+from logprob_cli.endpoints.base import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
+from logprob_cli.errors import Worded
+from logprob_cli.run.prices import Price
+from logprob_cli.methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
+from logprob_cli.run.probe import MAX_TOP_K, ProbeReport, expected_calls
+from logprob_cli.endpoints.simulator import SimulatedEndpoint
 
 # The runner's work around each in-process simulator answer (journal, tasks, bookkeeping), in seconds:
 # `python benchmarks/simulator_latency.py` measured 0.17-0.7 ms beside the answer itself on the 2-core CI box.

@@ -25,10 +25,10 @@ from rich.table import Table
 from rich import box
 from rich.text import Text
 
-from .endpoint import Prompt
-from .methods.base import MethodResult
-from .simulator import simulator_token_bytes
-from .wording import plural
+from logprob_cli.endpoints.base import Prompt
+from logprob_cli.methods.base import MethodResult
+from logprob_cli.endpoints.simulator import simulator_token_bytes
+from logprob_cli.wording import plural
 
 METADATA_KEY = b"logprob_cli"
 ROW_GROUP_ROWS = 32

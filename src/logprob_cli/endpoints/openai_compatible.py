@@ -28,17 +28,17 @@ import os
 import re
 from typing import Any, Callable, Literal
 
-from .endpoint import (
+from logprob_cli.endpoints.base import (
     WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, Limits,
     Pressure, Prompt, Query, approx_tokens,
 )
-from .errors import Worded
-from .ratelimit import RateLimiter
-from .transport import (
+from logprob_cli.errors import Worded
+from logprob_cli.endpoints.ratelimit import RateLimiter
+from logprob_cli.endpoints.transport import (
     RetryPolicy, Transport, Wire, _message, describe_body, is_html, not_an_api, parse_json,
 )
-from .urls import USERINFO_REFUSED, has_userinfo, redact
-from .vocabulary import Vocabulary, tiktoken_encoding
+from logprob_cli.endpoints.urls import USERINFO_REFUSED, has_userinfo, redact
+from logprob_cli.endpoints.vocabulary import Vocabulary, tiktoken_encoding
 
 SENTINEL = -9999.0
 OPENAI_BASE_URL = "https://api.openai.com/v1"

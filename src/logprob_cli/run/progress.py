@@ -25,8 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .endpoint import Pressure
-from .wording import plural
+from logprob_cli.endpoints.base import Pressure
+from logprob_cli.wording import plural
 
 RATE_WINDOW = 30.0
 SAMPLE_SECONDS = 0.25

@@ -20,7 +20,7 @@ from typing import AbstractSet, Any, Awaitable, Callable, Literal, Mapping
 
 import numpy as np
 
-from .errors import LogprobError
+from logprob_cli.errors import LogprobError
 
 
 class EndpointError(LogprobError, RuntimeError):

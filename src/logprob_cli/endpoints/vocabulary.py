@@ -23,8 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from .errors import LogprobError
-from .simulator import simulator_token_bytes
+from logprob_cli.errors import LogprobError
+from logprob_cli.endpoints.simulator import simulator_token_bytes
 
 
 class VocabularyError(LogprobError, ValueError):

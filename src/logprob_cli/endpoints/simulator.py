@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .endpoint import Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens
-from .wording import plural
+from logprob_cli.endpoints.base import Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens
+from logprob_cli.wording import plural
 
 SIMULATOR_MODEL = "simulator"
 _SUBNORMAL_EXP = np.float32(-87.3)  # exp(x) < float32's smallest normal below this

@@ -47,11 +47,11 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .endpoint import EndpointError, EndpointFatal, EndpointRejected
-from .errors import Worded
-from .ratelimit import RateLimiter, retry_after
-from .urls import redact
-from .wording import plural
+from logprob_cli.endpoints.base import EndpointError, EndpointFatal, EndpointRejected
+from logprob_cli.errors import Worded
+from logprob_cli.endpoints.ratelimit import RateLimiter, retry_after
+from logprob_cli.endpoints.urls import redact
+from logprob_cli.wording import plural
 
 T = TypeVar("T")
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
