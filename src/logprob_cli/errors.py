@@ -5,7 +5,7 @@ Hierarchy (each class lives beside the code that raises it; `except LogprobError
     LogprobError                      errors.py
     ├── SettingsError(ValueError)     endpoints/factory.py settings that cannot work together  (CLI exit 2)
     ├── InputError                    io/jsonl.py          the prompts cannot be used          (CLI exit 2)
-    ├── VocabularyError(ValueError)   endpoints/vocabulary.pythe named vocabulary cannot load    (CLI exit 2)
+    ├── VocabularyError(ValueError)   endpoints/vocabulary.py the named vocabulary cannot load (CLI exit 2)
     ├── JournalError(RuntimeError)    run/journal.py       the checkpoint cannot be used       (CLI exit 1)
     │   └── Refused                                        files at the output's place          (CLI exit 2)
     ├── EndpointError(RuntimeError)   endpoints/base.py    the endpoint failed or refused      (CLI exit 1)
