@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
@@ -152,15 +153,17 @@ def test_chat_lines_for_legacy_completions_are_listed(tmp_path):
 
 @pytest.fixture
 def served(monkeypatch):
-    """An in-process simulator server (1,000 tokens) and a list counting every HTTP request the client sends."""
+    """An in-process simulator server (1,000 tokens) and a list of the path of every completion request (POST)
+    the client sends, tries included (GET /models is not counted)."""
     sent = []
-    attempt = transport.Transport._attempt
+    send = transport.AiohttpWire.send
 
-    async def counted(self, path, data, tokens, parse):
-        sent.append(path)
-        return await attempt(self, path, data, tokens, parse)
+    async def counted(self, method, url, headers, body):
+        if method == "POST":
+            sent.append(urlsplit(url).path)
+        return await send(self, method, url, headers, body)
 
-    monkeypatch.setattr(transport.Transport, "_attempt", counted)
+    monkeypatch.setattr(transport.AiohttpWire, "send", counted)
     with SimulatorServer(ServerConfig(SimulatorConfig(vocab_size=1000))) as server:
         yield server, sent
 

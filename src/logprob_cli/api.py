@@ -73,7 +73,7 @@ def extract_logprobs(
     item = _prompt(prompt)
     RunConfig(method, top_k, eps, concurrency)  # checks the run's settings before the endpoint is built
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
-    endpoint = endpoint or build_endpoint(settings)
+    endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
 
     counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
 
@@ -153,7 +153,7 @@ def extract_file(
     path = Path(output) if output is not None else default_output(input, shard)
     batch = read_batch(input, path, shard, settings.api if settings.model else None)
     priced_model = settings.model if endpoint is None else endpoint.model  # None: the built-in simulator
-    endpoint = endpoint or build_endpoint(settings)
+    endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
     run = dataclasses.replace(run, price=price_of_calls(priced_model, endpoint.model, price, max_cost))
     if fresh:
         discard(path, batch.checkpoint)
