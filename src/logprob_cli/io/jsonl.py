@@ -114,7 +114,9 @@ def read_prompts(source: str | os.PathLike, api: str | None = None) -> list[Prom
 
 
 def check_prompts(prompts: list[Prompt], api: str | None = None) -> None:
-    """The pre-flight check for prompts not read by `read_prompts` (the Python API): InputError lists every problem."""
+    """The pre-flight check of prompts handed to `extract_batch`, however they were made: InputError lists every
+    problem. `read_prompts` runs the same check as it reads a file, so a file's prompts are checked twice (about
+    2 s per 100,000 lines), which buys one guard at the batch's entry for every caller."""
     problems = prompt_problems(prompts, api)
     if problems:
         raise InputError([prefixed(where(prompt), problem) for prompt, problem in problems], "prompts")
