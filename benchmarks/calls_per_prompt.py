@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from logprob_cli.methods import METHODS, Context, drive
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 
 def measure(method: str, vocab: int, k: int, eps: float, prompts: list[str]) -> dict:

@@ -27,10 +27,10 @@ from typing import Awaitable, Callable
 import openai
 from harness import ServedSimulator, Window, machine_jiffies, machine_note, prompts
 
-from logprob_cli.endpoints.base import Query
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.run.runner import extract_batch
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._base import Query
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.run._runner import extract_batch
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 MODEL = "simulator"
 

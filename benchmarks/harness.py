@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from logprob_cli.endpoints.base import Prompt
+from logprob_cli.endpoints._base import Prompt
 
 _URL = re.compile(r"http://\S+/v1")  # the first URL `serve` prints (rich may wrap the line)
 _TICKS = os.sysconf("SC_CLK_TCK")

@@ -38,8 +38,8 @@ def peak_mb() -> float:
 
 def child(n: int, vocab: int, concurrency: int, directory: Path) -> None:
     """Run n prompts and print one JSON line: peaks, seconds, file sizes."""
-    from logprob_cli.run.runner import checkpoint_path, extract_batch
-    from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+    from logprob_cli.run._runner import checkpoint_path, extract_batch
+    from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
     endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=vocab, top_logprobs_cap=vocab))
     output = directory / "out.parquet"

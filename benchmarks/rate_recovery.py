@@ -39,7 +39,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from logprob_cli.server import FAULT_KINDS, ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatorConfig
 
 KEY = "sk-bench"
 

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from logprob_cli.endpoints.base import Prompt
-from logprob_cli.run.estimate import IN_PROCESS_BOOKKEEPING, estimate_run, simulator_latency
-from logprob_cli.io.jsonl import read_prompts
-from logprob_cli.run.runner import extract_batch
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._base import Prompt
+from logprob_cli.run._estimate import IN_PROCESS_BOOKKEEPING, estimate_run, simulator_latency
+from logprob_cli.io._jsonl import read_prompts
+from logprob_cli.run._runner import extract_batch
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "prompts.jsonl"
 

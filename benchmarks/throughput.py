@@ -32,10 +32,10 @@ from pathlib import Path
 
 from harness import ServedSimulator, Window, machine_jiffies, machine_note, prompts
 
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.endpoints.ratelimit import RateLimiter
-from logprob_cli.run.runner import extract_batch
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._ratelimit import RateLimiter
+from logprob_cli.run._runner import extract_batch
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 SERVER_BOUND = 0.9  # server CPU share of one core above which the server is the bottleneck
 

@@ -17,10 +17,10 @@ import itertools
 
 import numpy as np
 
-from logprob_cli.endpoints.base import Prompt
+from logprob_cli.endpoints._base import Prompt
 from logprob_cli.methods import METHODS, Context, drive
-from logprob_cli.run.probe import MAX_TOP_K, expected_calls, probe
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.run._probe import MAX_TOP_K, expected_calls, probe
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 BEHAVIOURS = [  # (logprobs_after_bias, bias_steers_sampling, sampled_logprob)
     (True, True, "report"),

@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from engines import LLAMA_SERVER_VERSION, model_path, run_llama_server  # noqa: E402
 
-from logprob_cli.endpoints.base import Prompt, Query  # noqa: E402
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint, ask_server_facts  # noqa: E402
-from logprob_cli.endpoints.transport import AiohttpWire, RawResponse  # noqa: E402
-from logprob_cli.endpoints.vocabulary import server_vocabulary  # noqa: E402
+from logprob_cli.endpoints._base import Prompt, Query  # noqa: E402
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint, ask_server_facts  # noqa: E402
+from logprob_cli.endpoints._transport import AiohttpWire, RawResponse  # noqa: E402
+from logprob_cli.endpoints._vocabulary import server_vocabulary  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "http"
 PROMPT = "The capital of France is"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from logprob_cli.methods import METHODS, Context, drive
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 
 def run_method(name: str, config: SimulatorConfig, prompt="The capital of France is", **settings):

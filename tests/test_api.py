@@ -1,7 +1,7 @@
 import numpy as np
 
 from logprob_cli import extract_logprobs
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 
 def test_extract_one_prompt_from_python():

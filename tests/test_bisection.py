@@ -11,9 +11,9 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from logprob_cli.endpoints.base import WITHHELD, Answer, EndpointUnsuitable, Query
-from logprob_cli.methods import METHODS, Context, bisection, drive
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._base import WITHHELD, Answer, EndpointUnsuitable, Query
+from logprob_cli.methods import METHODS, Context, _bisection as bisection, drive
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 from conftest import max_error, run_method
 

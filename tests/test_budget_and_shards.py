@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatorConfig
 
 TOOLS = Path(__file__).parent / "tools"
 SIM = ["--sim", "vocab_size=2000", "--method", "topk", "-q"]
@@ -131,8 +131,8 @@ def test_shard_default_output_and_bad_shards(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_shards_are_a_partition_that_ignores_order(n):
-    from logprob_cli.endpoints.base import Prompt
-    from logprob_cli.io.jsonl import select_shard
+    from logprob_cli.endpoints._base import Prompt
+    from logprob_cli.io._jsonl import select_shard
 
     prompts = [Prompt(id=f"id-{i}", line=i + 1, prompt="x") for i in range(200)]
     parts = [select_shard(prompts, i, n) for i in range(n)]
@@ -146,8 +146,8 @@ def test_shards_are_a_partition_that_ignores_order(n):
 def test_a_checkpoint_of_version_0_1_0_is_migrated_and_its_calls_count(tmp_path):
     import sqlite3
 
-    from logprob_cli.endpoints.base import Answer
-    from logprob_cli.run.journal import Journal
+    from logprob_cli.endpoints._base import Answer
+    from logprob_cli.run._journal import Journal
 
     path = tmp_path / "old.checkpoint.sqlite"
     with sqlite3.connect(path) as db:  # the 0.1.0 answers table: no usage columns

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from logprob_cli.run.journal import Journal
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.run._journal import Journal
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"
 ROOT = Path(__file__).parent.parent

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from logprob_cli.endpoints.base import WITHHELD, EndpointFatal, Prompt, Query
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint, ask_server_facts
-from logprob_cli.endpoints.transport import MockWire, RawResponse, Request, RetryPolicy
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._base import WITHHELD, EndpointFatal, Prompt, Query
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint, ask_server_facts
+from logprob_cli.endpoints._transport import MockWire, RawResponse, Request, RetryPolicy
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "http"
 BASE_URL = "http://fixture.test/v1"

@@ -7,11 +7,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from logprob_cli.run.budget import MeteredEndpoint, Spend
-from logprob_cli.endpoints.base import Endpoint
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.run._budget import MeteredEndpoint, Spend
+from logprob_cli.endpoints._base import Endpoint
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 TOKENIZE_SECONDS = 0.5
 

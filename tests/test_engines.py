@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from engines import llama_server_fixture
-from logprob_cli.endpoints.base import Prompt, Query
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.endpoints.vocabulary import server_vocabulary
+from logprob_cli.endpoints._base import Prompt, Query
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._vocabulary import server_vocabulary
 
 smollm2_server = llama_server_fixture("smollm2")
 tiny_server = llama_server_fixture("tiny")

@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 import logprob_cli
 from logprob_cli import cli
-from logprob_cli.run.budget import BudgetReached
-from logprob_cli.endpoints.base import EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable
-from logprob_cli.endpoints.factory import SettingsError
+from logprob_cli.run._budget import BudgetReached
+from logprob_cli.endpoints._base import EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable
+from logprob_cli.endpoints._factory import SettingsError
 from logprob_cli.errors import LogprobError, Worded
-from logprob_cli.io.jsonl import InputError
-from logprob_cli.run.journal import JournalError, Refused
-from logprob_cli.endpoints.vocabulary import VocabularyError
+from logprob_cli.io._jsonl import InputError
+from logprob_cli.run._journal import JournalError, Refused
+from logprob_cli.endpoints._vocabulary import VocabularyError
 from test_method_specs import _cli_flags, _strings
 
 EXIT = {
@@ -24,9 +24,9 @@ EXIT = {
     EndpointFatal: 1, EndpointRejected: 1, EndpointUnsuitable: 1, BudgetReached: 3,
 }
 ALLOWED = {  # (module, string) pairs that must name a flag, and why
-    ("estimate.py", "unknown (give --price)"),  # a cell of the CLI's own estimate table
+    ("_estimate.py", "unknown (give --price)"),  # a cell of the CLI's own estimate table
 }
-CLI_ONLY = {"cli.py", "progress.py"}  # the command line and its progress display
+CLI_ONLY = {"cli.py", "_display.py"}  # the command line and its progress display
 
 
 def test_every_user_facing_error_derives_from_the_base_and_keeps_its_builtin_base():

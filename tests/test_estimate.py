@@ -11,15 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from logprob_cli.cli import app
-from logprob_cli.endpoints.base import EndpointUnsuitable, Prompt
-from logprob_cli.run.estimate import duration, estimate_run
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.run.prices import Price, parse_price, price_for
-from logprob_cli.run.probe import probe
-from logprob_cli.run.runner import extract_batch
+from logprob_cli.endpoints._base import EndpointUnsuitable, Prompt
+from logprob_cli.run._estimate import duration, estimate_run
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.run._prices import Price, parse_price, price_for
+from logprob_cli.run._probe import probe
+from logprob_cli.run._runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.vocabulary import load_vocabulary, tiktoken_encoding
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._vocabulary import load_vocabulary, tiktoken_encoding
 
 COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"
 VOCAB = 2000

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from logprob_cli.run.journal import reading_connection
+from logprob_cli.run._journal import reading_connection
 from logprob_cli.server import FAULT_KINDS, ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatorConfig
 
 VOCAB = 2000
 KEY = "sk-fault-tests"

@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from logprob_cli.endpoints import simulator
+from logprob_cli.endpoints import _simulator as simulator
 from logprob_cli.cli import app
-from logprob_cli.io.jsonl import read_prompts, select_shard
-from logprob_cli.run.journal import settings_differences
-from logprob_cli.io.parquet import write_parquet
+from logprob_cli.io._jsonl import read_prompts, select_shard
+from logprob_cli.run._journal import settings_differences
+from logprob_cli.io._parquet import write_parquet
 
 SIM = ("--sim", "vocab_size=1000", "-q")
 COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"

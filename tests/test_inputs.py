@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from logprob_cli.endpoints.base import Prompt
-from logprob_cli.io.jsonl import InputError, read_prompts
+from logprob_cli.endpoints._base import Prompt
+from logprob_cli.io._jsonl import InputError, read_prompts
 
 
 def write(tmp_path, *lines: str, name="prompts.jsonl"):

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatorConfig
 
 COUNTER = Path(__file__).parent / "tools" / "counting_logprobs.py"
 STOP_SECONDS = 3.5  # signal to exit, interpreter teardown included (~0.3 s idle, ~1.5 s of it on a loaded CI box)

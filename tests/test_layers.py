@@ -10,7 +10,7 @@ Rule: outside the endpoint modules (the contract, its backends and their wire), 
 src/logprob_cli calls hasattr, getattr or isinstance with an endpoint as its first argument. An
 endpoint is recognised by its name: a variable or attribute whose name contains "endpoint" or
 "metered" (endpoint, self.endpoint, metered, ...). What a caller needs of an endpoint is a member
-of `Endpoint` with a default (endpoints/base.py); a new capability is added there, not probed for.
+of `Endpoint` with a default (endpoints/_base.py); a new capability is added there, not probed for.
 """
 
 import ast
@@ -122,8 +122,42 @@ def test_the_direction_rule_catches_an_upward_import(tmp_path, monkeypatch):
     package = tmp_path / "logprob_cli"
     (package / "endpoints").mkdir(parents=True)
     (package / "run").mkdir()
-    (package / "endpoints" / "bad.py").write_text("from logprob_cli.run.runner import extract_batch\n")
-    (package / "run" / "good.py").write_text("from logprob_cli.endpoints.base import Query\n")
+    (package / "endpoints" / "bad.py").write_text("from logprob_cli.run._runner import extract_batch\n")
+    (package / "run" / "good.py").write_text("from logprob_cli.endpoints._base import Query\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
-    assert upward_imports(package / "endpoints" / "bad.py") == ["logprob_cli.endpoints.bad:1 imports logprob_cli.run.runner"]
+    assert upward_imports(package / "endpoints" / "bad.py") == ["logprob_cli.endpoints.bad:1 imports logprob_cli.run._runner"]
     assert upward_imports(package / "run" / "good.py") == []
+
+
+def private_reaches(path: Path) -> list[str]:
+    """Every import in `path` of another package's private module (logprob_cli.<pkg>._<module>)."""
+    relative = path.relative_to(PACKAGE).parts
+    own = relative[0] if len(relative) > 1 else None
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] == "logprob_cli" and len(parts) > 2 and parts[2].startswith("_") and parts[1] != own:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} imports {node.module}")
+    return found
+
+
+def test_packages_are_entered_through_their_public_face():
+    """Rule 3: each package's modules are private (_name.py); other packages import what the package's
+    __init__ exports (its __all__), so a package may rearrange its modules without touching its users."""
+    modules = sorted(PACKAGE.rglob("*.py"))
+    public_inside = [str(path.relative_to(PACKAGE)) for path in modules
+                     if path.parent != PACKAGE and path.stem != "__init__" and not path.stem.startswith("_")]
+    assert not public_inside, f"modules inside a package are private: {public_inside}"
+    reaches = [line for path in modules for line in private_reaches(path)]
+    assert not reaches, "import from the package, not its private module:\n" + "\n".join(reaches)
+
+
+def test_the_face_rule_catches_a_private_reach(tmp_path, monkeypatch):
+    package = tmp_path / "logprob_cli"
+    (package / "run").mkdir(parents=True)
+    (package / "run" / "_bad.py").write_text("from logprob_cli.endpoints._base import Query\n")
+    (package / "run" / "_good.py").write_text("from logprob_cli.endpoints import Query\nfrom logprob_cli.run._journal import Refused\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+    assert private_reaches(package / "run" / "_bad.py") == ["run/_bad.py:1 imports logprob_cli.endpoints._base"]
+    assert private_reaches(package / "run" / "_good.py") == []

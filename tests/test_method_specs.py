@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 from conftest import run_method
 from logprob_cli import methods
 from logprob_cli.cli import app
-from logprob_cli.endpoints.base import EndpointUnsuitable, Prompt
-from logprob_cli.run.estimate import calls_per_prompt, estimate_run
+from logprob_cli.endpoints._base import EndpointUnsuitable, Prompt
+from logprob_cli.run._estimate import calls_per_prompt, estimate_run
 from logprob_cli.methods import DEFAULT_EPS, METHODS, SPECS, cheapest
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.run.probe import MAX_TOP_K, probe
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.run._probe import MAX_TOP_K, probe
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 VOCAB = 2000
 PROMPT = Prompt(id=0, line=1, prompt="The capital of France is")

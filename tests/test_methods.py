@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from logprob_cli.endpoints.base import WITHHELD, Answer, EndpointUnsuitable, Limits, Query
+from logprob_cli.endpoints._base import WITHHELD, Answer, EndpointUnsuitable, Limits, Query
 from logprob_cli.methods import METHODS, Context, drive
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 from conftest import max_error, run_method
 

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from logprob_cli.endpoints.base import EndpointFatal, Prompt, Query
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._base import EndpointFatal, Prompt, Query
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
-from logprob_cli.endpoints.transport import RetryPolicy
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._simulator import SimulatorConfig
+from logprob_cli.endpoints._transport import RetryPolicy
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 VOCAB = 3000
 KEY = "sk-test-secret-123"
@@ -172,7 +172,7 @@ def test_legacy_completions_extract_the_full_vector_including_byte_tokens(server
 
 def test_merged_legacy_entries_fail_the_answer_instead_of_shifting_values():
     """vLLM-style legacy logprobs key entries by text: two byte tokens that both read "\ufffd" collapse into one."""
-    from logprob_cli.endpoints.base import EndpointError
+    from logprob_cli.endpoints._base import EndpointError
 
     endpoint = OpenAIEndpoint("m", load_vocabulary("simulator:1000"), base_url="http://127.0.0.1:9/v1", api="completions")
     merged = {

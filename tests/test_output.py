@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from logprob_cli.endpoints.base import Prompt
-from logprob_cli.methods.base import MethodResult
-from logprob_cli.io.parquet import (
+from logprob_cli.endpoints._base import Prompt
+from logprob_cli.methods._base import MethodResult
+from logprob_cli.io._parquet import (
     OutputRow,
     output_schema,
     read_metadata,
@@ -21,7 +21,7 @@ from logprob_cli.io.parquet import (
     token_text,
     write_parquet,
 )
-from logprob_cli.endpoints.simulator import simulator_token_bytes
+from logprob_cli.endpoints._simulator import simulator_token_bytes
 
 V = 300
 PARIS = 299  # a word token of the simulator vocabulary

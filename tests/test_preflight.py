@@ -16,15 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from logprob_cli.endpoints import transport
+from logprob_cli.endpoints import _transport as transport
 from logprob_cli.cli import app, failure_advice
-from logprob_cli.endpoints.base import Answer, Prompt
-from logprob_cli.io.jsonl import InputError, check_prompts
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.run.runner import extract_batch
+from logprob_cli.endpoints._base import Answer, Prompt
+from logprob_cli.io._jsonl import InputError, check_prompts
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.run._runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 OK = '{"prompt": "a fine line"}'
 

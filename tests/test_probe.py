@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from logprob_cli.endpoints.base import EndpointError, EndpointRejected, EndpointUnsuitable, Prompt
-from logprob_cli.run.estimate import probe_calls
-from logprob_cli.run.probe import PROBE_CALLS, ProbeReport, expected_calls, probe
-from logprob_cli.run.runner import extract_batch
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._base import EndpointError, EndpointRejected, EndpointUnsuitable, Prompt
+from logprob_cli.run._estimate import probe_calls
+from logprob_cli.run._probe import PROBE_CALLS, ProbeReport, expected_calls, probe
+from logprob_cli.run._runner import extract_batch
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 VOCAB = 1000
 PROMPT = Prompt(id=0, line=1, prompt="The capital of France is")
@@ -280,7 +280,7 @@ def test_a_server_answering_200_with_something_else_gets_no_table(body, kind, sa
 
 
 def test_error_pages_are_described_not_printed():
-    from logprob_cli.endpoints.transport import _message
+    from logprob_cli.endpoints._transport import _message
 
     page = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"<p>nginx</p>" * 2000 + b"</body></html>"
     assert _message(page, 502) == "an HTML page titled '502 Bad Gateway'"

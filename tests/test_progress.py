@@ -13,16 +13,16 @@ import time
 
 from rich.console import Console
 
-from logprob_cli.endpoints.base import Prompt
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.run.progress import (
-    PlainProgress, Pressure, RichProgress, RunStart, Tally, _Display, plain_line,
-)
-from logprob_cli.endpoints.ratelimit import RateLimiter
-from logprob_cli.run.runner import extract_batch
+from logprob_cli.endpoints._base import Prompt
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli._display import PlainProgress, RichProgress, _Display, plain_line
+from logprob_cli.endpoints import Pressure
+from logprob_cli.run._progress import RunStart, Tally
+from logprob_cli.endpoints._ratelimit import RateLimiter
+from logprob_cli.run._runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 SLACK = 0.5  # seconds: the rate is sampled every 0.25 s
 

@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from logprob_cli.endpoints.base import EndpointFatal
-from logprob_cli.endpoints.ratelimit import RateLimiter
+from logprob_cli.endpoints._base import EndpointFatal
+from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.server import FAULT_KINDS, ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
-from logprob_cli.endpoints.transport import RetryPolicy, Transport
+from logprob_cli.endpoints._simulator import SimulatorConfig
+from logprob_cli.endpoints._transport import RetryPolicy, Transport
 
 VOCAB = 400  # method topk, k = 20: 22 calls a prompt
 KEY = "sk-rate-tests"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from logprob_cli.endpoints.ratelimit import RateLimiter, parse_duration, retry_after
+from logprob_cli.endpoints._ratelimit import RateLimiter, parse_duration, retry_after
 
 
 class Clock:

@@ -11,10 +11,10 @@ import typer.main
 
 from logprob_cli import extract_file, extract_logprobs
 from logprob_cli.cli import FLAGS, app
-from logprob_cli.endpoints.factory import EndpointSettings, SettingsError, build_endpoint
-from logprob_cli.run.config import RunConfig
+from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.run._config import RunConfig
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 CONFIG = SimulatorConfig(vocab_size=1000)
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from logprob_cli.cli import app
-from logprob_cli.endpoints.base import Query
+from logprob_cli.endpoints._base import Query
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
 
 SIM = SimulatorConfig(vocab_size=2000)
 VOCAB = {simulator_token_bytes(i): i for i in range(SIM.vocab_size)}

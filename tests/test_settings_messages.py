@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from logprob_cli import extract_logprobs
 from logprob_cli.cli import app
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.io.parquet import read_metadata, render_inspect
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.io._parquet import read_metadata, render_inspect
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.urls import redact
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._urls import redact
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 from logprob_cli.wording import plural
 
 ROOT = Path(__file__).parent.parent

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from logprob_cli.endpoints.base import Answer, EndpointError, Query
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes, to_bfloat16
+from logprob_cli.endpoints._base import Answer, EndpointError, Query
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes, to_bfloat16
 
 PROMPT = "The capital of France is"
 

@@ -21,12 +21,12 @@ import pytest
 from typer.testing import CliRunner
 
 from logprob_cli.cli import app
-from logprob_cli.endpoints.base import Prompt, Query
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._base import Prompt, Query
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig, simulator_token_bytes
-from logprob_cli.endpoints.transport import RetryPolicy
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._simulator import SimulatorConfig, simulator_token_bytes
+from logprob_cli.endpoints._transport import RetryPolicy
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 VOCAB = 1000
 KEY = "sk-vllm-test"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from logprob_cli.endpoints.vocabulary import VocabularyError, load_vocabulary
+from logprob_cli.endpoints._vocabulary import VocabularyError, load_vocabulary
 
 
 def test_tiktoken_encodings_load_offline(monkeypatch, tmp_path):

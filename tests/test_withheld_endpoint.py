@@ -2,10 +2,10 @@
 
 import asyncio
 
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
-from logprob_cli.endpoints.vocabulary import load_vocabulary
+from logprob_cli.endpoints._simulator import SimulatorConfig
+from logprob_cli.endpoints._vocabulary import load_vocabulary
 
 
 def test_a_server_without_tokenize_lists_no_withheld_tokens():

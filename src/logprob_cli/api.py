@@ -14,16 +14,16 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from logprob_cli.run.budget import MeteredEndpoint, Spend
-from logprob_cli.endpoints.base import Answer, Endpoint, Prompt, Query
-from logprob_cli.io.jsonl import content_problems
+from logprob_cli.run import MeteredEndpoint, Spend
+from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
+from logprob_cli.io import content_problems
 from logprob_cli.methods import METHODS, Context, MethodResult
-from logprob_cli.run.probe import ProbeReport, probe
-from logprob_cli.endpoints.factory import EndpointSettings, build_endpoint
-from logprob_cli.run.outputs_guard import discard
-from logprob_cli.run.prices import Price
-from logprob_cli.run.config import RunConfig, default_output, price_of_calls, read_batch
-from logprob_cli.run.runner import Progress, RunSummary, extract_batch
+from logprob_cli.run import ProbeReport, probe
+from logprob_cli.endpoints import EndpointSettings, build_endpoint
+from logprob_cli.run import discard
+from logprob_cli.run import Price
+from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
+from logprob_cli.run import Progress, RunSummary, extract_batch
 from logprob_cli.wording import top_k_capped
 
 T = TypeVar("T")

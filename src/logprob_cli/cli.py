@@ -21,26 +21,26 @@ from rich.console import Console
 from rich.table import Table
 
 from logprob_cli.version import __version__
-from logprob_cli.run.budget import BudgetReached
-from logprob_cli.endpoints.base import Endpoint, Prompt
+from logprob_cli.run import BudgetReached
+from logprob_cli.endpoints import Endpoint, Prompt
 from logprob_cli.errors import LogprobError, message_of, reworded
-from logprob_cli.run.estimate import estimate_run, format_count, format_dollars, format_duration, simulator_latency
-from logprob_cli.io.jsonl import InputError, read_prompts
-from logprob_cli.run.journal import Refused
+from logprob_cli.run import estimate_run, format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.io import InputError, read_prompts
+from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
-from logprob_cli.io.parquet import render_inspect
-from logprob_cli.run.prices import Price, parse_price, price_for
-from logprob_cli.run.progress import PlainProgress, RichProgress
-from logprob_cli.run.probe import PROBE_CALLS, probe as run_probe
-from logprob_cli.run.outputs_guard import discard
-from logprob_cli.run.runner import NoProgress, RunSummary, extract_batch
-from logprob_cli.endpoints.factory import EndpointSettings, SettingsError, build_endpoint
-from logprob_cli.run.config import RunConfig, default_output, price_of_calls, read_batch
+from logprob_cli.io import render_inspect
+from logprob_cli.run import Price, parse_price, price_for
+from logprob_cli._display import PlainProgress, RichProgress
+from logprob_cli.run import PROBE_CALLS, probe as run_probe
+from logprob_cli.run import discard
+from logprob_cli.run import NoProgress, RunSummary, extract_batch
+from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
-from logprob_cli.endpoints.simulator import SimulatorConfig
+from logprob_cli.endpoints import SimulatorConfig
 from logprob_cli.wording import plural, top_k_capped
-from logprob_cli.endpoints.urls import redact
-from logprob_cli.endpoints.vocabulary import VocabularyError
+from logprob_cli.endpoints import redact
+from logprob_cli.endpoints import VocabularyError
 
 
 class _FlagsWithoutPlaceholder:

@@ -3,16 +3,16 @@
 Hierarchy (each class lives beside the code that raises it; `except LogprobError` catches them all):
 
     LogprobError                      errors.py
-    ├── SettingsError(ValueError)     endpoints/factory.py settings that cannot work together  (CLI exit 2)
-    ├── InputError                    io/jsonl.py          the prompts cannot be used          (CLI exit 2)
-    ├── VocabularyError(ValueError)   endpoints/vocabulary.py the named vocabulary cannot load (CLI exit 2)
-    ├── JournalError(RuntimeError)    run/journal.py       the checkpoint cannot be used       (CLI exit 1)
+    ├── SettingsError(ValueError)     endpoints/_factory.py settings that cannot work together  (CLI exit 2)
+    ├── InputError                    io/_jsonl.py          the prompts cannot be used          (CLI exit 2)
+    ├── VocabularyError(ValueError)   endpoints/_vocabulary.py the named vocabulary cannot load (CLI exit 2)
+    ├── JournalError(RuntimeError)    run/_journal.py       the checkpoint cannot be used       (CLI exit 1)
     │   └── Refused                                        files at the output's place          (CLI exit 2)
-    ├── EndpointError(RuntimeError)   endpoints/base.py    the endpoint failed or refused      (CLI exit 1)
+    ├── EndpointError(RuntimeError)   endpoints/_base.py    the endpoint failed or refused      (CLI exit 1)
     │   ├── EndpointFatal                                  every request would fail the same way
     │   └── EndpointRejected                               this request is invalid for the endpoint
-    ├── EndpointUnsuitable(RuntimeError) endpoints/base.py the endpoint does not fit a method  (CLI exit 1)
-    └── BudgetReached                 run/budget.py        the next call would cross a cap     (CLI exit 3)
+    ├── EndpointUnsuitable(RuntimeError) endpoints/_base.py the endpoint does not fit a method  (CLI exit 1)
+    └── BudgetReached                 run/_budget.py        the next call would cross a cap     (CLI exit 3)
 
 The builtin second bases keep older callers' `except ValueError` / `except RuntimeError` working.
 The CLI is the only place that turns these into exit codes and wording (cli.py, `cli_errors`).

@@ -84,8 +84,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from logprob_cli.endpoints.base import Answer, EndpointError, Prompt, Query
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
+from logprob_cli.endpoints import Answer, EndpointError, Prompt, Query
+from logprob_cli.endpoints import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
 
 SENTINEL = -9999.0
 LEGACY_LOGPROBS_CAP = 5  # OpenAI's legacy Completions cap

@@ -6,7 +6,7 @@ survives `kill -9` and includes calls that were in flight.
 
 import os
 
-from logprob_cli.endpoints import simulator
+from logprob_cli.endpoints import _simulator as simulator
 from logprob_cli.cli import app
 
 log = os.open(os.environ["CALL_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -1,22 +1,45 @@
 """endpoints/: turns "this prompt, this bias" into "what the server returned".
 
-The contract (`Endpoint`, `Query`, `Answer`, `Prompt`, `Limits`) in base.py; the built-in simulator;
-the OpenAI-compatible client (openai_compatible.py) over one paced, retrying transport
-(transport.py, ratelimit.py); the vocabularies that map returned tokens to ids; and the factory that
+The contract (`Endpoint`, `Query`, `Answer`, `Prompt`, `Limits`) in _base.py; the built-in simulator;
+the OpenAI-compatible client (_openai_compatible.py) over one paced, retrying transport
+(_transport.py, _ratelimit.py); the vocabularies that map returned tokens to ids; and the factory that
 builds an endpoint from `EndpointSettings`. Nothing here imports from methods/, io/ or run/.
 """
 
-from logprob_cli.endpoints.base import (
+from logprob_cli.endpoints._base import (
     Answer, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits,
     Prompt, Query,
 )
-from logprob_cli.endpoints.factory import EndpointSettings, SettingsError, build_endpoint
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint
-from logprob_cli.endpoints.ratelimit import RateLimiter
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._ratelimit import RateLimiter
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._base import AskFunction, Pressure
+from logprob_cli.endpoints._simulator import simulator_token_bytes
+from logprob_cli.endpoints._urls import redact
+from logprob_cli.endpoints._vocabulary import VocabularyError
 
 __all__ = [
-    "Answer", "Endpoint", "EndpointDescription", "EndpointError", "EndpointFatal", "EndpointRejected",
-    "EndpointSettings", "EndpointUnsuitable", "Limits", "OpenAIEndpoint", "Prompt", "Query", "RateLimiter",
-    "SettingsError", "SimulatedEndpoint", "SimulatorConfig", "build_endpoint",
+    "Answer",
+    "AskFunction",
+    "Endpoint",
+    "EndpointDescription",
+    "EndpointError",
+    "EndpointFatal",
+    "EndpointRejected",
+    "EndpointSettings",
+    "EndpointUnsuitable",
+    "Limits",
+    "OpenAIEndpoint",
+    "Pressure",
+    "Prompt",
+    "Query",
+    "RateLimiter",
+    "SettingsError",
+    "SimulatedEndpoint",
+    "SimulatorConfig",
+    "VocabularyError",
+    "build_endpoint",
+    "redact",
+    "simulator_token_bytes",
 ]

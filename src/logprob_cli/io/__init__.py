@@ -1,11 +1,24 @@
 """io/: JSONL in (every problem of a file found before a call is spent), Parquet out, and `inspect`.
 
-jsonl.py reads and checks prompts; preflight.py checks what the output could not store; parquet.py
+_jsonl.py reads and checks prompts; _preflight.py checks what the output could not store; _parquet.py
 fixes the output's columns, writes it atomically and renders `inspect`. Imports endpoints/ (the
 `Prompt` type, token texts) and methods/ (the result type), never run/.
 """
 
-from logprob_cli.io.jsonl import InputError, check_prompts, read_prompts, select_shard
-from logprob_cli.io.parquet import read_metadata, render_inspect
+from logprob_cli.io._jsonl import InputError, check_prompts, read_prompts, select_shard
+from logprob_cli.io._parquet import read_metadata, render_inspect
+from logprob_cli.io._jsonl import content_problems
+from logprob_cli.io._parquet import OutputRow, output_schema, write_parquet
 
-__all__ = ["InputError", "check_prompts", "read_metadata", "read_prompts", "render_inspect", "select_shard"]
+__all__ = [
+    "InputError",
+    "OutputRow",
+    "check_prompts",
+    "content_problems",
+    "output_schema",
+    "read_metadata",
+    "read_prompts",
+    "render_inspect",
+    "select_shard",
+    "write_parquet",
+]

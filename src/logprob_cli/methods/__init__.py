@@ -1,5 +1,5 @@
-"""Extraction methods. Each module's `plan(ctx)` is a generator of query batches (see base.py), and its
-`SPEC` (spec.py) declares what it needs, what it costs and its help line; SPECS collects them.
+"""Extraction methods. Each module's `plan(ctx)` is a generator of query batches (see _base.py), and its
+`SPEC` (_spec.py) declares what it needs, what it costs and its help line; SPECS collects them.
 
 A new method is one module here with its plan and its SPEC, added to SPECS: `auto` (cheapest),
 `estimate`, the CLI's choices and help, and tests/test_method_specs.py then cover it."""
@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from logprob_cli.endpoints.base import Answer, Limits, Query
-from logprob_cli.methods import bisection, direct, exact, forced, topk, visible
-from logprob_cli.methods.base import DEFAULT_EPS, Context, MethodResult, Plan
-from logprob_cli.methods.spec import MethodSpec, Needs, Observations
+from logprob_cli.endpoints import Answer, Limits, Query
+from logprob_cli.methods import _bisection, _direct, _exact, _forced, _topk, _visible
+from logprob_cli.methods._base import DEFAULT_EPS, Context, MethodResult, Plan
+from logprob_cli.methods._spec import MethodSpec, Needs, Observations
+from logprob_cli.methods._base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
 # In the README's order, cheapest first where several fit: a tie goes to the earlier (topk before exact).
 SPECS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (direct.SPEC, topk.SPEC, exact.SPEC, forced.SPEC, bisection.SPEC, visible.SPEC)
+    spec.name: spec for spec in (_direct.SPEC, _topk.SPEC, _exact.SPEC, _forced.SPEC, _bisection.SPEC, _visible.SPEC)
 }
 METHODS: dict[str, Callable[[Context], Plan]] = {name: spec.plan for name, spec in SPECS.items()}
 
@@ -40,4 +41,21 @@ def drive(plan: Plan, answer: Callable[[Query], Answer]) -> tuple[MethodResult, 
             return stop.value, calls
 
 
-__all__ = ["DEFAULT_EPS", "METHODS", "SPECS", "Context", "MethodResult", "MethodSpec", "Needs", "Observations", "Plan", "cheapest", "drive"]
+__all__ = [
+    "BFLOAT16_ROUNDOFF",
+    "Context",
+    "DEFAULT_EPS",
+    "METHODS",
+    "MethodResult",
+    "MethodSpec",
+    "Needs",
+    "Observations",
+    "Plan",
+    "SPECS",
+    "bias_response",
+    "cheapest",
+    "drive",
+    "lowered_top_response",
+    "probe_ranks",
+    "roundoff",
+]

@@ -1,16 +1,53 @@
 """run/: one batch from prompts to Parquet: probe, schedule, journal, budgets, resume, estimates.
 
-runner.py drives each prompt's method plan over a pool of workers and journals every answer
-(journal.py) before the plan sees it; config.py holds the frozen `RunConfig`; probe.py measures
-an endpoint for `auto`; estimate.py prices a batch before a call; budget.py meters calls against
-the caps; outputs_guard.py decides which files a run may write; progress.py is what the runner
-reports as it goes. Imports endpoints/, methods/ and io/; nothing below imports run/.
+_runner.py drives each prompt's method plan over a pool of workers and journals every answer
+(_journal.py) before the plan sees it; _config.py holds the frozen `RunConfig`; _probe.py measures
+an endpoint for `auto`; _estimate.py prices a batch before a call; _budget.py meters calls against
+the caps; _outputs_guard.py decides which files a run may write; _progress.py counts what the runner
+reports as it goes (the CLI's _display.py draws it). Imports endpoints/, methods/ and io/; nothing below imports run/.
 """
 
-from logprob_cli.run.config import RunConfig
-from logprob_cli.run.estimate import estimate_run
-from logprob_cli.run.journal import JournalError, Refused
-from logprob_cli.run.probe import ProbeReport, probe
-from logprob_cli.run.runner import RunSummary, extract_batch
+from logprob_cli.run._config import RunConfig
+from logprob_cli.run._estimate import estimate_run
+from logprob_cli.run._journal import JournalError, Refused
+from logprob_cli.run._probe import ProbeReport, probe
+from logprob_cli.run._runner import RunSummary, extract_batch
+from logprob_cli.run._budget import BudgetReached, MeteredEndpoint, Spend
+from logprob_cli.run._config import default_output, price_of_calls, read_batch
+from logprob_cli.run._estimate import format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.run._outputs_guard import discard
+from logprob_cli.run._prices import Price, parse_price, price_for
+from logprob_cli.run._probe import PROBE_CALLS
+from logprob_cli.run._progress import RunStart, Snapshot, Tally
+from logprob_cli.run._runner import NoProgress, Progress
 
-__all__ = ["JournalError", "ProbeReport", "Refused", "RunConfig", "RunSummary", "estimate_run", "extract_batch", "probe"]
+__all__ = [
+    "BudgetReached",
+    "JournalError",
+    "MeteredEndpoint",
+    "NoProgress",
+    "PROBE_CALLS",
+    "Price",
+    "ProbeReport",
+    "Progress",
+    "Refused",
+    "RunStart",
+    "RunConfig",
+    "RunSummary",
+    "Snapshot",
+    "Spend",
+    "Tally",
+    "default_output",
+    "discard",
+    "estimate_run",
+    "extract_batch",
+    "format_count",
+    "format_dollars",
+    "format_duration",
+    "parse_price",
+    "price_for",
+    "price_of_calls",
+    "probe",
+    "read_batch",
+    "simulator_latency",
+]

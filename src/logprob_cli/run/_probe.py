@@ -43,10 +43,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from logprob_cli.endpoints.base import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query
+from logprob_cli.endpoints import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query
 from logprob_cli.errors import Worded
 from logprob_cli.methods import DEFAULT_EPS, cheapest
-from logprob_cli.methods.base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
+from logprob_cli.methods import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
 MAX_TOP_K = 20  # the most logprobs a measurement asks for (OpenAI's cap)
 CAP_STEPS = (20, 10, 5, 2, 1)  # asks after the whole vocabulary, where a refusal names no cap

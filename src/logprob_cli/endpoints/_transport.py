@@ -47,10 +47,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from logprob_cli.endpoints.base import EndpointError, EndpointFatal, EndpointRejected
+from logprob_cli.endpoints._base import EndpointError, EndpointFatal, EndpointRejected
 from logprob_cli.errors import Worded
-from logprob_cli.endpoints.ratelimit import RateLimiter, retry_after
-from logprob_cli.endpoints.urls import redact
+from logprob_cli.endpoints._ratelimit import RateLimiter, retry_after
+from logprob_cli.endpoints._urls import redact
 from logprob_cli.wording import plural
 
 T = TypeVar("T")

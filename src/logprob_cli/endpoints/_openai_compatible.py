@@ -28,17 +28,17 @@ import os
 import re
 from typing import Any, Callable, Literal
 
-from logprob_cli.endpoints.base import (
+from logprob_cli.endpoints._base import (
     WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, Limits,
     Pressure, Prompt, Query, approx_tokens,
 )
 from logprob_cli.errors import Worded
-from logprob_cli.endpoints.ratelimit import RateLimiter
-from logprob_cli.endpoints.transport import (
+from logprob_cli.endpoints._ratelimit import RateLimiter
+from logprob_cli.endpoints._transport import (
     RetryPolicy, Transport, Wire, _message, describe_body, is_html, not_an_api, parse_json,
 )
-from logprob_cli.endpoints.urls import USERINFO_REFUSED, has_userinfo, redact
-from logprob_cli.endpoints.vocabulary import Vocabulary, tiktoken_encoding
+from logprob_cli.endpoints._urls import USERINFO_REFUSED, has_userinfo, redact
+from logprob_cli.endpoints._vocabulary import Vocabulary, tiktoken_encoding
 
 SENTINEL = -9999.0
 OPENAI_BASE_URL = "https://api.openai.com/v1"

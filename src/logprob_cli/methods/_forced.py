@@ -15,7 +15,7 @@ value (pre-bias), and the runner-up's reported logprob must lie below the top's.
 
 Held tokens (ctx.withheld; llama.cpp: tokens ending in an incomplete UTF-8 sequence), whose answers
 the endpoint withholds, report nothing when forced, so each one outside the top-k is searched alone
-by bisection over its bias (bisection.search): with r the best non-held token of the top-k and the
+by bisection over its bias (_bisection.search): with r the best non-held token of the top-k and the
 held tokens above it biased by -B, a query biasing only h by b is withheld iff h won, i.e.
 D_h = log p_h - log p_r > -b, and r is generated otherwise. D_h starts in (-2B, lp_k - lp_r]
 (lp_k the last top-k value: every token outside it is below) and ends in a bracket of width
@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from logprob_cli.endpoints.base import EndpointUnsuitable, Limits, Query
-from logprob_cli.methods import bisection
-from logprob_cli.methods.base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
-from logprob_cli.methods.spec import MethodSpec, Needs
+from logprob_cli.endpoints import EndpointUnsuitable, Limits, Query
+from logprob_cli.methods import _bisection
+from logprob_cli.methods._base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
+from logprob_cli.methods._spec import MethodSpec, Needs
 from logprob_cli.wording import plural
 
 
@@ -154,7 +154,7 @@ def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray
     lo[ref] = hi[ref] = 0.0
     marked = np.zeros(ctx.vocab_size, dtype=bool)
     marked[searched] = True
-    counts = yield from bisection.search(ctx, lo, hi, ref, marked, marked.copy(), {j: -big for j in above})
+    counts = yield from _bisection.search(ctx, lo, hi, ref, marked, marked.copy(), {j: -big for j in above})
     done = (hi[searched] - lo[searched] <= ctx.eps) & (hi[searched] > -big)
     resolved = searched[done]
     logprobs[resolved] = ref_lp + (lo[resolved] + hi[resolved]) / 2

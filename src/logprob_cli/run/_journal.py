@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from logprob_cli.run.budget import Spend
+from logprob_cli.run._budget import Spend
 from logprob_cli.errors import LogprobError, Worded
-from logprob_cli.endpoints.base import Answer, Prompt
-from logprob_cli.methods.base import MethodResult
+from logprob_cli.endpoints import Answer, Prompt
+from logprob_cli.methods import MethodResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

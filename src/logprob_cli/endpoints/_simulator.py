@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from logprob_cli.endpoints.base import Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens
+from logprob_cli.endpoints._base import Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens
 from logprob_cli.wording import plural
 
 SIMULATOR_MODEL = "simulator"

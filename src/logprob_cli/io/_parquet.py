@@ -25,9 +25,9 @@ from rich.table import Table
 from rich import box
 from rich.text import Text
 
-from logprob_cli.endpoints.base import Prompt
-from logprob_cli.methods.base import MethodResult
-from logprob_cli.endpoints.simulator import simulator_token_bytes
+from logprob_cli.endpoints import Prompt
+from logprob_cli.methods import MethodResult
+from logprob_cli.endpoints import simulator_token_bytes
 from logprob_cli.wording import plural
 
 METADATA_KEY = b"logprob_cli"

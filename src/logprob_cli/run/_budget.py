@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import AbstractSet, Any
 
-from logprob_cli.endpoints.base import Answer, AskFunction, Endpoint, EndpointDescription, Limits, Pressure, Prompt, Query
+from logprob_cli.endpoints import Answer, AskFunction, Endpoint, EndpointDescription, Limits, Pressure, Prompt, Query
 from logprob_cli.errors import LogprobError, Worded
-from logprob_cli.run.prices import Price
+from logprob_cli.run._prices import Price
 
 
 @dataclass

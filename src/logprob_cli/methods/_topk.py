@@ -26,9 +26,9 @@ import numpy as np
 
 from typing import Generator
 
-from logprob_cli.endpoints.base import Answer, Limits, Query
-from logprob_cli.methods.base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
-from logprob_cli.methods.spec import MethodSpec, Needs, at_least_two
+from logprob_cli.endpoints import Answer, Limits, Query
+from logprob_cli.methods._base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from logprob_cli.methods._spec import MethodSpec, Needs, at_least_two
 from logprob_cli.wording import plural
 
 RETRY_ROUNDS = 3

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from logprob_cli.endpoints.base import Prompt
+from logprob_cli.endpoints import Prompt
 from logprob_cli.errors import LogprobError, prefixed, reworded
-from logprob_cli.io.preflight import prompt_problems, where
+from logprob_cli.io._preflight import prompt_problems, where
 
 MAX_LISTED = 20
 RESERVED = ("id", "prompt", "messages")

@@ -17,7 +17,7 @@ from typing import Any, Generator
 
 import numpy as np
 
-from logprob_cli.endpoints.base import Answer, EndpointUnsuitable, Limits, Query
+from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
 
 Plan = Generator[list[Query], list[Answer], "MethodResult"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from logprob_cli.endpoints.base import EndpointUnsuitable, Limits
-from logprob_cli.methods.base import Context, Plan
+from logprob_cli.endpoints import EndpointUnsuitable, Limits
+from logprob_cli.methods._base import Context, Plan
 
 CallModel = Callable[[int, int, float, Limits], int]
 
@@ -58,7 +58,7 @@ class Needs:
 class MethodSpec:
     """One extraction method, declared next to its plan.
 
-    name: what `method=` names it. plan: its plan (base.py). help: one line for `--method`'s help,
+    name: what `method=` names it. plan: its plan (_base.py). help: one line for `--method`'s help,
     with its cost in calls. needs: what it needs from the endpoint. picked_when: the observations
     under which the probe picks it, in words, shown by `estimate` for `auto` (empty: a cheaper
     method with the same needs is always picked instead). calls(vocab_size, top_k, eps, limits):

@@ -1,6 +1,6 @@
 """What a run will spend, before a call is spent: calls, prompt and completion tokens, US$, time.
 
-Calls per prompt: each method's spec (methods/spec.py; `calls` in the method's own module) says
+Calls per prompt: each method's spec (methods/_spec.py; `calls` in the method's own module) says
 what one prompt costs on a fresh checkpoint, and whether that count is exact on the simulator
 (topk, exact, forced: a token beyond the bias limit of the top is retried) or a fit (bisection,
 within 10%). The probe's recommendation and `--method`'s help read the same specs.
@@ -26,12 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from logprob_cli.endpoints.base import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
+from logprob_cli.endpoints import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
 from logprob_cli.errors import Worded
-from logprob_cli.run.prices import Price
+from logprob_cli.run._prices import Price
 from logprob_cli.methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
-from logprob_cli.run.probe import MAX_TOP_K, ProbeReport, expected_calls
-from logprob_cli.endpoints.simulator import SimulatedEndpoint
+from logprob_cli.run._probe import MAX_TOP_K, ProbeReport, expected_calls
+from logprob_cli.endpoints import SimulatedEndpoint
 
 # The runner's work around each in-process simulator answer (journal, tasks, bookkeeping), in seconds:
 # `python benchmarks/simulator_latency.py` measured 0.17-0.7 ms beside the answer itself on the 2-core CI box.

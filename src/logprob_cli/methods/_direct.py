@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from logprob_cli.endpoints.base import EndpointUnsuitable, Query
-from logprob_cli.methods.base import Context, MethodResult, Plan, roundoff, vector_from
-from logprob_cli.methods.spec import MethodSpec, Needs, one_call
+from logprob_cli.endpoints import EndpointUnsuitable, Query
+from logprob_cli.methods._base import Context, MethodResult, Plan, roundoff, vector_from
+from logprob_cli.methods._spec import MethodSpec, Needs, one_call
 from logprob_cli.wording import plural
 
 

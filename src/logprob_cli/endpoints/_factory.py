@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from logprob_cli.endpoints.base import Endpoint
+from logprob_cli.endpoints._base import Endpoint
 from logprob_cli.errors import LogprobError, Worded
-from logprob_cli.endpoints.openai_compatible import OpenAIEndpoint, server_facts
-from logprob_cli.endpoints.ratelimit import RateLimiter
-from logprob_cli.endpoints.simulator import SimulatedEndpoint, SimulatorConfig
-from logprob_cli.endpoints.transport import RetryPolicy
-from logprob_cli.endpoints.urls import USERINFO_REFUSED, has_userinfo, redact
-from logprob_cli.endpoints.vocabulary import Vocabulary, VocabularyError, load_vocabulary, server_vocabulary
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint, server_facts
+from logprob_cli.endpoints._ratelimit import RateLimiter
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._transport import RetryPolicy
+from logprob_cli.endpoints._urls import USERINFO_REFUSED, has_userinfo, redact
+from logprob_cli.endpoints._vocabulary import Vocabulary, VocabularyError, load_vocabulary, server_vocabulary
 
 class SettingsError(LogprobError, ValueError):
     """Settings that cannot work together, found before any completion is asked (the CLI exits 2).

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from logprob_cli.errors import LogprobError
-from logprob_cli.endpoints.simulator import simulator_token_bytes
+from logprob_cli.endpoints._simulator import simulator_token_bytes
 
 
 class VocabularyError(LogprobError, ValueError):

@@ -1,22 +1,16 @@
 """What `logprobs extract` shows while it runs, on a terminal (a live display) or in a pipe or log (plain lines).
 
-Progress is counted in calls, not prompts (prompts finish in groups, so a count of prompts sits at 0 for most
-of a run): calls answered this run of the calls expected (each method's count per prompt, see
-estimate.calls_per_prompt; answers a resumed run finds in its checkpoint are not expected again), the
-percentage, the recent call rate (`Tally.rate`) and the ETA it gives, prompts finished, spend
-against --max-calls / --max-cost, and, on HTTP endpoints, the current request-rate limit and the retries and
-429s so far. Where the expected count is not exact (bisection's is a fit; a prompt that needed more or fewer
-calls, a failed one) it is shown as an estimate and corrected as prompts finish; it never falls below the
-calls made, so the bar never passes 100%. When no call has been answered for SILENT_SECONDS the display says
-so, with the retries behind it.
+It draws the run's `Snapshot` (run/_progress.py): calls answered of calls expected, the percentage, the ETA
+from the recent call rate, prompts finished, spend against --max-calls / --max-cost, and, on HTTP endpoints,
+the current request-rate limit and the retries and 429s so far. When no call has been answered for
+SILENT_SECONDS the display says so, with the retries behind it. Expected counts that are estimates are shown
+as such.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from rich.console import Console, Group
@@ -25,121 +19,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from logprob_cli.endpoints.base import Pressure
+from logprob_cli.run import RunStart, Snapshot, Tally
 from logprob_cli.wording import plural
 
-RATE_WINDOW = 30.0
-SAMPLE_SECONDS = 0.25
-SILENT_SECONDS = 5.0
-PLAIN_INTERVAL = 10.0
-
-
-@dataclass(frozen=True)
-class RunStart:
-    """What the runner knows when the calls begin.
-
-    calls_expected: calls this run is expected to make (None: unknown); exact: it is a count, not an estimate.
-    cost / calls_spent: the checkpoint's US$ (None: price unknown) and calls so far, earlier runs included, as
-    --max-cost / --max-calls count them.
-    """
-
-    prompts: int
-    prompts_done: int
-    calls_expected: int | None
-    exact: bool
-    cost: Callable[[], float | None] = lambda: None
-    calls_spent: Callable[[], int] = lambda: 0
-    max_calls: int | None = None
-    max_cost: float | None = None
-    pressure: Callable[[], Pressure | None] | None = None  # the endpoint's `pressure`
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The numbers shown at one moment (see module docstring); None where not known."""
-
-    elapsed: float
-    calls: int
-    expected: int | None
-    exact: bool
-    rate: float
-    eta: float | None
-    prompts_done: int
-    prompts_failed: int
-    prompts: int
-    silent_for: float
-    cost: float | None
-    calls_spent: int
-    max_calls: int | None
-    max_cost: float | None
-    pressure: Pressure | None
-
-    @property
-    def fraction(self) -> float | None:
-        return None if not self.expected else min(1.0, self.calls / self.expected)
-
-
-class Tally:
-    """Counts what the runner reports and turns it into a `Snapshot` (thread-safe to read)."""
-
-    def __init__(self, run: RunStart, clock: Callable[[], float] = time.monotonic):
-        self.run = run
-        self.clock = clock
-        self.calls = 0
-        self.prompts_done = run.prompts_done
-        self.prompts_failed = 0
-        self.expected = run.calls_expected
-        self.exact = run.exact
-        self.started = self.last_call = clock()
-        self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
-
-    def call(self) -> None:
-        now = self.clock()
-        self.calls += 1
-        self.last_call = now
-        if now - self._samples[-1][0] >= SAMPLE_SECONDS:
-            self._samples.append((now, self.calls))
-            while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
-                self._samples.popleft()
-        if self.expected is not None and self.calls > self.expected:
-            self.expected, self.exact = self.calls, False
-
-    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
-        """A prompt finished (or failed) after `extra_calls` more calls than expected (negative: fewer)."""
-        if failed:
-            self.prompts_failed += 1
-        else:
-            self.prompts_done += 1
-        if self.expected is not None and extra_calls:
-            self.expected, self.exact = max(self.calls, self.expected + extra_calls), False
-
-    def rate(self, now: float) -> float:
-        """Calls a second over the later half of the run so far, at most the last RATE_WINDOW seconds: a run's
-        first moments, its first plans, are slower than the rest. It falls while no call is answered, to 0 once
-        none was in the window."""
-        window = min(RATE_WINDOW, (now - self.started) / 2)
-        since = now - window
-        calls_then, later = self._samples[0][1], None
-        for t, calls in reversed(tuple(self._samples)):  # a copy: the display's thread reads while calls come in
-            if t <= since:
-                calls_then = calls
-                if later is not None:  # the count between two samples, read off the line joining them
-                    calls_then += (later[1] - calls) * (since - t) / (later[0] - t)
-                break
-            later = (t, calls)
-        return (self.calls - calls_then) / max(window, 1e-9)
-
-    def snapshot(self) -> Snapshot:
-        now = self.clock()
-        rate = self.rate(now)
-        expected = self.expected
-        eta = (expected - self.calls) / rate if expected is not None and rate > 0 else None
-        run = self.run
-        return Snapshot(
-            now - self.started, self.calls, expected, self.exact, rate, eta,
-            self.prompts_done, self.prompts_failed, run.prompts, now - self.last_call,
-            run.cost(), run.calls_spent(), run.max_calls, run.max_cost, run.pressure() if run.pressure else None,
-        )
+SILENT_SECONDS = 5.0  # no answer for this long: the display says so
+PLAIN_INTERVAL = 10.0  # seconds between plain lines in a pipe or log
 
 
 def clock_text(seconds: float | None) -> str:

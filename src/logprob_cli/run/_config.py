@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from logprob_cli.endpoints.base import Prompt
-from logprob_cli.endpoints.factory import SettingsError
-from logprob_cli.io.jsonl import read_prompts, select_shard
+from logprob_cli.endpoints import Prompt
+from logprob_cli.endpoints import SettingsError
+from logprob_cli.io import read_prompts, select_shard
 from logprob_cli.methods import METHODS
-from logprob_cli.run.outputs_guard import check_paths
-from logprob_cli.run.prices import Price, price_for
+from logprob_cli.run._outputs_guard import check_paths
+from logprob_cli.run._prices import Price, price_for
 
 
 @dataclass(frozen=True)

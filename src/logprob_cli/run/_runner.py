@@ -24,18 +24,18 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from logprob_cli.version import __version__
-from logprob_cli.run.budget import BudgetReached, MeteredEndpoint, Spend
-from logprob_cli.run.estimate import calls_per_prompt
-from logprob_cli.endpoints.base import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
+from logprob_cli.run._budget import BudgetReached, MeteredEndpoint, Spend
+from logprob_cli.run._estimate import calls_per_prompt
+from logprob_cli.endpoints import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
 from logprob_cli.errors import Worded, message_of
-from logprob_cli.io.jsonl import check_prompts
-from logprob_cli.run.journal import Journal, JournalError, prompt_key, reading_connection
+from logprob_cli.io import check_prompts
+from logprob_cli.run._journal import Journal, JournalError, prompt_key, reading_connection
 from logprob_cli.methods import METHODS, Context
-from logprob_cli.io.parquet import OutputRow, output_schema, write_parquet
-from logprob_cli.run.outputs_guard import check_resumable, checkpoint_path
-from logprob_cli.run.probe import ProbeReport, probe
-from logprob_cli.run.progress import RunStart
-from logprob_cli.run.config import RunConfig
+from logprob_cli.io import OutputRow, output_schema, write_parquet
+from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
+from logprob_cli.run._probe import ProbeReport, probe
+from logprob_cli.run._progress import RunStart
+from logprob_cli.run._config import RunConfig
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
@@ -45,7 +45,7 @@ INTERRUPT_DRAIN_SECONDS = 1.0  # after Ctrl-C: a call not answered by then is ca
 
 
 class Progress(Protocol):
-    """What the runner reports as it goes (the CLI draws it, see progress.py; the API ignores it)."""
+    """What the runner reports as it goes (the CLI draws it, see logprob_cli/_display.py; the API ignores it)."""
 
     def start(self, run: RunStart) -> None:
         """The calls begin: what is expected of this run, and where to read spend and endpoint pressure."""

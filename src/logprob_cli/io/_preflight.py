@@ -20,9 +20,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from logprob_cli.endpoints.base import Prompt
+from logprob_cli.endpoints import Prompt
 from logprob_cli.errors import Worded
-from logprob_cli.io.parquet import colliding_column, output_schema, prompt_columns
+from logprob_cli.io._parquet import colliding_column, output_schema, prompt_columns
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # what building the schema, converting a column or writing and reading it raises for a value it cannot hold

@@ -75,9 +75,9 @@ from typing import Generator
 
 import numpy as np
 
-from logprob_cli.endpoints.base import Answer, EndpointUnsuitable, Limits, Query
-from logprob_cli.methods.base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
-from logprob_cli.methods.spec import MethodSpec, Needs
+from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
+from logprob_cli.methods._base import BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff
+from logprob_cli.methods._spec import MethodSpec, Needs
 from logprob_cli.wording import plural
 
 LAMBDA = 2.0  # expected number of tokens per query above their threshold

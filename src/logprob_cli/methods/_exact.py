@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from logprob_cli.endpoints.base import Limits, Query
-from logprob_cli.methods.base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
-from logprob_cli.methods.spec import MethodSpec, Needs, at_least_two
-from logprob_cli.methods.topk import reference_rounds
+from logprob_cli.endpoints import Limits, Query
+from logprob_cli.methods._base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from logprob_cli.methods._spec import MethodSpec, Needs, at_least_two
+from logprob_cli.methods._topk import reference_rounds
 from logprob_cli.wording import plural
 
 ACCEPT_ERROR = 1e-5

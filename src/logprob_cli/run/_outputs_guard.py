@@ -26,10 +26,10 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from logprob_cli.endpoints.base import Prompt
+from logprob_cli.endpoints import Prompt
 from logprob_cli.errors import Worded
-from logprob_cli.run.journal import Journal, Refused, prompt_key
-from logprob_cli.io.parquet import read_metadata
+from logprob_cli.run._journal import Journal, Refused, prompt_key
+from logprob_cli.io import read_metadata
 
 SUFFIX = ".parquet"
 CHECKPOINT_SUFFIX = ".checkpoint.sqlite"
