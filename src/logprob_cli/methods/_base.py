@@ -35,6 +35,9 @@ class Context:
     withheld: token ids whose generation makes the endpoint withhold the whole answer
         (llama.cpp: tokens ending in an incomplete UTF-8 sequence), so that a withheld answer
         names its winner when a query biases only one of them.
+    targets: the ids the user asked for, in their order (empty: the whole vocabulary). A plan
+        then reads only these (besides what its first call shows), and its result leaves every
+        other token NaN, with no bound.
     """
 
     vocab_size: int
@@ -42,6 +45,7 @@ class Context:
     top_k: int = 20
     eps: float = DEFAULT_EPS
     withheld: frozenset[int] = frozenset()
+    targets: tuple[int, ...] = ()
 
     @property
     def bias_max(self) -> float:
@@ -232,6 +236,15 @@ def vector_from(answer: Answer, vocab_size: int) -> np.ndarray:
     logprobs = np.full(vocab_size, np.nan)
     logprobs[list(answer.top_ids)] = answer.top_logprobs
     return logprobs
+
+
+def still_unknown(ctx: Context, logprobs: np.ndarray) -> np.ndarray:
+    """The ids a plan has yet to read: the targets not known yet (in their order), or, without targets,
+    every token not known yet (by id)."""
+    if ctx.targets:
+        ids = np.asarray(ctx.targets, dtype=np.int64)
+        return ids[np.isnan(logprobs[ids])]
+    return np.flatnonzero(np.isnan(logprobs))
 
 
 def chunks(items: list[int] | np.ndarray, size: int) -> list[list[int]]:

@@ -27,6 +27,9 @@ group, not a second pass over the vocabulary.
 Tokens a group call leaves out of sight go to that second stage too, as `topk` reads
 them (retried with the unbiased "intruders" pushed down, for a bounded number of rounds),
 and a token still unseen is unrecovered with the bound the answers prove.
+
+With targets there are too few unknown tokens for groups to pay: they are read as `topk` reads
+them, k-1 a call beside the reference, ceil(n / (k-1)) calls after the check.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 from logprob_cli.endpoints import Limits, Query
 from logprob_cli.methods._base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
 from logprob_cli.methods._spec import MethodSpec, Needs, at_least_two
-from logprob_cli.methods._topk import reference_rounds
+from logprob_cli.methods._topk import plan as topk_plan, reference_rounds
 from logprob_cli.wording import plural
 
 ACCEPT_ERROR = 1e-5
@@ -54,6 +57,8 @@ class _Group:
 
 
 def plan(ctx: Context) -> Plan:
+    if ctx.targets:
+        return (yield from topk_plan(ctx, method="exact"))
     first, behaviour = yield from check_bias(ctx, needs="post_bias", method="exact")
     k = len(first.top_ids)
     logprobs = vector_from(first, ctx.vocab_size)
@@ -114,12 +119,15 @@ def plan(ctx: Context) -> Plan:
     )
 
 
-def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
     """2 + G + ceil(G / (k - 1)), G = ceil((V - k) / k): the check, one call a group, and each group
     anchored through its leader beside the reference token, k-1 leaders a call. Exact on float32 engines,
     where no group's normalizer resolves (an engine whose normalizers resolve needs fewer), and where every
-    token lies within the bias limit of the top. Raises EndpointUnsuitable for k < 2."""
+    token lies within the bias limit of the top. With n targets outside the top-k, topk's
+    2 + ceil(n / (k - 1)). Raises EndpointUnsuitable for k < 2."""
     at_least_two("exact", top_k)
+    if targets:
+        return 2 + math.ceil(targets / (top_k - 1))
     groups = math.ceil((vocab_size - top_k) / top_k)
     return 2 + groups + math.ceil(groups / (top_k - 1))
 

@@ -24,6 +24,8 @@ precision is forced's rounding bound plus the largest half-width. A held token t
 b = B is unrecovered, with log p_h <= lp_r - B. About log2(2B / eps) calls each, fewer as the
 pooled belief learns where they lie. Where the endpoint cannot list its held tokens, a withheld
 forced answer leaves that token unrecovered, below lp_k.
+
+With targets, only the targets outside the top-k are forced: one call each.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import numpy as np
 
 from logprob_cli.endpoints import EndpointUnsuitable, Limits, Query
 from logprob_cli.methods import _bisection
-from logprob_cli.methods._base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
+from logprob_cli.methods._base import (
+    Context, MethodResult, Plan, lowered_top_response, reference, roundoff, still_unknown, vector_from,
+)
 from logprob_cli.methods._spec import MethodSpec, Needs
 from logprob_cli.wording import plural
 
@@ -79,7 +83,7 @@ def plan(ctx: Context) -> Plan:
         )
     behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
     logprobs = vector_from(first, ctx.vocab_size)
-    unknown = np.flatnonzero(np.isnan(logprobs))
+    unknown = still_unknown(ctx, logprobs)
     held = np.isin(unknown, sorted(ctx.withheld))
     pending, searched = unknown[~held].tolist(), unknown[held]
     answers = yield from _force_each(pending, big)
@@ -168,11 +172,12 @@ def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray
     return precision
 
 
-def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
-    """1 + min(k, 3) + (V - k): the top-k, the forcing check (up to 3 candidates at once, 1 call at k = 1),
-    then one call a token outside the top-k. Exact where the endpoint withholds no answer (each held token
-    is searched by bisection, ~18 calls) and every token lies within the bias limit of the top."""
-    return 1 + min(top_k, 3) + vocab_size - top_k
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
+    """1 + min(k, 3) + n, n = V - k (or the targets outside the top-k): the top-k, the forcing check (up to
+    3 candidates at once, 1 call at k = 1), then one call a token outside the top-k. Exact where the
+    endpoint withholds no answer (each held token is searched by bisection, ~18 calls) and every token
+    lies within the bias limit of the top."""
+    return 1 + min(top_k, 3) + (targets or vocab_size - top_k)
 
 
 SPEC = MethodSpec(
