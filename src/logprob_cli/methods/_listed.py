@@ -1,11 +1,12 @@
 """`listed`: the logprobs of chosen ids, read directly, where a request may list them.
 
-vLLM's `logprob_token_ids` returns, beside the top-k, the logprob of every id a request lists
-(up to `limits.token_ids` of them), whatever their rank: with no bias sent, these are the
-unbiased log p_i themselves. So n targets cost ceil(n / limits.token_ids) calls (one, for any
-target set within the cap), and the top-k of the same answers comes as a by-product. Without
-targets the whole vocabulary is listed, limits.token_ids ids a call. An id the server leaves out
-of its answer is unrecovered, with no bound.
+vLLM's `logprob_token_ids` returns the logprob of every id a request lists (up to
+`limits.token_ids` of them), whatever their rank: with no bias sent, these are the unbiased
+log p_i themselves. So n targets cost ceil(n / limits.token_ids) calls (one, for any target set
+within the cap). The generated token's own logprob comes too (at temperature 0, the top token),
+and the top-k where the endpoint returns it beside the listed ids (`limits.top_with_token_ids`;
+vLLM lists them in its place). Without targets the whole vocabulary is listed,
+limits.token_ids ids a call. An id the server leaves out of its answer is unrecovered, with no bound.
 
 Error: the values are the engine's own, rounded once: 2 unit roundoffs of the largest magnitude.
 """
@@ -25,10 +26,13 @@ from logprob_cli.wording import plural
 def plan(ctx: Context) -> Plan:
     per_call = _per_call(ctx.limits)
     wanted = list(ctx.targets) or range(ctx.vocab_size)
-    answers = yield [Query.make(top_logprobs=ctx.top_k, token_ids=group) for group in chunks(wanted, per_call)]
+    k = ctx.top_k if ctx.limits.top_with_token_ids else 0
+    answers = yield [Query.make(top_logprobs=k, token_ids=group) for group in chunks(wanted, per_call)]
     logprobs = np.full(ctx.vocab_size, np.nan)
     returned: list[float] = []
     for answer in answers:
+        if not answer.withheld and answer.sampled_logprob is not None:
+            logprobs[answer.sampled] = answer.sampled_logprob
         logprobs[list(answer.top_ids)] = answer.top_logprobs
         returned.extend(answer.top_logprobs)
     missing = still_unknown(ctx, logprobs)

@@ -71,6 +71,7 @@ class ProbeReport:
     forced_logprob: str = "untested"  # reported | sentinel | wrong | untested (not needed) | unknown
     chosen_ids: bool = False  # a listed id came back with its logprob (only tested where the endpoint declares it)
     token_ids_cap: int = 0  # the ids a request may list, as the endpoint declares (0: none)
+    top_with_token_ids: bool = True  # the top-k comes back beside listed ids (vLLM: in their place)
     bias_above_100: str = "untested"  # rejected | accepted | unknown
     bias_entries_over_300: str = "untested"  # rejected | accepted | unknown
     precision: str = "float32"
@@ -97,7 +98,10 @@ class ProbeReport:
     def limits(self) -> Limits:
         """The request limits the probe found (bias range and entry cap as documented where not rejected)."""
         listed = self.token_ids_cap if self.chosen_ids else 0
-        return Limits(top_logprobs=self.top_logprobs_cap, bias_max=100.0, bias_entries=300, token_ids=listed)
+        return Limits(
+            top_logprobs=self.top_logprobs_cap, bias_max=100.0, bias_entries=300, token_ids=listed,
+            top_with_token_ids=self.top_with_token_ids,
+        )
 
     def rows(self) -> list[tuple[str, str]]:
         """The report as (property, value) lines for a table; unknowns read "could not tell (why)"."""
@@ -190,7 +194,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
             setattr(report, name, "unknown")
             report.unknown[name] = _why(outcome)
     if endpoint.limits.token_ids:
-        await _listed_ids(ask, report, endpoint.limits.token_ids, head, held)
+        await _listed_ids(ask, report, endpoint.limits, head, held)
     report.identity = sorted(endpoint.identity)
     _recommend(report, endpoint.vocab_size)
     return report
@@ -316,12 +320,13 @@ def _forced_kind(report: ProbeReport, value: float | None, ceiling: float) -> st
     return "wrong" if report.logprobs_after_bias or value > ceiling + 1e-3 else "reported"
 
 
-async def _listed_ids(ask: _Asker, report: ProbeReport, cap: int, head: Answer, held: frozenset[int]) -> None:
+async def _listed_ids(ask: _Asker, report: ProbeReport, limits: Limits, head: Answer, held: frozenset[int]) -> None:
     """Module docstring, 6: list one token outside the top-k (and not held); it must come back below the top-k."""
-    report.token_ids_cap = cap
+    report.token_ids_cap, report.top_with_token_ids = limits.token_ids, limits.top_with_token_ids
     shown = set(head.top_ids) | held
     listed = next(i for i in range(report.vocab_size - 1, -1, -1) if i not in shown)
-    outcome = await ask(Query.make(top_logprobs=len(head.top_ids), token_ids=[listed]))
+    k = len(head.top_ids) if limits.top_with_token_ids else 0
+    outcome = await ask(Query.make(top_logprobs=k, token_ids=[listed]))
     if not isinstance(outcome, Answer):
         report.unknown["chosen_ids"] = f"no: a request listing token {listed} {_why(outcome)}"
         return
