@@ -768,109 +768,137 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
-    routes: dict[str, dict[str, Callable[[Any], dict[str, Any]]]] = {
+    """The request handler class `_HTTPServer` builds per connection, bound to `server`."""
+    return type("Handler", (_Handler,), {"api": server, "routes": _routes(server)})
+
+
+Route = Callable[[Any], dict[str, Any]]
+
+
+def _routes(server: SimulatorServer) -> dict[str, dict[str, Route]]:
+    """Path -> method -> the SimulatorServer route that answers it."""
+    return {
         "/v1/models": {"GET": server.models},
         "/v1/chat/completions": {"POST": server.chat_completions},
         "/v1/completions": {"POST": server.completions},
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
-        server_version = "logprob-cli-simulator"
-        wbufsize = -1  # buffer each response, sent at once on flush...
-        disable_nagle_algorithm = True  # ...without waiting for the client's delayed ACK
 
-        def dispatch(self) -> None:
-            headers: dict[str, str] = {}
-            try:
-                body = self._read_body()
-                path = urlsplit(self.path).path
-                if path not in routes:
-                    raise _ApiError(404, f"Invalid URL ({self.command} {path})", origin="route")
-                if self.command not in routes[path]:
-                    headers["Allow"] = ", ".join(routes[path])
-                    raise _ApiError(405, f"Method {self.command} not allowed for {path}", origin="route")
-                self._authorize()
-                request = self._parse(body)
-                if path in _PROMPT_FIELDS:
-                    if server.config.latency:
-                        time.sleep(server.config.latency)
-                    fault = server._draw_fault()
-                    if fault in ("timeout", "cut", "malformed"):
-                        self._break(fault)
-                        return
-                    if fault:
-                        raise server._fault_error(fault)
-                    headers.update(server._admit(request, _PROMPT_FIELDS[path]))
-                status, payload = 200, routes[path][self.command](request)
-            except _ApiError as exc:
-                status, payload = exc.status, server._error_body(exc)
-                headers.update(exc.headers)
-            except Exception as exc:  # a bug: still answer in the API's format, no traceback
-                status, payload = 500, server._error_body(_ApiError(500, f"internal error: {exc!r}", type="server_error"))
-            self._send(status, payload, headers)
+class _Handler(BaseHTTPRequestHandler):
+    """One HTTP exchange: read, route, authorize, parse, pass the completion gate, answer in the API's JSON.
 
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+    `api` (the SimulatorServer) and `routes` are set on the subclass `_handler_class` makes.
+    """
 
-        def _read_body(self) -> bytes:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self.close_connection = True
-                raise _ApiError(400, "invalid Content-Length header")
-            return self.rfile.read(length)
+    api: SimulatorServer
+    routes: dict[str, dict[str, Route]]
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    server_version = "logprob-cli-simulator"
+    wbufsize = -1  # buffer each response, sent at once on flush...
+    disable_nagle_algorithm = True  # ...without waiting for the client's delayed ACK
 
-        def _parse(self, body: bytes) -> Any:
-            if self.command == "GET":
-                return None
-            try:
-                return json.loads(body)
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise _ApiError(400, f"We could not parse the JSON body of your request: {exc}") from exc
-
-        def _authorize(self) -> None:
-            key = server.config.api_key
-            if key is None:
+    def dispatch(self) -> None:
+        headers: dict[str, str] = {}
+        try:
+            body = self._read_body()
+            path = urlsplit(self.path).path
+            route = self._route(path, headers)
+            self._authorize()
+            request = self._parse(body)
+            if path in _PROMPT_FIELDS and not self._pass_gate(request, path, headers):
                 return
-            auth = self.headers.get("Authorization", "")
-            if not auth.startswith("Bearer "):
-                raise _ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-            if not hmac.compare_digest(auth[len("Bearer "):].strip().encode(), key.encode()):
-                raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            status, payload = 200, route(request)
+        except _ApiError as exc:
+            status, payload = exc.status, self.api._error_body(exc)
+            headers.update(exc.headers)
+        except Exception as exc:  # a bug: still answer in the API's format, no traceback
+            status, payload = 500, self.api._error_body(_ApiError(500, f"internal error: {exc!r}", type="server_error"))
+        self._send(status, payload, headers)
 
-        def _break(self, fault: str) -> None:
-            """A fault that breaks the HTTP exchange: "timeout", "cut" or "malformed"."""
-            if fault == "malformed":
-                self._write(200, _MALFORMED_BODY)
-                return
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+
+    def _route(self, path: str, headers: dict[str, str]) -> Route:
+        """The route for this path and method; 404 for an unknown path, 405 (with Allow) for a wrong method."""
+        if path not in self.routes:
+            raise _ApiError(404, f"Invalid URL ({self.command} {path})", origin="route")
+        if self.command not in self.routes[path]:
+            headers["Allow"] = ", ".join(self.routes[path])
+            raise _ApiError(405, f"Method {self.command} not allowed for {path}", origin="route")
+        return self.routes[path][self.command]
+
+    def _pass_gate(self, request: Any, path: str, headers: dict[str, str]) -> bool:
+        """What stands before a completion route (module docstring): the latency, a fault draw, the rate
+        limits. False when a fault broke the exchange (nothing more to send); raises a 429 or 500 fault's
+        error; else adds the rate-limit headers and returns True."""
+        api = self.api
+        if api.config.latency:
+            time.sleep(api.config.latency)
+        fault = api._draw_fault()
+        if fault in ("timeout", "cut", "malformed"):
+            self._break(fault)
+            return False
+        if fault:
+            raise api._fault_error(fault)
+        headers.update(api._admit(request, _PROMPT_FIELDS[path]))
+        return True
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
             self.close_connection = True
-            if fault == "timeout":
-                time.sleep(server.config.stall)
-            else:
-                self.server.reset(self.connection)
+            raise _ApiError(400, "invalid Content-Length header")
+        return self.rfile.read(length)
 
-        def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            self._write(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
+    def _parse(self, body: bytes) -> Any:
+        if self.command == "GET":
+            return None
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _ApiError(400, f"We could not parse the JSON body of your request: {exc}") from exc
 
-        def _write(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+    def _authorize(self) -> None:
+        key = self.api.config.api_key
+        if key is None:
+            return
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            raise _ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        if not hmac.compare_digest(auth[len("Bearer "):].strip().encode(), key.encode()):
+            raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """Protocol-level failures (bad request line, unknown method) in OpenAI's JSON too."""
-            self.close_connection = True
-            self._send(code, _ApiError(code, message or HTTPStatus(code).phrase).body)
+    def _break(self, fault: str) -> None:
+        """A fault that breaks the HTTP exchange: "timeout", "cut" or "malformed"."""
+        if fault == "malformed":
+            self._write(200, _MALFORMED_BODY)
+            return
+        self.close_connection = True
+        if fault == "timeout":
+            time.sleep(self.api.config.stall)
+        else:
+            self.server.reset(self.connection)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            if server.config.log_requests:
-                super().log_message(format, *args)
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._write(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
 
-    return Handler
+    def _write(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level failures (bad request line, unknown method) in OpenAI's JSON too."""
+        self.close_connection = True
+        self._send(code, _ApiError(code, message or HTTPStatus(code).phrase).body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.api.config.log_requests:
+            super().log_message(format, *args)
