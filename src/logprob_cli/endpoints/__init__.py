@@ -15,7 +15,7 @@ from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._base import AskFunction, Pressure
-from logprob_cli.endpoints._simulator import simulator_token_bytes
+from logprob_cli.endpoints._simulator import simulator_split, simulator_token_bytes
 from logprob_cli.endpoints._urls import redact
 from logprob_cli.endpoints._vocabulary import VocabularyError
 
@@ -41,5 +41,6 @@ __all__ = [
     "VocabularyError",
     "build_endpoint",
     "redact",
+    "simulator_split",
     "simulator_token_bytes",
 ]
