@@ -128,3 +128,17 @@ def test_few_chance_maximises_the_expected_shrink():
     assert few_chance(1) == pytest.approx(0.5, abs=0.002)
     assert few_chance(3) == pytest.approx(0.265, abs=0.005)
     assert few_chance(300) < 2 / 300 * 1.5
+
+
+def test_listed_reads_every_target_in_one_call_where_ids_may_be_listed():
+    config = SimulatorConfig(vocab_size=20_000, logprobs_after_bias=False, chosen_ids=128)
+    targets = far_targets(config, 50)
+    result, calls, truth, limits = run("listed", config, targets)
+    assert calls == 1 == SPECS["listed"].calls(20_000, 20, 1e-3, limits, 50)
+    assert np.abs(result.logprobs[list(targets)] - truth[list(targets)]).max() < 1e-5
+    assert not result.upper_bounds
+
+
+def test_listed_is_refused_where_no_list_is_taken():
+    with pytest.raises(Exception, match="listed needs an endpoint"):
+        run("listed", OPENAI, far_targets(OPENAI, 2))

@@ -123,6 +123,12 @@ class MeteredEndpoint(Endpoint):
     def pressure(self) -> Pressure | None:
         return self.endpoint.pressure()
 
+    def token_text(self, token_id: int) -> str:
+        return self.endpoint.token_text(token_id)
+
+    async def split_text(self, text: str) -> tuple[int, ...]:
+        return await self.endpoint.split_text(text)
+
     async def aclose(self) -> None:
         await self.endpoint.aclose()
 
