@@ -140,13 +140,21 @@ class Limits:
 
 @dataclass
 class Prompt:
-    """One input prompt: plain text (`prompt`) or chat `messages`, plus the user's other keys."""
+    """One input prompt: plain text (`prompt`) or chat `messages`, plus the user's other keys.
+
+    targets: the tokens whose logprobs are wanted, as the user gave them (token strings and/or ids, in
+        order); empty: the whole vector.
+    target_ids: those targets resolved to token ids, in the same order (filled by the run layer through
+        the endpoint's vocabulary before any call; empty until then).
+    """
 
     id: Any
     line: int
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str | int, ...] = ()
+    target_ids: tuple[int, ...] = ()
 
     def content(self) -> Any:
         return self.prompt if self.messages is None else self.messages
