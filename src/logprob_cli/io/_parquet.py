@@ -10,9 +10,11 @@ order given: id, token, logprob or NULL, the proven upper bound where NULL, the 
 the visible top-k by-product (`top_ids`, `top_logprobs`); the full vector and its whole-vector diagnostics
 only when asked for (`store_vector`). A target file reads with one line in each of:
 
-    pandas.read_parquet("out.parquet").explode("targets")
-    polars.read_parquet("out.parquet").explode("targets").unnest("targets")
-    duckdb.sql("select id, unnest(targets, recursive := true) from 'out.parquet'")
+    pandas.read_parquet("out.parquet").explode("targets")        # a row per target, each a dict
+    polars.read_parquet("out.parquet").explode("targets").unnest("targets", separator="_")
+    duckdb.sql("select id, t.token, t.logprob, t.upper_bound from 'out.parquet', unnest(targets) u(t)")
+
+(the struct's `id` is the token's: flattened without a prefix it would sit beside the prompt's `id`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ TARGET_TYPE = pa.struct([
     pa.field("precision", pa.float64()),
 ])
 DEFAULT_TOP_K = 20
+MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 
 
 @dataclass
@@ -399,13 +402,37 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
 
     The header names the method that ran (the rows' `method` column; "X (chosen by auto)" when
     the run asked for auto). The table fits 80 columns: the top tokens share one cell, one a line;
-    long ids and token texts are cut short. Reads the file in batches so memory does not grow with
-    its size. Raises ValueError if the path is not a readable Parquet file with logprob_cli metadata.
+    long ids and token texts are cut short. A target file shows each target instead (at most
+    MAX_TARGETS_SHOWN a prompt): its token, its logprob (or "< bound" where it was not recovered) and
+    its precision. Reads the file in batches so memory does not grow with its size. Raises
+    ValueError if the path is not a readable Parquet file with logprob_cli metadata.
     """
     file, metadata = _open(path)
-    text = token_text(metadata)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", min_width=4, max_width=12, overflow="ellipsis", no_wrap=True)
+    if "targets" in file.schema_arrow.names:
+        ran = _target_rows(file, table)
+        legend = "logprob in nats (< b: not recovered, at most b; ?: no bound known); ±nats: its precision"
+    else:
+        ran = _vector_rows(file, table, token_text(metadata), top)
+        legend = ("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability recovered; "
+                  "unrec.: tokens not recovered")
+    vocabulary = metadata.get("vocabulary", {})
+    size = vocabulary.get("size")
+    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
+    console.print(
+        f"{path}: {plural(file.metadata.num_rows, 'row')}, model {model}, vocabulary {vocabulary.get('name', '?')}"
+        + (f" ({size:,} tokens)" if isinstance(size, int) else ""),
+        highlight=False,
+    )
+    asked = metadata.get("settings", {}).get("method")
+    console.print(f"method: {_method_that_ran(asked, ran, metadata.get('method'))}", highlight=False)
+    console.print(table)
+    console.print(legend, highlight=False, style="dim")
+
+
+def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str], top: int) -> list[str]:
+    """Fill `table` with each prompt's top tokens, entropy and diagnostics; the methods that ran."""
     table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
     for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
@@ -427,19 +454,39 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
                 f"{row['calls']:,}",
                 f"{row['precision_nats']:.2g}",
             )
-    vocabulary = metadata.get("vocabulary", {})
-    size = vocabulary.get("size")
-    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
-    console.print(
-        f"{path}: {plural(file.metadata.num_rows, 'row')}, model {model}, vocabulary {vocabulary.get('name', '?')}"
-        + (f" ({size:,} tokens)" if isinstance(size, int) else ""),
-        highlight=False,
-    )
-    asked = metadata.get("settings", {}).get("method")
-    console.print(f"method: {_method_that_ran(asked, list(ran), metadata.get('method'))}", highlight=False)
-    console.print(table)
-    console.print("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability "
-                  "recovered; unrec.: tokens not recovered", highlight=False, style="dim")
+    return list(ran)
+
+
+def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
+    """Fill `table` with each prompt's targets (token, logprob or "< bound", precision) and calls; the methods
+    that ran."""
+    table.add_column("token", no_wrap=True, overflow="ellipsis")
+    for name, width in (("logprob", 9), ("±nats", 7), ("calls", 5)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["id", "method", "targets", "calls"]):
+        for row in batch.to_pylist():
+            ran[row["method"]] = None
+            targets = row["targets"] or []
+            shown = targets[:MAX_TARGETS_SHOWN]
+            tokens = [_short(repr(t["token"]), 16) for t in shown]
+            if len(targets) > len(shown):
+                tokens.append(f"… {len(targets) - len(shown)} more")
+            table.add_row(
+                Text(str(row["id"])),
+                Text("\n".join(tokens)),
+                "\n".join(_target_logprob(t) for t in shown),
+                "\n".join("" if t["precision"] is None else f"{t['precision']:.2g}" for t in shown),
+                f"{row['calls']:,}",
+            )
+    return list(ran)
+
+
+def _target_logprob(target: dict[str, Any]) -> str:
+    """A target's logprob, or "< bound" where it was not recovered ("< ?" where no bound is known)."""
+    if target["logprob"] is not None:
+        return f"{target['logprob']:.4f}"
+    return "< ?" if target["upper_bound"] is None else f"< {target['upper_bound']:.4f}"
 
 
 def _method_that_ran(asked: str | None, ran: list[str], recorded: str | None = None) -> str:
