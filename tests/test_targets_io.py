@@ -138,6 +138,8 @@ def test_check_prompts_checks_the_targets_of_api_prompts():
         "prompt (targets)",
         "prompt 'c': \"targets\"[1] is given twice (also \"targets\"[0])",
     ]
+    with pytest.raises(InputError, match="must be an array of token strings or token ids, got a string"):
+        check_prompts([Prompt("a", 0, "x", targets=" Yes")])  # not four one-character targets
 
 
 def test_with_targets_gives_every_prompt_the_same_list():
@@ -381,8 +383,11 @@ def test_a_target_outside_the_vocabulary_or_a_vector_of_another_size_is_refused(
     prompt = resolved(Prompt(1, 1, "x"), [YES])
     schema = output_schema([prompt], V)
     result = classifier_result(0)[0]
+    outside = resolved(Prompt(2, 2, "y"), [V])
     with pytest.raises(ValueError, match=f"target id {V} is outside the vocabulary"):
-        write_parquet(tmp_path / "a.parquet", schema, [OutputRow(prompt, "m", "x", 1, result, ((V, "?"),))], META)
+        write_parquet(tmp_path / "a.parquet", schema, [OutputRow(outside, "m", "x", 1, result, ((V, "?"),))], META)
+    with pytest.raises(ValueError, match="not the prompt's resolved target_ids"):  # a row built without its targets
+        write_parquet(tmp_path / "a.parquet", schema, [OutputRow(prompt, "m", "x", 1, result)], META)
     short = MethodResult(result.logprobs[:-1], {}, 0.0)
     with pytest.raises(ValueError, match=f"expected \\({V},\\)"):
         write_parquet(tmp_path / "a.parquet", schema, [OutputRow(prompt, "m", "x", 1, short, ((YES, " Yes"),))], META)

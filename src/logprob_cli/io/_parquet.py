@@ -86,8 +86,8 @@ MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 class OutputRow:
     """One finished prompt: what was asked, by which model and method, at what cost, and the result.
 
-    targets: (token id, token text) of each target, in the order given (empty without targets); the values
-    come from `result` (its vector and upper_bounds).
+    targets: (token id, token text) of each target, in the order given: its ids are `prompt.target_ids`
+    (empty without targets). Their values come from `result` (its vector and upper_bounds).
     """
 
     prompt: Prompt
@@ -298,6 +298,8 @@ def _targets(row: OutputRow) -> list[dict[str, Any]]:
     """One struct per target: its logprob where recovered (float32 widened exactly) with the method's precision,
     else NULL with the bound the answers prove (NULL where none is known)."""
     vector, found = row.result.logprobs, []
+    if tuple(token_id for token_id, _ in row.targets) != tuple(row.prompt.target_ids):
+        raise ValueError(f"prompt {row.prompt.id!r}: the row's targets are not the prompt's resolved target_ids")
     for token_id, token in row.targets:
         if not 0 <= token_id < vector.size:
             raise ValueError(f"prompt {row.prompt.id!r}: target id {token_id} is outside the vocabulary ({vector.size:,})")

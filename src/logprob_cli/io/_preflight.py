@@ -43,7 +43,7 @@ def prompt_problems(prompts: list[Prompt], api: str | None = None) -> list[tuple
     for prompt in prompts:
         found = _value_problems(prompt) + _collisions(prompt, safe_keys)
         if prompt.targets:
-            found += target_problems(list(prompt.targets))
+            found += target_problems(prompt.targets)
         if api == "completions" and prompt.messages is not None:
             found.append(Worded('"messages" needs the chat API: run with {api_chat} (legacy completions take "prompt" only)'))
         problems += [(prompt, problem) for problem in found]
