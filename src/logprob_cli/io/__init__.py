@@ -5,7 +5,7 @@ fixes the output's columns, writes it atomically and renders `inspect`. Imports 
 `Prompt` type, token texts) and methods/ (the result type), never run/.
 """
 
-from logprob_cli.io._jsonl import InputError, check_prompts, read_prompts, select_shard
+from logprob_cli.io._jsonl import InputError, check_prompts, read_prompts, select_shard, with_targets
 from logprob_cli.io._parquet import read_metadata, render_inspect
 from logprob_cli.io._jsonl import content_problems
 from logprob_cli.io._parquet import OutputRow, output_schema, write_parquet
@@ -20,5 +20,6 @@ __all__ = [
     "read_prompts",
     "render_inspect",
     "select_shard",
+    "with_targets",
     "write_parquet",
 ]

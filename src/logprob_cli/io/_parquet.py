@@ -1,9 +1,20 @@
-"""The Parquet output: one row per prompt with its full next-token log-probability vector.
+"""The Parquet output: one row per prompt with its full next-token log-probability vector, or its chosen tokens.
 
 `output_schema` fixes the columns from the prompts, `write_parquet` streams rows into a
 file that is replaced atomically, and `render_inspect` summarises a file for humans.
 The run's description (model, vocabulary, endpoint, settings) is stored as JSON under
 the file-level key b"logprob_cli".
+
+When the prompts have targets (chosen tokens), a row holds a `targets` list (one struct per target, in the
+order given: id, token, logprob or NULL, the proven upper bound where NULL, the precision where recovered) and
+the visible top-k by-product (`top_ids`, `top_logprobs`); the full vector and its whole-vector diagnostics
+only when asked for (`store_vector`). A target file reads with one line in each of:
+
+    pandas.read_parquet("out.parquet").explode("targets")        # a row per target, each a dict
+    polars.read_parquet("out.parquet").explode("targets").unnest("targets", separator="_")
+    duckdb.sql("select id, t.token, t.logprob, t.upper_bound from 'out.parquet', unnest(targets) u(t)")
+
+(the struct's `id` is the token's: flattened without a prefix it would sit beside the prompt's `id`).
 """
 
 from __future__ import annotations
@@ -50,23 +61,52 @@ _TAIL = (
     "precision_nats",
     "notes",
 )
-_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL}
+_TARGET_COLUMNS = ("targets", "top_ids", "top_logprobs")
+_VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked for
+    "logprobs",
+    "probability_sum",
+    "unrecovered_count",
+    "unrecovered_mass_bound",
+    "unrecovered_ids",
+    "unrecovered_upper_bounds",
+)
+_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS}
+TARGET_TYPE = pa.struct([
+    pa.field("id", pa.int32()),
+    pa.field("token", pa.string()),
+    pa.field("logprob", pa.float64()),
+    pa.field("upper_bound", pa.float64()),
+    pa.field("precision", pa.float64()),
+])
+DEFAULT_TOP_K = 20
+MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 
 
 @dataclass
 class OutputRow:
-    """One finished prompt: what was asked, by which model and method, at what cost, and the result."""
+    """One finished prompt: what was asked, by which model and method, at what cost, and the result.
+
+    targets: (token id, token text) of each target, in the order given: its ids are `prompt.target_ids`
+    (empty without targets). Their values come from `result` (its vector and upper_bounds).
+    """
 
     prompt: Prompt
     model: str
     method: str
     calls: int
     result: MethodResult
+    targets: tuple[tuple[int, str], ...] = ()
 
 
-def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
+def output_schema(
+    prompts: list[Prompt], vocab_size: int, store_vector: bool = False, top_k: int = DEFAULT_TOP_K
+) -> pa.Schema:
     """The file's columns: id, prompt, messages, the prompts' extra keys, then model, method, the vector and diagnostics.
 
+    When the prompts have targets (`Prompt.targets` or `target_ids`), `targets` (list of TARGET_TYPE), `top_ids`
+    and `top_logprobs` (the at most `top_k` largest recovered entries, best first) follow the method, and the
+    vector and its whole-vector diagnostics are columns only when `store_vector`; `calls`, `precision_nats` and
+    `notes` always are. Without targets `store_vector` and `top_k` change nothing.
     Extra keys are the union over all prompts in first-seen order; each column's type is
     inferred from all values (NULL where absent), falling back to JSON text (field
     metadata {"encoding": "json"}) when no Parquet-storable type fits or the type nests
@@ -91,9 +131,16 @@ def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
         pa.field("messages", pa.string(), metadata=JSON_FIELD),
     ]
     fields += [_extra_field(key, [p.extra.get(key) for p in prompts]) for key in keys]
-    fields += [
-        pa.field("model", pa.string()),
-        pa.field("method", pa.string()),
+    fields += [pa.field("model", pa.string()), pa.field("method", pa.string())]
+    targets = any(p.targets or p.target_ids for p in prompts)
+    if targets:
+        sizes = {b"vocab_size": str(vocab_size).encode(), b"top_k": str(top_k).encode()}
+        fields += [
+            pa.field("targets", pa.list_(TARGET_TYPE), metadata=sizes),
+            pa.field("top_ids", pa.list_(pa.int32())),
+            pa.field("top_logprobs", pa.list_(pa.float32())),
+        ]
+    tail = [
         pa.field("logprobs", pa.list_(pa.float32(), vocab_size)),
         pa.field("calls", pa.int64()),
         pa.field("probability_sum", pa.float64()),
@@ -104,6 +151,7 @@ def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
         pa.field("precision_nats", pa.float64()),
         pa.field("notes", pa.list_(pa.string())),
     ]
+    fields += [f for f in tail if store_vector or not targets or f.name not in _VECTOR_COLUMNS]
     return pa.schema(fields)
 
 
@@ -156,9 +204,12 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
     os.replace, so `path` is always the old or the new complete file; on error the
     temporary file is removed and `path` is untouched. Only a regular file is replaced:
     FileExistsError when `path` is a link, directory, device or FIFO. `metadata` is stored
-    as JSON under the file-level key b"logprob_cli".
+    as JSON under the file-level key b"logprob_cli", with "targets": true and "store_vector" added when the
+    schema has targets.
     """
     path = Path(path)
+    if "targets" in schema.names:
+        metadata = {**metadata, "targets": True, "store_vector": "logprobs" in schema.names}
     schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     written = 0
@@ -188,12 +239,12 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Every column but the vectors and their bounds, where a dictionary is only overhead."""
-    dense = {"logprobs", "unrecovered_ids", "unrecovered_upper_bounds"}
+    dense = {"logprobs", "unrecovered_ids", "unrecovered_upper_bounds", "top_ids", "top_logprobs"}
     return [name for name in schema.names if name not in dense]
 
 
 def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
-    vocab_size = schema.field("logprobs").type.list_size
+    vocab_size = _vocab_size(schema)
     for row in rows:
         if row.result.logprobs.shape != (vocab_size,):
             raise ValueError(
@@ -204,17 +255,65 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
     columns |= {
         "model": pa.array([r.model for r in rows], pa.string()),
         "method": pa.array([r.method for r in rows], pa.string()),
-        "logprobs": _vectors([r.result.logprobs for r in rows], vocab_size),
         "calls": pa.array([r.calls for r in rows], pa.int64()),
+        "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
+        "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
+    }
+    if "targets" in schema.names:
+        columns |= _target_columns(rows, int(schema.field("targets").metadata[b"top_k"]))
+    if "logprobs" in schema.names:
+        columns |= _vector_columns(rows, vocab_size)
+    return pa.RecordBatch.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+
+def _vocab_size(schema: pa.Schema) -> int:
+    if "logprobs" in schema.names:
+        return schema.field("logprobs").type.list_size
+    return int(schema.field("targets").metadata[b"vocab_size"])
+
+
+def _vector_columns(rows: list[OutputRow], vocab_size: int) -> dict[str, pa.Array]:
+    """The whole vector and what is known about it as a whole."""
+    return {
+        "logprobs": _vectors([r.result.logprobs for r in rows], vocab_size),
         "probability_sum": pa.array([r.result.probability_sum() for r in rows], pa.float64()),
         "unrecovered_count": pa.array([r.result.unrecovered_ids.size for r in rows], pa.int64()),
         "unrecovered_mass_bound": pa.array([r.result.unrecovered_mass_bound() for r in rows], pa.float64()),
         "unrecovered_ids": _lists([r.result.unrecovered_ids for r in rows], np.int32),
         "unrecovered_upper_bounds": _lists([_bounds(r.result) for r in rows], np.float32),
-        "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
-        "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
     }
-    return pa.RecordBatch.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+
+def _target_columns(rows: list[OutputRow], top_k: int) -> dict[str, pa.Array]:
+    """Each row's targets (TARGET_TYPE, in the order given) and the largest `top_k` recovered entries."""
+    tops = [_top_ids(r.result.logprobs, top_k) if top_k > 0 else np.empty(0, np.int64) for r in rows]
+    return {
+        "targets": pa.array([_targets(row) for row in rows], pa.list_(TARGET_TYPE)),
+        "top_ids": _lists(tops, np.int32),
+        "top_logprobs": _lists([r.result.logprobs[ids] for r, ids in zip(rows, tops)], np.float32),
+    }
+
+
+def _targets(row: OutputRow) -> list[dict[str, Any]]:
+    """One struct per target: its logprob where recovered (float32 widened exactly) with the method's precision,
+    else NULL with the bound the answers prove (NULL where none is known)."""
+    vector, found = row.result.logprobs, []
+    if tuple(token_id for token_id, _ in row.targets) != tuple(row.prompt.target_ids):
+        raise ValueError(f"prompt {row.prompt.id!r}: the row's targets are not the prompt's resolved target_ids")
+    for token_id, token in row.targets:
+        if not 0 <= token_id < vector.size:
+            raise ValueError(f"prompt {row.prompt.id!r}: target id {token_id} is outside the vocabulary ({vector.size:,})")
+        value = float(np.float32(vector[token_id]))
+        recovered = not math.isnan(value)
+        bound = None if recovered else row.result.upper_bounds.get(token_id)
+        found.append({
+            "id": token_id,
+            "token": token,
+            "logprob": value if recovered else None,
+            "upper_bound": None if bound is None or math.isnan(bound) else float(bound),
+            "precision": float(row.result.precision) if recovered else None,
+        })
+    return found
 
 
 def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Array]:
@@ -233,7 +332,7 @@ def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Arr
             pa.string(),
         ),
     }
-    tool_columns = set(_HEAD + _TAIL)
+    tool_columns = set(_HEAD + _TAIL + _TARGET_COLUMNS)
     for field in schema:
         if field.name in tool_columns:
             continue
@@ -305,13 +404,37 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
 
     The header names the method that ran (the rows' `method` column; "X (chosen by auto)" when
     the run asked for auto). The table fits 80 columns: the top tokens share one cell, one a line;
-    long ids and token texts are cut short. Reads the file in batches so memory does not grow with
-    its size. Raises ValueError if the path is not a readable Parquet file with logprob_cli metadata.
+    long ids and token texts are cut short. A target file shows each target instead (at most
+    MAX_TARGETS_SHOWN a prompt): its token, its logprob (or "< bound" where it was not recovered) and
+    its precision. Reads the file in batches so memory does not grow with its size. Raises
+    ValueError if the path is not a readable Parquet file with logprob_cli metadata.
     """
     file, metadata = _open(path)
-    text = token_text(metadata)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", min_width=4, max_width=12, overflow="ellipsis", no_wrap=True)
+    if "targets" in file.schema_arrow.names:
+        ran = _target_rows(file, table)
+        legend = "logprob in nats (< b: not recovered, at most b; ?: no bound known); ±nats: its precision"
+    else:
+        ran = _vector_rows(file, table, token_text(metadata), top)
+        legend = ("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability recovered; "
+                  "unrec.: tokens not recovered")
+    vocabulary = metadata.get("vocabulary", {})
+    size = vocabulary.get("size")
+    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
+    console.print(
+        f"{path}: {plural(file.metadata.num_rows, 'row')}, model {model}, vocabulary {vocabulary.get('name', '?')}"
+        + (f" ({size:,} tokens)" if isinstance(size, int) else ""),
+        highlight=False,
+    )
+    asked = metadata.get("settings", {}).get("method")
+    console.print(f"method: {_method_that_ran(asked, ran, metadata.get('method'))}", highlight=False)
+    console.print(table)
+    console.print(legend, highlight=False, style="dim")
+
+
+def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str], top: int) -> list[str]:
+    """Fill `table` with each prompt's top tokens, entropy and diagnostics; the methods that ran."""
     table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
     for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
@@ -333,19 +456,39 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
                 f"{row['calls']:,}",
                 f"{row['precision_nats']:.2g}",
             )
-    vocabulary = metadata.get("vocabulary", {})
-    size = vocabulary.get("size")
-    model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
-    console.print(
-        f"{path}: {plural(file.metadata.num_rows, 'row')}, model {model}, vocabulary {vocabulary.get('name', '?')}"
-        + (f" ({size:,} tokens)" if isinstance(size, int) else ""),
-        highlight=False,
-    )
-    asked = metadata.get("settings", {}).get("method")
-    console.print(f"method: {_method_that_ran(asked, list(ran), metadata.get('method'))}", highlight=False)
-    console.print(table)
-    console.print("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability "
-                  "recovered; unrec.: tokens not recovered", highlight=False, style="dim")
+    return list(ran)
+
+
+def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
+    """Fill `table` with each prompt's targets (token, logprob or "< bound", precision) and calls; the methods
+    that ran."""
+    table.add_column("token", no_wrap=True, overflow="ellipsis")
+    for name, width in (("logprob", 9), ("±nats", 7), ("calls", 5)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["id", "method", "targets", "calls"]):
+        for row in batch.to_pylist():
+            ran[row["method"]] = None
+            targets = row["targets"] or []
+            shown = targets[:MAX_TARGETS_SHOWN]
+            tokens = [_short(repr(t["token"]), 16) for t in shown]
+            if len(targets) > len(shown):
+                tokens.append(f"… {len(targets) - len(shown)} more")
+            table.add_row(
+                Text(str(row["id"])),
+                Text("\n".join(tokens)),
+                "\n".join(_target_logprob(t) for t in shown),
+                "\n".join("" if t["precision"] is None else f"{t['precision']:.2g}" for t in shown),
+                f"{row['calls']:,}",
+            )
+    return list(ran)
+
+
+def _target_logprob(target: dict[str, Any]) -> str:
+    """A target's logprob, or "< bound" where it was not recovered ("< ?" where no bound is known)."""
+    if target["logprob"] is not None:
+        return f"{target['logprob']:.4f}"
+    return "< ?" if target["upper_bound"] is None else f"< {target['upper_bound']:.4f}"
 
 
 def _method_that_ran(asked: str | None, ran: list[str], recorded: str | None = None) -> str:

@@ -168,14 +168,19 @@ def _tool_output(output: Path, why: str) -> None:
 
 
 def _row_keys(output: Path) -> Iterator[tuple[object, str]]:
-    """(id, journal key) of each row of an output `logprobs extract` wrote; Refused for any other file."""
+    """(id, journal key) of each row of an output `logprobs extract` wrote (a target file's rows keyed by their
+    target ids, as the journal keys them); Refused for any other file."""
     _tool_output(output, "a run replaces only an output that logprobs extract wrote")
     try:
-        table = pq.read_table(output, columns=["id", "prompt", "messages"])
+        columns = ["id", "prompt", "messages"]
+        columns += ["targets"] if "targets" in pq.read_schema(output).names else []
+        table = pq.read_table(output, columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise Refused(
             f"{output} cannot be read ({error}); it is left as it is. Choose another output with -o"
         ) from None
     for row in table.to_pylist():
         messages = None if row["messages"] is None else json.loads(row["messages"])
-        yield row["id"], prompt_key(Prompt(id=row["id"], line=0, prompt=row["prompt"], messages=messages))
+        ids = tuple(target["id"] for target in row.get("targets") or ())
+        prompt = Prompt(id=row["id"], line=0, prompt=row["prompt"], messages=messages, targets=ids, target_ids=ids)
+        yield row["id"], prompt_key(prompt)
