@@ -319,7 +319,7 @@ def test_target_schema_has_no_vector_unless_asked_for():
     ]
     schema = output_schema(prompts, V)
     assert schema.field("targets").type == pa.list_(pa.struct([
-        ("id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64()), ("upper_bound", pa.float64()),
+        ("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64()), ("upper_bound", pa.float64()),
         ("precision", pa.float64()),
     ]))
     assert schema.field("top_ids").type == pa.list_(pa.int32()) and schema.field("top_logprobs").type == pa.list_(pa.float32())
@@ -338,10 +338,10 @@ def test_target_values_bounds_precision_and_top_k_against_ground_truth(target_fi
         assert row["id"] == seed + 1 and row["gold"] == ["yes", "no"][seed] and row["calls"] == 10 + seed
         assert row["method"] == "bisection" and row["precision_nats"] == 3e-5 and row["notes"] == ["n"]
         assert row["targets"] == [
-            {"id": YES, "token": " Yes", "logprob": float(np.float32(full[YES])), "upper_bound": None, "precision": 3e-5},
-            {"id": NO, "token": " No", "logprob": float(np.float32(full[NO])), "upper_bound": None, "precision": 3e-5},
-            {"id": MAYBE, "token": " Maybe", "logprob": None, "upper_bound": -8.5, "precision": None},
-            {"id": FAR, "token": "\n", "logprob": None, "upper_bound": None, "precision": None},
+            {"token_id": YES, "token": " Yes", "logprob": float(np.float32(full[YES])), "upper_bound": None, "precision": 3e-5},
+            {"token_id": NO, "token": " No", "logprob": float(np.float32(full[NO])), "upper_bound": None, "precision": 3e-5},
+            {"token_id": MAYBE, "token": " Maybe", "logprob": None, "upper_bound": -8.5, "precision": None},
+            {"token_id": FAR, "token": "\n", "logprob": None, "upper_bound": None, "precision": None},
         ]
         best = np.argsort(-full)[:5]
         assert row["top_ids"] == best.tolist()
@@ -410,12 +410,13 @@ def test_one_line_reads_in_pandas_pyarrow_polars_and_duckdb(target_file, monkeyp
     assert flat.field("logprob").to_pylist()[::4] == yes
 
     polars = pytest.importorskip("polars")
-    frame = polars.read_parquet("out.parquet").explode("targets").unnest("targets", separator="_")
-    assert frame.filter(polars.col("targets_token") == " Yes")["targets_logprob"].to_list() == yes
-    assert frame["targets_upper_bound"].to_list()[2] == -8.5 and frame["id"].to_list() == [1] * 4 + [2] * 4
+    frame = polars.read_parquet("out.parquet").explode("targets").unnest("targets")
+    assert frame.filter(polars.col("token") == " Yes")["logprob"].to_list() == yes
+    assert frame["upper_bound"].to_list()[2] == -8.5 and frame["id"].to_list() == [1] * 4 + [2] * 4
 
     duckdb = pytest.importorskip("duckdb")
-    rows = duckdb.sql("select id, t.token, t.logprob, t.upper_bound from 'out.parquet', unnest(targets) u(t)").fetchall()
+    rows = duckdb.sql("select id, unnest(targets, recursive := true) from 'out.parquet'").fetchall()
+    rows = [(r[0], r[2], r[3], r[4]) for r in rows]  # id, token_id, token, logprob, upper_bound, precision
     assert rows[:4] == [(1, " Yes", yes[0], None), (1, " No", rows[1][2], None), (1, " Maybe", None, -8.5), (1, "\n", None, None)]
     assert [r[2] for r in rows if r[1] == " Yes"] == yes
 

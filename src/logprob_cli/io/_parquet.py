@@ -6,15 +6,15 @@ The run's description (model, vocabulary, endpoint, settings) is stored as JSON 
 the file-level key b"logprob_cli".
 
 When the prompts have targets (chosen tokens), a row holds a `targets` list (one struct per target, in the
-order given: id, token, logprob or NULL, the proven upper bound where NULL, the precision where recovered) and
+order given: token_id, token, logprob or NULL, the proven upper bound where NULL, the precision where recovered) and
 the visible top-k by-product (`top_ids`, `top_logprobs`); the full vector and its whole-vector diagnostics
 only when asked for (`store_vector`). A target file reads with one line in each of:
 
     pandas.read_parquet("out.parquet").explode("targets")        # a row per target, each a dict
-    polars.read_parquet("out.parquet").explode("targets").unnest("targets", separator="_")
-    duckdb.sql("select id, t.token, t.logprob, t.upper_bound from 'out.parquet', unnest(targets) u(t)")
+    polars.read_parquet("out.parquet").explode("targets").unnest("targets")
+    duckdb.sql("select id, unnest(targets, recursive := true) from 'out.parquet'")
 
-(the struct's `id` is the token's: flattened without a prefix it would sit beside the prompt's `id`).
+(the struct's `token_id` is named apart from the prompt's `id`, so flattening needs no prefix).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ _VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked 
 )
 _COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS}
 TARGET_TYPE = pa.struct([
-    pa.field("id", pa.int32()),
+    pa.field("token_id", pa.int32()),
     pa.field("token", pa.string()),
     pa.field("logprob", pa.float64()),
     pa.field("upper_bound", pa.float64()),
@@ -307,7 +307,7 @@ def _targets(row: OutputRow) -> list[dict[str, Any]]:
         recovered = not math.isnan(value)
         bound = None if recovered else row.result.upper_bounds.get(token_id)
         found.append({
-            "id": token_id,
+            "token_id": token_id,
             "token": token,
             "logprob": value if recovered else None,
             "upper_bound": None if bound is None or math.isnan(bound) else float(bound),

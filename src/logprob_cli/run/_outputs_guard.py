@@ -181,6 +181,6 @@ def _row_keys(output: Path) -> Iterator[tuple[object, str]]:
         ) from None
     for row in table.to_pylist():
         messages = None if row["messages"] is None else json.loads(row["messages"])
-        ids = tuple(target["id"] for target in row.get("targets") or ())
+        ids = tuple(target["token_id"] for target in row.get("targets") or ())
         prompt = Prompt(id=row["id"], line=0, prompt=row["prompt"], messages=messages, targets=ids, target_ids=ids)
         yield row["id"], prompt_key(prompt)
