@@ -693,10 +693,11 @@ def serving_banner(config: ServerConfig, url: str) -> str:
     """What `serve` tells on start: the model and where it is served, its rate limits and faults, and an
     extract command that uses it."""
     limits = [f"{value:,.10g} {unit}" for value, unit in ((config.rpm, "requests"), (config.tpm, "tokens")) if value]
+    announced = "" if config.rate_headers else " (not announced)"
     vocab_size = config.simulator.vocab_size
     return (
         f"serving the simulator ({vocab_size:,} tokens) as model {config.model!r} at {url}\n"
-        + (f"rate limits: {' and '.join(limits)} per minute{' (not announced)' * (not config.rate_headers)}\n" if limits else "")
+        + (f"rate limits: {' and '.join(limits)} per minute{announced}\n" if limits else "")
         + (f"faults: {config.fault_rate:.1%} of completions ({', '.join(config.faults)})\n" if config.fault_rate else "")
         + f"try: logprobs extract examples/prompts.jsonl --model {config.model} --base-url {url} "
         f"--tokenizer simulator:{vocab_size} --api-key any"
