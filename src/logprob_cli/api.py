@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generator, TypeVar
 
 import numpy as np
 
@@ -75,40 +75,59 @@ def extract_logprobs(
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
 
-    counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
-
-    async def ask(gate: asyncio.Semaphore, query: Query) -> Answer:
-        async with gate:
-            return await counted.ask(item, query)
-
-    async def run() -> tuple[Extraction, str | None]:
-        report = await probe(counted, item) if method == "auto" else None
-        chosen, limits = (report.recommended, report.limits()) if report else (method, endpoint.limits)
-        ctx = Context(
-            endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
-            withheld=await counted.withheld_tokens(),
-        )
-        gate = asyncio.Semaphore(concurrency)
-        plan = METHODS[chosen](ctx)
-        queries: list[Query] = next(plan)
-        while True:
-            answers: list[Answer] = list(await asyncio.gather(*(ask(gate, q) for q in queries)))
-            try:
-                queries = plan.send(answers)
-            except StopIteration as stop:
-                extraction = Extraction(stop.value.logprobs, counted.spent.calls, stop.value, chosen, report)
-                return extraction, top_k_capped(top_k, limits.top_logprobs)
-
-    async def run_and_close() -> tuple[Extraction, str | None]:
-        try:
-            return await run()
-        finally:
-            await endpoint.aclose()
-
-    extraction, note = _outside_event_loop(lambda: asyncio.run(run_and_close()))
+    extraction, note = _outside_event_loop(
+        lambda: asyncio.run(_extract_and_close(endpoint, item, method, top_k, eps, concurrency))
+    )
     if note:
         warnings.warn(note, stacklevel=2)
     return extraction
+
+
+async def _extract_and_close(
+    endpoint: Endpoint, item: Prompt, method: str, top_k: int, eps: float, concurrency: int
+) -> tuple[Extraction, str | None]:
+    """_extract, then the endpoint closed, however the extraction ended."""
+    try:
+        return await _extract(endpoint, item, method, top_k, eps, concurrency)
+    finally:
+        await endpoint.aclose()
+
+
+async def _extract(
+    endpoint: Endpoint, item: Prompt, method: str, top_k: int, eps: float, concurrency: int
+) -> tuple[Extraction, str | None]:
+    """One prompt through `method` (for "auto", the method the probe recommends): the Extraction, and the note
+    to warn with when top_k was lowered to the endpoint's cap (None when it was not)."""
+    counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
+    report = await probe(counted, item) if method == "auto" else None
+    chosen, limits = (report.recommended, report.limits()) if report else (method, endpoint.limits)
+    ctx = Context(
+        endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
+        withheld=await counted.withheld_tokens(),
+    )
+    result = await _run_plan(METHODS[chosen](ctx), counted, item, concurrency)
+    extraction = Extraction(result.logprobs, counted.spent.calls, result, chosen, report)
+    return extraction, top_k_capped(top_k, limits.top_logprobs)
+
+
+async def _run_plan(
+    plan: Generator[list[Query], list[Answer], MethodResult], endpoint: Endpoint, item: Prompt, concurrency: int
+) -> MethodResult:
+    """Drive a method's plan on one prompt: every batch of queries it yields is asked at once (at most
+    `concurrency` calls in flight) and its answers, in the queries' order, sent back, until it returns its result."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def ask(query: Query) -> Answer:
+        async with gate:
+            return await endpoint.ask(item, query)
+
+    queries = next(plan)
+    while True:
+        answers = list(await asyncio.gather(*(ask(query) for query in queries)))
+        try:
+            queries = plan.send(answers)
+        except StopIteration as stop:
+            return stop.value
 
 
 def extract_file(

@@ -24,7 +24,7 @@ from logprob_cli.version import __version__
 from logprob_cli.run import BudgetReached
 from logprob_cli.endpoints import Endpoint, Prompt
 from logprob_cli.errors import LogprobError, message_of, reworded
-from logprob_cli.run import estimate_run, format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, format_dollars, format_duration, simulator_latency
 from logprob_cli.io import InputError, read_prompts
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
@@ -377,11 +377,15 @@ def extract(
 def run_price(price: str | None, model: str | None, named_model: str, max_cost: float | None) -> Price | None:
     """--price parsed, else the built-in table's price of --model (run_config.price_of_calls); exits 2 when --price does
     not parse, or --max-cost has no price to count with."""
+    return price_of_calls(model, named_model, parsed_price(price), max_cost)
+
+
+def parsed_price(price: str | None) -> Price | None:
+    """--price parsed (None when not given); exits 2 when it does not parse."""
     try:
-        override = parse_price(price) if price else None
+        return parse_price(price) if price else None
     except ValueError as error:
         fail(flagged(message_of(error)), 2)
-    return price_of_calls(model, named_model, override, max_cost)
 
 
 def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: bool, console: Console) -> None:
@@ -494,39 +498,83 @@ def estimate(
     (free) is asked, as extract does, to learn its vocabulary.
     """
     prompts = read_prompts(input, api=options.api if options.model else None)
-    try:
-        override = parse_price(price) if price else None
-    except ValueError as error:
-        fail(flagged(message_of(error)), 2)
+    override = parsed_price(price)
     endpoint = build_endpoint(options.settings())
-    model, rpm, tpm = options.model, options.rpm, options.tpm
-    unit_price = price_for(model, override)
-    report = None
-    in_process = endpoint.in_process
-    timed = in_process and latency is None
+    unit_price = price_for(options.model, override)
+    timed = endpoint.in_process and latency is None
     if latency is None:
-        latency = simulator_latency(endpoint, prompts[0], top_k) if in_process else 0.5
+        latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
+    setup = EstimateSetup(
+        endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
+        unit_price, price_given=override is not None,
+    )
+    rows, report = estimate_rows(prompts, setup)
+    if as_json:
+        print(json.dumps(estimate_json(setup, rows, report), indent=2))
+        return
+    console = Console()
+    console.print(estimate_table(setup, rows))
+    for note in estimate_notes(setup, rows, report):
+        console.print(f"- {note}", highlight=False)
+
+
+@dataclass(frozen=True)
+class EstimateSetup:
+    """What `estimate` was asked and assumes: the endpoint and method, the run's settings, seconds a call
+    (`timed`: timed here on the in-process simulator, not given), the rate limits, and the price (`price_given`:
+    from --price, else the built-in table's for `model`, None when unknown)."""
+
+    endpoint: Endpoint
+    method: str
+    top_k: int
+    eps: float
+    concurrency: int
+    latency: float
+    timed: bool
+    rpm: float | None
+    tpm: float | None
+    model: str | None
+    unit_price: Price | None
+    price_given: bool
+
+
+def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Estimate], ProbeReport | None]:
+    """The estimate's rows, one a method, and for auto on the in-process simulator the probe that picks the
+    method (offline, free); exits 1 on a setting the estimate refuses."""
+    report = None
     try:
-        if method.value == "auto" and in_process:
-            report = asyncio.run(run_probe(endpoint, prompts[0]))
+        if setup.method == "auto" and setup.endpoint.in_process:
+            report = asyncio.run(run_probe(setup.endpoint, prompts[0]))
         rows = estimate_run(
-            prompts, endpoint, method.value, top_k=top_k, eps=eps, concurrency=concurrency, latency=latency,
-            rpm=rpm, tpm=tpm, price=unit_price, report=report,
+            prompts, setup.endpoint, setup.method, top_k=setup.top_k, eps=setup.eps, concurrency=setup.concurrency,
+            latency=setup.latency, rpm=setup.rpm, tpm=setup.tpm, price=setup.unit_price, report=report,
         )
     except ValueError as error:
         fail(flagged(message_of(error)))
-    if as_json:
-        assumptions = {"latency": latency, "concurrency": 1 if in_process else concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
-        print(json.dumps({
-            "endpoint": describe(endpoint),
-            "method": method.value,
-            "price": None if unit_price is None else dataclasses.asdict(unit_price),
-            "assumptions": assumptions,
-            "probe": report.to_dict() if report else None,
-            "rows": [row.to_dict() for row in rows],
-        }, indent=2))
-        return
-    table = Table(title=f"estimate for {describe(endpoint)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    return rows, report
+
+
+def estimate_json(setup: EstimateSetup, rows: list[Estimate], report: ProbeReport | None) -> dict[str, Any]:
+    """`estimate --json`: the endpoint, method, price, assumptions, probe report and rows."""
+    concurrency = 1 if setup.endpoint.in_process else setup.concurrency
+    return {
+        "endpoint": describe(setup.endpoint),
+        "method": setup.method,
+        "price": None if setup.unit_price is None else dataclasses.asdict(setup.unit_price),
+        "assumptions": {
+            "latency": setup.latency, "concurrency": concurrency, "rpm": setup.rpm, "tpm": setup.tpm,
+            "top_k": setup.top_k, "eps": setup.eps,
+        },
+        "probe": report.to_dict() if report else None,
+        "rows": [row.to_dict() for row in rows],
+    }
+
+
+def estimate_table(setup: EstimateSetup, rows: list[Estimate]) -> Table:
+    """The estimate's table: a row a method, its prompts, calls, tokens, US$ and time."""
+    table = Table(
+        title=f"estimate for {describe(setup.endpoint)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     table.add_column("method", no_wrap=True, min_width=9)
     for column in ("prompts", "calls/\nprompt", "calls", "prompt\ntokens", "compl.\ntokens", "US$", "time"):
         table.add_column(column, justify="right")
@@ -536,19 +584,19 @@ def estimate(
             format_count(row.prompt_tokens), format_count(row.completion_tokens), format_dollars(row.cost),
             format_duration(row.seconds),
         )
-    console = Console()
-    console.print(table)
-    fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
-    capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+    return table
+
+
+def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeReport | None) -> list[str]:
+    """The notes under the table: a capped top-k, the once-a-run calls, the price, what auto picks, approximate
+    token counts, and what the time assumes."""
+    capped = top_k_capped(setup.top_k, (report.limits() if report else setup.endpoint.limits).top_logprobs)
     notes = [capped] if capped else []
+    fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
     if most:
         once = str(most) if fewest == most else f"{fewest}-{most}"
         notes.append(f"calls include {once} once per run (token check on OpenAI-compatible endpoints, probe for auto)")
-    if model is None and override is None:
-        notes.append("price: the built-in simulator is free")
-    elif unit_price is not None:
-        source = "--price" if override else "built-in table; override with --price"
-        notes.append(f"price: US$ {unit_price.prompt:g} / {unit_price.completion:g} per 1M prompt / completion tokens ({source})")
+    notes.extend(price_notes(setup))
     if report:
         notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(map(flagged, report.reasons))}")
     elif len(rows) > 1:
@@ -556,15 +604,30 @@ def estimate(
         notes.extend(f"{row.method} when {row.condition}" for row in rows)
     if not rows[0].tokens_counted:
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
-    limits = "".join(f", {value:g} {name}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
-    if in_process:
-        how = "timed here, with the runner's bookkeeping" if timed else "--latency"
-        notes.append(f"time: the in-process simulator answers one call at a time, {latency * 1e3:.2g} ms a call ({how}); "
-                     "a resumed run spends only what is left")
-    else:
-        notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
-    for note in notes:
-        console.print(f"- {note}", highlight=False)
+    notes.append(time_note(setup))
+    return notes
+
+
+def price_notes(setup: EstimateSetup) -> list[str]:
+    """Where the estimate's price comes from (none when it is unknown)."""
+    if setup.model is None and not setup.price_given:
+        return ["price: the built-in simulator is free"]
+    if setup.unit_price is None:
+        return []
+    source = "--price" if setup.price_given else "built-in table; override with --price"
+    unit = setup.unit_price
+    return [f"price: US$ {unit.prompt:g} / {unit.completion:g} per 1M prompt / completion tokens ({source})"]
+
+
+def time_note(setup: EstimateSetup) -> str:
+    """What the estimate's time assumes: seconds a call, and how many in flight under which rate limits."""
+    if setup.endpoint.in_process:
+        how = "timed here, with the runner's bookkeeping" if setup.timed else "--latency"
+        return (f"time: the in-process simulator answers one call at a time, {setup.latency * 1e3:.2g} ms a call ({how}); "
+                "a resumed run spends only what is left")
+    limits = "".join(f", {value:g} {name}" for name, value in (("rpm", setup.rpm), ("tpm", setup.tpm)) if value)
+    return (f"time assumes {setup.latency:g} s a call, {setup.concurrency} in flight{limits}; "
+            "a resumed run spends only what is left")
 
 
 @app.command(cls=PlainHelpCommand)
@@ -619,19 +682,26 @@ def serve(
         server = SimulatorServer(config, port=port)
     except OSError as error:
         fail(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}")
-    limits = [f"{value:,.10g} {unit}" for value, unit in ((rpm, "requests"), (tpm, "tokens")) if value]
-    err.print(
-        f"serving the simulator ({config.simulator.vocab_size:,} tokens) as model {model!r} at {server.url}\n"
-        + (f"rate limits: {' and '.join(limits)} per minute{' (not announced)' * hide_limits}\n" if limits else "")
-        + (f"faults: {fault_rate:.1%} of completions ({', '.join(fault_kinds)})\n" if fault_rate else "")
-        + f"try: logprobs extract examples/prompts.jsonl --model {model} --base-url {server.url} "
-        f"--tokenizer simulator:{config.simulator.vocab_size} --api-key any",
-        highlight=False,
-    )
+    err.print(serving_banner(config, server.url), highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def serving_banner(config: ServerConfig, url: str) -> str:
+    """What `serve` tells on start: the model and where it is served, its rate limits and faults, and an
+    extract command that uses it."""
+    limits = [f"{value:,.10g} {unit}" for value, unit in ((config.rpm, "requests"), (config.tpm, "tokens")) if value]
+    announced = "" if config.rate_headers else " (not announced)"
+    vocab_size = config.simulator.vocab_size
+    return (
+        f"serving the simulator ({vocab_size:,} tokens) as model {config.model!r} at {url}\n"
+        + (f"rate limits: {' and '.join(limits)} per minute{announced}\n" if limits else "")
+        + (f"faults: {config.fault_rate:.1%} of completions ({', '.join(config.faults)})\n" if config.fault_rate else "")
+        + f"try: logprobs extract examples/prompts.jsonl --model {config.model} --base-url {url} "
+        f"--tokenizer simulator:{vocab_size} --api-key any"
+    )
 
 
 @app.command(cls=PlainHelpCommand)

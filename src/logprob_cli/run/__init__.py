@@ -8,7 +8,7 @@ reports as it goes (the CLI's _display.py draws it). Imports endpoints/, methods
 """
 
 from logprob_cli.run._config import RunConfig
-from logprob_cli.run._estimate import estimate_run
+from logprob_cli.run._estimate import Estimate, estimate_run
 from logprob_cli.run._journal import JournalError, Refused
 from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._runner import RunSummary, extract_batch
@@ -23,6 +23,7 @@ from logprob_cli.run._runner import NoProgress, Progress
 
 __all__ = [
     "BudgetReached",
+    "Estimate",
     "JournalError",
     "MeteredEndpoint",
     "NoProgress",

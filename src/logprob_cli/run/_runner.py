@@ -26,7 +26,9 @@ from typing import Any, Callable, Protocol
 from logprob_cli.version import __version__
 from logprob_cli.run._budget import BudgetReached, MeteredEndpoint, Spend
 from logprob_cli.run._estimate import calls_per_prompt
-from logprob_cli.endpoints import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
+from logprob_cli.endpoints import (
+    Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query,
+)
 from logprob_cli.errors import Worded, message_of
 from logprob_cli.io import check_prompts
 from logprob_cli.run._journal import Journal, JournalError, prompt_key, reading_connection
@@ -476,71 +478,94 @@ def extract_batch(
     every prompt finished so far.
     """
     config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
-    method, top_k, eps, concurrency = config.method, config.top_k, config.eps, config.concurrency
     check_prompts(schema_prompts or prompts, endpoint.api)
-    settings = run_settings(endpoint, method, top_k, eps)
+    settings = run_settings(endpoint, config.method, config.top_k, config.eps)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
     with Journal.open(journal_path, settings, resumable) as journal:
-        summary = RunSummary(total=len(prompts))
-        before = journal.spent()
-        metered = MeteredEndpoint(endpoint, journal.spent(), config.price, config.max_calls, config.max_cost)
-        summary.spent_before = before
-        summary.meter = metered
-        writer: OutputWriter | None = None
+        writer_for = functools.partial(
+            OutputWriter, output, journal_path, prompts, endpoint, settings, schema_prompts=schema_prompts
+        )
+        return _run_in_checkpoint(prompts, endpoint, journal, config, writer_for, progress or NoProgress(), announce)
 
-        async def main() -> None:
-            nonlocal writer
-            try:
-                if not prompts:  # an empty shard: every part of a batch has a file
-                    writer = OutputWriter(
-                        output, journal_path, prompts, endpoint, settings, method, None, schema_prompts
-                    )
-                    return
-                limits, report, chosen = endpoint.limits, None, method
-                if journal.get_meta("token_mapping") is None:
-                    mapping = await metered.verify_mapping(prompts[0])
-                    if mapping is not None:
-                        journal.set_meta("token_mapping", mapping)
-                if method == "auto":
-                    saved = journal.get_meta("probe")
-                    report = ProbeReport.from_dict(saved) if saved else await probe(metered, prompts[0])
-                    journal.set_meta("probe", report.to_dict())
-                    chosen, limits = report.recommended, report.limits()
-                journal.add_setup_spend(metered.spent.minus(before))
-                announce(chosen, report)
-                ctx = Context(
-                    endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
-                    withheld=await endpoint.withheld_tokens(),
-                )
-                writer = OutputWriter(
-                    output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None,
-                    schema_prompts,
-                )
-                runner = Runner(
-                    metered, prompts, chosen, ctx, journal, concurrency, progress or NoProgress(),
-                    writer.maybe_write_soon,
-                )
-                runner.summary = summary
-                try:
-                    with interrupts_stop(runner):
-                        await runner.run()
-                finally:
-                    await writer.settle()
-            finally:
-                await endpoint.aclose()
 
+def _run_in_checkpoint(
+    prompts: list[Prompt],
+    endpoint: Endpoint,
+    journal: Journal,
+    config: RunConfig,
+    writer_for: Callable[[str, dict[str, Any] | None], OutputWriter],
+    progress: Progress,
+    announce: Callable[[str, ProbeReport | None], None],
+) -> RunSummary:
+    """extract_batch inside its open checkpoint: the calls before the run, then the run, on an event loop of their
+    own; then, however they ended (done, at a budget cap, Ctrl-C), the output written by the method's writer
+    (`writer_for(method, probe report)`) and the summary of what the checkpoint holds for these prompts."""
+    summary = RunSummary(total=len(prompts))
+    before = journal.spent()
+    metered = MeteredEndpoint(endpoint, journal.spent(), config.price, config.max_calls, config.max_cost)
+    summary.spent_before = before
+    summary.meter = metered
+    writer: OutputWriter | None = None
+
+    async def main() -> None:
+        nonlocal writer
         try:
-            asyncio.run(main())
-        except BudgetReached as reached:  # during the probe or token check
+            if not prompts:  # an empty shard: every part of a batch has a file
+                writer = writer_for(config.method, None)
+                return
+            chosen, limits, report = await _choose_method(metered, journal, prompts[0], config.method)
             journal.add_setup_spend(metered.spent.minus(before))
-            summary.budget_reached = message_of(reached)
-        except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
-            summary.interrupted = True
+            announce(chosen, report)
+            ctx = Context(
+                endpoint.vocab_size, limits, top_k=min(config.top_k, limits.top_logprobs), eps=config.eps,
+                withheld=await endpoint.withheld_tokens(),
+            )
+            writer = writer_for(chosen, report.to_dict() if report else None)
+            runner = Runner(metered, prompts, chosen, ctx, journal, config.concurrency, progress, writer.maybe_write_soon)
+            runner.summary = summary
+            await _run_and_settle(runner, writer)
         finally:
-            summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
-            if writer is not None:
-                summary.rows_written = writer.write()
-        keys = {prompt_key(p): p.id for p in prompts}
-        summary.failures = {keys[k]: msg for k, msg in journal.failures().items() if k in keys}
+            await endpoint.aclose()
+
+    try:
+        asyncio.run(main())
+    except BudgetReached as reached:  # during the probe or token check
+        journal.add_setup_spend(metered.spent.minus(before))
+        summary.budget_reached = message_of(reached)
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
+        summary.interrupted = True
+    finally:
+        summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
+        if writer is not None:
+            summary.rows_written = writer.write()
+    keys = {prompt_key(p): p.id for p in prompts}
+    summary.failures = {keys[k]: msg for k, msg in journal.failures().items() if k in keys}
     return summary
+
+
+async def _choose_method(
+    metered: MeteredEndpoint, journal: Journal, first: Prompt, method: str
+) -> tuple[str, Limits, ProbeReport | None]:
+    """The calls made once per checkpoint before the run, their outcome kept in it: the token-mapping check and,
+    for "auto", the probe (on the first prompt). Returns the method to run, the limits its plan works within,
+    and the probe's report (None unless auto)."""
+    if journal.get_meta("token_mapping") is None:
+        mapping = await metered.verify_mapping(first)
+        if mapping is not None:
+            journal.set_meta("token_mapping", mapping)
+    if method != "auto":
+        return method, metered.limits, None
+    saved = journal.get_meta("probe")
+    report = ProbeReport.from_dict(saved) if saved else await probe(metered, first)
+    journal.set_meta("probe", report.to_dict())
+    return report.recommended, report.limits(), report
+
+
+async def _run_and_settle(runner: Runner, writer: OutputWriter) -> None:
+    """Run the prompts (Ctrl-C stops the run), then wait for the output rewrite in flight, however the run ended."""
+    try:
+        with interrupts_stop(runner):
+            await runner.run()
+    finally:
+        await writer.settle()
