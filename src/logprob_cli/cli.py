@@ -25,7 +25,7 @@ from logprob_cli.run import BudgetReached
 from logprob_cli.endpoints import Endpoint, Prompt
 from logprob_cli.errors import LogprobError, message_of, reworded
 from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, format_dollars, format_duration, simulator_latency
-from logprob_cli.io import InputError, read_prompts
+from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
 from logprob_cli.io import render_inspect
@@ -110,6 +110,12 @@ SHARD_HELP = (
     "Take part I of N (0-based) of the prompts, chosen by a hash of each id: N machines or job-array tasks split a "
     "batch with no coordination, and their outputs (default NAME.shard-I-of-N.parquet) read as one table."
 )
+TARGET_HELP = (
+    "A token to read for every prompt, at any rank: its exact text, which must be one token of the model's "
+    "vocabulary (matched by bytes, so \" Yes\" and \"Yes\" differ); repeat for several. The run then writes "
+    "the targets' logprobs instead of whole vectors, at a cost that grows with the targets, not the vocabulary. "
+    "A line's own \"targets\" key does the same per prompt."
+)
 TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
     "or simulator:SIZE (default: from the model name, via tiktoken)."
@@ -119,6 +125,9 @@ TOKENIZER_HELP = (
 InputArgument = Annotated[str, typer.Argument(
     metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin.")]
 MethodOption = Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)]
+TargetOption = Annotated[list[str], typer.Option("--target", "-t", metavar="TEXT", help=TARGET_HELP)]
+TargetIdOption = Annotated[list[int], typer.Option(
+    "--target-id", metavar="ID", min=0, help="A token to read for every prompt, by its id in the vocabulary (as --target).")]
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
 EpsOption = Annotated[float, typer.Option("--eps", min=1e-6, help="bisection: precision in nats.")]
 ConcurrencyOption = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=1024, help="Calls in flight at once.")]
@@ -151,6 +160,7 @@ FLAGS = {
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
     "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
+    "targets": "--target/--target-id",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (BudgetReached, 3), (LogprobError, 1))
 
@@ -328,19 +338,25 @@ def extract(
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
     price: PriceOption = None,
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help=SHARD_HELP),
+    target: TargetOption = [],
+    target_id: TargetIdOption = [],
+    store_vector: bool = typer.Option(False, "--store-vector", help="With targets, also write each prompt's whole vector (NULL beyond what was read)."),
 ) -> None:
-    """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
+    """Extract one full next-token log-probability vector per prompt into Parquet (resumable), or the
+    logprobs of chosen tokens (--target, or a "targets" key per line)."""
     if input == "-" and output is None:
         fail("reading prompts from stdin: name the output with -o/--output", 2)
     part = parse_shard(shard) if shard else None
     output = output if output is not None else default_output(input, part)
     batch = read_batch(input, output, part, options.api if options.model else None)  # the simulator takes both shapes
-    prompts, all_prompts, journal_path = batch.prompts, batch.all_prompts, batch.checkpoint
+    journal_path = batch.checkpoint
+    prompts, all_prompts = (targeted(p, target, target_id, input) for p in (batch.prompts, batch.all_prompts))
     if not prompts and not quiet:
         err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
     endpoint = build_endpoint(options.settings())
     run = RunConfig(
-        method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost
+        method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost,
+        store_vector,
     )
     if fresh:
         discard(output, journal_path)
@@ -372,6 +388,11 @@ def extract(
     finally:
         progress.stop()
     report_run(summary, output, journal_path, quiet, console)
+
+
+def targeted(prompts: list[Prompt], texts: list[str], ids: list[int], source: str) -> list[Prompt]:
+    """The prompts, each asking for the --target texts then the --target-id ids (unchanged where none is given)."""
+    return with_targets(prompts, [*texts, *ids], source) if texts or ids else prompts
 
 
 def run_price(price: str | None, model: str | None, named_model: str, max_cost: float | None) -> Price | None:
@@ -490,6 +511,8 @@ def estimate(
     latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
     price: PriceOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+    target: TargetOption = [],
+    target_id: TargetIdOption = [],
 ) -> None:
     """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
 
@@ -497,7 +520,7 @@ def estimate(
     endpoint auto shows each method the probe may pick. With --base-url, the server's GET /models
     (free) is asked, as extract does, to learn its vocabulary.
     """
-    prompts = read_prompts(input, api=options.api if options.model else None)
+    prompts = targeted(read_prompts(input, api=options.api if options.model else None), target, target_id, input)
     override = parsed_price(price)
     endpoint = build_endpoint(options.settings())
     unit_price = price_for(options.model, override)

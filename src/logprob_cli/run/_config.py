@@ -23,6 +23,7 @@ class RunConfig:
     """The settings of one run: `method` (auto or a name in METHODS), `top_k` logprobs asked per call
     (lowered to the endpoint's cap), `eps` bisection's precision in nats, `concurrency` calls in flight,
     and the caps on what the checkpoint spends in all: `max_calls`, `max_cost` US$ at `price`.
+    `store_vector`: with chosen tokens, also write each prompt's whole vector (NaN beyond what was read).
 
     Raises ValueError on construction for a value out of range, before any call.
     """
@@ -34,6 +35,7 @@ class RunConfig:
     price: Price | None = None
     max_calls: int | None = None
     max_cost: float | None = None
+    store_vector: bool = False
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:

@@ -32,10 +32,11 @@ from logprob_cli.endpoints import (
 from logprob_cli.errors import Worded, message_of
 from logprob_cli.io import check_prompts
 from logprob_cli.run._journal import Journal, JournalError, prompt_key, reading_connection
-from logprob_cli.methods import METHODS, Context
+from logprob_cli.methods import METHODS, Context, MethodResult, cheapest
 from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
+from logprob_cli.run._targets import resolve_targets
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
 
@@ -141,7 +142,7 @@ class Runner:
         self._room = asyncio.Event()
         self._stopping = False
         self._interrupted = False
-        self._per_prompt = 0  # calls a prompt is expected to need (0: unknown), told to the progress display
+        self._per_prompt: dict[int, int | None] = {}  # calls expected by target count (None: unknown)
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
         self._finished_here = 0
         self._refusals: dict[str, int] = {}
@@ -167,21 +168,30 @@ class Runner:
             await self._drain(queue, workers)
         return self.summary
 
+    def _expected_calls(self, prompt: Prompt) -> int | None:
+        """The calls the method's spec expects for `prompt` (its target count), None where it cannot tell."""
+        targets = len(prompt.target_ids)
+        if targets not in self._per_prompt:
+            ctx = self.ctx
+            try:
+                self._per_prompt[targets] = calls_per_prompt(
+                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets
+                )
+            except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
+                self._per_prompt[targets] = None
+        return self._per_prompt[targets]
+
     def _run_start(self, todo: list[Prompt]) -> RunStart:
         """What the progress display is told at the start: the calls the unfinished prompts should still need
         (their method's count per prompt, less the answers the checkpoint already holds for them)."""
-        ctx, meter = self.ctx, self.endpoint
-        try:
-            per_prompt: int | None = calls_per_prompt(self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits)
-        except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
-            per_prompt = None
-        self._per_prompt = per_prompt or 0
+        meter = self.endpoint
+        expected = [self._expected_calls(p) for p in todo]
         saved = self.journal.answer_counts()
         resumed = sum(saved.get(prompt_key(p), 0) for p in todo)
         return RunStart(
             prompts=len(self.prompts),
             prompts_done=self.summary.finished,
-            calls_expected=None if per_prompt is None else per_prompt * len(todo) - resumed,
+            calls_expected=None if None in expected else sum(expected) - resumed,
             exact=self.method != "bisection" and not resumed,  # bisection's count is a fit
             cost=meter.cost,
             calls_spent=lambda: meter.spent.calls,
@@ -272,7 +282,7 @@ class Runner:
         key = prompt_key(prompt)
         saved = self.journal.answers(key)
         loop = asyncio.get_running_loop()
-        plan = self.plan(self.ctx)
+        plan = self.plan(dataclasses.replace(self.ctx, targets=prompt.target_ids) if prompt.target_ids else self.ctx)
         seq = 0
         queries: list[Query] = next(plan)
         while True:
@@ -300,7 +310,7 @@ class Runner:
                     raise
                 self._fail(prompt, key, err)
                 unanswered = sum(1 for f in futures if f.cancelled() or f.exception() is not None)
-                self.progress.prompt_done(seq - unanswered - self._per_prompt, failed=True)
+                self.progress.prompt_done(seq - unanswered - (self._expected_calls(prompt) or 0), failed=True)
                 return
             except BaseException:
                 for future in futures:
@@ -315,7 +325,7 @@ class Runner:
                 break
         self.summary.finished += 1
         self._finished_here += 1
-        self.progress.prompt_done(seq - self._per_prompt)
+        self.progress.prompt_done(seq - (self._expected_calls(prompt) or 0))
         self.on_prompt_finished()
 
     def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
@@ -369,7 +379,8 @@ def _chosen_by(asked: str | None, ran: str) -> str:
 
 
 class OutputWriter:
-    """Rewrites the Parquet file from the journal: finished prompts, in input order."""
+    """Rewrites the Parquet file from the journal: finished prompts, in input order. With chosen tokens, each
+    row carries its targets' ids and texts, and the vector only where `store_vector`."""
 
     def __init__(
         self,
@@ -381,6 +392,7 @@ class OutputWriter:
         method: str,
         probe: dict[str, Any] | None,
         schema_prompts: list[Prompt] | None = None,
+        store_vector: bool = False,
     ):
         self.path = path
         self.method = method
@@ -389,7 +401,10 @@ class OutputWriter:
         self.by_key = {prompt_key(p): p for p in prompts}
         self.endpoint = endpoint
         self.settings = settings
-        self.schema = output_schema(schema_prompts or prompts, endpoint.vocab_size)
+        self.schema = output_schema(
+            schema_prompts or prompts, endpoint.vocab_size, store_vector=store_vector, top_k=settings["top_k"]
+        )
+        self.texts = {i: endpoint.token_text(i) for p in prompts for i in p.target_ids}
         self._last_write = time.monotonic()
         self._last_duration = 0.0
         self._writing: asyncio.Task | None = None
@@ -402,7 +417,7 @@ class OutputWriter:
             first = next(saved, None)
             behaviour = first[1].result.behaviour if first else {}
             rows = (
-                OutputRow(self.by_key[key], self.endpoint.model, self.method, item.calls, item.result)
+                self._row(self.by_key[key], item.calls, item.result)
                 for key, item in itertools.chain([first] if first else [], saved)
             )
             mapping = reader.get_meta("token_mapping")
@@ -413,6 +428,10 @@ class OutputWriter:
         self._last_duration = time.monotonic() - started
         self._last_write = time.monotonic()
         return written
+
+    def _row(self, prompt: Prompt, calls: int, result: MethodResult) -> OutputRow:
+        targets = tuple((i, self.texts[i]) for i in prompt.target_ids)
+        return OutputRow(prompt, self.endpoint.model, self.method, calls, result, targets)
 
     def maybe_write_soon(self) -> None:
         """After a prompt finishes: rewrite in a thread unless one is running or the last was too recent."""
@@ -479,14 +498,37 @@ def extract_batch(
     """
     config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
     check_prompts(schema_prompts or prompts, endpoint.api)
+    prompts, schema_prompts = _with_target_ids(endpoint, prompts, schema_prompts)
     settings = run_settings(endpoint, config.method, config.top_k, config.eps)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
     with Journal.open(journal_path, settings, resumable) as journal:
         writer_for = functools.partial(
-            OutputWriter, output, journal_path, prompts, endpoint, settings, schema_prompts=schema_prompts
+            OutputWriter, output, journal_path, prompts, endpoint, settings, schema_prompts=schema_prompts,
+            store_vector=config.store_vector,
         )
         return _run_in_checkpoint(prompts, endpoint, journal, config, writer_for, progress or NoProgress(), announce)
+
+
+def _with_target_ids(
+    endpoint: Endpoint, prompts: list[Prompt], schema_prompts: list[Prompt] | None
+) -> tuple[list[Prompt], list[Prompt] | None]:
+    """The prompts (and the schema's) with their chosen tokens resolved to ids (run/_targets.py), before the
+    checkpoint is opened (its keys hold the ids) and before any call; unchanged without targets. Raises
+    InputError listing every target that is not one token of the vocabulary."""
+    every = schema_prompts or prompts
+    if not any(p.targets for p in every):
+        return prompts, schema_prompts
+
+    async def resolve() -> list[Prompt]:
+        try:
+            return await resolve_targets(endpoint, every)
+        finally:
+            await endpoint.aclose()
+
+    resolved = asyncio.run(resolve())
+    by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
+    return [by_id[p.id] for p in prompts], None if schema_prompts is None else resolved
 
 
 def _run_in_checkpoint(
@@ -514,7 +556,8 @@ def _run_in_checkpoint(
             if not prompts:  # an empty shard: every part of a batch has a file
                 writer = writer_for(config.method, None)
                 return
-            chosen, limits, report = await _choose_method(metered, journal, prompts[0], config.method)
+            targets = max(len(p.target_ids) for p in prompts)
+            chosen, limits, report = await _choose_method(metered, journal, prompts[0], config, targets)
             journal.add_setup_spend(metered.spent.minus(before))
             announce(chosen, report)
             ctx = Context(
@@ -545,11 +588,13 @@ def _run_in_checkpoint(
 
 
 async def _choose_method(
-    metered: MeteredEndpoint, journal: Journal, first: Prompt, method: str
+    metered: MeteredEndpoint, journal: Journal, first: Prompt, config: RunConfig, targets: int
 ) -> tuple[str, Limits, ProbeReport | None]:
     """The calls made once per checkpoint before the run, their outcome kept in it: the token-mapping check and,
-    for "auto", the probe (on the first prompt). Returns the method to run, the limits its plan works within,
-    and the probe's report (None unless auto)."""
+    for "auto", the probe (on the first prompt). Returns the method to run (for "auto", the cheapest for the
+    whole vocabulary, or for `targets` chosen tokens a prompt), the limits its plan works within, and the
+    probe's report (None unless auto)."""
+    method = config.method
     if journal.get_meta("token_mapping") is None:
         mapping = await metered.verify_mapping(first)
         if mapping is not None:
@@ -559,6 +604,10 @@ async def _choose_method(
     saved = journal.get_meta("probe")
     report = ProbeReport.from_dict(saved) if saved else await probe(metered, first)
     journal.set_meta("probe", report.to_dict())
+    if targets:
+        k = min(config.top_k, report.limits().top_logprobs)
+        picked = cheapest(report, metered.vocab_size, k, report.limits(), config.eps, targets).name
+        return picked, report.limits(), report
     return report.recommended, report.limits(), report
 
 
