@@ -187,6 +187,8 @@ class _Side:
 
 def _open_side(path: str | os.PathLike) -> _Side:
     """A file of full vectors written by `logprobs extract`, with its ids indexed; CompareError otherwise."""
+    if not os.path.exists(path):
+        raise CompareError(f"{path} does not exist")
     try:
         metadata = read_metadata(path)
     except ValueError as error:
