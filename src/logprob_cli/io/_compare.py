@@ -127,9 +127,10 @@ def compare_vectors(a: np.ndarray, b: np.ndarray, floor: float = DEFAULT_FLOOR, 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     common = np.flatnonzero(~np.isnan(a) & ~np.isnan(b))
     x, y = a[common], b[common]
-    covered_a, covered_b = float(np.exp(x).sum()), float(np.exp(y).sum())
-    kl_ab, kl_ba, tv = _divergences(x, y)
-    above = np.flatnonzero((np.exp(x) > floor) | (np.exp(y) > floor))
+    prob_x, prob_y = np.exp(x), np.exp(y)
+    covered_a, covered_b = float(prob_x.sum()), float(prob_y.sum())
+    kl_ab, kl_ba, tv = _divergences(x, y, prob_x, prob_y)
+    above = np.flatnonzero((prob_x > floor) | (prob_y > floor))
     if above.size:
         worst = above[np.argmax(np.abs(x[above] - y[above]))]
         max_diff, max_token = float(abs(x[worst] - y[worst])), int(common[worst])
@@ -144,12 +145,16 @@ def compare_vectors(a: np.ndarray, b: np.ndarray, floor: float = DEFAULT_FLOOR, 
     )
 
 
-def _divergences(x: np.ndarray, y: np.ndarray) -> tuple[float | None, float | None, float | None]:
-    """KL(p||q), KL(q||p) and the total variation of p, q = the softmax of logprobs x, y (float64); KL is inf where
-    one side has mass the other has not. Nothing to compare (no common token with mass on both sides) is None."""
+Measures = tuple[float | None, float | None, float | None]
+
+
+def _divergences(x: np.ndarray, y: np.ndarray, prob_x: np.ndarray, prob_y: np.ndarray) -> Measures:
+    """KL(p||q), KL(q||p) and the total variation of p, q = the softmax of logprobs x, y (float64; prob_x = exp(x),
+    likewise prob_y); KL is inf where one side has mass the other has not. Nothing to compare (no common token
+    with mass on both sides) is None."""
     if not x.size or not (np.isfinite(x).any() and np.isfinite(y).any()):
         return None, None, None
-    log_p, log_q = x - _logsumexp(x), y - _logsumexp(y)
+    log_p, log_q = x - _log_total(x, prob_x), y - _log_total(y, prob_y)
     p, q = np.exp(log_p), np.exp(log_q)
     return _kl(p, log_p, log_q), _kl(q, log_q, log_p), float(0.5 * np.abs(p - q).sum())
 
@@ -162,7 +167,11 @@ def _kl(p: np.ndarray, log_p: np.ndarray, log_q: np.ndarray) -> float:
     return float(max(0.0, (p[mass] * (log_p[mass] - log_q[mass])).sum()))
 
 
-def _logsumexp(x: np.ndarray) -> float:
+def _log_total(x: np.ndarray, prob_x: np.ndarray) -> float:
+    """log sum exp(x): from the probabilities when they do not all underflow, else shifted by the largest."""
+    total = prob_x.sum()
+    if total > 1e-300:
+        return float(np.log(total))
     top = x.max()
     return float(top + np.log(np.exp(x - top).sum()))
 
@@ -248,7 +257,8 @@ class _RowReader:
     def vector(self, group: int, row: int) -> np.ndarray:
         if group != self.group or row < self.start:
             self.group, self.start, self.vectors = group, 0, self.vectors[:0]
-            self.batches = self.side.file.iter_batches(batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=["logprobs"])
+            self.batches = self.side.file.iter_batches(
+                batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=["logprobs"])
         while row >= self.start + len(self.vectors):
             self.start += len(self.vectors)
             self.vectors = _vectors(next(self.batches), self.side.vocab_size)
@@ -306,16 +316,19 @@ def render_comparison(comparison: Comparison, console: Console, top: int = 20) -
                   f"{plural(len(c.prompts), 'prompt')} compared, vocabulary {c.vocabulary or '?'} "
                   f"({c.vocab_size:,} tokens)", highlight=False)
     text = token_text({"vocabulary": {"name": c.vocabulary}})
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # 80 columns: id and token are cut first
     table.add_column("id", max_width=12, overflow="ellipsis", no_wrap=True)
-    for name in ("KL(A||B)", "KL(B||A)", "TV", "max|diff|", "at token", "top-1", "covered"):
-        table.add_column(name, justify="right", no_wrap=True)
+    for name in ("KL(A||B)", "KL(B||A)", "TV", "max diff"):  # never cut: a cut would hide the partial mark
+        table.add_column(name, justify="right", no_wrap=True, min_width=8)
+    table.add_column("top-1", justify="right", no_wrap=True, min_width=5)
+    table.add_column("covered", justify="right", no_wrap=True, min_width=7)
+    table.add_column("at token", max_width=10, overflow="ellipsis", no_wrap=True)
     for p in sorted(c.prompts, key=_largest_kl, reverse=True)[:top]:
         mark = "*" if p.partial else ""
         table.add_row(
             Text(str(p.id)), _number(p.kl_ab) + mark, _number(p.kl_ba) + mark, _number(p.total_variation) + mark,
-            _number(p.max_abs_diff), Text("-" if p.max_diff_token is None else text(p.max_diff_token)),
-            "yes" if p.top1_agree else "NO", f"{min(p.covered_a, p.covered_b):.4f}",
+            _number(p.max_abs_diff), "yes" if p.top1_agree else "NO", f"{min(p.covered_a, p.covered_b):.4f}",
+            Text("-" if p.max_diff_token is None else text(p.max_diff_token)),
         )
     console.print(table)
     for line in _summary_lines(c, top):
@@ -326,7 +339,7 @@ def _summary_lines(c: Comparison, top: int) -> list[str]:
     summary = c.summary()
     measures = ", ".join(
         f"{label} {_number(summary[name]['mean'])} / {_number(summary[name]['max'])}"
-        for name, label in zip(MEASURES, ("KL(A||B)", "KL(B||A)", "TV", "max|diff|"))
+        for name, label in zip(MEASURES, ("KL(A||B)", "KL(B||A)", "TV", "max diff"))
     )
     agree = sum(p.top1_agree for p in c.prompts)
     lines = [f"mean / max: {measures}; top-1 agreement {agree / len(c.prompts):.1%} ({agree} of {len(c.prompts)})"]
@@ -342,7 +355,7 @@ def _summary_lines(c: Comparison, top: int) -> list[str]:
     if any(p.kl_ab == math.inf or p.kl_ba == math.inf for p in c.prompts):
         lines.append("inf: one side gives probability 0 (logprob -inf) to a token the other gives mass to")
     lines += [f"note: {note}" for note in c.notes]
-    lines.append(f"KL in nats; TV: total variation; max|diff|: largest logprob difference over tokens with p > "
+    lines.append(f"KL in nats; TV: total variation; max diff: largest |logprob difference| over tokens with p > "
                  f"{c.floor:g} in either; covered: the smaller share of mass the common tokens hold")
     return lines
 
@@ -353,7 +366,12 @@ def _largest_kl(p: PromptComparison) -> float:
 
 
 def _number(value: float | None) -> str:
-    """3 significant digits, "inf", or "-" for a value that does not exist."""
+    """3 significant digits (5.04e-4 below 0.001), "inf", or "-" for a value that does not exist."""
     if value is None:
         return "-"
-    return "inf" if value == math.inf else f"{value:.3g}"
+    if value == math.inf:
+        return "inf"
+    if 0 < abs(value) < 1e-3:
+        mantissa, _, exponent = f"{value:.2e}".partition("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.3g}"
