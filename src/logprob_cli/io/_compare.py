@@ -283,8 +283,10 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike, floor: float = DEF
     notes = _check_vocabularies(side_a, side_b)
     common = side_a.places.keys() & side_b.places.keys()
     if not common:
+        types = [side.file.schema_arrow.field("id").type for side in (side_a, side_b)]
+        why = f" (their ids are {types[0]} and {types[1]})" if types[0] != types[1] else ""
         raise CompareError(
-            f"{side_a.path} and {side_b.path} have no id in common ({plural(len(side_a.places), 'row')} and "
+            f"{side_a.path} and {side_b.path} have no id in common{why} ({plural(len(side_a.places), 'row')} and "
             f"{len(side_b.places):,}): compare runs of the same prompts"
         )
     result = Comparison(
@@ -356,7 +358,7 @@ def _summary_lines(c: Comparison, top: int) -> list[str]:
         lines.append("inf: one side gives probability 0 (logprob -inf) to a token the other gives mass to")
     lines += [f"note: {note}" for note in c.notes]
     lines.append(f"KL in nats; TV: total variation; max diff: largest |logprob difference| over tokens with p > "
-                 f"{c.floor:g} in either; covered: the smaller share of mass the common tokens hold")
+                 f"{c.floor:g} in either, at token; covered: the smaller share of mass the common tokens hold")
     return lines
 
 
