@@ -137,6 +137,9 @@ def test_files_that_cannot_be_compared_are_refused(files, tmp_path):
     pq.write_table(table.replace_schema_metadata({b"logprob_cli": json.dumps(meta)}), renamed)
     with pytest.raises(CompareError, match="uses simulator.*o200k_base"):
         compare_files(files["a"], renamed)
+    meta["vocabulary"]["name"] = f"server:{VOCAB}"  # a server's own ids: the name does not say which tokenizer
+    pq.write_table(table.replace_schema_metadata({b"logprob_cli": json.dumps(meta)}), renamed)
+    assert "compared by size only" in compare_files(files["a"], renamed).notes[0]
     unrelated = write_prompts(tmp_path / "u.jsonl", ["u1"])
     with pytest.raises(CompareError, match="no id in common"):
         compare_files(files["a"], extract(unrelated, tmp_path / "u.parquet"))

@@ -21,6 +21,8 @@ conditioned on C, not of the whole ones, and say so (`partial`).
 The files are read in batches of ROW_GROUP_ROWS rows, so memory holds a batch of each side, not a file. Rows
 of B are looked up by their place in B: fast when both files list the ids in the same order (two runs of the
 same prompts file), correct in any order (a batch of B is then read again when needed).
+
+`render_comparison` prints it for people (the `logprobs compare` table); `Comparison.to_dict` is its JSON.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
