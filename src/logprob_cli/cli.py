@@ -655,7 +655,7 @@ def compare(
     b: Path = typer.Argument(..., metavar="B", help="Another, of the same prompts and vocabulary."),
     floor: float = typer.Option(
         1e-4, "--floor", min=0.0, max=1.0,
-        help="max|diff| looks at tokens whose probability is above this in either file."),
+        help="max diff looks at tokens whose probability is above this in either file."),
     top: int = typer.Option(20, "--top", "-n", min=1, help="Prompts shown in the table, largest KL first."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole comparison (every prompt) as JSON."),
 ) -> None:
