@@ -28,7 +28,7 @@ from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, f
 from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
-from logprob_cli.io import render_inspect
+from logprob_cli.io import CompareError, compare_files, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
 from logprob_cli.run import PROBE_CALLS, probe as run_probe
@@ -162,7 +162,7 @@ FLAGS = {
     "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
     "targets": "--target/--target-id",
 }  # how an error's message names each setting on the command line (errors.Worded)
-EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (BudgetReached, 3), (LogprobError, 1))
+EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (BudgetReached, 3), (LogprobError, 1))
 
 TimeoutOption = Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds to wait for one answer before retrying.")]
 RetriesOption = Annotated[int, typer.Option(
@@ -739,6 +739,26 @@ def inspect(
         render_inspect(path, Console(), top=top)
     except ValueError as error:
         fail(str(error))
+
+
+@app.command(cls=PlainHelpCommand)
+@cli_errors
+def compare(
+    a: Path = typer.Argument(..., metavar="A", help="A Parquet file written by `logprobs extract`."),
+    b: Path = typer.Argument(..., metavar="B", help="Another, of the same prompts and vocabulary."),
+    floor: float = typer.Option(
+        1e-4, "--floor", min=0.0, max=1.0,
+        help="max diff looks at tokens whose probability is above this in either file."),
+    top: int = typer.Option(20, "--top", "-n", min=1, help="Prompts shown in the table, largest KL first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison (every prompt) as JSON."),
+) -> None:
+    """Compare two outputs prompt by prompt, joined by id: KL both ways, total variation, the largest logprob
+    difference and top-1 agreement. Does this endpoint serve the weights it claims?"""
+    comparison = compare_files(a, b, floor=floor)
+    if as_json:
+        print(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
+        return
+    render_comparison(comparison, Console(), top=top)
 
 
 if __name__ == "__main__":
