@@ -72,6 +72,8 @@ class ProbeReport:
     chosen_ids: bool = False  # a listed id came back with its logprob (only tested where the endpoint declares it)
     token_ids_cap: int = 0  # the ids a request may list, as the endpoint declares (0: none)
     top_with_token_ids: bool = True  # the top-k comes back beside listed ids (vLLM: in their place)
+    bias_max: float = 100.0  # the bias range and entry cap the endpoint declares (OpenAI's documented ones by
+    bias_entries: int = 300  # default): a plan must not count on a bias the endpoint clips
     bias_above_100: str = "untested"  # rejected | accepted | unknown
     bias_entries_over_300: str = "untested"  # rejected | accepted | unknown
     precision: str = "float32"
@@ -96,10 +98,11 @@ class ProbeReport:
         return ProbeReport(**{key: value for key, value in data.items() if key in names})
 
     def limits(self) -> Limits:
-        """The request limits the probe found (bias range and entry cap as documented where not rejected)."""
+        """The request limits the probe found: its top_logprobs cap and listed ids, and the bias range and entry cap
+        the endpoint declares (a plan must not count on a bias the endpoint clips)."""
         listed = self.token_ids_cap if self.chosen_ids else 0
         return Limits(
-            top_logprobs=self.top_logprobs_cap, bias_max=100.0, bias_entries=300, token_ids=listed,
+            top_logprobs=self.top_logprobs_cap, bias_max=self.bias_max, bias_entries=self.bias_entries, token_ids=listed,
             top_with_token_ids=self.top_with_token_ids,
         )
 
@@ -171,7 +174,8 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     Raises EndpointFatal if it cannot be used at all, EndpointUnsuitable if no request for top
     logprobs was answered, EndpointError if such requests kept failing.
     """
-    report = ProbeReport(vocab_size=endpoint.vocab_size)
+    declared = endpoint.limits
+    report = ProbeReport(vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries)
     ask = _Asker(endpoint, prompt, report)
     first, asked = await _find_cap(ask, report, endpoint.vocab_size)
     k = min(report.top_logprobs_cap, MAX_TOP_K)
