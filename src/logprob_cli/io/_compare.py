@@ -347,7 +347,7 @@ def _summary_lines(c: Comparison, top: int) -> list[str]:
     agree = sum(p.top1_agree for p in c.prompts)
     lines = [f"mean / max: {measures}; top-1 agreement {agree / len(c.prompts):.1%} ({agree} of {len(c.prompts)})"]
     if len(c.prompts) > top:
-        lines.append(f"(the {top} prompts of largest KL shown of {len(c.prompts):,}; --top shows more)")
+        lines.append(f"(the {top} prompts of largest KL shown of {len(c.prompts):,})")
     for ids, side in ((c.only_in_a, "A"), (c.only_in_b, "B")):
         if ids:
             shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
