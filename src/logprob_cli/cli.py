@@ -363,21 +363,8 @@ def extract(
 
     console = Console(stderr=True)
     if not quiet:
-        of_shard = f" (shard {part[0]}/{part[1]} of {len(all_prompts)})" if part else ""
-        console.print(
-            f"endpoint: {describe(endpoint)}\n"
-            f"{plural(len(prompts), 'prompt')}{of_shard} -> {output}",
-            highlight=False,
-        )
-
-    def announce(chosen: str, report) -> None:
-        capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
-        if capped:
-            console.print(f"note: {capped}", highlight=False)
-        if quiet:
-            return
-        why = f" (probe: {'; '.join(map(flagged, report.reasons))})" if report else ""
-        console.print(f"method: {chosen}{why}", highlight=False)
+        print_start(console, endpoint, len(prompts), len(all_prompts), part, output)
+    announce = method_announcer(console, top_k, endpoint, quiet)
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -388,6 +375,36 @@ def extract(
     finally:
         progress.stop()
     report_run(summary, output, journal_path, quiet, console)
+
+
+def print_start(
+    console: Console, endpoint: Endpoint, prompts: int, all_prompts: int, part: tuple[int, int] | None, output: Path
+) -> None:
+    """extract's first lines: the endpoint, then how many prompts (of which shard of all) go to which file."""
+    of_shard = f" (shard {part[0]}/{part[1]} of {all_prompts})" if part else ""
+    console.print(
+        f"endpoint: {describe(endpoint)}\n"
+        f"{plural(prompts, 'prompt')}{of_shard} -> {output}",
+        highlight=False,
+    )
+
+
+def method_announcer(
+    console: Console, top_k: int, endpoint: Endpoint, quiet: bool
+) -> Callable[[str, ProbeReport | None], None]:
+    """What extract_batch calls once the method is known: a note where --top-k is above the endpoint's cap
+    (the probe's where there is one; printed even when quiet), then the method and the probe's reasons."""
+
+    def announce(chosen: str, report: ProbeReport | None) -> None:
+        capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+        if capped:
+            console.print(f"note: {capped}", highlight=False)
+        if quiet:
+            return
+        why = f" (probe: {'; '.join(map(flagged, report.reasons))})" if report else ""
+        console.print(f"method: {chosen}{why}", highlight=False)
+
+    return announce
 
 
 def targeted(prompts: list[Prompt], texts: list[str], ids: list[int], source: str) -> list[Prompt]:

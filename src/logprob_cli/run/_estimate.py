@@ -141,10 +141,7 @@ def estimate_run(
 
     def row(name: str, limits: Limits, overhead: int, condition: str = "") -> Estimate:
         if name == "direct" and limits.top_logprobs < vocab:
-            raise EndpointUnsuitable(Worded(
-                "direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
-                "this one returns at most {cap}: use {method_auto} to probe it", vocab=vocab, cap=limits.top_logprobs,
-            ))
+            raise _direct_refusal(vocab, limits.top_logprobs)
         k = min(top_k, limits.top_logprobs)
         each = [calls_per_prompt(name, vocab, k, eps, limits, n) for n in targets]
         calls = sum(each) + overhead
@@ -162,15 +159,33 @@ def estimate_run(
     if report is not None:
         picked = cheapest(report, vocab, min(report.top_logprobs_cap, MAX_TOP_K), report.limits(), eps, most)
         return [row(picked.name, report.limits(), check + probe_calls(report))]
+    return [
+        row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when)
+        for spec, expected in _pickable(endpoint, eps, most)
+    ]
+
+
+def _direct_refusal(vocab: int, cap: int) -> EndpointUnsuitable:
+    """Why `direct` cannot run where the endpoint returns at most `cap` < `vocab` logprobs a call."""
+    return EndpointUnsuitable(Worded(
+        "direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
+        "this one returns at most {cap}: use {method_auto} to probe it", vocab=vocab, cap=cap,
+    ))
+
+
+def _pickable(endpoint: Endpoint, eps: float, most: int) -> list[tuple[MethodSpec, ProbeReport]]:
+    """The methods `auto`'s probe may pick on `endpoint` for prompts of up to `most` chosen tokens, each with
+    the report that picks it (`_picking`), in SPECS order."""
+    vocab = endpoint.vocab_size
     found = endpoint.limits.top_logprobs  # the probe learns the cap; where it is the vocabulary, auto picks direct
-    rows = []
+    picks = []
     for spec in SPECS.values():
         expected = _picking(spec, vocab, found, endpoint.limits.token_ids)
         if spec.needs.chosen_ids and not expected.chosen_ids:
             continue
         if spec.picked_when and cheapest(expected, vocab, min(found, MAX_TOP_K), expected.limits(), eps, most) is spec:
-            rows.append(row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when))
-    return rows
+            picks.append((spec, expected))
+    return picks
 
 
 def _picking(spec: MethodSpec, vocab: int, found: int, listed: int) -> ProbeReport:
