@@ -159,7 +159,7 @@ FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
-    "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
+    "method": "--method", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
     "targets": "--target/--target-id",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (BudgetReached, 3), (LogprobError, 1))

@@ -314,6 +314,13 @@ class OpenAIEndpoint(Endpoint):
         return Pressure(self.transport.retries, limiter.throttles, limiter.describe().get("rpm"))
 
     @property
+    def token_context(self) -> bool:  # type: ignore[override]
+        """llama-server's completions API takes a prompt mixing text and token ids (`["text", 7042, 11]`: the text
+        tokenized as a text prompt is, BOS included, then the ids as they are), so a position's context goes
+        exactly; OpenAI's and vLLM's chat APIs cannot take ids, and the other completions APIs are not wired."""
+        return self.dialect == "llama.cpp" and self.api == "completions"
+
+    @property
     def prompt_tokens_counted(self) -> bool:
         """Counted where the vocabulary is a tiktoken encoding (OpenAI's models), else approximated."""
         return self._encoding is not None
@@ -377,6 +384,10 @@ class OpenAIEndpoint(Endpoint):
         # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
         top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if prompt.context_ids and not self.token_context:
+            raise EndpointRejected(
+                "this endpoint cannot append token ids to a prompt exactly (llama-server's completions API can)"
+            )
         if self.api == "chat":
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
@@ -384,13 +395,13 @@ class OpenAIEndpoint(Endpoint):
             raise EndpointRejected(Worded("chat messages need {api_chat}; legacy completions take plain prompts"))
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
-            body.update(prompt=prompt.prompt, logprobs=top_k)
+            body.update(prompt=self._completion_prompt(prompt), logprobs=top_k)
         if query.bias:
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         if query.token_ids:
             body["logprob_token_ids"] = list(query.token_ids)
         body.update(self.extra_body)
-        tokens = self._prompt_tokens.get(prompt.id) or approx_tokens(prompt.content())
+        tokens = self._prompt_tokens.get((prompt.id, prompt.position)) or approx_tokens(prompt.content())
         if not (self.post_bias and "seed" not in self._user_extra):
             answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
@@ -405,7 +416,7 @@ class OpenAIEndpoint(Endpoint):
                 if not answer.withheld:
                     break
         if answer.prompt_tokens:
-            self._prompt_tokens[prompt.id] = answer.prompt_tokens
+            self._prompt_tokens[prompt.id, prompt.position] = answer.prompt_tokens
         return with_chosen(answer, query, answer.top()) if query.token_ids else _trim(answer, query.top_logprobs)
 
     async def _greedy_behind_withheld(
@@ -445,6 +456,12 @@ class OpenAIEndpoint(Endpoint):
                     "tokenizer with {tokenizer}", name=self.vocabulary.name, size=self.vocab_size, error=error,
                 )) from None
             raise
+
+    @staticmethod
+    def _completion_prompt(prompt: Prompt) -> str | list[str | int]:
+        """The completions API's `prompt`: the text, or with `context_ids` the text then those ids (llama.cpp's
+        mixed prompt)."""
+        return [prompt.prompt, *prompt.context_ids] if prompt.context_ids else prompt.prompt  # type: ignore[list-item]
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:

@@ -1,4 +1,5 @@
-"""The Parquet output: one row per prompt with its full next-token log-probability vector, or its chosen tokens.
+"""The Parquet output: one row per prompt (or per position of a completion) with its full next-token
+log-probability vector, or its chosen tokens.
 
 `output_schema` fixes the columns from the prompts, `write_parquet` streams rows into a
 file that is replaced atomically, and `render_inspect` summarises a file for humans.
@@ -62,6 +63,7 @@ _TAIL = (
     "notes",
 )
 _TARGET_COLUMNS = ("targets", "top_ids", "top_logprobs")
+_POSITION_COLUMNS = ("position", "context_tokens", "next_token_id", "next_token_logprob")
 _VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked for
     "logprobs",
     "probability_sum",
@@ -70,7 +72,7 @@ _VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked 
     "unrecovered_ids",
     "unrecovered_upper_bounds",
 )
-_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS}
+_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS}
 TARGET_TYPE = pa.struct([
     pa.field("token_id", pa.int32()),
     pa.field("token", pa.string()),
@@ -107,6 +109,10 @@ def output_schema(
     and `top_logprobs` (the at most `top_k` largest recovered entries, best first) follow the method, and the
     vector and its whole-vector diagnostics are columns only when `store_vector`; `calls`, `precision_nats` and
     `notes` always are. Without targets `store_vector` and `top_k` change nothing.
+    When a prompt has a completion (every position of a text), a row is one position of one prompt:
+    `position` (0: right after the prompt), `context_tokens` (the completion's token ids before it: the
+    prompt's own tokens are not listed), `next_token_id` (the completion's token at this position, NULL after the
+    last) and `next_token_logprob` (its logprob where the row recovered it, else NULL) follow the extra keys.
     Extra keys are the union over all prompts in first-seen order; each column's type is
     inferred from all values (NULL where absent), falling back to JSON text (field
     metadata {"encoding": "json"}) when no Parquet-storable type fits or the type nests
@@ -131,6 +137,13 @@ def output_schema(
         pa.field("messages", pa.string(), metadata=JSON_FIELD),
     ]
     fields += [_extra_field(key, [p.extra.get(key) for p in prompts]) for key in keys]
+    if any(p.completion is not None or p.completion_ids or p.position is not None for p in prompts):
+        fields += [
+            pa.field("position", pa.int32()),
+            pa.field("context_tokens", pa.list_(pa.int32())),
+            pa.field("next_token_id", pa.int32()),
+            pa.field("next_token_logprob", pa.float64()),
+        ]
     fields += [pa.field("model", pa.string()), pa.field("method", pa.string())]
     targets = any(p.targets or p.target_ids for p in prompts)
     if targets:
@@ -259,6 +272,8 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
         "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
         "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
     }
+    if "position" in schema.names:
+        columns |= _position_columns(rows)
     if "targets" in schema.names:
         columns |= _target_columns(rows, int(schema.field("targets").metadata[b"top_k"]))
     if "logprobs" in schema.names:
@@ -282,6 +297,29 @@ def _vector_columns(rows: list[OutputRow], vocab_size: int) -> dict[str, pa.Arra
         "unrecovered_ids": _lists([r.result.unrecovered_ids for r in rows], np.int32),
         "unrecovered_upper_bounds": _lists([_bounds(r.result) for r in rows], np.float32),
     }
+
+
+def _position_columns(rows: list[OutputRow]) -> dict[str, pa.Array]:
+    """Each row's position, context tokens, next completion token and that token's logprob where recovered."""
+    nexts = [next_token(row.prompt) for row in rows]
+    logprobs = [
+        None if token is None or math.isnan(value := float(np.float32(row.result.logprobs[token]))) else value
+        for row, token in zip(rows, nexts)
+    ]
+    return {
+        "position": pa.array([row.prompt.position for row in rows], pa.int32()),
+        "context_tokens": pa.array([list(row.prompt.context_ids) for row in rows], pa.list_(pa.int32())),
+        "next_token_id": pa.array(nexts, pa.int32()),
+        "next_token_logprob": pa.array(logprobs, pa.float64()),
+    }
+
+
+def next_token(prompt: Prompt) -> int | None:
+    """A position's next completion token: the completion's token at `position`, None after the last one (and
+    for a prompt that is not a position)."""
+    if prompt.position is None or prompt.position >= len(prompt.completion_ids):
+        return None
+    return prompt.completion_ids[prompt.position]
 
 
 def _target_columns(rows: list[OutputRow], top_k: int) -> dict[str, pa.Array]:
@@ -332,7 +370,7 @@ def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Arr
             pa.string(),
         ),
     }
-    tool_columns = set(_HEAD + _TAIL + _TARGET_COLUMNS)
+    tool_columns = set(_HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS)
     for field in schema:
         if field.name in tool_columns:
             continue
