@@ -307,9 +307,9 @@ class Endpoint(abc.ABC):
         return None
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
-        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content).
-        Raises ValueError for a prompt this endpoint cannot send."""
-        return approx_tokens(prompt.content())
+        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content, plus
+        its context ids). Raises ValueError for a prompt this endpoint cannot send."""
+        return approx_tokens(prompt.content()) + len(prompt.context_ids)
 
     def token_text(self, token_id: int) -> str:
         """The token's readable text (its bytes decoded as UTF-8, invalid bytes replaced); default f"#{id}"

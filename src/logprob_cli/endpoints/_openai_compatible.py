@@ -334,7 +334,7 @@ class OpenAIEndpoint(Endpoint):
         sent = prompt.prompt if self.api == "completions" else self._messages(prompt)
         encoding = self._encoding
         if encoding is None:
-            return approx_tokens(sent)
+            return approx_tokens(sent) + len(prompt.context_ids)
 
         def tokens(value: Any) -> int:
             return len(encoding.encode(value if isinstance(value, str) else json.dumps(value), disallowed_special=()))

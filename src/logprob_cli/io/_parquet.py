@@ -442,7 +442,8 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
 
     The header names the method that ran (the rows' `method` column; "X (chosen by auto)" when
     the run asked for auto). The table fits 80 columns: the top tokens share one cell, one a line;
-    long ids and token texts are cut short. A target file shows each target instead (at most
+    long ids and token texts are cut short; a row of a completion's position is named "id @position". A target
+    file shows each target instead (at most
     MAX_TARGETS_SHOWN a prompt): its token, its logprob (or "< bound" where it was not recovered) and
     its precision. Reads the file in batches so memory does not grow with its size. Raises
     ValueError if the path is not a readable Parquet file with logprob_cli metadata.
@@ -477,7 +478,7 @@ def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str],
     for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
     ran: dict[str, None] = {}
-    scalars = ["id", "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
+    scalars = ["id", *_position_column(file), "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
     for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["logprobs", *scalars]):
         vocab_size = batch.schema.field("logprobs").type.list_size
         vectors = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False).reshape(-1, vocab_size)
@@ -486,7 +487,7 @@ def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str],
             lp = vector.astype(np.float64)
             tops = (f"{_short(text(int(i)))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))
             table.add_row(
-                Text(str(row["id"])),
+                Text(_row_label(row)),
                 Text("\n".join(tops)),
                 f"{_entropy(lp):.4f}",
                 f"{row['probability_sum']:.6f}",
@@ -504,7 +505,8 @@ def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
     for name, width in (("logprob", 9), ("±nats", 7), ("calls", 5)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
     ran: dict[str, None] = {}
-    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["id", "method", "targets", "calls"]):
+    columns = ["id", *_position_column(file), "method", "targets", "calls"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns):
         for row in batch.to_pylist():
             ran[row["method"]] = None
             targets = row["targets"] or []
@@ -513,13 +515,23 @@ def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
             if len(targets) > len(shown):
                 tokens.append(f"… {len(targets) - len(shown)} more")
             table.add_row(
-                Text(str(row["id"])),
+                Text(_row_label(row)),
                 Text("\n".join(tokens)),
                 "\n".join(_target_logprob(t) for t in shown),
                 "\n".join("" if t["precision"] is None else f"{t['precision']:.2g}" for t in shown),
                 f"{row['calls']:,}",
             )
     return list(ran)
+
+
+def _position_column(file: pq.ParquetFile) -> list[str]:
+    """["position"] for a file of positions, else []."""
+    return ["position"] if "position" in file.schema_arrow.names else []
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    """How `inspect` names a row: its id, and for a position of a completion "id @position"."""
+    return str(row["id"]) if row.get("position") is None else f"{row['id']} @{row['position']}"
 
 
 def _target_logprob(target: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ token (so its logprob is read at every position, `next_token_logprob`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from logprob_cli.endpoints import Endpoint, EndpointUnsuitable, Prompt
@@ -66,6 +67,23 @@ async def resolve_completions(endpoint: Endpoint, prompts: list[Prompt]) -> list
     return resolved
 
 
+def with_completion_ids(endpoint: Endpoint, prompts: list[Prompt]) -> list[Prompt]:
+    """`prompts` ready to be split into positions, on an event loop of its own: EndpointUnsuitable where the
+    endpoint cannot take a position's context (`require_token_context`), InputError for a completion it cannot
+    take (`resolve_completions`); unchanged where no prompt has a completion."""
+    if not has_completions(prompts):
+        return prompts
+    require_token_context(endpoint)
+
+    async def resolve() -> list[Prompt]:
+        try:
+            return await resolve_completions(endpoint, prompts)
+        finally:
+            await endpoint.aclose()
+
+    return asyncio.run(resolve())
+
+
 def positions(prompt: Prompt) -> list[Prompt]:
     """The units of work of one prompt whose completion is resolved: n + 1 for n completion tokens (a prompt
     without a completion is one unit, position 0). A unit with targets also asks for its next token."""
@@ -81,8 +99,11 @@ def positions(prompt: Prompt) -> list[Prompt]:
 
 def expand_positions(prompts: list[Prompt]) -> list[Prompt]:
     """Every prompt's units in input order, positions ascending; the prompts unchanged where none has a
-    completion."""
+    completion. Raises ValueError for a completion not resolved to ids yet (`with_completion_ids`)."""
     if not has_completions(prompts):
         return prompts
+    unresolved = next((p for p in prompts if p.completion is not None and not p.completion_ids), None)
+    if unresolved is not None:
+        raise ValueError(f"prompt {unresolved.id!r}: resolve its completion to token ids before splitting it")
     return [unit for prompt in prompts for unit in positions(prompt)]
 

@@ -37,7 +37,7 @@ from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._targets import resolve_targets
-from logprob_cli.run._positions import expand_positions, has_completions, require_token_context, resolve_completions
+from logprob_cli.run._positions import expand_positions, has_completions, with_completion_ids
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
 
@@ -543,15 +543,7 @@ def _with_positions(
     every = schema_prompts or prompts
     if not has_completions(every):
         return prompts, schema_prompts
-    require_token_context(endpoint)
-
-    async def resolve() -> list[Prompt]:
-        try:
-            return await resolve_completions(endpoint, every)
-        finally:
-            await endpoint.aclose()
-
-    resolved = asyncio.run(resolve())
+    resolved = with_completion_ids(endpoint, every)
     by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
     return expand_positions([by_id[p.id] for p in prompts]), None if schema_prompts is None else resolved
 
