@@ -101,7 +101,8 @@ async def ask_server_facts(
 
 
 def _facts(models: Any) -> dict[str, Any]:
-    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}."""
+    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}; for the served
+    simulator (OpenAI's dialect) that its completions API takes mixed prompts, as llama-server's does."""
     for entry in models if isinstance(models, list) else []:
         if not isinstance(entry, dict):
             continue
@@ -110,6 +111,8 @@ def _facts(models: Any) -> dict[str, Any]:
             return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.get("id")}
         if entry.get("owned_by") == "vllm":
             return {"dialect": "vllm", "served_model": entry.get("id")}
+        if entry.get("owned_by") == "logprob-cli":  # the built-in simulator served (server.py)
+            return {"mixed_prompts": True}
     return {}
 
 
@@ -157,6 +160,7 @@ class OpenAIEndpoint(Endpoint):
         dialect: str = "openai",
         post_bias: bool = False,
         wire: Wire | None = None,
+        mixed_prompts: bool = False,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -166,6 +170,7 @@ class OpenAIEndpoint(Endpoint):
         if post_bias and dialect != "llama.cpp":
             raise ValueError("post-bias mode is llama-server's (post_sampling_probs); this server is not llama.cpp")
         self.dialect = dialect
+        self.mixed_prompts = mixed_prompts or dialect == "llama.cpp"
         self.post_bias = post_bias
         self.one_call_at_a_time = dialect == "llama.cpp"  # see `ask`
         defaults = {
@@ -316,9 +321,10 @@ class OpenAIEndpoint(Endpoint):
     @property
     def token_context(self) -> bool:  # type: ignore[override]
         """llama-server's completions API takes a prompt mixing text and token ids (`["text", 7042, 11]`: the text
-        tokenized as a text prompt is, BOS included, then the ids as they are), so a position's context goes
-        exactly; OpenAI's and vLLM's chat APIs cannot take ids, and the other completions APIs are not wired."""
-        return self.dialect == "llama.cpp" and self.api == "completions"
+        tokenized as a text prompt is, BOS included, then the ids as they are), and so does the served simulator's
+        (`mixed_prompts`), so a position's context goes exactly; chat APIs cannot take ids, and the other
+        completions APIs (OpenAI's, vLLM's) are not wired."""
+        return self.mixed_prompts and self.api == "completions"
 
     @property
     def prompt_tokens_counted(self) -> bool:
