@@ -266,3 +266,10 @@ def llama_completion(base_url: str, body: dict) -> dict | None:
     with urllib.request.urlopen(request, timeout=60) as response:
         logprobs = json.load(response)["choices"][0]["logprobs"]
     return None if logprobs is None else logprobs["content"][0]
+
+
+def test_a_shard_without_completions_still_writes_positions_when_the_batch_has_them(tmp_path):
+    batch = [Prompt("a", 1, "One", completion_ids=(1, 2)), Prompt("b", 2, "Two")]
+    run([batch[1]], tmp_path / "o.parquet", SimulatedEndpoint(WHOLE), schema_prompts=batch)
+    (row,) = rows_of(tmp_path / "o.parquet")
+    assert (row["id"], row["position"], row["context_tokens"], row["next_token_id"]) == ("b", 0, [], None)

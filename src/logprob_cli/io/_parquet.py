@@ -80,6 +80,12 @@ TARGET_TYPE = pa.struct([
     pa.field("upper_bound", pa.float64()),
     pa.field("precision", pa.float64()),
 ])
+POSITION_FIELDS = [
+    pa.field("position", pa.int32()),
+    pa.field("context_tokens", pa.list_(pa.int32())),
+    pa.field("next_token_id", pa.int32()),
+    pa.field("next_token_logprob", pa.float64()),
+]
 DEFAULT_TOP_K = 20
 MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 
@@ -138,12 +144,7 @@ def output_schema(
     ]
     fields += [_extra_field(key, [p.extra.get(key) for p in prompts]) for key in keys]
     if any(p.completion is not None or p.completion_ids or p.position is not None for p in prompts):
-        fields += [
-            pa.field("position", pa.int32()),
-            pa.field("context_tokens", pa.list_(pa.int32())),
-            pa.field("next_token_id", pa.int32()),
-            pa.field("next_token_logprob", pa.float64()),
-        ]
+        fields += POSITION_FIELDS
     fields += [pa.field("model", pa.string()), pa.field("method", pa.string())]
     targets = any(p.targets or p.target_ids for p in prompts)
     if targets:

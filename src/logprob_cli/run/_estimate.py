@@ -124,9 +124,7 @@ def estimate_run(
 ) -> list[Estimate]:
     """The bill of running `prompts` through `method` on `endpoint` (module docstring), as extract runs it.
     Prompts with chosen tokens are priced by their count (`calls_per_prompt`), and `auto` picks for the
-    largest count, as the run does. A prompt with a completion of n tokens (resolved to ids, as
-    `run.with_completion_ids` does) costs its n + 1 positions, each a prompt of its own (`expand_positions`);
-    `prompts` in the estimate then counts positions.
+    largest count, as the run does. A completion of n tokens (resolved: `with_completion_ids`) is n + 1 prompts.
 
     For "auto", `report` (the probe's findings, where probing is free) fixes the method and its
     overhead; without one there is a row per method the probe may pick, each with its condition,

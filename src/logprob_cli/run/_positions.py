@@ -98,12 +98,14 @@ def positions(prompt: Prompt) -> list[Prompt]:
 
 
 def expand_positions(prompts: list[Prompt]) -> list[Prompt]:
-    """Every prompt's units in input order, positions ascending; the prompts unchanged where none has a
-    completion. Raises ValueError for a completion not resolved to ids yet (`with_completion_ids`)."""
-    if not has_completions(prompts):
-        return prompts
+    """`split_positions` where a prompt has a completion; the prompts unchanged otherwise."""
+    return split_positions(prompts) if has_completions(prompts) else prompts
+
+
+def split_positions(prompts: list[Prompt]) -> list[Prompt]:
+    """Every prompt's units in input order, positions ascending (a prompt without a completion is its position 0).
+    Raises ValueError for a completion not resolved to ids yet (`with_completion_ids`)."""
     unresolved = next((p for p in prompts if p.completion is not None and not p.completion_ids), None)
     if unresolved is not None:
         raise ValueError(f"prompt {unresolved.id!r}: resolve its completion to token ids before splitting it")
     return [unit for prompt in prompts for unit in positions(prompt)]
-

@@ -37,7 +37,7 @@ from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._targets import resolve_targets
-from logprob_cli.run._positions import expand_positions, has_completions, with_completion_ids
+from logprob_cli.run._positions import has_completions, split_positions, with_completion_ids
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
 
@@ -545,7 +545,7 @@ def _with_positions(
         return prompts, schema_prompts
     resolved = with_completion_ids(endpoint, every)
     by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
-    return expand_positions([by_id[p.id] for p in prompts]), None if schema_prompts is None else resolved
+    return split_positions([by_id[p.id] for p in prompts]), None if schema_prompts is None else resolved
 
 
 def _run_in_checkpoint(
