@@ -273,3 +273,18 @@ def test_a_shard_without_completions_still_writes_positions_when_the_batch_has_t
     run([batch[1]], tmp_path / "o.parquet", SimulatedEndpoint(WHOLE), schema_prompts=batch)
     (row,) = rows_of(tmp_path / "o.parquet")
     assert (row["id"], row["position"], row["context_tokens"], row["next_token_id"]) == ("b", 0, [], None)
+
+
+def test_inspect_names_each_row_by_its_id_and_position(tmp_path):
+    from rich.console import Console
+
+    from logprob_cli.io import render_inspect
+
+    run([Prompt("a", 1, "One", completion_ids=(1, 2))], tmp_path / "o.parquet", SimulatedEndpoint(WHOLE))
+    console = Console(record=True, width=80)
+    render_inspect(tmp_path / "o.parquet", console)
+    shown = console.export_text()
+    assert "3 rows" in shown
+    assert [line.split()[:2] for line in shown.splitlines() if line.lstrip().startswith("a @")] == [
+        ["a", "@0"], ["a", "@1"], ["a", "@2"]
+    ]
