@@ -35,7 +35,7 @@ from logprob_cli.run import PROBE_CALLS, probe as run_probe
 from logprob_cli.run import discard
 from logprob_cli.run import NoProgress, RunSummary, extract_batch
 from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
-from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
+from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch, with_completion_ids
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.endpoints import SimulatorConfig
 from logprob_cli.wording import plural, top_k_capped
@@ -159,7 +159,7 @@ FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
-    "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
+    "method": "--method", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
     "targets": "--target/--target-id",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (BudgetReached, 3), (LogprobError, 1))
@@ -540,6 +540,7 @@ def estimate(
     prompts = targeted(read_prompts(input, api=options.api if options.model else None), target, target_id, input)
     override = parsed_price(price)
     endpoint = build_endpoint(options.settings())
+    prompts = with_completion_ids(endpoint, prompts)  # a completion's positions are priced by its token count
     unit_price = price_for(options.model, override)
     timed = endpoint.in_process and latency is None
     if latency is None:

@@ -33,6 +33,7 @@ SETTING_NAMES = {
     "post_bias": "post_bias", "extra_body": "extra_body", "rpm": "rpm", "tpm": "tpm",
     "simulator": "simulator settings", "price": "price", "max_cost": "max_cost", "max_calls": "max_calls",
     "method": "method", "method_auto": 'method="auto"', "api": "api", "api_chat": 'api="chat"',
+    "api_completions": 'api="completions"',
     "fresh": "fresh=True", "output": "output", "targets": "targets",
 }  # how the Python API names each setting a message may name
 

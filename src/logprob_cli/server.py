@@ -6,7 +6,10 @@ the answer is `SimulatedEndpoint.answer` for the request's prompt (the chat `mes
 list exactly as sent, or the legacy `prompt` string) and its logit_bias / top-k. A
 generated token outside the returned top-k that the simulator withholds is reported as
 -9999.0, OpenAI's sentinel. With `token_ids`, chat logprob entries also carry llama.cpp's
-"id". Every error is OpenAI's {"error": {...}} JSON, never an HTML page or a traceback.
+"id". Every error is OpenAI's {"error": {...}} JSON, never an HTML page or a traceback. A legacy
+`prompt` may also be llama.cpp's mixed form, a string then token ids (`["text", 17, 301]`): the answer
+is the simulator's after that text followed by exactly those tokens (every position of a completion);
+GET /v1/models lists the model as owned_by "logprob-cli", which tells a client so.
 
 With `dialect="vllm"` the server answers as vLLM's OpenAI-compatible server does (vLLM's
 sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 sampler):
@@ -361,9 +364,7 @@ class SimulatorServer:
 
     def completions(self, body: Any) -> dict[str, Any]:
         body = self._completion_request(body)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise _ApiError(400, "'prompt' must be a string (token arrays and batches are not supported)", "prompt")
+        text, context = self._completion_prompt(body.get("prompt"))
         _one_token(body, "max_tokens")
         if body.get("echo"):
             raise _ApiError(400, "echo is not supported", "echo")
@@ -379,7 +380,7 @@ class SimulatorServer:
                 raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
             if k is not None and k < 0:
                 raise _ApiError(400, "logprobs must be >= 0", "logprobs")
-        answer = self._answer(Prompt(id=0, line=0, prompt=prompt), Query.make(self._bias(body), k or 0))
+        answer = self._answer(Prompt(id=0, line=0, prompt=text, context_ids=context), Query.make(self._bias(body), k or 0))
         text = _vllm_text(answer.sampled) if self._vllm else _text(answer.sampled)
         logprobs = None
         if k is not None and self._vllm:
@@ -394,7 +395,7 @@ class SimulatorServer:
                 "tokens": [_legacy_token(answer.sampled)], "token_logprobs": [sampled_lp], "top_logprobs": [top],
                 "text_offset": [0],
             }
-        n = _approx_tokens(prompt)
+        n = _approx_tokens(text) + len(context)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -405,6 +406,22 @@ class SimulatorServer:
                          **({"stop_reason": None, "prompt_logprobs": None} if self._vllm else {})}],
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
+
+    def _completion_prompt(self, prompt: Any) -> tuple[str, tuple[int, ...]]:
+        """A legacy completion's prompt: a string, or (OpenAI's dialect) llama.cpp's mixed form, a string then token
+        ids, whose answer is the simulator's after that text and exactly those tokens (`SimulatedEndpoint.content`)."""
+        if isinstance(prompt, str):
+            return prompt, ()
+        mixed = (
+            not self._vllm and isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt[1:])
+        )
+        if not mixed:
+            raise _ApiError(400, "'prompt' must be a string, or a string then token ids (batches are not supported)", "prompt")
+        vocab = self.config.simulator.vocab_size
+        if not all(0 <= i < vocab for i in prompt[1:]):
+            raise _ApiError(400, f"'prompt' has a token id outside the vocabulary [0, {vocab})", "prompt")
+        return prompt[0], tuple(prompt[1:])
 
     def tokenize(self, body: Any) -> dict[str, Any]:
         """vLLM's POST /tokenize of a text prompt: the simulator's split (`simulator_split`; it has no special

@@ -195,6 +195,13 @@ class Prompt:
         order); empty: the whole vector.
     target_ids: those targets resolved to token ids, in the same order (filled by the run layer through
         the endpoint's vocabulary before any call; empty until then).
+    completion: a text whose every position is wanted (with a plain `prompt` only), as the user gave it;
+        None: none.
+    completion_ids: the completion's token ids, as given or resolved from `completion` by the run layer.
+    position, context_ids: for one unit of work of a completion (`position` k from 0 to n for n completion
+        tokens), the distribution wanted is the one right after the prompt followed by `context_ids`, the
+        completion's first k tokens, appended as token ids (never re-tokenized); position None: the prompt
+        alone, as without a completion.
     """
 
     id: Any
@@ -204,6 +211,10 @@ class Prompt:
     extra: dict[str, Any] = field(default_factory=dict)
     targets: tuple[str | int, ...] = ()
     target_ids: tuple[int, ...] = ()
+    completion: str | None = None
+    completion_ids: tuple[int, ...] = ()
+    position: int | None = None
+    context_ids: tuple[int, ...] = ()
 
     def content(self) -> Any:
         return self.prompt if self.messages is None else self.messages
@@ -271,6 +282,10 @@ class Endpoint(abc.ABC):
     """How the answers' tokens were identified so far: "ids", "bytes" and/or "strings" (ambiguous)."""
     prompt_tokens_counted: bool = False
     """`count_prompt_tokens` counts with the model's own tokenizer (else it approximates)."""
+    token_context: bool = False
+    """`ask` can append token ids to a plain prompt exactly: for a Prompt with `context_ids` it answers with the
+    distribution after the prompt followed by exactly those tokens (no re-tokenizing, nothing added between).
+    Where False, `ask` refuses such a prompt (EndpointRejected)."""
 
     @abc.abstractmethod
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
@@ -292,9 +307,9 @@ class Endpoint(abc.ABC):
         return None
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
-        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content).
-        Raises ValueError for a prompt this endpoint cannot send."""
-        return approx_tokens(prompt.content())
+        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content, plus
+        its context ids). Raises ValueError for a prompt this endpoint cannot send."""
+        return approx_tokens(prompt.content()) + len(prompt.context_ids)
 
     def token_text(self, token_id: int) -> str:
         """The token's readable text (its bytes decoded as UTF-8, invalid bytes replaced); default f"#{id}"

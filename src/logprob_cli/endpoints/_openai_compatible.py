@@ -101,7 +101,8 @@ async def ask_server_facts(
 
 
 def _facts(models: Any) -> dict[str, Any]:
-    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}."""
+    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}; for the served
+    simulator (OpenAI's dialect) that its completions API takes mixed prompts, as llama-server's does."""
     for entry in models if isinstance(models, list) else []:
         if not isinstance(entry, dict):
             continue
@@ -110,6 +111,8 @@ def _facts(models: Any) -> dict[str, Any]:
             return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.get("id")}
         if entry.get("owned_by") == "vllm":
             return {"dialect": "vllm", "served_model": entry.get("id")}
+        if entry.get("owned_by") == "logprob-cli":  # the built-in simulator served (server.py)
+            return {"mixed_prompts": True}
     return {}
 
 
@@ -157,6 +160,7 @@ class OpenAIEndpoint(Endpoint):
         dialect: str = "openai",
         post_bias: bool = False,
         wire: Wire | None = None,
+        mixed_prompts: bool = False,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -166,6 +170,7 @@ class OpenAIEndpoint(Endpoint):
         if post_bias and dialect != "llama.cpp":
             raise ValueError("post-bias mode is llama-server's (post_sampling_probs); this server is not llama.cpp")
         self.dialect = dialect
+        self.mixed_prompts = mixed_prompts or dialect == "llama.cpp"
         self.post_bias = post_bias
         self.one_call_at_a_time = dialect == "llama.cpp"  # see `ask`
         defaults = {
@@ -314,6 +319,14 @@ class OpenAIEndpoint(Endpoint):
         return Pressure(self.transport.retries, limiter.throttles, limiter.describe().get("rpm"))
 
     @property
+    def token_context(self) -> bool:  # type: ignore[override]
+        """llama-server's completions API takes a prompt mixing text and token ids (`["text", 7042, 11]`: the text
+        tokenized as a text prompt is, BOS included, then the ids as they are), and so does the served simulator's
+        (`mixed_prompts`), so a position's context goes exactly; chat APIs cannot take ids, and the other
+        completions APIs (OpenAI's, vLLM's) are not wired."""
+        return self.mixed_prompts and self.api == "completions"
+
+    @property
     def prompt_tokens_counted(self) -> bool:
         """Counted where the vocabulary is a tiktoken encoding (OpenAI's models), else approximated."""
         return self._encoding is not None
@@ -327,7 +340,7 @@ class OpenAIEndpoint(Endpoint):
         sent = prompt.prompt if self.api == "completions" else self._messages(prompt)
         encoding = self._encoding
         if encoding is None:
-            return approx_tokens(sent)
+            return approx_tokens(sent) + len(prompt.context_ids)
 
         def tokens(value: Any) -> int:
             return len(encoding.encode(value if isinstance(value, str) else json.dumps(value), disallowed_special=()))
@@ -377,6 +390,10 @@ class OpenAIEndpoint(Endpoint):
         # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
         top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if prompt.context_ids and not self.token_context:
+            raise EndpointRejected(
+                "this endpoint cannot append token ids to a prompt exactly (llama-server's completions API can)"
+            )
         if self.api == "chat":
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
@@ -384,13 +401,13 @@ class OpenAIEndpoint(Endpoint):
             raise EndpointRejected(Worded("chat messages need {api_chat}; legacy completions take plain prompts"))
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
-            body.update(prompt=prompt.prompt, logprobs=top_k)
+            body.update(prompt=self._completion_prompt(prompt), logprobs=top_k)
         if query.bias:
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         if query.token_ids:
             body["logprob_token_ids"] = list(query.token_ids)
         body.update(self.extra_body)
-        tokens = self._prompt_tokens.get(prompt.id) or approx_tokens(prompt.content())
+        tokens = self._prompt_tokens.get((prompt.id, prompt.position)) or approx_tokens(prompt.content())
         if not (self.post_bias and "seed" not in self._user_extra):
             answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
@@ -405,7 +422,7 @@ class OpenAIEndpoint(Endpoint):
                 if not answer.withheld:
                     break
         if answer.prompt_tokens:
-            self._prompt_tokens[prompt.id] = answer.prompt_tokens
+            self._prompt_tokens[prompt.id, prompt.position] = answer.prompt_tokens
         return with_chosen(answer, query, answer.top()) if query.token_ids else _trim(answer, query.top_logprobs)
 
     async def _greedy_behind_withheld(
@@ -445,6 +462,12 @@ class OpenAIEndpoint(Endpoint):
                     "tokenizer with {tokenizer}", name=self.vocabulary.name, size=self.vocab_size, error=error,
                 )) from None
             raise
+
+    @staticmethod
+    def _completion_prompt(prompt: Prompt) -> str | list[str | int]:
+        """The completions API's `prompt`: the text, or with `context_ids` the text then those ids (llama.cpp's
+        mixed prompt)."""
+        return [prompt.prompt, *prompt.context_ids] if prompt.context_ids else prompt.prompt  # type: ignore[list-item]
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:

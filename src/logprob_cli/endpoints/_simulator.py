@@ -177,6 +177,7 @@ class SimulatedEndpoint(Endpoint):
     model = SIMULATOR_MODEL
     in_process = True
     one_call_at_a_time = True
+    token_context = True
 
     def __init__(self, config: SimulatorConfig | None = None, system: str | None = None):
         self.config = config or SimulatorConfig()
@@ -216,10 +217,18 @@ class SimulatedEndpoint(Endpoint):
     def content(self, prompt: Prompt | Any) -> Any:
         """What the model reads for a prompt (a `Prompt`, its text or its messages): the chat messages
         as given; plain text as is, or, with a system message, as [system, user] messages as a chat
-        API sends them (so the served simulator, asked with --system, answers the same)."""
+        API sends them (so the served simulator, asked with --system, answers the same).
+
+        A Prompt with `context_ids` (a position of a completion, `token_context`) reads [that content,
+        *context_ids]: the form llama-server's completions API takes for a text followed by exact token ids.
+        So the simulator's distribution after a prompt and tokens t1..tk is, by definition, its distribution
+        for the content [prompt, t1, ..., tk] (`true_logprobs` of that list is the ground truth), distinct for
+        every token sequence and independent of how the tokens' bytes would re-tokenize."""
         value = prompt.content() if isinstance(prompt, Prompt) else prompt
         if self.system and isinstance(value, str):
-            return [{"role": "system", "content": self.system}, {"role": "user", "content": value}]
+            value = [{"role": "system", "content": self.system}, {"role": "user", "content": value}]
+        if isinstance(prompt, Prompt) and prompt.context_ids:
+            return [value, *(int(i) for i in prompt.context_ids)]
         return value
 
     def true_logprobs(self, prompt: Prompt | Any) -> np.ndarray:

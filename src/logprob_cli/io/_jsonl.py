@@ -2,7 +2,8 @@
 
 A line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}`;
 optionally with `"targets": [" Yes", " No", 1734]` (token strings and/or ids: the tokens whose logprobs are
-wanted; every line has them or none does); any other keys are kept in `Prompt.extra`. Blank lines are
+wanted; every line has them or none does), and with a plain prompt `"completion": "..."` or
+`"completion_ids": [...]` (a text whose every position is wanted); any other keys are kept in `Prompt.extra`. Blank lines are
 skipped but still count as lines.
 Besides the shape of each line, the pre-flight check (`preflight.prompt_problems`) finds what
 would fail only after calls are paid (text that is not valid Unicode, NaN, ids beyond 64 bits,
@@ -22,10 +23,10 @@ from typing import Any, Mapping, Sequence
 
 from logprob_cli.endpoints import Prompt
 from logprob_cli.errors import LogprobError, Worded, prefixed, reworded
-from logprob_cli.io._preflight import missing_targets, prompt_problems, target_problems, where
+from logprob_cli.io._preflight import completion_problems, missing_targets, prompt_problems, target_problems, where
 
 MAX_LISTED = 20
-RESERVED = ("id", "prompt", "messages", "targets")
+RESERVED = ("id", "prompt", "messages", "targets", "completion", "completion_ids")
 KINDS = {
     dict: "an object",
     list: "an array",
@@ -111,6 +112,8 @@ def read_prompts(source: str | os.PathLike, api: str | None = None) -> list[Prom
             messages=record.get("messages"),
             extra={key: value for key, value in record.items() if key not in RESERVED},
             targets=tuple(record.get("targets", ())),
+            completion=record.get("completion"),
+            completion_ids=tuple(record.get("completion_ids", ())),
         )
         for number, record in records
         if number not in faulty
@@ -182,7 +185,9 @@ def _parse_line(line: str) -> tuple[dict[str, Any] | None, list[str]]:
     if not isinstance(record, dict):
         return None, [f"expected a JSON object, got {KINDS[type(record)]}"]
     targets = target_problems(record["targets"]) if "targets" in record else []
-    return record, _content_problems(record) + _id_problems(record) + targets
+    given = {key: record[key] for key in ("completion", "completion_ids") if key in record}
+    completion = completion_problems(given, "messages" in record)
+    return record, _content_problems(record) + _id_problems(record) + targets + completion
 
 
 def content_problems(record: dict[str, Any]) -> list[str]:

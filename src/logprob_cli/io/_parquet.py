@@ -1,4 +1,5 @@
-"""The Parquet output: one row per prompt with its full next-token log-probability vector, or its chosen tokens.
+"""The Parquet output: one row per prompt (or per position of a completion) with its full next-token
+log-probability vector, or its chosen tokens.
 
 `output_schema` fixes the columns from the prompts, `write_parquet` streams rows into a
 file that is replaced atomically, and `render_inspect` summarises a file for humans.
@@ -62,6 +63,7 @@ _TAIL = (
     "notes",
 )
 _TARGET_COLUMNS = ("targets", "top_ids", "top_logprobs")
+_POSITION_COLUMNS = ("position", "context_tokens", "next_token_id", "next_token_logprob")
 _VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked for
     "logprobs",
     "probability_sum",
@@ -70,7 +72,7 @@ _VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked 
     "unrecovered_ids",
     "unrecovered_upper_bounds",
 )
-_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS}
+_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS}
 TARGET_TYPE = pa.struct([
     pa.field("token_id", pa.int32()),
     pa.field("token", pa.string()),
@@ -78,6 +80,12 @@ TARGET_TYPE = pa.struct([
     pa.field("upper_bound", pa.float64()),
     pa.field("precision", pa.float64()),
 ])
+POSITION_FIELDS = [
+    pa.field("position", pa.int32()),
+    pa.field("context_tokens", pa.list_(pa.int32())),
+    pa.field("next_token_id", pa.int32()),
+    pa.field("next_token_logprob", pa.float64()),
+]
 DEFAULT_TOP_K = 20
 MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 
@@ -107,6 +115,10 @@ def output_schema(
     and `top_logprobs` (the at most `top_k` largest recovered entries, best first) follow the method, and the
     vector and its whole-vector diagnostics are columns only when `store_vector`; `calls`, `precision_nats` and
     `notes` always are. Without targets `store_vector` and `top_k` change nothing.
+    When a prompt has a completion (every position of a text), a row is one position of one prompt:
+    `position` (0: right after the prompt), `context_tokens` (the completion's token ids before it: the
+    prompt's own tokens are not listed), `next_token_id` (the completion's token at this position, NULL after the
+    last) and `next_token_logprob` (its logprob where the row recovered it, else NULL) follow the extra keys.
     Extra keys are the union over all prompts in first-seen order; each column's type is
     inferred from all values (NULL where absent), falling back to JSON text (field
     metadata {"encoding": "json"}) when no Parquet-storable type fits or the type nests
@@ -131,6 +143,8 @@ def output_schema(
         pa.field("messages", pa.string(), metadata=JSON_FIELD),
     ]
     fields += [_extra_field(key, [p.extra.get(key) for p in prompts]) for key in keys]
+    if any(p.completion is not None or p.completion_ids or p.position is not None for p in prompts):
+        fields += POSITION_FIELDS
     fields += [pa.field("model", pa.string()), pa.field("method", pa.string())]
     targets = any(p.targets or p.target_ids for p in prompts)
     if targets:
@@ -259,6 +273,8 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
         "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
         "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
     }
+    if "position" in schema.names:
+        columns |= _position_columns(rows)
     if "targets" in schema.names:
         columns |= _target_columns(rows, int(schema.field("targets").metadata[b"top_k"]))
     if "logprobs" in schema.names:
@@ -282,6 +298,29 @@ def _vector_columns(rows: list[OutputRow], vocab_size: int) -> dict[str, pa.Arra
         "unrecovered_ids": _lists([r.result.unrecovered_ids for r in rows], np.int32),
         "unrecovered_upper_bounds": _lists([_bounds(r.result) for r in rows], np.float32),
     }
+
+
+def _position_columns(rows: list[OutputRow]) -> dict[str, pa.Array]:
+    """Each row's position, context tokens, next completion token and that token's logprob where recovered."""
+    nexts = [next_token(row.prompt) for row in rows]
+    logprobs = [
+        None if token is None or math.isnan(value := float(np.float32(row.result.logprobs[token]))) else value
+        for row, token in zip(rows, nexts)
+    ]
+    return {
+        "position": pa.array([row.prompt.position for row in rows], pa.int32()),
+        "context_tokens": pa.array([list(row.prompt.context_ids) for row in rows], pa.list_(pa.int32())),
+        "next_token_id": pa.array(nexts, pa.int32()),
+        "next_token_logprob": pa.array(logprobs, pa.float64()),
+    }
+
+
+def next_token(prompt: Prompt) -> int | None:
+    """A position's next completion token: the completion's token at `position`, None after the last one (and
+    for a prompt that is not a position)."""
+    if prompt.position is None or prompt.position >= len(prompt.completion_ids):
+        return None
+    return prompt.completion_ids[prompt.position]
 
 
 def _target_columns(rows: list[OutputRow], top_k: int) -> dict[str, pa.Array]:
@@ -332,7 +371,7 @@ def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Arr
             pa.string(),
         ),
     }
-    tool_columns = set(_HEAD + _TAIL + _TARGET_COLUMNS)
+    tool_columns = set(_HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS)
     for field in schema:
         if field.name in tool_columns:
             continue
@@ -404,7 +443,8 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
 
     The header names the method that ran (the rows' `method` column; "X (chosen by auto)" when
     the run asked for auto). The table fits 80 columns: the top tokens share one cell, one a line;
-    long ids and token texts are cut short. A target file shows each target instead (at most
+    long ids and token texts are cut short; a row of a completion's position is named "id @position". A target
+    file shows each target instead (at most
     MAX_TARGETS_SHOWN a prompt): its token, its logprob (or "< bound" where it was not recovered) and
     its precision. Reads the file in batches so memory does not grow with its size. Raises
     ValueError if the path is not a readable Parquet file with logprob_cli metadata.
@@ -439,7 +479,7 @@ def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str],
     for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
     ran: dict[str, None] = {}
-    scalars = ["id", "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
+    scalars = ["id", *_position_column(file), "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
     for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["logprobs", *scalars]):
         vocab_size = batch.schema.field("logprobs").type.list_size
         vectors = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False).reshape(-1, vocab_size)
@@ -448,7 +488,7 @@ def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str],
             lp = vector.astype(np.float64)
             tops = (f"{_short(text(int(i)))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))
             table.add_row(
-                Text(str(row["id"])),
+                Text(_row_label(row)),
                 Text("\n".join(tops)),
                 f"{_entropy(lp):.4f}",
                 f"{row['probability_sum']:.6f}",
@@ -466,7 +506,8 @@ def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
     for name, width in (("logprob", 9), ("±nats", 7), ("calls", 5)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
     ran: dict[str, None] = {}
-    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["id", "method", "targets", "calls"]):
+    columns = ["id", *_position_column(file), "method", "targets", "calls"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns):
         for row in batch.to_pylist():
             ran[row["method"]] = None
             targets = row["targets"] or []
@@ -475,13 +516,23 @@ def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
             if len(targets) > len(shown):
                 tokens.append(f"… {len(targets) - len(shown)} more")
             table.add_row(
-                Text(str(row["id"])),
+                Text(_row_label(row)),
                 Text("\n".join(tokens)),
                 "\n".join(_target_logprob(t) for t in shown),
                 "\n".join("" if t["precision"] is None else f"{t['precision']:.2g}" for t in shown),
                 f"{row['calls']:,}",
             )
     return list(ran)
+
+
+def _position_column(file: pq.ParquetFile) -> list[str]:
+    """["position"] for a file of positions, else []."""
+    return ["position"] if "position" in file.schema_arrow.names else []
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    """How `inspect` names a row: its id, and for a position of a completion "id @position"."""
+    return str(row["id"]) if row.get("position") is None else f"{row['id']} @{row['position']}"
 
 
 def _target_logprob(target: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from logprob_cli.run._probe import PROBE_CALLS
 from logprob_cli.run._progress import RunStart, Snapshot, Tally
 from logprob_cli.run._runner import NoProgress, Progress
 from logprob_cli.run._targets import resolve_targets
+from logprob_cli.run._positions import with_completion_ids
 
 __all__ = [
     "BudgetReached",
@@ -53,4 +54,5 @@ __all__ = [
     "read_batch",
     "resolve_targets",
     "simulator_latency",
+    "with_completion_ids",
 ]

@@ -108,6 +108,10 @@ class MeteredEndpoint(Endpoint):
     def prompt_tokens_counted(self) -> bool:  # type: ignore[override]
         return self.endpoint.prompt_tokens_counted
 
+    @property
+    def token_context(self) -> bool:  # type: ignore[override]
+        return self.endpoint.token_context
+
     def describe(self) -> EndpointDescription:
         return self.endpoint.describe()
 

@@ -30,6 +30,7 @@ from logprob_cli.endpoints import Endpoint, EndpointUnsuitable, Limits, Prompt, 
 from logprob_cli.errors import Worded
 from logprob_cli.run._prices import Price
 from logprob_cli.methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
+from logprob_cli.run._positions import expand_positions
 from logprob_cli.run._probe import MAX_TOP_K, ProbeReport, expected_calls
 from logprob_cli.endpoints import SimulatedEndpoint
 
@@ -123,7 +124,7 @@ def estimate_run(
 ) -> list[Estimate]:
     """The bill of running `prompts` through `method` on `endpoint` (module docstring), as extract runs it.
     Prompts with chosen tokens are priced by their count (`calls_per_prompt`), and `auto` picks for the
-    largest count, as the run does.
+    largest count, as the run does. A completion of n tokens (resolved: `with_completion_ids`) is n + 1 prompts.
 
     For "auto", `report` (the probe's findings, where probing is free) fixes the method and its
     overhead; without one there is a row per method the probe may pick, each with its condition,
@@ -132,6 +133,7 @@ def estimate_run(
     Raises EndpointUnsuitable for `direct` where the endpoint is not known to return the whole
     vocabulary (the run would stop before its first call), ValueError for prompts the API cannot take.
     """
+    prompts = expand_positions(prompts)  # a completion of n tokens: n + 1 units, each priced as a prompt
     tokens, counted = [endpoint.count_prompt_tokens(p) for p in prompts], endpoint.prompt_tokens_counted
     targets = target_counts(prompts)
     check = endpoint.mapping_check_calls

@@ -73,6 +73,9 @@ def prompt_key(prompt: Prompt) -> str:
 
     The targets enter as their resolved ids, in the order given (the same token spelt as text or as its id is the
     same target; the output's `targets` column holds these ids, so a row's key can be rebuilt from the file).
+    A position of a completion (`Prompt.position` not None) adds its position and context ids (the output's
+    `position` and `context_tokens` columns), so each position resumes on its own; without one the key is as
+    before positions existed.
     Raises ValueError for a prompt whose targets are not resolved yet (`Prompt.target_ids` empty).
     """
     if prompt.targets and not prompt.target_ids:
@@ -80,6 +83,8 @@ def prompt_key(prompt: Prompt) -> str:
     parts = [prompt.id, prompt.content()]
     if prompt.target_ids:
         parts.append({"target_ids": [int(i) for i in prompt.target_ids]})
+    if prompt.position is not None:
+        parts.append({"position": prompt.position, "context_ids": [int(i) for i in prompt.context_ids]})
     text = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 

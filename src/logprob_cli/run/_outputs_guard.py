@@ -169,11 +169,13 @@ def _tool_output(output: Path, why: str) -> None:
 
 def _row_keys(output: Path) -> Iterator[tuple[object, str]]:
     """(id, journal key) of each row of an output `logprobs extract` wrote (a target file's rows keyed by their
-    target ids, as the journal keys them); Refused for any other file."""
+    target ids, a position's by its position and context tokens, as the journal keys them); Refused for any other
+    file."""
     _tool_output(output, "a run replaces only an output that logprobs extract wrote")
     try:
+        names = pq.read_schema(output).names
         columns = ["id", "prompt", "messages"]
-        columns += ["targets"] if "targets" in pq.read_schema(output).names else []
+        columns += [name for name in ("targets", "position", "context_tokens") if name in names]
         table = pq.read_table(output, columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise Refused(
@@ -182,5 +184,9 @@ def _row_keys(output: Path) -> Iterator[tuple[object, str]]:
     for row in table.to_pylist():
         messages = None if row["messages"] is None else json.loads(row["messages"])
         ids = tuple(target["token_id"] for target in row.get("targets") or ())
-        prompt = Prompt(id=row["id"], line=0, prompt=row["prompt"], messages=messages, targets=ids, target_ids=ids)
+        context = tuple(row.get("context_tokens") or ())
+        prompt = Prompt(
+            id=row["id"], line=0, prompt=row["prompt"], messages=messages, targets=ids, target_ids=ids,
+            position=row.get("position"), context_ids=context,
+        )
         yield row["id"], prompt_key(prompt)

@@ -37,6 +37,7 @@ from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._targets import resolve_targets
+from logprob_cli.run._positions import has_completions, split_positions, with_completion_ids
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
 
@@ -499,6 +500,7 @@ def extract_batch(
     config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
     check_prompts(schema_prompts or prompts, endpoint.api)
     prompts, schema_prompts = _with_target_ids(endpoint, prompts, schema_prompts)
+    prompts, schema_prompts = _with_positions(endpoint, prompts, schema_prompts)
     settings = run_settings(endpoint, config.method, config.top_k, config.eps)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
@@ -529,6 +531,21 @@ def _with_target_ids(
     resolved = asyncio.run(resolve())
     by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
     return [by_id[p.id] for p in prompts], None if schema_prompts is None else resolved
+
+
+def _with_positions(
+    endpoint: Endpoint, prompts: list[Prompt], schema_prompts: list[Prompt] | None
+) -> tuple[list[Prompt], list[Prompt] | None]:
+    """With completions (run/_positions.py): refuse an endpoint that cannot append token ids exactly, resolve each
+    completion to ids, and split every prompt into its positions, one unit of work each (the schema's prompts are
+    resolved, not split); before the checkpoint opens (its keys hold the positions) and before any call.
+    Unchanged without completions."""
+    every = schema_prompts or prompts
+    if not has_completions(every):
+        return prompts, schema_prompts
+    resolved = with_completion_ids(endpoint, every)
+    by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
+    return split_positions([by_id[p.id] for p in prompts]), None if schema_prompts is None else resolved
 
 
 def _run_in_checkpoint(
