@@ -772,6 +772,8 @@ def compare(
         print(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
         return
     render_comparison(comparison, Console(), top=top)
+    if len(comparison.prompts) > top:
+        print(f"--top {len(comparison.prompts)} shows every prompt")
 
 
 if __name__ == "__main__":
