@@ -169,3 +169,45 @@ def test_cli_table_json_and_errors(files, tmp_path):
     assert refused.returncode == 2 and "different vocabularies" in refused.stderr and "Traceback" not in refused.stderr
     missing = logprobs("compare", files["a"], tmp_path / "none.parquet")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def positions_file(path, seed=0, completion=(300, 5, 999), ids=("a", "b")):
+    """A file of positions (direct on the in-process simulator: every vector whole)."""
+    from logprob_cli.endpoints import Prompt, SimulatedEndpoint, SimulatorConfig
+    from logprob_cli.run import extract_batch
+
+    sim = SimulatedEndpoint(SimulatorConfig(vocab_size=VOCAB, top_logprobs_cap=VOCAB, seed=seed))
+    prompts = [Prompt(i, n, f"prompt {i}", completion_ids=completion) for n, i in enumerate(ids, 1)]
+    assert extract_batch(prompts, path, sim, "direct").finished == len(ids) * (len(completion) + 1)
+    return path
+
+
+def test_files_of_positions_are_joined_by_id_and_position(tmp_path):
+    a = positions_file(tmp_path / "a.parquet")
+    b = positions_file(tmp_path / "b.parquet", seed=1, ids=("b", "a", "c"))  # another order, an id A lacks
+    rows = {side: {(r["id"], r["position"]): np.array(r["logprobs"]) for r in pq.read_table(path).to_pylist()}
+            for side, path in (("a", a), ("b", b))}
+    comparison = compare_files(a, b)
+    assert [(p.id, p.position) for p in comparison.prompts] == [(i, k) for i in "ab" for k in range(4)]
+    for p in comparison.prompts:
+        expected = numpy_kl(rows["a"][p.id, p.position], rows["b"][p.id, p.position])
+        assert p.kl_ab == pytest.approx(expected, rel=1e-9) and p.kl_ab > 0.01
+    assert comparison.only_in_b == [{"id": "c", "position": k} for k in range(4)] and comparison.only_in_a == []
+    data = json.loads(logprobs("compare", a, b, "--json").stdout)
+    assert [(p["id"], p["position"]) for p in data["prompts"]] == [(i, k) for i in "ab" for k in range(4)]
+    table = logprobs("compare", a, b)
+    assert table.returncode == 0 and "a @3" in table.stdout and "4 ids only in B, not compared: c @0, c @1" in table.stdout
+
+
+def test_positions_against_no_positions_or_another_context_are_refused(tmp_path):
+    a = positions_file(tmp_path / "a.parquet")
+    plain = extract(write_prompts(tmp_path / "p.jsonl", ["a", "b"]), tmp_path / "plain.parquet")
+    with pytest.raises(CompareError, match=r"a\.parquet holds positions of completions .* and \S*plain\.parquet does not"):
+        compare_files(a, plain)
+    with pytest.raises(CompareError, match="holds positions of completions"):
+        compare_files(plain, a)
+    other = positions_file(tmp_path / "other.parquet", completion=(300, 6, 999))
+    with pytest.raises(CompareError, match="@2 has another context .*same completions"):
+        compare_files(a, other)
+    refused = logprobs("compare", plain, a)
+    assert refused.returncode == 2 and "does not" in refused.stderr and "Traceback" not in refused.stderr

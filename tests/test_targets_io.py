@@ -369,14 +369,14 @@ def test_a_stored_vector_sits_beside_the_targets(tmp_path):
     )
     assert table.column("unrecovered_count").to_pylist() == [V - 8, V - 8]
     assert table.column("targets")[0].as_py()[0]["logprob"] == float(np.float32(classifier_result(0)[1][YES]))
-    assert read_metadata(path) == {**META, "targets": True, "store_vector": True}
+    assert read_metadata(path) == {**META, "store": "vector", "targets": True, "store_vector": True}
 
 
 def test_metadata_records_the_target_mode_only_with_targets(target_file, tmp_path):
-    assert read_metadata(target_file) == {**META, "targets": True, "store_vector": False}
+    assert read_metadata(target_file) == {**META, "store": "vector", "targets": True, "store_vector": False}
     plain = tmp_path / "plain.parquet"
     write_parquet(plain, output_schema([Prompt(1, 1, "x")], V), [], META)
-    assert read_metadata(plain) == META
+    assert read_metadata(plain) == {**META, "store": "vector"}
 
 
 def test_a_target_outside_the_vocabulary_or_a_vector_of_another_size_is_refused(tmp_path):

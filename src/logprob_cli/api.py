@@ -187,6 +187,7 @@ def extract_file(
     progress: Progress | None = None,
     targets: Sequence[str | int] = (),
     store_vector: bool = False,
+    store: str = "vector",
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
@@ -201,7 +202,9 @@ def extract_file(
     The endpoint, method and settings are those of extract_logprobs; `price` (US$ per 1M prompt and
     completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the
     checkpoint spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for
-    those chosen tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors). Returns the RunSummary
+    those chosen tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"`
+    writes each row's N most likely tokens and the rest mass instead of the vector (with targets: how many top
+    entries a row keeps). Returns the RunSummary
     (finished, calls, failures by prompt id, budget_reached, interrupted). Raises, before any call:
     ValueError (a setting, SettingsError included), InputError (every problem of the input), Refused
     (an output or checkpoint the tool may not write); later JournalError, EndpointUnsuitable,
@@ -210,7 +213,7 @@ def extract_file(
     input = os.fspath(input)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
-    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector)
+    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector, store)
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     path = Path(output) if output is not None else default_output(input, shard)
     batch = read_batch(input, path, shard, settings.api if settings.model else None)

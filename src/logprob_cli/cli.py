@@ -129,6 +129,13 @@ TargetOption = Annotated[list[str], typer.Option("--target", "-t", metavar="TEXT
 TargetIdOption = Annotated[list[int], typer.Option(
     "--target-id", metavar="ID", min=0, help="A token to read for every prompt, by its id in the vocabulary (as --target).")]
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
+StoreOption = Annotated[str, typer.Option(
+    "--store", metavar="vector|top:N",
+    help="vector: each row's whole vector. top:N: the N most likely tokens (top_ids, top_logprobs) and rest_mass "
+    "instead, far smaller for distillation-sized jobs; with targets, how many top entries a row keeps (default: "
+    "--top-k). Changing it on a resumed run rewrites the output in the new form.")]
+StoreVectorOption = Annotated[bool, typer.Option(
+    "--store-vector", help="With targets or --store top:N, also write each prompt's whole vector (NULL beyond what was read).")]
 EpsOption = Annotated[float, typer.Option("--eps", min=1e-6, help="bisection: precision in nats.")]
 ConcurrencyOption = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=1024, help="Calls in flight at once.")]
 SimOption = Annotated[list[str], typer.Option("--sim", metavar="KEY=VALUE", help=SIM_HELP)]
@@ -160,7 +167,7 @@ FLAGS = {
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
     "method": "--method", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
-    "targets": "--target/--target-id",
+    "targets": "--target/--target-id", "store": "--store",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (BudgetReached, 3), (LogprobError, 1))
 
@@ -340,7 +347,8 @@ def extract(
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help=SHARD_HELP),
     target: TargetOption = [],
     target_id: TargetIdOption = [],
-    store_vector: bool = typer.Option(False, "--store-vector", help="With targets, also write each prompt's whole vector (NULL beyond what was read)."),
+    store: StoreOption = "vector",
+    store_vector: StoreVectorOption = False,
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable), or the
     logprobs of chosen tokens (--target, or a "targets" key per line)."""
@@ -356,7 +364,7 @@ def extract(
     endpoint = build_endpoint(options.settings())
     run = RunConfig(
         method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost,
-        store_vector,
+        store_vector, store,
     )
     if fresh:
         discard(output, journal_path)
@@ -777,6 +785,8 @@ def compare(
         print(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
         return
     render_comparison(comparison, Console(), top=top)
+    if len(comparison.prompts) > top:
+        print(f"--top {len(comparison.prompts)} shows every prompt")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ SETTING_NAMES = {
     "simulator": "simulator settings", "price": "price", "max_cost": "max_cost", "max_calls": "max_calls",
     "method": "method", "method_auto": 'method="auto"', "api": "api", "api_chat": 'api="chat"',
     "api_completions": 'api="completions"',
-    "fresh": "fresh=True", "output": "output", "targets": "targets",
+    "fresh": "fresh=True", "output": "output", "targets": "targets", "store": "store",
 }  # how the Python API names each setting a message may name
 
 

@@ -22,6 +22,11 @@ The files are read in batches of ROW_GROUP_ROWS rows, so memory holds a batch of
 of B are looked up by their place in B: fast when both files list the ids in the same order (two runs of the
 same prompts file), correct in any order (a batch of B is then read again when needed).
 
+A compact file (`store` top:N) holds each row's N most likely tokens only: it is read as a vector recovered on
+those N and NULL elsewhere, so the measures are over the top tokens both files hold, partial wherever these cover
+less than FULL_COVERAGE (the rest mass of the file), and top-1 is exact. Files of positions (a `position` column)
+are joined by (id, position), and a position's context must be the same in both.
+
 `render_comparison` prints it for people (the `logprobs compare` table); `Comparison.to_dict` is its JSON.
 """
 
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -41,7 +46,7 @@ from rich.table import Table
 from rich.text import Text
 
 from logprob_cli.errors import LogprobError
-from logprob_cli.io._parquet import ROW_GROUP_ROWS, read_metadata, token_text
+from logprob_cli.io._parquet import ROW_GROUP_ROWS, read_metadata, store_form, token_text
 from logprob_cli.wording import plural
 
 DEFAULT_FLOOR = 1e-4
@@ -50,7 +55,8 @@ MEASURES = ("kl_ab", "kl_ba", "total_variation", "max_abs_diff")
 
 
 class CompareError(LogprobError, ValueError):
-    """Two files that cannot be compared: not outputs of `logprobs extract`, other vocabularies, no common id."""
+    """Two files that cannot be compared: not outputs of `logprobs extract`, other vocabularies, no common id,
+    positions against none, another context at a position."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class PromptComparison:
     covered_b: float
     partial: bool
     tokens_compared: int
+    position: int | None = None  # in files of positions
 
 
 @dataclass
@@ -84,7 +91,7 @@ class Comparison:
     vocab_size: int
     floor: float
     prompts: list[PromptComparison] = field(default_factory=list)
-    only_in_a: list[Any] = field(default_factory=list)
+    only_in_a: list[Any] = field(default_factory=list)  # ids, or {"id", "position"} in files of positions
     only_in_b: list[Any] = field(default_factory=list)
     models: tuple[str, str] = ("?", "?")
     vocabulary: str | None = None  # A's vocabulary name, for token texts
@@ -184,19 +191,31 @@ def _top1(logprobs: np.ndarray) -> int | None:
     return int(np.nanargmax(logprobs))
 
 
+Key = Any  # a row's id, or (id, position) in a file of positions
+
+
 @dataclass(frozen=True)
 class _Side:
-    """One file opened for comparison: its Parquet reader, metadata, vocabulary and the place of each id."""
+    """One file opened for comparison: its Parquet reader, metadata, vocabulary, the place of each key (id, or (id,
+    position)) and, in files of positions, a digest of each key's context; `top` is N of a top:N file (None for a
+    file of vectors)."""
 
     path: str
     file: pq.ParquetFile
     metadata: dict
     vocab_size: int
-    places: dict[Any, tuple[int, int]]  # id -> (row group, row within it)
+    places: dict[Key, tuple[int, int]]  # key -> (row group, row within it)
+    top: int | None = None
+    contexts: dict[Key, int] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> bool:
+        return "position" in self.file.schema_arrow.names
 
 
 def _open_side(path: str | os.PathLike) -> _Side:
-    """A file of full vectors written by `logprobs extract`, with its ids indexed; CompareError otherwise."""
+    """A file of full vectors, or of each row's top N (`store` top:N), written by `logprobs extract`, with its keys
+    indexed; CompareError otherwise."""
     if not os.path.exists(path):
         raise CompareError(f"{path} does not exist")
     try:
@@ -205,19 +224,48 @@ def _open_side(path: str | os.PathLike) -> _Side:
         raise CompareError(str(error)) from None
     file = pq.ParquetFile(path, pre_buffer=False)  # with pre-buffering, iter_batches' memory grows batch by batch
     schema = file.schema_arrow
-    if "logprobs" not in schema.names:
-        kind = "chosen tokens' targets" if "targets" in schema.names else "no `logprobs` column"
-        raise CompareError(f"{path} holds {kind}, not full vectors: compare takes files of whole logprob vectors")
-    if "id" not in schema.names or not pa.types.is_fixed_size_list(schema.field("logprobs").type):
+    top = _top_of(path, schema)
+    if "id" not in schema.names or (top is None and not pa.types.is_fixed_size_list(schema.field("logprobs").type)):
         raise CompareError(f"{path} does not have the columns of a `logprobs extract` output (id, logprobs)")
-    places: dict[Any, tuple[int, int]] = {}
+    vocab_size = schema.field("logprobs").type.list_size if top is None else int(
+        schema.field("top_ids").metadata[b"vocab_size"])
+    places, contexts = _index(str(path), file)
+    return _Side(str(path), file, metadata, vocab_size, places, top, contexts)
+
+
+def _top_of(path: str | os.PathLike, schema: pa.Schema) -> int | None:
+    """N of a top:N file, None for a file of whole vectors; CompareError for a file of neither (chosen tokens)."""
+    if "logprobs" in schema.names:
+        return None
+    if "targets" not in schema.names and "rest_mass" in schema.names:
+        return int(store_form(schema).removeprefix("top:"))
+    kind = "chosen tokens' targets" if "targets" in schema.names else "no `logprobs` column"
+    raise CompareError(f"{path} holds {kind}, not full vectors: compare takes files of whole logprob vectors "
+                       "(or of each row's top tokens)")
+
+
+def _index(path: str, file: pq.ParquetFile) -> tuple[dict[Key, tuple[int, int]], dict[Key, int]]:
+    """Each row's key (id, or (id, position) in a file of positions) -> (row group, row), and in a file of
+    positions each key's context digest; CompareError for a key held twice."""
+    positions = "position" in file.schema_arrow.names
+    places: dict[Key, tuple[int, int]] = {}
+    contexts: dict[Key, int] = {}
     for group in range(file.num_row_groups):
-        ids = file.read_row_group(group, columns=["id"]).column("id").to_pylist()
-        for row, key in enumerate(ids):
+        table = file.read_row_group(group, columns=["id", "position", "context_tokens"] if positions else ["id"])
+        ids = table.column("id").to_pylist()
+        keys = list(zip(ids, table.column("position").to_pylist())) if positions else ids
+        for row, key in enumerate(keys):
             if key in places:
-                raise CompareError(f"{path} holds the id {key!r} twice: ids must be unique to be joined")
+                raise CompareError(f"{path} holds {_label(key)} twice: ids must be unique to be joined")
             places[key] = (group, row)
-    return _Side(str(path), file, metadata, schema.field("logprobs").type.list_size, places)
+        if positions:
+            contexts |= {key: hash(tuple(c)) for key, c in zip(keys, table.column("context_tokens").to_pylist())}
+    return places, contexts
+
+
+def _label(key: Key) -> str:
+    """How a key is named to people: the id 'p0', or 'q @2' for position 2 of id q."""
+    return f"{key[0]!r} @{key[1]}" if isinstance(key, tuple) else f"the id {key!r}"
 
 
 def _check_vocabularies(a: _Side, b: _Side) -> list[str]:
@@ -259,29 +307,43 @@ class _RowReader:
         if group != self.group or row < self.start:
             self.group, self.start, self.vectors = group, 0, self.vectors[:0]
             self.batches = self.side.file.iter_batches(
-                batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=["logprobs"])
+                batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=_vector_columns(self.side))
         while row >= self.start + len(self.vectors):
             self.start += len(self.vectors)
-            self.vectors = _vectors(next(self.batches), self.side.vocab_size)
+            self.vectors = _vectors(next(self.batches), self.side)
         return self.vectors[row - self.start]
 
 
-def _vectors(batch: pa.RecordBatch, vocab_size: int) -> np.ndarray:
-    """A batch's logprobs as a (rows, vocab) float32 array, NULL as NaN."""
-    values = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float32).reshape(-1, vocab_size)
+def _vector_columns(side: _Side) -> list[str]:
+    return ["logprobs"] if side.top is None else ["top_ids", "top_logprobs"]
+
+
+def _vectors(batch: pa.RecordBatch, side: _Side) -> np.ndarray:
+    """A batch's logprobs as a (rows, vocab) float32 array, NULL as NaN; in a top:N file, each row's top tokens
+    placed at their ids and NaN elsewhere."""
+    if side.top is None:
+        values = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False)
+        return np.asarray(values, dtype=np.float32).reshape(-1, side.vocab_size)
+    vectors = np.full((batch.num_rows, side.vocab_size), np.nan, dtype=np.float32)
+    for row, (ids, values) in enumerate(zip(batch.column("top_ids").to_pylist(), batch.column("top_logprobs").to_pylist())):
+        vectors[row, ids] = np.array(values, dtype=np.float32)
+    return vectors
 
 
 def compare_files(a: str | os.PathLike, b: str | os.PathLike, floor: float = DEFAULT_FLOOR) -> Comparison:
     """Compare two outputs of `logprobs extract` prompt by prompt (the module docstring says how).
 
-    Raises CompareError for a file that is not such an output of full vectors, for vocabularies that differ,
-    and for files with no id in common.
+    Raises CompareError for a file that is not such an output of full vectors or top tokens, for vocabularies that
+    differ, for a file of positions against one without, for a position whose context differs, and for files with
+    no key in common.
     """
     if not 0 <= floor <= 1:
         raise CompareError(f"the probability floor must be between 0 and 1, got {floor!r}")
     side_a, side_b = _open_side(a), _open_side(b)
     notes = _check_vocabularies(side_a, side_b)
+    _check_positions(side_a, side_b)
+    notes += [f"{side.path} keeps each row's top {side.top} tokens only: the measures are over the tokens both "
+              "files hold (partial where they cover less of a side's mass)" for side in (side_a, side_b) if side.top]
     common = side_a.places.keys() & side_b.places.keys()
     if not common:
         types = [side.file.schema_arrow.field("id").type for side in (side_a, side_b)]
@@ -292,19 +354,43 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike, floor: float = DEF
         )
     result = Comparison(
         str(a), str(b), side_a.vocab_size, floor, notes=notes,
-        only_in_a=[key for key in side_a.places if key not in side_b.places],
-        only_in_b=[key for key in side_b.places if key not in side_a.places],
+        only_in_a=[_json_key(key) for key in side_a.places if key not in side_b.places],
+        only_in_b=[_json_key(key) for key in side_b.places if key not in side_a.places],
         models=(_model(side_a.metadata), _model(side_b.metadata)),
         vocabulary=side_a.metadata.get("vocabulary", {}).get("name"),
     )
     reader_b = _RowReader(side_b)
-    batches = side_a.file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["id", "logprobs"])
-    for batch in batches:
-        for key, vector in zip(batch.column("id").to_pylist(), _vectors(batch, side_a.vocab_size)):
+    keys = ["id", "position"] if side_a.positions else ["id"]
+    for batch in side_a.file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=keys + _vector_columns(side_a)):
+        rows = zip(*(batch.column(name).to_pylist() for name in keys)) if side_a.positions else batch.column("id").to_pylist()
+        for key, vector in zip(rows, _vectors(batch, side_a)):
             if key in common:
                 other = reader_b.vector(*side_b.places[key])
-                result.prompts.append(compare_vectors(vector, other, floor, id=key))
+                measured = compare_vectors(vector, other, floor, id=key[0] if side_a.positions else key)
+                result.prompts.append(replace(measured, position=key[1]) if side_a.positions else measured)
     return result
+
+
+def _check_positions(a: _Side, b: _Side) -> None:
+    """Refuses a file of positions against one without, and a position whose context differs between the files
+    (its distributions are then of different texts)."""
+    if a.positions != b.positions:
+        with_, without = (a, b) if a.positions else (b, a)
+        raise CompareError(
+            f"{with_.path} holds positions of completions (a row per position) and {without.path} does not: compare "
+            "two files of positions of the same completions, or two files of one row per prompt"
+        )
+    for key, context in a.contexts.items():  # in A's order: the first position that differs is named
+        if key in b.contexts and b.contexts[key] != context:
+            raise CompareError(
+                f"{_label(key)} has another context in {a.path} than in {b.path} (other completion tokens before "
+                "it): compare runs of the same completions"
+            )
+
+
+def _json_key(key: Key) -> Any:
+    """A key as the JSON lists it: the id, or {"id", "position"}."""
+    return {"id": key[0], "position": key[1]} if isinstance(key, tuple) else key
 
 
 def _model(metadata: dict) -> str:
@@ -329,7 +415,7 @@ def render_comparison(comparison: Comparison, console: Console, top: int = 20) -
     for p in sorted(c.prompts, key=_largest_kl, reverse=True)[:top]:
         mark = "*" if p.partial else ""
         table.add_row(
-            Text(str(p.id)), _number(p.kl_ab) + mark, _number(p.kl_ba) + mark, _number(p.total_variation) + mark,
+            Text(_shown(p.id, p.position)), _number(p.kl_ab) + mark, _number(p.kl_ba) + mark, _number(p.total_variation) + mark,
             _number(p.max_abs_diff), "yes" if p.top1_agree else "NO", f"{min(p.covered_a, p.covered_b):.4f}",
             Text("-" if p.max_diff_token is None else text(p.max_diff_token)),
         )
@@ -350,7 +436,7 @@ def _summary_lines(c: Comparison, top: int) -> list[str]:
         lines.append(f"(the {top} prompts of largest KL shown of {len(c.prompts):,})")
     for ids, side in ((c.only_in_a, "A"), (c.only_in_b, "B")):
         if ids:
-            shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+            shown = ", ".join(_shown(*_key_parts(key)) for key in ids[:10]) + (", ..." if len(ids) > 10 else "")
             lines.append(f"{plural(len(ids), 'id')} only in {side}, not compared: {shown}")
     if summary["partial"]:
         lines.append(f"* partial ({plural(summary['partial'], 'prompt')}): the tokens both files recovered cover less "
@@ -361,6 +447,16 @@ def _summary_lines(c: Comparison, top: int) -> list[str]:
     lines.append(f"KL in nats; TV: total variation; max diff: largest |logprob difference| over tokens with p > "
                  f"{c.floor:g} in either, at token; covered: the smaller share of mass the common tokens hold")
     return lines
+
+
+def _key_parts(key: Any) -> tuple[Any, int | None]:
+    """(id, position) of an entry of `only_in_a` / `only_in_b` (position None outside files of positions)."""
+    return (key["id"], key["position"]) if isinstance(key, dict) else (key, None)
+
+
+def _shown(id: Any, position: int | None) -> str:
+    """A row's name in the table: its id, and "id @position" for a position of a completion (as `inspect`)."""
+    return str(id) if position is None else f"{id} @{position}"
 
 
 def _largest_kl(p: PromptComparison) -> float:

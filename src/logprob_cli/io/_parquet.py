@@ -16,6 +16,12 @@ only when asked for (`store_vector`). A target file reads with one line in each 
     duckdb.sql("select id, unnest(targets, recursive := true) from 'out.parquet'")
 
 (the struct's `token_id` is named apart from the prompt's `id`, so flattening needs no prefix).
+
+The compact form (`store_top` N, for distillation-sized jobs): instead of the vector, `top_ids` / `top_logprobs`
+hold the N most likely recovered tokens, best first, and `rest_mass` = max(0, 1 - sum of their probabilities),
+beside the scalar diagnostics (probability_sum, unrecovered_count, unrecovered_mass_bound) but not the lists of
+unrecovered ids and bounds, which can be as long as the vector. With targets, N is how many top entries a row
+keeps (instead of the calls' top-k) and `rest_mass` is added. `store_vector` keeps the whole vector beside either.
 """
 
 from __future__ import annotations
@@ -62,16 +68,10 @@ _TAIL = (
     "precision_nats",
     "notes",
 )
-_TARGET_COLUMNS = ("targets", "top_ids", "top_logprobs")
+_TARGET_COLUMNS = ("targets", "top_ids", "top_logprobs", "rest_mass")
 _POSITION_COLUMNS = ("position", "context_tokens", "next_token_id", "next_token_logprob")
-_VECTOR_COLUMNS = (  # with targets, stored only when the whole vector is asked for
-    "logprobs",
-    "probability_sum",
-    "unrecovered_count",
-    "unrecovered_mass_bound",
-    "unrecovered_ids",
-    "unrecovered_upper_bounds",
-)
+_VECTOR_COLUMNS = ("logprobs", "unrecovered_ids", "unrecovered_upper_bounds")  # as long as the vector at worst
+_VECTOR_SCALARS = ("probability_sum", "unrecovered_count", "unrecovered_mass_bound")  # with targets: only beside it
 _COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS}
 TARGET_TYPE = pa.struct([
     pa.field("token_id", pa.int32()),
@@ -86,6 +86,16 @@ POSITION_FIELDS = [
     pa.field("next_token_id", pa.int32()),
     pa.field("next_token_logprob", pa.float64()),
 ]
+_DIAGNOSTIC_FIELDS = (  # after the vector, in this order
+    pa.field("calls", pa.int64()),
+    pa.field("probability_sum", pa.float64()),
+    pa.field("unrecovered_count", pa.int64()),
+    pa.field("unrecovered_mass_bound", pa.float64()),
+    pa.field("unrecovered_ids", pa.list_(pa.int32())),
+    pa.field("unrecovered_upper_bounds", pa.list_(pa.float32())),
+    pa.field("precision_nats", pa.float64()),
+    pa.field("notes", pa.list_(pa.string())),
+)
 DEFAULT_TOP_K = 20
 MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 
@@ -107,14 +117,21 @@ class OutputRow:
 
 
 def output_schema(
-    prompts: list[Prompt], vocab_size: int, store_vector: bool = False, top_k: int = DEFAULT_TOP_K
+    prompts: list[Prompt],
+    vocab_size: int,
+    store_vector: bool = False,
+    top_k: int = DEFAULT_TOP_K,
+    store_top: int | None = None,
 ) -> pa.Schema:
     """The file's columns: id, prompt, messages, the prompts' extra keys, then model, method, the vector and diagnostics.
 
     When the prompts have targets (`Prompt.targets` or `target_ids`), `targets` (list of TARGET_TYPE), `top_ids`
-    and `top_logprobs` (the at most `top_k` largest recovered entries, best first) follow the method, and the
-    vector and its whole-vector diagnostics are columns only when `store_vector`; `calls`, `precision_nats` and
-    `notes` always are. Without targets `store_vector` and `top_k` change nothing.
+    and `top_logprobs` (the at most `store_top`, else `top_k`, largest recovered entries, best first) follow the
+    method, and the vector and its whole-vector diagnostics are columns only when `store_vector`; `calls`,
+    `precision_nats` and `notes` always are. Without targets, `store_top` N (1 or more) puts `top_ids`,
+    `top_logprobs` and `rest_mass` in the vector's place (the vector too when `store_vector`), keeping the scalar
+    diagnostics; with targets it adds `rest_mass`. Without targets and `store_top`, `store_vector` and `top_k`
+    change nothing.
     When a prompt has a completion (every position of a text), a row is one position of one prompt:
     `position` (0: right after the prompt), `context_tokens` (the completion's token ids before it: the
     prompt's own tokens are not listed), `next_token_id` (the completion's token at this position, NULL after the
@@ -147,26 +164,25 @@ def output_schema(
         fields += POSITION_FIELDS
     fields += [pa.field("model", pa.string()), pa.field("method", pa.string())]
     targets = any(p.targets or p.target_ids for p in prompts)
-    if targets:
-        sizes = {b"vocab_size": str(vocab_size).encode(), b"top_k": str(top_k).encode()}
-        fields += [
-            pa.field("targets", pa.list_(TARGET_TYPE), metadata=sizes),
-            pa.field("top_ids", pa.list_(pa.int32())),
-            pa.field("top_logprobs", pa.list_(pa.float32())),
-        ]
-    tail = [
-        pa.field("logprobs", pa.list_(pa.float32(), vocab_size)),
-        pa.field("calls", pa.int64()),
-        pa.field("probability_sum", pa.float64()),
-        pa.field("unrecovered_count", pa.int64()),
-        pa.field("unrecovered_mass_bound", pa.float64()),
-        pa.field("unrecovered_ids", pa.list_(pa.int32())),
-        pa.field("unrecovered_upper_bounds", pa.list_(pa.float32())),
-        pa.field("precision_nats", pa.float64()),
-        pa.field("notes", pa.list_(pa.string())),
+    fields += _top_fields(vocab_size, store_top or top_k, targets, store_top is not None)
+    whole = store_vector or (not targets and store_top is None)
+    tail = [pa.field("logprobs", pa.list_(pa.float32(), vocab_size)), *_DIAGNOSTIC_FIELDS]
+    fields += [
+        f for f in tail
+        if whole or (f.name not in _VECTOR_COLUMNS and (f.name not in _VECTOR_SCALARS or not targets))
     ]
-    fields += [f for f in tail if store_vector or not targets or f.name not in _VECTOR_COLUMNS]
     return pa.schema(fields)
+
+
+def _top_fields(vocab_size: int, top: int, targets: bool, compact: bool) -> list[pa.Field]:
+    """`targets` (with targets), `top_ids` and `top_logprobs` (with targets or `compact`: their field metadata hold
+    the vocabulary size and how many entries a row keeps, `top`) and `rest_mass` (when `compact`)."""
+    if not (targets or compact):
+        return []
+    sizes = {b"vocab_size": str(vocab_size).encode(), b"top_k": str(top).encode()}
+    fields = [pa.field("targets", pa.list_(TARGET_TYPE))] if targets else []
+    fields += [pa.field("top_ids", pa.list_(pa.int32()), metadata=sizes), pa.field("top_logprobs", pa.list_(pa.float32()))]
+    return fields + ([pa.field("rest_mass", pa.float64())] if compact else [])
 
 
 def colliding_column(key: str) -> str | None:
@@ -218,10 +234,11 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
     os.replace, so `path` is always the old or the new complete file; on error the
     temporary file is removed and `path` is untouched. Only a regular file is replaced:
     FileExistsError when `path` is a link, directory, device or FIFO. `metadata` is stored
-    as JSON under the file-level key b"logprob_cli", with "targets": true and "store_vector" added when the
-    schema has targets.
+    as JSON under the file-level key b"logprob_cli", with "store" added ("vector", or "top:N" for the compact
+    form, `store_form`), and "targets": true and "store_vector" when the schema has targets.
     """
     path = Path(path)
+    metadata = {**metadata, "store": store_form(schema)}
     if "targets" in schema.names:
         metadata = {**metadata, "targets": True, "store_vector": "logprobs" in schema.names}
     schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
@@ -251,6 +268,14 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
     return written
 
 
+def store_form(schema: pa.Schema) -> str:
+    """How a file stores each row's distribution: "top:N" (the compact form: the N most likely tokens and
+    `rest_mass`) or "vector"."""
+    if "rest_mass" in schema.names:
+        return f"top:{int(schema.field('top_ids').metadata[b'top_k'])}"
+    return "vector"
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Every column but the vectors and their bounds, where a dictionary is only overhead."""
     dense = {"logprobs", "unrecovered_ids", "unrecovered_upper_bounds", "top_ids", "top_logprobs"}
@@ -276,28 +301,31 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
     if "position" in schema.names:
         columns |= _position_columns(rows)
     if "targets" in schema.names:
-        columns |= _target_columns(rows, int(schema.field("targets").metadata[b"top_k"]))
+        columns["targets"] = pa.array([_targets(row) for row in rows], pa.list_(TARGET_TYPE))
+    if "top_ids" in schema.names:
+        columns |= _top_columns(rows, int(schema.field("top_ids").metadata[b"top_k"]))
     if "logprobs" in schema.names:
-        columns |= _vector_columns(rows, vocab_size)
+        columns["logprobs"] = _vectors([r.result.logprobs for r in rows], vocab_size)
+    columns |= _diagnostic_columns(rows, [name for name in (*_VECTOR_COLUMNS, *_VECTOR_SCALARS) if name in schema.names])
     return pa.RecordBatch.from_arrays([columns[field.name] for field in schema], schema=schema)
 
 
 def _vocab_size(schema: pa.Schema) -> int:
     if "logprobs" in schema.names:
         return schema.field("logprobs").type.list_size
-    return int(schema.field("targets").metadata[b"vocab_size"])
+    return int(schema.field("top_ids").metadata[b"vocab_size"])
 
 
-def _vector_columns(rows: list[OutputRow], vocab_size: int) -> dict[str, pa.Array]:
-    """The whole vector and what is known about it as a whole."""
-    return {
-        "logprobs": _vectors([r.result.logprobs for r in rows], vocab_size),
-        "probability_sum": pa.array([r.result.probability_sum() for r in rows], pa.float64()),
-        "unrecovered_count": pa.array([r.result.unrecovered_ids.size for r in rows], pa.int64()),
-        "unrecovered_mass_bound": pa.array([r.result.unrecovered_mass_bound() for r in rows], pa.float64()),
-        "unrecovered_ids": _lists([r.result.unrecovered_ids for r in rows], np.int32),
-        "unrecovered_upper_bounds": _lists([_bounds(r.result) for r in rows], np.float32),
+def _diagnostic_columns(rows: list[OutputRow], names: list[str]) -> dict[str, pa.Array]:
+    """What is known about each vector as a whole, the columns named by `names` only."""
+    made = {
+        "probability_sum": lambda: pa.array([r.result.probability_sum() for r in rows], pa.float64()),
+        "unrecovered_count": lambda: pa.array([r.result.unrecovered_ids.size for r in rows], pa.int64()),
+        "unrecovered_mass_bound": lambda: pa.array([r.result.unrecovered_mass_bound() for r in rows], pa.float64()),
+        "unrecovered_ids": lambda: _lists([r.result.unrecovered_ids for r in rows], np.int32),
+        "unrecovered_upper_bounds": lambda: _lists([_bounds(r.result) for r in rows], np.float32),
     }
+    return {name: made[name]() for name in names if name in made}
 
 
 def _position_columns(rows: list[OutputRow]) -> dict[str, pa.Array]:
@@ -323,13 +351,16 @@ def next_token(prompt: Prompt) -> int | None:
     return prompt.completion_ids[prompt.position]
 
 
-def _target_columns(rows: list[OutputRow], top_k: int) -> dict[str, pa.Array]:
-    """Each row's targets (TARGET_TYPE, in the order given) and the largest `top_k` recovered entries."""
-    tops = [_top_ids(r.result.logprobs, top_k) if top_k > 0 else np.empty(0, np.int64) for r in rows]
+def _top_columns(rows: list[OutputRow], top: int) -> dict[str, pa.Array]:
+    """Each row's `top` largest recovered entries, best first, as float32, and `rest_mass`: 1 - the sum of their
+    probabilities, in float64 from the float32 values stored (so a reader recomputes it exactly), clamped at 0."""
+    tops = [_top_ids(r.result.logprobs, top) if top > 0 else np.empty(0, np.int64) for r in rows]
+    values = [r.result.logprobs[ids].astype(np.float32) for r, ids in zip(rows, tops)]
+    rest = [max(0.0, 1.0 - float(np.exp(v.astype(np.float64)).sum())) for v in values]
     return {
-        "targets": pa.array([_targets(row) for row in rows], pa.list_(TARGET_TYPE)),
         "top_ids": _lists(tops, np.int32),
-        "top_logprobs": _lists([r.result.logprobs[ids] for r, ids in zip(rows, tops)], np.float32),
+        "top_logprobs": _lists(values, np.float32),
+        "rest_mass": pa.array(rest, pa.float64()),
     }
 
 
@@ -455,6 +486,10 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
     if "targets" in file.schema_arrow.names:
         ran = _target_rows(file, table)
         legend = "logprob in nats (< b: not recovered, at most b; ?: no bound known); ±nats: its precision"
+    elif "logprobs" not in file.schema_arrow.names and "rest_mass" in file.schema_arrow.names:
+        ran = _compact_rows(file, table, token_text(metadata), top)
+        legend = (f"top: token and probability ({store_form(file.schema_arrow)}: the file keeps each row's most likely "
+                  "tokens); rest: the probability beyond them; p sum: probability recovered; unrec.: tokens not recovered")
     else:
         ran = _vector_rows(file, table, token_text(metadata), top)
         legend = ("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability recovered; "
@@ -491,6 +526,31 @@ def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str],
                 Text(_row_label(row)),
                 Text("\n".join(tops)),
                 f"{_entropy(lp):.4f}",
+                f"{row['probability_sum']:.6f}",
+                f"{row['unrecovered_count']:,}",
+                f"{row['calls']:,}",
+                f"{row['precision_nats']:.2g}",
+            )
+    return list(ran)
+
+
+def _compact_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str], top: int) -> list[str]:
+    """Fill `table` from a top:N file: each row's first `top` stored tokens, its rest mass and diagnostics; the
+    methods that ran."""
+    table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
+    for name, width in (("rest", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    columns = ["id", *_position_column(file), "method", "top_ids", "top_logprobs", "rest_mass", "probability_sum",
+               "unrecovered_count", "calls", "precision_nats"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns):
+        for row in batch.to_pylist():
+            ran[row["method"]] = None
+            tops = (f"{_short(text(i))} {math.exp(lp):.2g}" for i, lp in zip(row["top_ids"][:top], row["top_logprobs"]))
+            table.add_row(
+                Text(_row_label(row)),
+                Text("\n".join(tops)),
+                f"{row['rest_mass']:.2g}",
                 f"{row['probability_sum']:.6f}",
                 f"{row['unrecovered_count']:,}",
                 f"{row['calls']:,}",

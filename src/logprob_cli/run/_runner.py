@@ -381,7 +381,8 @@ def _chosen_by(asked: str | None, ran: str) -> str:
 
 class OutputWriter:
     """Rewrites the Parquet file from the journal: finished prompts, in input order. With chosen tokens, each
-    row carries its targets' ids and texts, and the vector only where `store_vector`."""
+    row carries its targets' ids and texts, and the vector only where `store_vector`. `store_top` N writes each row's
+    N most likely tokens and the rest mass instead of the vector (io/_parquet.py)."""
 
     def __init__(
         self,
@@ -394,6 +395,7 @@ class OutputWriter:
         probe: dict[str, Any] | None,
         schema_prompts: list[Prompt] | None = None,
         store_vector: bool = False,
+        store_top: int | None = None,
     ):
         self.path = path
         self.method = method
@@ -403,7 +405,8 @@ class OutputWriter:
         self.endpoint = endpoint
         self.settings = settings
         self.schema = output_schema(
-            schema_prompts or prompts, endpoint.vocab_size, store_vector=store_vector, top_k=settings["top_k"]
+            schema_prompts or prompts, endpoint.vocab_size, store_vector=store_vector, top_k=settings["top_k"],
+            store_top=store_top,
         )
         self.texts = {i: endpoint.token_text(i) for p in prompts for i in p.target_ids}
         self._last_write = time.monotonic()
@@ -489,7 +492,8 @@ def extract_batch(
     at the cap the run stops cleanly and the summary says so. `schema_prompts` (default: `prompts`)
     fix the output's columns, so every shard of a batch writes the same schema; with no prompts (an
     empty shard) the output has those columns and no rows, and no call is made.
-    Before any call: raises ValueError (a setting out of range), InputError (the pre-flight check of the prompts,
+    Before any call: raises ValueError (a setting out of range; SettingsError for a `store` the vocabulary cannot
+    hold), InputError (the pre-flight check of the prompts,
     inputs.check_prompts, found problems), Refused when the output or checkpoint may not be
     used (see outputs_guard: an output that is not .parquet or not the tool's, rows this run
     would replace, a damaged checkpoint), JournalError (checkpoint in use / other settings).
@@ -498,6 +502,7 @@ def extract_batch(
     every prompt finished so far.
     """
     config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
+    config.check_store(endpoint.vocab_size)
     check_prompts(schema_prompts or prompts, endpoint.api)
     prompts, schema_prompts = _with_target_ids(endpoint, prompts, schema_prompts)
     prompts, schema_prompts = _with_positions(endpoint, prompts, schema_prompts)
@@ -507,7 +512,7 @@ def extract_batch(
     with Journal.open(journal_path, settings, resumable) as journal:
         writer_for = functools.partial(
             OutputWriter, output, journal_path, prompts, endpoint, settings, schema_prompts=schema_prompts,
-            store_vector=config.store_vector,
+            store_vector=config.store_vector, store_top=config.store_top,
         )
         return _run_in_checkpoint(prompts, endpoint, journal, config, writer_for, progress or NoProgress(), announce)
 
