@@ -8,7 +8,7 @@ builds an endpoint from `EndpointSettings`. Nothing here imports from methods/, 
 
 from logprob_cli.endpoints._base import (
     Answer, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits,
-    Prompt, Query,
+    Prompt, Query, WrappingEndpoint,
 )
 from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
@@ -39,6 +39,7 @@ __all__ = [
     "SimulatedEndpoint",
     "SimulatorConfig",
     "VocabularyError",
+    "WrappingEndpoint",
     "build_endpoint",
     "redact",
     "simulator_split",

@@ -331,3 +331,36 @@ class Endpoint(abc.ABC):
 
     async def aclose(self) -> None:
         """Release the running loop's connections; call before that loop ends (default: nothing to release)."""
+
+
+class _ReadThrough:
+    """A member of the contract that a `WrappingEndpoint` takes from the endpoint it wraps (a value, or a method
+    bound to the wrapped endpoint), read at each access so that what changes there (identity) shows here."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, wrapper: "WrappingEndpoint | None", owner: type | None = None) -> Any:
+        return self if wrapper is None else getattr(wrapper.endpoint, self.name)
+
+
+class WrappingEndpoint(Endpoint):
+    """An endpoint that adds something around another (the run's meter): every member of the contract is the
+    wrapped `endpoint`'s until a subclass overrides it, so a member added to `Endpoint` is forwarded without
+    a line here (FORWARDED lists them; `ask`, which a wrapper exists to change, is left to the subclass)."""
+
+    FORWARDED = (
+        "model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls", "identity",
+        "prompt_tokens_counted", "token_context", "withheld_tokens", "verify_mapping", "count_prompt_tokens",
+        "token_text", "split_text", "pressure", "aclose",
+    )
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+
+    def describe(self) -> EndpointDescription:
+        return self.endpoint.describe()
+
+
+for _name in WrappingEndpoint.FORWARDED:
+    setattr(WrappingEndpoint, _name, _ReadThrough(_name))
