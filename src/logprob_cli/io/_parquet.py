@@ -522,15 +522,7 @@ def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str],
             ran[row["method"]] = None
             lp = vector.astype(np.float64)
             tops = (f"{_short(text(int(i)))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))
-            table.add_row(
-                Text(_row_label(row)),
-                Text("\n".join(tops)),
-                f"{_entropy(lp):.4f}",
-                f"{row['probability_sum']:.6f}",
-                f"{row['unrecovered_count']:,}",
-                f"{row['calls']:,}",
-                f"{row['precision_nats']:.2g}",
-            )
+            table.add_row(Text(_row_label(row)), Text("\n".join(tops)), f"{_entropy(lp):.4f}", *_diagnostics(row))
     return list(ran)
 
 
@@ -547,16 +539,16 @@ def _compact_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str]
         for row in batch.to_pylist():
             ran[row["method"]] = None
             tops = (f"{_short(text(i))} {math.exp(lp):.2g}" for i, lp in zip(row["top_ids"][:top], row["top_logprobs"]))
-            table.add_row(
-                Text(_row_label(row)),
-                Text("\n".join(tops)),
-                f"{row['rest_mass']:.2g}",
-                f"{row['probability_sum']:.6f}",
-                f"{row['unrecovered_count']:,}",
-                f"{row['calls']:,}",
-                f"{row['precision_nats']:.2g}",
-            )
+            table.add_row(Text(_row_label(row)), Text("\n".join(tops)), f"{row['rest_mass']:.2g}", *_diagnostics(row))
     return list(ran)
+
+
+def _diagnostics(row: dict[str, Any]) -> tuple[str, ...]:
+    """The last cells of an `inspect` row: probability sum, unrecovered tokens, calls, precision."""
+    return (
+        f"{row['probability_sum']:.6f}", f"{row['unrecovered_count']:,}", f"{row['calls']:,}",
+        f"{row['precision_nats']:.2g}",
+    )
 
 
 def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
