@@ -23,6 +23,7 @@ MODEST = {
     "client_cpu.py": ["--calls", "2000"],
     "memory.py": ["--prompts", "25,50,100"],
     "rate_recovery.py": [],
+    "target_calls.py": ["--prompts", "3"],
 }
 
 

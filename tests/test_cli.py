@@ -211,3 +211,22 @@ def test_auto_picks_the_method_the_endpoint_supports(tmp_path, switches, method)
         assert (truth[~known] <= np.array(row["unrecovered_upper_bounds"]) + 1e-6).all()
     else:
         assert known.all()
+
+
+def test_serving_banner_tells_the_limits_and_faults_it_serves_with():
+    from logprob_cli.cli import serving_banner
+    from logprob_cli.server import ServerConfig
+
+    config = ServerConfig(
+        SimulatorConfig(vocab_size=5000), "m", rpm=60, tpm=1000.5, rate_headers=False, fault_rate=0.25,
+        faults=("cut", "timeout"),
+    )
+    assert serving_banner(config, "http://127.0.0.1:9/v1").splitlines() == [
+        "serving the simulator (5,000 tokens) as model 'm' at http://127.0.0.1:9/v1",
+        "rate limits: 60 requests and 1,000.5 tokens per minute (not announced)",
+        "faults: 25.0% of completions (cut, timeout)",
+        "try: logprobs extract examples/prompts.jsonl --model m --base-url http://127.0.0.1:9/v1 "
+        "--tokenizer simulator:5000 --api-key any",
+    ]
+    quiet = serving_banner(ServerConfig(SimulatorConfig(vocab_size=5000), "m", rpm=60), "u").splitlines()
+    assert quiet[1] == "rate limits: 60 requests per minute" and not quiet[2].startswith("faults")

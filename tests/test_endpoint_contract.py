@@ -7,6 +7,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from logprob_cli.endpoints import WrappingEndpoint
 from logprob_cli.run._budget import MeteredEndpoint, Spend
 from logprob_cli.endpoints._base import Endpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
@@ -41,10 +42,12 @@ def test_descriptions_keep_the_dicts_existing_checkpoints_are_bound_to():
 
 
 def test_the_meter_forwards_every_member_of_the_contract():
-    """Each public member of Endpoint is MeteredEndpoint's own (no fallback to a default), and reads the wrapped one."""
+    """Each public member of Endpoint is the meter's own or forwarded by WrappingEndpoint (no fallback to a
+    default), and reads the wrapped one."""
     members = {name for name in vars(Endpoint) if not name.startswith("_")}
     assert {"withheld_tokens", "verify_mapping", "pressure", "aclose", "identity", "in_process"} <= members
-    assert members <= set(vars(MeteredEndpoint)), members - set(vars(MeteredEndpoint))
+    own = set(vars(MeteredEndpoint)) | set(vars(WrappingEndpoint))
+    assert members <= own, members - own
     wrapped = OpenAIEndpoint("gpt-4o", load_vocabulary("o200k_base"), api="completions")
     metered = MeteredEndpoint(wrapped, Spend(), None)
     for name in ("model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls",
@@ -107,3 +110,14 @@ def test_withheld_tokens_are_fetched_once_without_blocking_the_loop():
     assert first == again == frozenset({1, 3})
     assert _SlowTokenize.requests == 1, "the list is asked once, then cached"
     assert ticks >= 10, f"the event loop stood still while /tokenize answered ({ticks} ticks in {TOKENIZE_SECONDS} s)"
+
+
+def test_a_wrapping_endpoint_forwards_every_member_but_the_one_it_exists_to_change():
+    """A member added to Endpoint must be listed in WrappingEndpoint.FORWARDED, or a wrapper would answer with the
+    base class's default instead of the wrapped endpoint's."""
+    members = {name for name in vars(Endpoint) if not name.startswith("_")}
+    assert members - set(WrappingEndpoint.FORWARDED) == {"ask", "describe"}
+    simulator = SimulatedEndpoint(SimulatorConfig(vocab_size=1000, chosen_ids=8))
+    wrapper = MeteredEndpoint(simulator, Spend(), None)
+    assert wrapper.limits.token_ids == 8 and wrapper.token_text(300) == simulator.token_text(300)
+    assert asyncio.run(wrapper.split_text("gi")) == asyncio.run(simulator.split_text("gi"))

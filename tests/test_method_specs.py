@@ -24,6 +24,7 @@ VOCAB = 2000
 PROMPT = Prompt(id=0, line=1, prompt="The capital of France is")
 # A simulator that behaves as each method needs (and, for auto, on which the probe picks it).
 SUITED = {
+    "listed": {"logprobs_after_bias": False, "bias_steers_sampling": False, "chosen_ids": 128},
     "direct": {"top_logprobs_cap": VOCAB},
     "topk": {},
     "exact": {},
@@ -32,6 +33,7 @@ SUITED = {
     "visible": {"logprobs_after_bias": False, "bias_steers_sampling": False},
 }
 RUNS = [
+    ("listed", 20, DEFAULT_EPS),
     ("direct", 20, DEFAULT_EPS),
     ("topk", 5, DEFAULT_EPS),
     ("topk", 20, DEFAULT_EPS),
@@ -84,7 +86,7 @@ def test_topk_and_exact_are_refused_below_two_logprobs_a_call():
             calls_per_prompt(name, VOCAB, 1)
 
 
-@pytest.mark.parametrize("picked", ["direct", "topk", "forced", "bisection", "visible"])
+@pytest.mark.parametrize("picked", ["direct", "topk", "forced", "bisection", "visible"])  # listed: for targets
 def test_the_probe_recommends_by_the_spec_and_the_run_spends_about_that(picked):
     config = SimulatorConfig(vocab_size=VOCAB, **SUITED[picked])
     report = asyncio.run(probe(SimulatedEndpoint(config), PROMPT))
@@ -98,7 +100,8 @@ def test_the_probe_recommends_by_the_spec_and_the_run_spends_about_that(picked):
 def test_auto_rows_without_a_probe_are_the_specs_the_probe_would_pick():
     endpoint = OpenAIEndpoint("gpt-4o-mini", load_vocabulary("o200k_base"))
     rows = estimate_run([PROMPT], endpoint, "auto")
-    assert [row.method for row in rows] == [name for name, spec in SPECS.items() if spec.picked_when]
+    offered = [name for name, spec in SPECS.items() if spec.picked_when and not spec.needs.chosen_ids]
+    assert [row.method for row in rows] == offered  # no listed row: this endpoint takes no list of ids
     k = min(20, endpoint.limits.top_logprobs)
     for row in rows:
         spec = SPECS[row.method]

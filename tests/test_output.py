@@ -143,8 +143,8 @@ def test_round_trip_values_nulls_and_diagnostics(written):
 
 
 def test_metadata_is_stored_as_json_under_the_file_key(written):
-    assert read_metadata(written) == metadata()
-    assert json.loads(pq.read_metadata(written).metadata[b"logprob_cli"]) == metadata()
+    assert read_metadata(written) == {**metadata(), "store": "vector"}
+    assert json.loads(pq.read_metadata(written).metadata[b"logprob_cli"]) == {**metadata(), "store": "vector"}
 
 
 def test_row_groups_of_32_and_rows_are_streamed(tmp_path):
@@ -174,7 +174,7 @@ def test_zero_rows_give_a_valid_empty_file(tmp_path):
     table = pq.read_table(path)
     assert table.num_rows == 0
     assert table.schema.equals(schema)
-    assert read_metadata(path) == metadata()
+    assert read_metadata(path) == {**metadata(), "store": "vector"}
     console = Console(record=True, width=200)
     render_inspect(path, console)
     assert "0 rows" in console.export_text()

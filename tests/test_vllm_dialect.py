@@ -120,29 +120,36 @@ def test_max_logprobs_minus_one_returns_the_vocabulary_and_auto_picks_direct(tmp
         assert_matches_ground_truth(server, rows)
 
 
-def test_raw_logprobs_with_the_default_cap_make_auto_pick_forced(tmp_path):
-    """vLLM's defaults (raw_logprobs, --max-logprobs 20): a forced token reports its own unbiased logprob."""
+def test_raw_logprobs_with_the_default_cap_make_auto_pick_listed_ids_and_forced_works(tmp_path):
+    """vLLM's defaults (raw_logprobs, --max-logprobs 20): a forced token reports its own unbiased logprob, and a
+    request may list 128 ids (logprob_token_ids), so auto reads the vocabulary 128 ids a call (listed) instead of
+    one token a call (forced, which still works by name)."""
     with vllm_server(raw=True) as server:
         report = probe(server)
         assert report["top_logprobs_cap"] == 20 and not report["whole_vocabulary"]
         assert report["bias_steers_sampling"] and not report["logprobs_after_bias"]
         assert report["forced_logprob"] == "reported" and report["identity"] == ["ids"]
-        assert report["recommended"] == "forced"
+        assert report["chosen_ids"] and report["recommended"] == "listed"
+        assert report["estimated_calls"] == -(-VOCAB // 128)
         run, rows = extract(server, tmp_path, "--method", "auto")
         assert run.returncode == 0, run.stderr
-        assert [row["method"] for row in rows] == ["forced", "forced"]
+        assert [row["method"] for row in rows] == ["listed", "listed"]
+        assert [row["calls"] for row in rows] == [report["estimated_calls"]] * 2
+        assert_matches_ground_truth(server, rows)
+        run, rows = extract(server, tmp_path, "--method", "forced", "--fresh")
+        assert run.returncode == 0, run.stderr
         assert all(row["calls"] <= VOCAB - 20 + 4 for row in rows)
         assert_matches_ground_truth(server, rows)
 
 
-def test_processed_logprobs_with_token_ids_make_auto_pick_a_post_bias_method(tmp_path):
+def test_processed_logprobs_move_with_the_bias_and_topk_reads_them(tmp_path):
     """--logprobs-mode processed_logprobs (the returned logprobs move with the bias) and --extra-body
     return_tokens_as_token_ids: every entry maps by its "token_id:N", byte tokens included."""
     with vllm_server(raw=False) as server:
         report = probe(server)
         assert report["identity"] == ["ids"]
-        assert report["logprobs_after_bias"] and report["recommended"] in ("topk", "exact")
-        run, rows = extract(server, tmp_path, "--method", "auto")
+        assert report["logprobs_after_bias"] and report["recommended"] == "listed"  # 128 ids a call, as above
+        run, rows = extract(server, tmp_path, "--method", "topk")
         assert run.returncode == 0, run.stderr
         assert {row["method"] for row in rows} <= {"topk", "exact"}
         assert all(row["calls"] < VOCAB / 10 for row in rows)

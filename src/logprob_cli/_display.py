@@ -86,19 +86,14 @@ class _Display:
         return Group(head, Text("  " + " · ".join(detail_parts(s)), style="dim"))
 
 
-class RichProgress:
-    """The live display on a terminal (see module docstring), redrawn 4 times a second."""
+class _Tallied:
+    """What both displays share: the console they draw on, and the run's `Tally` (made by `start`), which
+    counts the runner's calls and finished prompts."""
 
-    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, console: Console, clock: Callable[[], float]):
         self.console = console
         self.clock = clock
         self.tally: Tally | None = None
-        self._live: Live | None = None
-
-    def start(self, run: RunStart) -> None:
-        self.tally = Tally(run, self.clock)
-        self._live = Live(_Display(self.tally), console=self.console, refresh_per_second=4, transient=False)
-        self._live.start()
 
     def call(self) -> None:
         self.tally.call()
@@ -106,20 +101,31 @@ class RichProgress:
     def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
         self.tally.prompt_done(extra_calls, failed)
 
+
+class RichProgress(_Tallied):
+    """The live display on a terminal (see module docstring), redrawn 4 times a second."""
+
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic):
+        super().__init__(console, clock)
+        self._live: Live | None = None
+
+    def start(self, run: RunStart) -> None:
+        self.tally = Tally(run, self.clock)
+        self._live = Live(_Display(self.tally), console=self.console, refresh_per_second=4, transient=False)
+        self._live.start()
+
     def stop(self) -> None:
         if self._live is not None:
             self._live.stop()
             self._live = None
 
 
-class PlainProgress:
+class PlainProgress(_Tallied):
     """Plain lines for pipes and logs: one at the start, one every `interval` seconds, one at the end."""
 
     def __init__(self, console: Console, interval: float = PLAIN_INTERVAL, clock: Callable[[], float] = time.monotonic):
-        self.console = console
+        super().__init__(console, clock)
         self.interval = interval
-        self.clock = clock
-        self.tally: Tally | None = None
         self._stopped = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -135,12 +141,6 @@ class PlainProgress:
         )
         self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
         self._ticker.start()
-
-    def call(self) -> None:
-        self.tally.call()
-
-    def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
-        self.tally.prompt_done(extra_calls, failed)
 
     def line(self) -> str:
         return plain_line(self.tally.snapshot())

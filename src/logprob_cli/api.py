@@ -10,23 +10,35 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generator, Sequence, TypeVar
 
 import numpy as np
 
 from logprob_cli.run import MeteredEndpoint, Spend
 from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
-from logprob_cli.io import content_problems
-from logprob_cli.methods import METHODS, Context, MethodResult
+from logprob_cli.io import content_problems, with_targets
+from logprob_cli.methods import METHODS, Context, MethodResult, cheapest
 from logprob_cli.run import ProbeReport, probe
 from logprob_cli.endpoints import EndpointSettings, build_endpoint
 from logprob_cli.run import discard
 from logprob_cli.run import Price
 from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
-from logprob_cli.run import Progress, RunSummary, extract_batch
+from logprob_cli.run import Progress, RunSummary, extract_batch, resolve_targets
 from logprob_cli.wording import top_k_capped
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One chosen token's value: `logprob` (None where the endpoint cannot reveal it, then `upper_bound` is the
+    bound the answers prove, None if none), and `precision`, the bound on its error in nats (None where unread)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    upper_bound: float | None
+    precision: float | None
 
 
 @dataclass
@@ -35,6 +47,8 @@ class Extraction:
 
     calls counts every call spent, the probe's included; method is the method that ran
     (the probe's choice when method="auto"), probe the probe's report (None unless auto).
+    targets: with chosen tokens, each one's value in the order given (the vector then holds them and what
+    the calls showed besides, NaN elsewhere).
     """
 
     logprobs: np.ndarray
@@ -42,6 +56,7 @@ class Extraction:
     result: MethodResult
     method: str = ""
     probe: ProbeReport | None = None
+    targets: list[Target] = dataclasses.field(default_factory=list)
 
 
 def extract_logprobs(
@@ -52,13 +67,16 @@ def extract_logprobs(
     eps: float = 1e-3,
     concurrency: int = 16,
     *,
+    targets: Sequence[str | int] = (),
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
     tokenizer: str | None = None,
     **endpoint_options: Any,
 ) -> Extraction:
-    """Extract the full next-token distribution of one prompt (text, or chat messages).
+    """Extract the full next-token distribution of one prompt (text, or chat messages), or with `targets`
+    (token texts, each exactly one token of the vocabulary by bytes, and/or token ids) those tokens' logprobs
+    at a cost that grows with the targets (`Extraction.targets`); auto then picks the cheapest method for them.
 
     method "auto" (the default, as in the CLI) probes the endpoint first and runs the method it
     recommends. The endpoint is `endpoint` if given, else the one `model`, `base_url`, `api_key`,
@@ -71,44 +89,85 @@ def extract_logprobs(
     EndpointError when a call fails.
     """
     item = _prompt(prompt)
+    if targets:
+        (item,) = with_targets([item], list(targets))
     RunConfig(method, top_k, eps, concurrency)  # checks the run's settings before the endpoint is built
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
 
-    counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
-
-    async def ask(gate: asyncio.Semaphore, query: Query) -> Answer:
-        async with gate:
-            return await counted.ask(item, query)
-
-    async def run() -> tuple[Extraction, str | None]:
-        report = await probe(counted, item) if method == "auto" else None
-        chosen, limits = (report.recommended, report.limits()) if report else (method, endpoint.limits)
-        ctx = Context(
-            endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
-            withheld=await counted.withheld_tokens(),
-        )
-        gate = asyncio.Semaphore(concurrency)
-        plan = METHODS[chosen](ctx)
-        queries: list[Query] = next(plan)
-        while True:
-            answers: list[Answer] = list(await asyncio.gather(*(ask(gate, q) for q in queries)))
-            try:
-                queries = plan.send(answers)
-            except StopIteration as stop:
-                extraction = Extraction(stop.value.logprobs, counted.spent.calls, stop.value, chosen, report)
-                return extraction, top_k_capped(top_k, limits.top_logprobs)
-
-    async def run_and_close() -> tuple[Extraction, str | None]:
-        try:
-            return await run()
-        finally:
-            await endpoint.aclose()
-
-    extraction, note = _outside_event_loop(lambda: asyncio.run(run_and_close()))
+    extraction, note = _outside_event_loop(
+        lambda: asyncio.run(_extract_and_close(endpoint, item, method, top_k, eps, concurrency))
+    )
     if note:
         warnings.warn(note, stacklevel=2)
     return extraction
+
+
+async def _extract_and_close(
+    endpoint: Endpoint, item: Prompt, method: str, top_k: int, eps: float, concurrency: int
+) -> tuple[Extraction, str | None]:
+    """_extract, then the endpoint closed, however the extraction ended."""
+    try:
+        return await _extract(endpoint, item, method, top_k, eps, concurrency)
+    finally:
+        await endpoint.aclose()
+
+
+async def _extract(
+    endpoint: Endpoint, item: Prompt, method: str, top_k: int, eps: float, concurrency: int
+) -> tuple[Extraction, str | None]:
+    """One prompt through `method` (for "auto", the method the probe recommends): the Extraction, and the note
+    to warn with when top_k was lowered to the endpoint's cap (None when it was not)."""
+    if item.targets:
+        (item,) = await resolve_targets(endpoint, [item])
+    counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
+    report = await probe(counted, item) if method == "auto" else None
+    chosen, limits = (report.recommended, report.limits()) if report else (method, endpoint.limits)
+    k = min(top_k, limits.top_logprobs)
+    if report and item.targets:
+        chosen = cheapest(report, endpoint.vocab_size, k, limits, eps, len(item.target_ids)).name
+    ctx = Context(
+        endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids
+    )
+    result = await _run_plan(METHODS[chosen](ctx), counted, item, concurrency)
+    extraction = Extraction(
+        result.logprobs, counted.spent.calls, result, chosen, report, _targets(endpoint, item.target_ids, result)
+    )
+    return extraction, top_k_capped(top_k, limits.top_logprobs)
+
+
+def _targets(endpoint: Endpoint, ids: tuple[int, ...], result: MethodResult) -> list[Target]:
+    """Each chosen token's value from the result: its logprob, or the bound where it was not recovered."""
+    found = []
+    for i in ids:
+        value, bound = float(result.logprobs[i]), result.upper_bounds.get(i)
+        recovered = not np.isnan(value)
+        found.append(Target(
+            i, endpoint.token_text(i), value if recovered else None,
+            None if recovered or bound is None or np.isnan(bound) else float(bound),
+            float(result.precision) if recovered else None,
+        ))
+    return found
+
+
+async def _run_plan(
+    plan: Generator[list[Query], list[Answer], MethodResult], endpoint: Endpoint, item: Prompt, concurrency: int
+) -> MethodResult:
+    """Drive a method's plan on one prompt: every batch of queries it yields is asked at once (at most
+    `concurrency` calls in flight) and its answers, in the queries' order, sent back, until it returns its result."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def ask(query: Query) -> Answer:
+        async with gate:
+            return await endpoint.ask(item, query)
+
+    queries = next(plan)
+    while True:
+        answers = list(await asyncio.gather(*(ask(query) for query in queries)))
+        try:
+            queries = plan.send(answers)
+        except StopIteration as stop:
+            return stop.value
 
 
 def extract_file(
@@ -126,6 +185,9 @@ def extract_file(
     shard: tuple[int, int] | None = None,
     fresh: bool = False,
     progress: Progress | None = None,
+    targets: Sequence[str | int] = (),
+    store_vector: bool = False,
+    store: str = "vector",
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
@@ -139,7 +201,10 @@ def extract_file(
     spending only what is left (`fresh=True` discards both first, only if the tool wrote them).
     The endpoint, method and settings are those of extract_logprobs; `price` (US$ per 1M prompt and
     completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the
-    checkpoint spends in all; `shard=(I, N)` takes part I of N of the prompts. Returns the RunSummary
+    checkpoint spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for
+    those chosen tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"`
+    writes each row's N most likely tokens and the rest mass instead of the vector (with targets: how many top
+    entries a row keeps). Returns the RunSummary
     (finished, calls, failures by prompt id, budget_reached, interrupted). Raises, before any call:
     ValueError (a setting, SettingsError included), InputError (every problem of the input), Refused
     (an output or checkpoint the tool may not write); later JournalError, EndpointUnsuitable,
@@ -148,10 +213,15 @@ def extract_file(
     input = os.fspath(input)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
-    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost)
+    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector, store)
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     path = Path(output) if output is not None else default_output(input, shard)
     batch = read_batch(input, path, shard, settings.api if settings.model else None)
+    if targets:
+        batch = dataclasses.replace(
+            batch, prompts=with_targets(batch.prompts, list(targets), input),
+            all_prompts=with_targets(batch.all_prompts, list(targets), input),
+        )
     priced_model = settings.model if endpoint is None else endpoint.model  # None: the built-in simulator
     endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
     run = dataclasses.replace(run, price=price_of_calls(priced_model, endpoint.model, price, max_cost))

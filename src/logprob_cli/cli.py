@@ -24,18 +24,18 @@ from logprob_cli.version import __version__
 from logprob_cli.run import BudgetReached
 from logprob_cli.endpoints import Endpoint, Prompt
 from logprob_cli.errors import LogprobError, message_of, reworded
-from logprob_cli.run import estimate_run, format_count, format_dollars, format_duration, simulator_latency
-from logprob_cli.io import InputError, read_prompts
+from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
-from logprob_cli.io import render_inspect
+from logprob_cli.io import CompareError, compare_files, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
 from logprob_cli.run import PROBE_CALLS, probe as run_probe
 from logprob_cli.run import discard
 from logprob_cli.run import NoProgress, RunSummary, extract_batch
 from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
-from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
+from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch, with_completion_ids
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.endpoints import SimulatorConfig
 from logprob_cli.wording import plural, top_k_capped
@@ -110,6 +110,12 @@ SHARD_HELP = (
     "Take part I of N (0-based) of the prompts, chosen by a hash of each id: N machines or job-array tasks split a "
     "batch with no coordination, and their outputs (default NAME.shard-I-of-N.parquet) read as one table."
 )
+TARGET_HELP = (
+    "A token to read for every prompt, at any rank: its exact text, which must be one token of the model's "
+    "vocabulary (matched by bytes, so \" Yes\" and \"Yes\" differ); repeat for several. The run then writes "
+    "the targets' logprobs instead of whole vectors, at a cost that grows with the targets, not the vocabulary. "
+    "A line's own \"targets\" key does the same per prompt."
+)
 TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
     "or simulator:SIZE (default: from the model name, via tiktoken)."
@@ -119,7 +125,17 @@ TOKENIZER_HELP = (
 InputArgument = Annotated[str, typer.Argument(
     metavar="INPUT", help="JSONL file, one prompt per line ({\"prompt\": ...} or {\"messages\": [...]}); - reads stdin.")]
 MethodOption = Annotated[Method, typer.Option("--method", "-m", help=METHOD_HELP)]
+TargetOption = Annotated[list[str], typer.Option("--target", "-t", metavar="TEXT", help=TARGET_HELP)]
+TargetIdOption = Annotated[list[int], typer.Option(
+    "--target-id", metavar="ID", min=0, help="A token to read for every prompt, by its id in the vocabulary (as --target).")]
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
+StoreOption = Annotated[str, typer.Option(
+    "--store", metavar="vector|top:N",
+    help="vector: each row's whole vector. top:N: the N most likely tokens (top_ids, top_logprobs) and rest_mass "
+    "instead, far smaller for distillation-sized jobs; with targets, how many top entries a row keeps (default: "
+    "--top-k). Changing it on a resumed run rewrites the output in the new form.")]
+StoreVectorOption = Annotated[bool, typer.Option(
+    "--store-vector", help="With targets or --store top:N, also write each prompt's whole vector (NULL beyond what was read).")]
 EpsOption = Annotated[float, typer.Option("--eps", min=1e-6, help="bisection: precision in nats.")]
 ConcurrencyOption = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=1024, help="Calls in flight at once.")]
 SimOption = Annotated[list[str], typer.Option("--sim", metavar="KEY=VALUE", help=SIM_HELP)]
@@ -150,9 +166,10 @@ FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
-    "method": "--method", "api": "--api", "api_chat": "--api chat", "fresh": "--fresh", "output": "output with -o",
+    "method": "--method", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
+    "targets": "--target/--target-id", "store": "--store",
 }  # how an error's message names each setting on the command line (errors.Worded)
-EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (BudgetReached, 3), (LogprobError, 1))
+EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (BudgetReached, 3), (LogprobError, 1))
 
 TimeoutOption = Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds to wait for one answer before retrying.")]
 RetriesOption = Annotated[int, typer.Option(
@@ -328,40 +345,34 @@ def extract(
     max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0.0, help="Stop cleanly before the checkpoint's spend passes this many US$ (see --price); a higher cap resumes."),
     price: PriceOption = None,
     shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help=SHARD_HELP),
+    target: TargetOption = [],
+    target_id: TargetIdOption = [],
+    store: StoreOption = "vector",
+    store_vector: StoreVectorOption = False,
 ) -> None:
-    """Extract one full next-token log-probability vector per prompt into Parquet (resumable)."""
+    """Extract one full next-token log-probability vector per prompt into Parquet (resumable), or the
+    logprobs of chosen tokens (--target, or a "targets" key per line)."""
     if input == "-" and output is None:
         fail("reading prompts from stdin: name the output with -o/--output", 2)
     part = parse_shard(shard) if shard else None
     output = output if output is not None else default_output(input, part)
     batch = read_batch(input, output, part, options.api if options.model else None)  # the simulator takes both shapes
-    prompts, all_prompts, journal_path = batch.prompts, batch.all_prompts, batch.checkpoint
+    journal_path = batch.checkpoint
+    prompts, all_prompts = (targeted(p, target, target_id, input) for p in (batch.prompts, batch.all_prompts))
     if not prompts and not quiet:
         err.print(f"shard {shard} holds none of the {plural(len(all_prompts), 'prompt')}: its output has no rows", highlight=False)
     endpoint = build_endpoint(options.settings())
     run = RunConfig(
-        method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost
+        method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost,
+        store_vector, store,
     )
     if fresh:
         discard(output, journal_path)
 
     console = Console(stderr=True)
     if not quiet:
-        of_shard = f" (shard {part[0]}/{part[1]} of {len(all_prompts)})" if part else ""
-        console.print(
-            f"endpoint: {describe(endpoint)}\n"
-            f"{plural(len(prompts), 'prompt')}{of_shard} -> {output}",
-            highlight=False,
-        )
-
-    def announce(chosen: str, report) -> None:
-        capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
-        if capped:
-            console.print(f"note: {capped}", highlight=False)
-        if quiet:
-            return
-        why = f" (probe: {'; '.join(map(flagged, report.reasons))})" if report else ""
-        console.print(f"method: {chosen}{why}", highlight=False)
+        print_start(console, endpoint, len(prompts), len(all_prompts), part, output)
+    announce = method_announcer(console, top_k, endpoint, quiet)
     progress = NoProgress() if quiet else RichProgress(console) if console.is_terminal else PlainProgress(console)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -374,14 +385,53 @@ def extract(
     report_run(summary, output, journal_path, quiet, console)
 
 
+def print_start(
+    console: Console, endpoint: Endpoint, prompts: int, all_prompts: int, part: tuple[int, int] | None, output: Path
+) -> None:
+    """extract's first lines: the endpoint, then how many prompts (of which shard of all) go to which file."""
+    of_shard = f" (shard {part[0]}/{part[1]} of {all_prompts})" if part else ""
+    console.print(
+        f"endpoint: {describe(endpoint)}\n"
+        f"{plural(prompts, 'prompt')}{of_shard} -> {output}",
+        highlight=False,
+    )
+
+
+def method_announcer(
+    console: Console, top_k: int, endpoint: Endpoint, quiet: bool
+) -> Callable[[str, ProbeReport | None], None]:
+    """What extract_batch calls once the method is known: a note where --top-k is above the endpoint's cap
+    (the probe's where there is one; printed even when quiet), then the method and the probe's reasons."""
+
+    def announce(chosen: str, report: ProbeReport | None) -> None:
+        capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+        if capped:
+            console.print(f"note: {capped}", highlight=False)
+        if quiet:
+            return
+        why = f" (probe: {'; '.join(map(flagged, report.reasons))})" if report else ""
+        console.print(f"method: {chosen}{why}", highlight=False)
+
+    return announce
+
+
+def targeted(prompts: list[Prompt], texts: list[str], ids: list[int], source: str) -> list[Prompt]:
+    """The prompts, each asking for the --target texts then the --target-id ids (unchanged where none is given)."""
+    return with_targets(prompts, [*texts, *ids], source) if texts or ids else prompts
+
+
 def run_price(price: str | None, model: str | None, named_model: str, max_cost: float | None) -> Price | None:
     """--price parsed, else the built-in table's price of --model (run_config.price_of_calls); exits 2 when --price does
     not parse, or --max-cost has no price to count with."""
+    return price_of_calls(model, named_model, parsed_price(price), max_cost)
+
+
+def parsed_price(price: str | None) -> Price | None:
+    """--price parsed (None when not given); exits 2 when it does not parse."""
     try:
-        override = parse_price(price) if price else None
+        return parse_price(price) if price else None
     except ValueError as error:
         fail(flagged(message_of(error)), 2)
-    return price_of_calls(model, named_model, override, max_cost)
 
 
 def report_run(summary: RunSummary, output: Path, journal_path: Path, quiet: bool, console: Console) -> None:
@@ -486,6 +536,8 @@ def estimate(
     latency: Optional[float] = typer.Option(None, "--latency", min=0.0, help="Assumed seconds per call; with --concurrency it sets the pace where no rate limit binds (default: 0.5; the built-in simulator's is timed on this machine)."),
     price: PriceOption = None,
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+    target: TargetOption = [],
+    target_id: TargetIdOption = [],
 ) -> None:
     """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
 
@@ -493,40 +545,85 @@ def estimate(
     endpoint auto shows each method the probe may pick. With --base-url, the server's GET /models
     (free) is asked, as extract does, to learn its vocabulary.
     """
-    prompts = read_prompts(input, api=options.api if options.model else None)
-    try:
-        override = parse_price(price) if price else None
-    except ValueError as error:
-        fail(flagged(message_of(error)), 2)
+    prompts = targeted(read_prompts(input, api=options.api if options.model else None), target, target_id, input)
+    override = parsed_price(price)
     endpoint = build_endpoint(options.settings())
-    model, rpm, tpm = options.model, options.rpm, options.tpm
-    unit_price = price_for(model, override)
-    report = None
-    in_process = endpoint.in_process
-    timed = in_process and latency is None
+    prompts = with_completion_ids(endpoint, prompts)  # a completion's positions are priced by its token count
+    unit_price = price_for(options.model, override)
+    timed = endpoint.in_process and latency is None
     if latency is None:
-        latency = simulator_latency(endpoint, prompts[0], top_k) if in_process else 0.5
+        latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
+    setup = EstimateSetup(
+        endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
+        unit_price, price_given=override is not None,
+    )
+    rows, report = estimate_rows(prompts, setup)
+    if as_json:
+        print(json.dumps(estimate_json(setup, rows, report), indent=2))
+        return
+    console = Console()
+    console.print(estimate_table(setup, rows))
+    for note in estimate_notes(setup, rows, report):
+        console.print(f"- {note}", highlight=False)
+
+
+@dataclass(frozen=True)
+class EstimateSetup:
+    """What `estimate` was asked and assumes: the endpoint and method, the run's settings, seconds a call
+    (`timed`: timed here on the in-process simulator, not given), the rate limits, and the price (`price_given`:
+    from --price, else the built-in table's for `model`, None when unknown)."""
+
+    endpoint: Endpoint
+    method: str
+    top_k: int
+    eps: float
+    concurrency: int
+    latency: float
+    timed: bool
+    rpm: float | None
+    tpm: float | None
+    model: str | None
+    unit_price: Price | None
+    price_given: bool
+
+
+def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Estimate], ProbeReport | None]:
+    """The estimate's rows, one a method, and for auto on the in-process simulator the probe that picks the
+    method (offline, free); exits 1 on a setting the estimate refuses."""
+    report = None
     try:
-        if method.value == "auto" and in_process:
-            report = asyncio.run(run_probe(endpoint, prompts[0]))
+        if setup.method == "auto" and setup.endpoint.in_process:
+            report = asyncio.run(run_probe(setup.endpoint, prompts[0]))
         rows = estimate_run(
-            prompts, endpoint, method.value, top_k=top_k, eps=eps, concurrency=concurrency, latency=latency,
-            rpm=rpm, tpm=tpm, price=unit_price, report=report,
+            prompts, setup.endpoint, setup.method, top_k=setup.top_k, eps=setup.eps, concurrency=setup.concurrency,
+            latency=setup.latency, rpm=setup.rpm, tpm=setup.tpm, price=setup.unit_price, report=report,
         )
     except ValueError as error:
         fail(flagged(message_of(error)))
-    if as_json:
-        assumptions = {"latency": latency, "concurrency": 1 if in_process else concurrency, "rpm": rpm, "tpm": tpm, "top_k": top_k, "eps": eps}
-        print(json.dumps({
-            "endpoint": describe(endpoint),
-            "method": method.value,
-            "price": None if unit_price is None else dataclasses.asdict(unit_price),
-            "assumptions": assumptions,
-            "probe": report.to_dict() if report else None,
-            "rows": [row.to_dict() for row in rows],
-        }, indent=2))
-        return
-    table = Table(title=f"estimate for {describe(endpoint)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    return rows, report
+
+
+def estimate_json(setup: EstimateSetup, rows: list[Estimate], report: ProbeReport | None) -> dict[str, Any]:
+    """`estimate --json`: the endpoint, method, price, assumptions, probe report and rows."""
+    concurrency = 1 if setup.endpoint.in_process else setup.concurrency
+    return {
+        "endpoint": describe(setup.endpoint),
+        "method": setup.method,
+        "price": None if setup.unit_price is None else dataclasses.asdict(setup.unit_price),
+        "assumptions": {
+            "latency": setup.latency, "concurrency": concurrency, "rpm": setup.rpm, "tpm": setup.tpm,
+            "top_k": setup.top_k, "eps": setup.eps,
+        },
+        "probe": report.to_dict() if report else None,
+        "rows": [row.to_dict() for row in rows],
+    }
+
+
+def estimate_table(setup: EstimateSetup, rows: list[Estimate]) -> Table:
+    """The estimate's table: a row a method, its prompts, calls, tokens, US$ and time."""
+    table = Table(
+        title=f"estimate for {describe(setup.endpoint)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     table.add_column("method", no_wrap=True, min_width=9)
     for column in ("prompts", "calls/\nprompt", "calls", "prompt\ntokens", "compl.\ntokens", "US$", "time"):
         table.add_column(column, justify="right")
@@ -536,19 +633,19 @@ def estimate(
             format_count(row.prompt_tokens), format_count(row.completion_tokens), format_dollars(row.cost),
             format_duration(row.seconds),
         )
-    console = Console()
-    console.print(table)
-    fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
-    capped = top_k_capped(top_k, (report.limits() if report else endpoint.limits).top_logprobs)
+    return table
+
+
+def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeReport | None) -> list[str]:
+    """The notes under the table: a capped top-k, the once-a-run calls, the price, what auto picks, approximate
+    token counts, and what the time assumes."""
+    capped = top_k_capped(setup.top_k, (report.limits() if report else setup.endpoint.limits).top_logprobs)
     notes = [capped] if capped else []
+    fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
     if most:
         once = str(most) if fewest == most else f"{fewest}-{most}"
         notes.append(f"calls include {once} once per run (token check on OpenAI-compatible endpoints, probe for auto)")
-    if model is None and override is None:
-        notes.append("price: the built-in simulator is free")
-    elif unit_price is not None:
-        source = "--price" if override else "built-in table; override with --price"
-        notes.append(f"price: US$ {unit_price.prompt:g} / {unit_price.completion:g} per 1M prompt / completion tokens ({source})")
+    notes.extend(price_notes(setup))
     if report:
         notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(map(flagged, report.reasons))}")
     elif len(rows) > 1:
@@ -556,15 +653,30 @@ def estimate(
         notes.extend(f"{row.method} when {row.condition}" for row in rows)
     if not rows[0].tokens_counted:
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
-    limits = "".join(f", {value:g} {name}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
-    if in_process:
-        how = "timed here, with the runner's bookkeeping" if timed else "--latency"
-        notes.append(f"time: the in-process simulator answers one call at a time, {latency * 1e3:.2g} ms a call ({how}); "
-                     "a resumed run spends only what is left")
-    else:
-        notes.append(f"time assumes {latency:g} s a call, {concurrency} in flight{limits}; a resumed run spends only what is left")
-    for note in notes:
-        console.print(f"- {note}", highlight=False)
+    notes.append(time_note(setup))
+    return notes
+
+
+def price_notes(setup: EstimateSetup) -> list[str]:
+    """Where the estimate's price comes from (none when it is unknown)."""
+    if setup.model is None and not setup.price_given:
+        return ["price: the built-in simulator is free"]
+    if setup.unit_price is None:
+        return []
+    source = "--price" if setup.price_given else "built-in table; override with --price"
+    unit = setup.unit_price
+    return [f"price: US$ {unit.prompt:g} / {unit.completion:g} per 1M prompt / completion tokens ({source})"]
+
+
+def time_note(setup: EstimateSetup) -> str:
+    """What the estimate's time assumes: seconds a call, and how many in flight under which rate limits."""
+    if setup.endpoint.in_process:
+        how = "timed here, with the runner's bookkeeping" if setup.timed else "--latency"
+        return (f"time: the in-process simulator answers one call at a time, {setup.latency * 1e3:.2g} ms a call ({how}); "
+                "a resumed run spends only what is left")
+    limits = "".join(f", {value:g} {name}" for name, value in (("rpm", setup.rpm), ("tpm", setup.tpm)) if value)
+    return (f"time assumes {setup.latency:g} s a call, {setup.concurrency} in flight{limits}; "
+            "a resumed run spends only what is left")
 
 
 @app.command(cls=PlainHelpCommand)
@@ -619,19 +731,26 @@ def serve(
         server = SimulatorServer(config, port=port)
     except OSError as error:
         fail(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}")
-    limits = [f"{value:,.10g} {unit}" for value, unit in ((rpm, "requests"), (tpm, "tokens")) if value]
-    err.print(
-        f"serving the simulator ({config.simulator.vocab_size:,} tokens) as model {model!r} at {server.url}\n"
-        + (f"rate limits: {' and '.join(limits)} per minute{' (not announced)' * hide_limits}\n" if limits else "")
-        + (f"faults: {fault_rate:.1%} of completions ({', '.join(fault_kinds)})\n" if fault_rate else "")
-        + f"try: logprobs extract examples/prompts.jsonl --model {model} --base-url {server.url} "
-        f"--tokenizer simulator:{config.simulator.vocab_size} --api-key any",
-        highlight=False,
-    )
+    err.print(serving_banner(config, server.url), highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+
+
+def serving_banner(config: ServerConfig, url: str) -> str:
+    """What `serve` tells on start: the model and where it is served, its rate limits and faults, and an
+    extract command that uses it."""
+    limits = [f"{value:,.10g} {unit}" for value, unit in ((config.rpm, "requests"), (config.tpm, "tokens")) if value]
+    announced = "" if config.rate_headers else " (not announced)"
+    vocab_size = config.simulator.vocab_size
+    return (
+        f"serving the simulator ({vocab_size:,} tokens) as model {config.model!r} at {url}\n"
+        + (f"rate limits: {' and '.join(limits)} per minute{announced}\n" if limits else "")
+        + (f"faults: {config.fault_rate:.1%} of completions ({', '.join(config.faults)})\n" if config.fault_rate else "")
+        + f"try: logprobs extract examples/prompts.jsonl --model {config.model} --base-url {url} "
+        f"--tokenizer simulator:{vocab_size} --api-key any"
+    )
 
 
 @app.command(cls=PlainHelpCommand)
@@ -646,6 +765,28 @@ def inspect(
         render_inspect(path, Console(), top=top)
     except ValueError as error:
         fail(str(error))
+
+
+@app.command(cls=PlainHelpCommand)
+@cli_errors
+def compare(
+    a: Path = typer.Argument(..., metavar="A", help="A Parquet file written by `logprobs extract`."),
+    b: Path = typer.Argument(..., metavar="B", help="Another, of the same prompts and vocabulary."),
+    floor: float = typer.Option(
+        1e-4, "--floor", min=0.0, max=1.0,
+        help="max diff looks at tokens whose probability is above this in either file."),
+    top: int = typer.Option(20, "--top", "-n", min=1, help="Prompts shown in the table, largest KL first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison (every prompt) as JSON."),
+) -> None:
+    """Compare two outputs prompt by prompt, joined by id: KL both ways, total variation, the largest logprob
+    difference and top-1 agreement. Does this endpoint serve the weights it claims?"""
+    comparison = compare_files(a, b, floor=floor)
+    if as_json:
+        print(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
+        return
+    render_comparison(comparison, Console(), top=top)
+    if len(comparison.prompts) > top:
+        print(f"--top {len(comparison.prompts)} shows every prompt")
 
 
 if __name__ == "__main__":

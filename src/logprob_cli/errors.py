@@ -5,6 +5,7 @@ Hierarchy (each class lives beside the code that raises it; `except LogprobError
     LogprobError                      errors.py
     ├── SettingsError(ValueError)     endpoints/_factory.py settings that cannot work together  (CLI exit 2)
     ├── InputError                    io/_jsonl.py          the prompts cannot be used          (CLI exit 2)
+    ├── CompareError(ValueError)      io/_compare.py        two outputs cannot be compared      (CLI exit 2)
     ├── VocabularyError(ValueError)   endpoints/_vocabulary.py the named vocabulary cannot load (CLI exit 2)
     ├── JournalError(RuntimeError)    run/_journal.py       the checkpoint cannot be used       (CLI exit 1)
     │   └── Refused                                        files at the output's place          (CLI exit 2)
@@ -32,7 +33,8 @@ SETTING_NAMES = {
     "post_bias": "post_bias", "extra_body": "extra_body", "rpm": "rpm", "tpm": "tpm",
     "simulator": "simulator settings", "price": "price", "max_cost": "max_cost", "max_calls": "max_calls",
     "method": "method", "method_auto": 'method="auto"', "api": "api", "api_chat": 'api="chat"',
-    "fresh": "fresh=True", "output": "output",
+    "api_completions": 'api="completions"',
+    "fresh": "fresh=True", "output": "output", "targets": "targets", "store": "store",
 }  # how the Python API names each setting a message may name
 
 

@@ -6,7 +6,10 @@ the answer is `SimulatedEndpoint.answer` for the request's prompt (the chat `mes
 list exactly as sent, or the legacy `prompt` string) and its logit_bias / top-k. A
 generated token outside the returned top-k that the simulator withholds is reported as
 -9999.0, OpenAI's sentinel. With `token_ids`, chat logprob entries also carry llama.cpp's
-"id". Every error is OpenAI's {"error": {...}} JSON, never an HTML page or a traceback.
+"id". Every error is OpenAI's {"error": {...}} JSON, never an HTML page or a traceback. A legacy
+`prompt` may also be llama.cpp's mixed form, a string then token ids (`["text", 17, 301]`): the answer
+is the simulator's after that text followed by exactly those tokens (every position of a completion);
+GET /v1/models lists the model as owned_by "logprob-cli", which tells a client so.
 
 With `dialect="vllm"` the server answers as vLLM's OpenAI-compatible server does (vLLM's
 sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 sampler):
@@ -29,6 +32,12 @@ sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 
   is accepted, and an id outside the vocabulary is a 400 naming the ids;
 - legacy completions' `logprobs` is capped by max_logprobs too (not 5) and their
   top_logprobs dict holds the first k + 1 entries of that same list;
+- `logprob_token_ids` (chat): a list of at most 128 ids in the vocabulary (else a 400 as vLLM
+  words it); non-empty, it takes the top-k's place: top_logprobs lists the generated token and
+  then every listed id in the order asked, each once, whatever top_logprobs says (which is then
+  not held to max_logprobs); `logprobs` must still be true for any logprobs to come back;
+- POST /tokenize (beside /v1, as vLLM serves it) splits a text `prompt` with the simulator's
+  greedy split;
 - errors are vLLM's {"error": {"message", "type": "BadRequestError", "param", "code": 400}},
   a wrong or missing key is 401 {"error": "Unauthorized"}, an unknown route FastAPI's
   {"detail": "Not Found"}; a request without `model` goes to the served model; GET
@@ -85,7 +94,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from logprob_cli.endpoints import Answer, EndpointError, Prompt, Query
-from logprob_cli.endpoints import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
+from logprob_cli.endpoints import SimulatedEndpoint, SimulatorConfig, simulator_split, simulator_token_bytes
 
 SENTINEL = -9999.0
 LEGACY_LOGPROBS_CAP = 5  # OpenAI's legacy Completions cap
@@ -94,6 +103,7 @@ FAULT_KINDS = ("429", "500", "timeout", "cut", "malformed")
 DIALECTS = ("openai", "vllm")
 VLLM_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
 VLLM_MAX_MODEL_LEN = 4096  # what the vllm dialect's GET /v1/models reports
+VLLM_MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (vllm/sampling_params.py)
 BURST_SECONDS = 1.0  # a rate limit's bucket holds one second's worth
 INJECTED_RETRY_AFTER = 0.05  # seconds an injected 429 asks the client to wait
 # The prompt field of each completion route, for its usage tokens.
@@ -313,23 +323,18 @@ class SimulatorServer:
         logprobs = body.get("logprobs")
         if logprobs is not None and not isinstance(logprobs, bool):
             raise _ApiError(400, "'logprobs' must be a boolean", "logprobs")
+        chosen = self._vllm_logprob_token_ids(body) if self._vllm else []
         if self._vllm:
-            k = self._vllm_top_logprobs(body, bool(logprobs))
+            k = self._vllm_top_logprobs(body, bool(logprobs), capped=not chosen)
         else:
-            cap = self.config.simulator.top_logprobs_cap
-            k = _integer(body, "top_logprobs") or 0
-            if k > cap:
-                raise _ApiError(400, f"top_logprobs must be <= {cap}", "top_logprobs")
-            if k < 0:
-                raise _ApiError(400, "top_logprobs must be >= 0", "top_logprobs")
-            if k and not logprobs:
-                raise _ApiError(400, "logprobs must be set to true if top_logprobs is used", "top_logprobs")
+            k = self._top_logprobs(body, bool(logprobs))
         prompt = Prompt(id=0, line=0, messages=messages)
-        answer = self._answer(prompt, Query.make(self._bias(body), k if logprobs else 0))
+        top_k = 0 if chosen else k  # vLLM: the chosen ids take the top-k's place
+        answer = self._answer(prompt, Query.make(self._bias(body), top_k if logprobs else 0, chosen if logprobs else ()))
         sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
         content = None
         if logprobs and self._vllm:
-            content = {"content": [self._vllm_chat_entry(answer, k, self._as_token_ids(body))]}
+            content = {"content": [self._vllm_chat_entry(answer, k, self._as_token_ids(body), chosen)]}
         elif logprobs:
             top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
             content = {"content": [{**self._entry(answer.sampled, sampled_lp), "top_logprobs": top}]}
@@ -359,9 +364,7 @@ class SimulatorServer:
 
     def completions(self, body: Any) -> dict[str, Any]:
         body = self._completion_request(body)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise _ApiError(400, "'prompt' must be a string (token arrays and batches are not supported)", "prompt")
+        text, context = self._completion_prompt(body.get("prompt"))
         _one_token(body, "max_tokens")
         if body.get("echo"):
             raise _ApiError(400, "echo is not supported", "echo")
@@ -377,7 +380,7 @@ class SimulatorServer:
                 raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
             if k is not None and k < 0:
                 raise _ApiError(400, "logprobs must be >= 0", "logprobs")
-        answer = self._answer(Prompt(id=0, line=0, prompt=prompt), Query.make(self._bias(body), k or 0))
+        answer = self._answer(Prompt(id=0, line=0, prompt=text, context_ids=context), Query.make(self._bias(body), k or 0))
         text = _vllm_text(answer.sampled) if self._vllm else _text(answer.sampled)
         logprobs = None
         if k is not None and self._vllm:
@@ -392,7 +395,7 @@ class SimulatorServer:
                 "tokens": [_legacy_token(answer.sampled)], "token_logprobs": [sampled_lp], "top_logprobs": [top],
                 "text_offset": [0],
             }
-        n = _approx_tokens(prompt)
+        n = _approx_tokens(text) + len(context)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -404,7 +407,44 @@ class SimulatorServer:
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
 
+    def _completion_prompt(self, prompt: Any) -> tuple[str, tuple[int, ...]]:
+        """A legacy completion's prompt: a string, or (OpenAI's dialect) llama.cpp's mixed form, a string then token
+        ids, whose answer is the simulator's after that text and exactly those tokens (`SimulatedEndpoint.content`)."""
+        if isinstance(prompt, str):
+            return prompt, ()
+        mixed = (
+            not self._vllm and isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt[1:])
+        )
+        if not mixed:
+            raise _ApiError(400, "'prompt' must be a string, or a string then token ids (batches are not supported)", "prompt")
+        vocab = self.config.simulator.vocab_size
+        if not all(0 <= i < vocab for i in prompt[1:]):
+            raise _ApiError(400, f"'prompt' has a token id outside the vocabulary [0, {vocab})", "prompt")
+        return prompt[0], tuple(prompt[1:])
+
+    def tokenize(self, body: Any) -> dict[str, Any]:
+        """vLLM's POST /tokenize of a text prompt: the simulator's split (`simulator_split`; it has no special
+        tokens, so add_special_tokens changes nothing)."""
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise _ApiError(400, "'prompt' must be a string", "prompt")
+        tokens = list(simulator_split(prompt, self.config.simulator.vocab_size))
+        return {"count": len(tokens), "max_model_len": VLLM_MAX_MODEL_LEN, "tokens": tokens, "token_strs": None}
+
     # --- helpers ------------------------------------------------------------------------
+
+    def _top_logprobs(self, body: dict[str, Any], logprobs: bool) -> int:
+        """A chat request's top_logprobs, validated as OpenAI does."""
+        cap = self.config.simulator.top_logprobs_cap
+        k = _integer(body, "top_logprobs") or 0
+        if k > cap:
+            raise _ApiError(400, f"top_logprobs must be <= {cap}", "top_logprobs")
+        if k < 0:
+            raise _ApiError(400, "top_logprobs must be >= 0", "top_logprobs")
+        if k and not logprobs:
+            raise _ApiError(400, "logprobs must be set to true if top_logprobs is used", "top_logprobs")
+        return k
 
     def _draw_fault(self) -> str | None:
         """The fault kind this completion request gets, or None for a normal answer."""
@@ -534,8 +574,27 @@ class SimulatorServer:
             raise _ApiError(400, f"Requested sample logprobs of {k}, which is greater than max allowed: {cap} "
                                  f"(parameter=logprobs, value={k})", "logprobs")
 
-    def _vllm_top_logprobs(self, body: dict[str, Any], logprobs: bool) -> int:
-        """A chat request's top_logprobs, validated as vLLM does; -1 becomes the vocabulary size."""
+    def _vllm_logprob_token_ids(self, body: dict[str, Any]) -> list[int]:
+        """A chat request's logprob_token_ids, validated as vLLM does (at most VLLM_MAX_LOGPROB_TOKEN_IDS ids,
+        each in the vocabulary); [] where absent or empty (the natural top-k then stands)."""
+        ids = body.get("logprob_token_ids")
+        if ids is None:
+            return []
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise _ApiError(400, "'logprob_token_ids' must be a list of integers", "logprob_token_ids")
+        if len(ids) > VLLM_MAX_LOGPROB_TOKEN_IDS:
+            raise _ApiError(400, f"Requested logprob_token_ids of length {len(ids)}, which is greater than max "
+                                 f"allowed: {VLLM_MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids")
+        vocab = self.config.simulator.vocab_size
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise _ApiError(400, f"token_id(s) {outside} in logprob_token_ids contain out-of-vocab token ids. "
+                                 f"Vocabulary size: {vocab}", "logprob_token_ids")
+        return ids
+
+    def _vllm_top_logprobs(self, body: dict[str, Any], logprobs: bool, capped: bool = True) -> int:
+        """A chat request's top_logprobs, validated as vLLM does; -1 becomes the vocabulary size. Not held to
+        max_logprobs (`capped` False) where logprob_token_ids replace the top-k."""
         k = _integer(body, "top_logprobs")
         if k is None:
             return 0
@@ -547,7 +606,7 @@ class SimulatorServer:
                             "top_logprobs")
         if k == -1:
             k = self.config.simulator.vocab_size
-        if logprobs:
+        if logprobs and capped:
             self._vllm_logprobs_cap(k)
         return k
 
@@ -579,12 +638,14 @@ class SimulatorServer:
                                  f"{vocab} (parameter=logit_bias, value={outside})", "logit_bias")
         return bias
 
-    def _vllm_chat_entry(self, answer: Answer, k: int, as_ids: bool) -> dict[str, Any]:
-        """The generated token's chat logprobs entry as vLLM writes it (module docstring)."""
+    def _vllm_chat_entry(self, answer: Answer, k: int, as_ids: bool, chosen: list[int]) -> dict[str, Any]:
+        """The generated token's chat logprobs entry as vLLM writes it (module docstring): with `chosen` ids,
+        the generated token and then each chosen id, all of them, in place of the top-k."""
         token, text = _vllm_token(answer.sampled, as_ids)
+        entries = _vllm_chosen(answer, chosen) if chosen else _vllm_ranked(answer)[:k]
         top = [
             {"token": name, "logprob": _vllm_logprob(lp), "bytes": list(name.encode())}
-            for name, lp in ((_vllm_token(i, as_ids)[0], lp) for i, lp in _vllm_ranked(answer)[:k])
+            for name, lp in ((_vllm_token(i, as_ids)[0], lp) for i, lp in entries)
         ]
         sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
         return {"token": token, "logprob": _vllm_logprob(sampled_lp), "bytes": list(text.encode()), "top_logprobs": top}
@@ -611,7 +672,7 @@ def _engine_config(config: ServerConfig) -> SimulatorConfig:
     if config.dialect != "vllm":
         return sim
     cap = sim.vocab_size if config.max_logprobs == -1 else config.max_logprobs
-    return dataclasses.replace(sim, top_logprobs_cap=cap, bias_entries=sim.vocab_size)
+    return dataclasses.replace(sim, top_logprobs_cap=cap, bias_entries=sim.vocab_size, chosen_ids=VLLM_MAX_LOGPROB_TOKEN_IDS)
 
 
 def _vllm_ranked(answer: Answer) -> list[tuple[int, float]]:
@@ -621,6 +682,14 @@ def _vllm_ranked(answer: Answer) -> list[tuple[int, float]]:
     if len(rest) == len(answer.top_ids):
         return [(answer.sampled, sampled_lp), *rest]
     return [(answer.sampled, answer.top()[answer.sampled]), *rest]
+
+
+def _vllm_chosen(answer: Answer, chosen: list[int]) -> list[tuple[int, float]]:
+    """vLLM's entries for one position with logprob_token_ids: the generated token first, then each chosen id
+    in the order asked, each id once."""
+    values = {**answer.top(), answer.sampled: SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob}
+    order = dict.fromkeys([answer.sampled, *chosen])
+    return [(i, values[i]) for i in order]
 
 
 def _vllm_logprob(logprob: float) -> float:
@@ -768,109 +837,138 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 def _handler_class(server: SimulatorServer) -> type[BaseHTTPRequestHandler]:
-    routes: dict[str, dict[str, Callable[[Any], dict[str, Any]]]] = {
+    """The request handler class `_HTTPServer` builds per connection, bound to `server`."""
+    return type("Handler", (_Handler,), {"api": server, "routes": _routes(server)})
+
+
+Route = Callable[[Any], dict[str, Any]]
+
+
+def _routes(server: SimulatorServer) -> dict[str, dict[str, Route]]:
+    """Path -> method -> the SimulatorServer route that answers it."""
+    routes = {
         "/v1/models": {"GET": server.models},
         "/v1/chat/completions": {"POST": server.chat_completions},
         "/v1/completions": {"POST": server.completions},
     }
+    return {**routes, "/tokenize": {"POST": server.tokenize}} if server.config.dialect == "vllm" else routes
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
-        server_version = "logprob-cli-simulator"
-        wbufsize = -1  # buffer each response, sent at once on flush...
-        disable_nagle_algorithm = True  # ...without waiting for the client's delayed ACK
 
-        def dispatch(self) -> None:
-            headers: dict[str, str] = {}
-            try:
-                body = self._read_body()
-                path = urlsplit(self.path).path
-                if path not in routes:
-                    raise _ApiError(404, f"Invalid URL ({self.command} {path})", origin="route")
-                if self.command not in routes[path]:
-                    headers["Allow"] = ", ".join(routes[path])
-                    raise _ApiError(405, f"Method {self.command} not allowed for {path}", origin="route")
-                self._authorize()
-                request = self._parse(body)
-                if path in _PROMPT_FIELDS:
-                    if server.config.latency:
-                        time.sleep(server.config.latency)
-                    fault = server._draw_fault()
-                    if fault in ("timeout", "cut", "malformed"):
-                        self._break(fault)
-                        return
-                    if fault:
-                        raise server._fault_error(fault)
-                    headers.update(server._admit(request, _PROMPT_FIELDS[path]))
-                status, payload = 200, routes[path][self.command](request)
-            except _ApiError as exc:
-                status, payload = exc.status, server._error_body(exc)
-                headers.update(exc.headers)
-            except Exception as exc:  # a bug: still answer in the API's format, no traceback
-                status, payload = 500, server._error_body(_ApiError(500, f"internal error: {exc!r}", type="server_error"))
-            self._send(status, payload, headers)
+class _Handler(BaseHTTPRequestHandler):
+    """One HTTP exchange: read, route, authorize, parse, pass the completion gate, answer in the API's JSON.
 
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+    `api` (the SimulatorServer) and `routes` are set on the subclass `_handler_class` makes.
+    """
 
-        def _read_body(self) -> bytes:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self.close_connection = True
-                raise _ApiError(400, "invalid Content-Length header")
-            return self.rfile.read(length)
+    api: SimulatorServer
+    routes: dict[str, dict[str, Route]]
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    server_version = "logprob-cli-simulator"
+    wbufsize = -1  # buffer each response, sent at once on flush...
+    disable_nagle_algorithm = True  # ...without waiting for the client's delayed ACK
 
-        def _parse(self, body: bytes) -> Any:
-            if self.command == "GET":
-                return None
-            try:
-                return json.loads(body)
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise _ApiError(400, f"We could not parse the JSON body of your request: {exc}") from exc
-
-        def _authorize(self) -> None:
-            key = server.config.api_key
-            if key is None:
+    def dispatch(self) -> None:
+        headers: dict[str, str] = {}
+        try:
+            body = self._read_body()
+            path = urlsplit(self.path).path
+            route = self._route(path, headers)
+            self._authorize()
+            request = self._parse(body)
+            if path in _PROMPT_FIELDS and not self._pass_gate(request, path, headers):
                 return
-            auth = self.headers.get("Authorization", "")
-            if not auth.startswith("Bearer "):
-                raise _ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-            if not hmac.compare_digest(auth[len("Bearer "):].strip().encode(), key.encode()):
-                raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            status, payload = 200, route(request)
+        except _ApiError as exc:
+            status, payload = exc.status, self.api._error_body(exc)
+            headers.update(exc.headers)
+        except Exception as exc:  # a bug: still answer in the API's format, no traceback
+            status, payload = 500, self.api._error_body(_ApiError(500, f"internal error: {exc!r}", type="server_error"))
+        self._send(status, payload, headers)
 
-        def _break(self, fault: str) -> None:
-            """A fault that breaks the HTTP exchange: "timeout", "cut" or "malformed"."""
-            if fault == "malformed":
-                self._write(200, _MALFORMED_BODY)
-                return
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+
+    def _route(self, path: str, headers: dict[str, str]) -> Route:
+        """The route for this path and method; 404 for an unknown path, 405 (with Allow) for a wrong method."""
+        if path not in self.routes:
+            raise _ApiError(404, f"Invalid URL ({self.command} {path})", origin="route")
+        if self.command not in self.routes[path]:
+            headers["Allow"] = ", ".join(self.routes[path])
+            raise _ApiError(405, f"Method {self.command} not allowed for {path}", origin="route")
+        return self.routes[path][self.command]
+
+    def _pass_gate(self, request: Any, path: str, headers: dict[str, str]) -> bool:
+        """What stands before a completion route (module docstring): the latency, a fault draw, the rate
+        limits. False when a fault broke the exchange (nothing more to send); raises a 429 or 500 fault's
+        error; else adds the rate-limit headers and returns True."""
+        api = self.api
+        if api.config.latency:
+            time.sleep(api.config.latency)
+        fault = api._draw_fault()
+        if fault in ("timeout", "cut", "malformed"):
+            self._break(fault)
+            return False
+        if fault:
+            raise api._fault_error(fault)
+        headers.update(api._admit(request, _PROMPT_FIELDS[path]))
+        return True
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
             self.close_connection = True
-            if fault == "timeout":
-                time.sleep(server.config.stall)
-            else:
-                self.server.reset(self.connection)
+            raise _ApiError(400, "invalid Content-Length header")
+        return self.rfile.read(length)
 
-        def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            self._write(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
+    def _parse(self, body: bytes) -> Any:
+        if self.command == "GET":
+            return None
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _ApiError(400, f"We could not parse the JSON body of your request: {exc}") from exc
 
-        def _write(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+    def _authorize(self) -> None:
+        key = self.api.config.api_key
+        if key is None:
+            return
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            raise _ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        if not hmac.compare_digest(auth[len("Bearer "):].strip().encode(), key.encode()):
+            raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """Protocol-level failures (bad request line, unknown method) in OpenAI's JSON too."""
-            self.close_connection = True
-            self._send(code, _ApiError(code, message or HTTPStatus(code).phrase).body)
+    def _break(self, fault: str) -> None:
+        """A fault that breaks the HTTP exchange: "timeout", "cut" or "malformed"."""
+        if fault == "malformed":
+            self._write(200, _MALFORMED_BODY)
+            return
+        self.close_connection = True
+        if fault == "timeout":
+            time.sleep(self.api.config.stall)
+        else:
+            self.server.reset(self.connection)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            if server.config.log_requests:
-                super().log_message(format, *args)
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._write(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
 
-    return Handler
+    def _write(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level failures (bad request line, unknown method) in OpenAI's JSON too."""
+        self.close_connection = True
+        self._send(code, _ApiError(code, message or HTTPStatus(code).phrase).body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.api.config.log_requests:
+            super().log_message(format, *args)

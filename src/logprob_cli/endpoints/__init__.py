@@ -8,14 +8,14 @@ builds an endpoint from `EndpointSettings`. Nothing here imports from methods/, 
 
 from logprob_cli.endpoints._base import (
     Answer, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits,
-    Prompt, Query,
+    Prompt, Query, WrappingEndpoint,
 )
 from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._base import AskFunction, Pressure
-from logprob_cli.endpoints._simulator import simulator_token_bytes
+from logprob_cli.endpoints._simulator import simulator_split, simulator_token_bytes
 from logprob_cli.endpoints._urls import redact
 from logprob_cli.endpoints._vocabulary import VocabularyError
 
@@ -39,7 +39,9 @@ __all__ = [
     "SimulatedEndpoint",
     "SimulatorConfig",
     "VocabularyError",
+    "WrappingEndpoint",
     "build_endpoint",
     "redact",
+    "simulator_split",
     "simulator_token_bytes",
 ]

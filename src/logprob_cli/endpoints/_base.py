@@ -12,11 +12,12 @@ capability with a default, so no caller probes an endpoint's attributes (tests/t
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Awaitable, Callable, Literal, Mapping
+from typing import AbstractSet, Any, Awaitable, Callable, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -47,31 +48,42 @@ class EndpointUnsuitable(LogprobError, RuntimeError):
 
 @dataclass(frozen=True)
 class Query:
-    """One completion request of one token: which ids to bias by how much, how many logprobs to return.
+    """One completion request of one token: which ids to bias by how much, how many logprobs to return,
+    and which chosen ids' logprobs to return besides (vLLM's `logprob_token_ids`).
 
-    `bias` is a tuple of (token id, bias) pairs sorted by id, so queries are hashable and a
-    query's `key()` is stable across runs (the journal uses it to check a replay).
+    `bias` is a tuple of (token id, bias) pairs sorted by id and `token_ids` a sorted tuple of distinct
+    ids, so queries are hashable and a query's `key()` is stable across runs (the journal uses it to
+    check a replay). The answer to a query with token_ids lists, after its top-k entries, every one of
+    those ids the server returned (`Answer`).
     """
 
     bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0
+    token_ids: tuple[int, ...] = ()
 
     @staticmethod
-    def make(bias: Mapping[int, float] | None = None, top_logprobs: int = 0) -> "Query":
+    def make(
+        bias: Mapping[int, float] | None = None, top_logprobs: int = 0, token_ids: Iterable[int] = ()
+    ) -> "Query":
         items = tuple(sorted((int(i), float(b)) for i, b in (bias or {}).items() if b != 0.0))
-        return Query(items, int(top_logprobs))
+        return Query(items, int(top_logprobs), tuple(sorted({int(i) for i in token_ids})))
 
     def bias_dict(self) -> dict[int, float]:
         return dict(self.bias)
 
     def key(self) -> bytes:
-        """A 16-byte digest of the query's content."""
+        """A 16-byte digest of the query's content. A query without token_ids hashes exactly as before they
+        existed (journals written then still replay); token_ids follow behind an odd-length marker, so no
+        bias-only query's bytes (4 + 16 n of them) can equal a query's with token_ids (4 + 16 n + 9 + 8 m)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(struct.pack("<i", self.top_logprobs))
         if self.bias:
             ids, values = zip(*self.bias)
             h.update(np.asarray(ids, dtype="<i8").tobytes())
             h.update(np.asarray(values, dtype="<f8").tobytes())
+        if self.token_ids:
+            h.update(b"token_ids")
+            h.update(np.asarray(self.token_ids, dtype="<i8").tobytes())
         return h.digest()
 
 
@@ -85,7 +97,9 @@ class Answer:
     sampled: the id of the generated (greedy) token, or WITHHELD when the endpoint returned no
         logprobs for the position at all (llama.cpp does so for an incomplete UTF-8 token).
     sampled_logprob: its reported logprob, or None when the endpoint withheld it (-9999 sentinel).
-    top_ids / top_logprobs: the returned top-k entries, best first, as token ids and logprobs.
+    top_ids / top_logprobs: the returned top-k entries, best first, as token ids and logprobs; for a
+        query with token_ids, then every one of those ids the server returned that the top-k does not
+        already list, in id order (`with_chosen`).
     prompt_tokens / completion_tokens: the usage the endpoint billed (0 where it says nothing);
         bookkeeping, not part of the answer's identity (equality and the journal's blob ignore it).
     """
@@ -131,22 +145,76 @@ class Answer:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request may ask for: the top-k cap, the bias range (symmetric) and the bias-entry cap."""
+    """What a request may ask for: the top-k cap, the bias range (symmetric), the bias-entry cap, and
+    `token_ids`: how many chosen ids one request may list (0: the endpoint cannot take a list). Where
+    `top_with_token_ids` is False the listed ids take the top-k's place (vLLM), so a request listing ids
+    must ask for top_logprobs 0."""
 
     top_logprobs: int = 20
     bias_max: float = 100.0
     bias_entries: int = 300
+    token_ids: int = 0
+    top_with_token_ids: bool = True
+
+    def check(self, query: Query, vocab_size: int) -> None:
+        """Raise EndpointRejected, naming the setting, for token_ids this endpoint cannot take."""
+        if not query.token_ids:
+            return
+        if not self.token_ids:
+            raise EndpointRejected("this endpoint cannot return the logprobs of chosen ids: ask without token_ids")
+        if len(query.token_ids) > self.token_ids:
+            raise EndpointRejected(
+                f"token_ids may list at most {self.token_ids} ids a request on this endpoint, got {len(query.token_ids)}"
+            )
+        if query.token_ids[0] < 0 or query.token_ids[-1] >= vocab_size:
+            raise EndpointRejected(f"token_ids has an id outside the vocabulary [0, {vocab_size})")
+        if query.top_logprobs and not self.top_with_token_ids:
+            raise EndpointRejected(
+                "this endpoint returns chosen ids in place of the top logprobs: ask for token_ids with top_logprobs 0"
+            )
+
+
+def with_chosen(answer: Answer, query: Query, returned: Mapping[int, float]) -> Answer:
+    """`answer` with its top-k cut to query.top_logprobs, then each id of query.token_ids that `returned` (the
+    server's id -> logprob for this position) holds and the top-k does not already list, in id order."""
+    k = query.top_logprobs
+    ids, logprobs = list(answer.top_ids[:k]), list(answer.top_logprobs[:k])
+    listed = set(ids)
+    for i in query.token_ids:
+        if i in returned and i not in listed:
+            ids.append(i)
+            logprobs.append(float(returned[i]))
+    return dataclasses.replace(answer, top_ids=tuple(ids), top_logprobs=tuple(logprobs))
 
 
 @dataclass
 class Prompt:
-    """One input prompt: plain text (`prompt`) or chat `messages`, plus the user's other keys."""
+    """One input prompt: plain text (`prompt`) or chat `messages`, plus the user's other keys.
+
+    targets: the tokens whose logprobs are wanted, as the user gave them (token strings and/or ids, in
+        order); empty: the whole vector.
+    target_ids: those targets resolved to token ids, in the same order (filled by the run layer through
+        the endpoint's vocabulary before any call; empty until then).
+    completion: a text whose every position is wanted (with a plain `prompt` only), as the user gave it;
+        None: none.
+    completion_ids: the completion's token ids, as given or resolved from `completion` by the run layer.
+    position, context_ids: for one unit of work of a completion (`position` k from 0 to n for n completion
+        tokens), the distribution wanted is the one right after the prompt followed by `context_ids`, the
+        completion's first k tokens, appended as token ids (never re-tokenized); position None: the prompt
+        alone, as without a completion.
+    """
 
     id: Any
     line: int
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str | int, ...] = ()
+    target_ids: tuple[int, ...] = ()
+    completion: str | None = None
+    completion_ids: tuple[int, ...] = ()
+    position: int | None = None
+    context_ids: tuple[int, ...] = ()
 
     def content(self) -> Any:
         return self.prompt if self.messages is None else self.messages
@@ -194,8 +262,9 @@ AskFunction = Callable[[Prompt, Query], Awaitable[Answer]]
 class Endpoint(abc.ABC):
     """A backend: `ask` returns one `Answer`, `describe` says what it is; every other member has a default.
 
-    Subclasses set `model`, `vocab_size` and `limits` (the caps a request must stay within) and override
-    the defaults that do not hold for them.
+    Subclasses set `model`, `vocab_size` and `limits` (the caps a request must stay within, and how many
+    chosen token_ids a request may list: `Limits.check` refuses the rest) and override the defaults that
+    do not hold for them.
     """
 
     model: str
@@ -213,6 +282,10 @@ class Endpoint(abc.ABC):
     """How the answers' tokens were identified so far: "ids", "bytes" and/or "strings" (ambiguous)."""
     prompt_tokens_counted: bool = False
     """`count_prompt_tokens` counts with the model's own tokenizer (else it approximates)."""
+    token_context: bool = False
+    """`ask` can append token ids to a plain prompt exactly: for a Prompt with `context_ids` it answers with the
+    distribution after the prompt followed by exactly those tokens (no re-tokenizing, nothing added between).
+    Where False, `ask` refuses such a prompt (EndpointRejected)."""
 
     @abc.abstractmethod
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
@@ -234,9 +307,23 @@ class Endpoint(abc.ABC):
         return None
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
-        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content).
-        Raises ValueError for a prompt this endpoint cannot send."""
-        return approx_tokens(prompt.content())
+        """The prompt tokens one call sends for `prompt` (default: about four bytes a token of its content, plus
+        its context ids). Raises ValueError for a prompt this endpoint cannot send."""
+        return approx_tokens(prompt.content()) + len(prompt.context_ids)
+
+    def token_text(self, token_id: int) -> str:
+        """The token's readable text (its bytes decoded as UTF-8, invalid bytes replaced); default f"#{id}"
+        where the endpoint knows no bytes for it."""
+        return f"#{token_id}"
+
+    async def split_text(self, text: str) -> tuple[int, ...]:
+        """The ids `text` tokenizes into in this model's vocabulary, matched by bytes, with no BOS or other
+        special token added (one id when `text` is exactly one token's bytes). Never blocks the event loop.
+        Raises EndpointUnsuitable where the endpoint has no tokenizer to ask (default)."""
+        raise EndpointUnsuitable(
+            "this endpoint cannot tell how a text splits into tokens (no tokenizer is known for it): "
+            "give token ids instead of text"
+        )
 
     def pressure(self) -> Pressure | None:
         """Retries, 429s and the current rate limit so far, for the progress display (None: not an HTTP endpoint)."""
@@ -244,3 +331,36 @@ class Endpoint(abc.ABC):
 
     async def aclose(self) -> None:
         """Release the running loop's connections; call before that loop ends (default: nothing to release)."""
+
+
+class _ReadThrough:
+    """A member of the contract that a `WrappingEndpoint` takes from the endpoint it wraps (a value, or a method
+    bound to the wrapped endpoint), read at each access so that what changes there (identity) shows here."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, wrapper: "WrappingEndpoint | None", owner: type | None = None) -> Any:
+        return self if wrapper is None else getattr(wrapper.endpoint, self.name)
+
+
+class WrappingEndpoint(Endpoint):
+    """An endpoint that adds something around another (the run's meter): every member of the contract is the
+    wrapped `endpoint`'s until a subclass overrides it, so a member added to `Endpoint` is forwarded without
+    a line here (FORWARDED lists them; `ask`, which a wrapper exists to change, is left to the subclass)."""
+
+    FORWARDED = (
+        "model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls", "identity",
+        "prompt_tokens_counted", "token_context", "withheld_tokens", "verify_mapping", "count_prompt_tokens",
+        "token_text", "split_text", "pressure", "aclose",
+    )
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+
+    def describe(self) -> EndpointDescription:
+        return self.endpoint.describe()
+
+
+for _name in WrappingEndpoint.FORWARDED:
+    setattr(WrappingEndpoint, _name, _ReadThrough(_name))

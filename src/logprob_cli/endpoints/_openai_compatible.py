@@ -8,7 +8,9 @@ the vocabulary, and last its string (ambiguous: distinct tokens can share a stri
 endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
 becomes None. The API key goes to the client only; `describe` never includes it. For
 llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize,
-asked once through the same wire), and its calls go one at a time.
+asked once through the same wire), and its calls go one at a time. `split_text` asks llama-server's
+and vLLM's own POST /tokenize, else the vocabulary's tokenizer; vLLM's chat API returns the
+logprobs of chosen ids (`OpenAIEndpoint`).
 
 Failures that doom every request (bad key, unknown model, server unreachable, a token id beyond the
 model's vocabulary) raise
@@ -29,8 +31,8 @@ import re
 from typing import Any, Callable, Literal
 
 from logprob_cli.endpoints._base import (
-    WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, Limits,
-    Pressure, Prompt, Query, approx_tokens,
+    WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected,
+    EndpointUnsuitable, Limits, Pressure, Prompt, Query, approx_tokens, with_chosen,
 )
 from logprob_cli.errors import Worded
 from logprob_cli.endpoints._ratelimit import RateLimiter
@@ -47,6 +49,8 @@ LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache chan
 # (top_k/top_p/min_p) and temperature 1, so they are exactly softmax(z + b); the seed only fixes the draw.
 # vLLM names tokens by their decoded text unless asked for ids (its `bytes` are that text, empty for byte tokens)
 VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
+# vLLM's logprob_token_ids on its chat API: at most 128 ids a request, in place of the top-k (`OpenAIEndpoint`)
+VLLM_CHOSEN_IDS = {"token_ids": 128, "top_with_token_ids": False}
 POST_BIAS_DRAWS = 8
 # how servers refuse a logit_bias id beyond their vocabulary: the simulator, vLLM ("out-of-vocab token ids"),
 # OpenAI ("Invalid key in 'logit_bias'"), and the usual "token id ... out of range"
@@ -97,7 +101,8 @@ async def ask_server_facts(
 
 
 def _facts(models: Any) -> dict[str, Any]:
-    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}."""
+    """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}; for the served
+    simulator (OpenAI's dialect) that its completions API takes mixed prompts, as llama-server's does."""
     for entry in models if isinstance(models, list) else []:
         if not isinstance(entry, dict):
             continue
@@ -106,11 +111,36 @@ def _facts(models: Any) -> dict[str, Any]:
             return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.get("id")}
         if entry.get("owned_by") == "vllm":
             return {"dialect": "vllm", "served_model": entry.get("id")}
+        if entry.get("owned_by") == "logprob-cli":  # the built-in simulator served (server.py)
+            return {"mixed_prompts": True}
     return {}
 
 
 class OpenAIEndpoint(Endpoint):
-    """An OpenAI-compatible chat or legacy-completions endpoint (see module docstring)."""
+    """An OpenAI-compatible chat or legacy-completions endpoint (see module docstring).
+
+    Chosen token ids (`Query.token_ids`) go only to vLLM's chat API, as its `logprob_token_ids`; every
+    other dialect and API has Limits.token_ids 0 and refuses them. What vLLM does, read from its sources:
+    - the field: `logprob_token_ids: list[int] | None` on ChatCompletionRequest, CompletionRequest and
+      BatchChatCompletionRequest, forwarded to SamplingParams.logprob_token_ids (vLLM PR #43463, "Expose
+      logprob_token_ids on Python OpenAI endpoints", merged May 2026, closing issue #43466; the engine
+      field existed before, for the Python LLM and /generative_scoring). It arrived in the 0.22
+      development cycle (PR #44106 reports 0.22.1rc1.dev43 early June 2026), so vLLM 0.32 has it;
+      older servers ignore the unknown field, and their answers simply lack the ids;
+    - non-empty, it replaces the natural top-k: to_sampling_params passes logprobs=None with the ids, and
+      the chat serving code lists every entry of the position (`_get_top_logprobs(...,
+      return_all=bool(logprob_token_ids))`, vllm/entrypoints/openai/chat_completion/serving.py): the
+      generated token first (as always in vLLM), then the listed ids, each once, whatever top_logprobs
+      says. `logprobs: true` is still needed for any logprobs to come back. Hence
+      Limits.top_with_token_ids False: such a query asks for top_logprobs 0;
+    - the values are the same full-vocabulary logprobs the top-k would carry (raw or processed per
+      --logprobs-mode), named by "token_id:N" with return_tokens_as_token_ids, mapped as every entry is;
+    - limits (vllm/sampling_params.py, SamplingParams._validate_logprobs, vllm-project/vllm at
+      00388f6573ccfcffad607b8c9ecdf341a4669ceb): at most MAX_LOGPROB_TOKEN_IDS = 128 ids, not tied to
+      --max-logprobs; an id outside the vocabulary is a 400 ("token_id(s) [...] in logprob_token_ids
+      contain out-of-vocab token ids"); echo-only completions and beam search refuse the field.
+    The legacy completions answer with the ids was not verified, so only the chat API takes them here.
+    """
 
     mapping_check_calls = 2  # verify_mapping's
 
@@ -130,6 +160,7 @@ class OpenAIEndpoint(Endpoint):
         dialect: str = "openai",
         post_bias: bool = False,
         wire: Wire | None = None,
+        mixed_prompts: bool = False,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -139,6 +170,7 @@ class OpenAIEndpoint(Endpoint):
         if post_bias and dialect != "llama.cpp":
             raise ValueError("post-bias mode is llama-server's (post_sampling_probs); this server is not llama.cpp")
         self.dialect = dialect
+        self.mixed_prompts = mixed_prompts or dialect == "llama.cpp"
         self.post_bias = post_bias
         self.one_call_at_a_time = dialect == "llama.cpp"  # see `ask`
         defaults = {
@@ -149,7 +181,7 @@ class OpenAIEndpoint(Endpoint):
         self.extra_body = {**defaults, **self._user_extra}
         # llama-server returns as many top logprobs as asked for (the whole vocabulary); OpenAI's caps otherwise
         cap = vocabulary.size if dialect == "llama.cpp" else 20 if api == "chat" else 5
-        self.limits = limits or Limits(top_logprobs=cap)
+        self.limits = limits or Limits(top_logprobs=cap, **(VLLM_CHOSEN_IDS if (dialect, api) == ("vllm", "chat") else {}))
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         if has_userinfo(self.base_url):
@@ -161,14 +193,10 @@ class OpenAIEndpoint(Endpoint):
         }
         key = api_key or _env_key() or "none"
         self.transport = Transport(self.base_url, key, headers=headers, limiter=limiter, retry=retry, wire=wire)
-        # llama-server's own routes (/tokenize) sit beside /v1: asked once, three tries at most.
-        self._llama_routes = (
-            Transport(
-                self.base_url.removesuffix("/v1"), key, headers=headers,
-                retry=dataclasses.replace(self.transport.retry, attempts=3), wire=self.transport.wire,
-            )
-            if dialect == "llama.cpp"
-            else None
+        # llama-server's and vLLM's own routes (/tokenize) sit beside /v1: three tries at most, the same wire.
+        self._native_routes = Transport(
+            self.base_url.removesuffix("/v1"), key, headers=headers,
+            retry=dataclasses.replace(self.transport.retry, attempts=3), wire=self.transport.wire,
         )
         self._withheld: frozenset[int] | None = None
         self._prompt_tokens: dict[Any, int] = {}
@@ -196,7 +224,7 @@ class OpenAIEndpoint(Endpoint):
         once may both ask; they get the same list).
         """
         if self._withheld is None:
-            self._withheld = frozenset() if self._llama_routes is None else await self._ask_withheld(self._llama_routes)
+            self._withheld = frozenset() if self.dialect != "llama.cpp" else await self._ask_withheld(self._native_routes)
         return self._withheld
 
     async def _ask_withheld(self, routes: Transport) -> frozenset[int]:
@@ -207,6 +235,49 @@ class OpenAIEndpoint(Endpoint):
             # Not fatal: `direct` never needs the list, and without it a withheld answer stays unread (never
             # misread): bisection asks such queries again and leaves their winners unrecovered, saying so.
             return frozenset()
+
+    def token_text(self, token_id: int) -> str:
+        """The token's bytes in the vocabulary, as text; f"#{id}" where the vocabulary knows none (llama-server's)."""
+        return self.vocabulary.text(token_id)
+
+    async def split_text(self, text: str) -> tuple[int, ...]:
+        """The ids `text` tokenizes into, no special tokens added: from the server's own POST /tokenize for
+        llama-server and vLLM (through the endpoint's wire), else from the vocabulary's tokenizer (tiktoken
+        encodings, the simulator's) in a worker thread. Raises EndpointUnsuitable where neither is known, or
+        where the server's split does not give back the text's bytes."""
+        if self.dialect == "llama.cpp":
+            body: dict[str, Any] = {"content": text, "add_special": False, "parse_special": False, "with_pieces": True}
+            return await self._server_split(text, body, _llama_split)
+        if self.dialect == "vllm":
+            body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+            return await self._server_split(text, body, self._vllm_split)
+        if self.vocabulary.split is None:
+            return await super().split_text(text)
+        return await asyncio.to_thread(self.vocabulary.split, text)
+
+    async def _server_split(
+        self, text: str, body: dict[str, Any], parse: Callable[[Any, bytes], tuple[int, ...] | None]
+    ) -> tuple[int, ...]:
+        """POST /tokenize; `parse(answer, the text's bytes)` gives the ids, or None where theirs are not the text's."""
+        expected = text.encode("utf-8")
+        try:
+            ids = await self._native_routes.post("/tokenize", body, 1, lambda data: parse(data, expected))
+        except EndpointError as error:
+            raise EndpointUnsuitable(f"the server could not split {text!r} into tokens ({error}): give token ids instead of text") from None
+        if ids is None:
+            raise EndpointUnsuitable(
+                f"the server's tokenizer does not give back the bytes of {text!r} (it adds or changes some): "
+                "give token ids instead of text"
+            )
+        return ids
+
+    def _vllm_split(self, data: dict[str, Any], expected: bytes) -> tuple[int, ...] | None:
+        """vLLM's /tokenize answer ({"tokens": [...]}), checked against the text's bytes where the vocabulary knows them."""
+        ids = tuple(int(i) for i in data["tokens"])
+        pieces = [self.vocabulary.token_bytes(i) for i in ids]
+        if all(piece is not None for piece in pieces) and b"".join(pieces) != expected:  # type: ignore[arg-type]
+            return None
+        return ids
 
     async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str:
         """Bias one token id hard and read back what the server generated (2 calls, through `ask`,
@@ -248,6 +319,14 @@ class OpenAIEndpoint(Endpoint):
         return Pressure(self.transport.retries, limiter.throttles, limiter.describe().get("rpm"))
 
     @property
+    def token_context(self) -> bool:  # type: ignore[override]
+        """llama-server's completions API takes a prompt mixing text and token ids (`["text", 7042, 11]`: the text
+        tokenized as a text prompt is, BOS included, then the ids as they are), and so does the served simulator's
+        (`mixed_prompts`), so a position's context goes exactly; chat APIs cannot take ids, and the other
+        completions APIs (OpenAI's, vLLM's) are not wired."""
+        return self.mixed_prompts and self.api == "completions"
+
+    @property
     def prompt_tokens_counted(self) -> bool:
         """Counted where the vocabulary is a tiktoken encoding (OpenAI's models), else approximated."""
         return self._encoding is not None
@@ -261,7 +340,7 @@ class OpenAIEndpoint(Endpoint):
         sent = prompt.prompt if self.api == "completions" else self._messages(prompt)
         encoding = self._encoding
         if encoding is None:
-            return approx_tokens(sent)
+            return approx_tokens(sent) + len(prompt.context_ids)
 
         def tokens(value: Any) -> int:
             return len(encoding.encode(value if isinstance(value, str) else json.dumps(value), disallowed_special=()))
@@ -307,9 +386,14 @@ class OpenAIEndpoint(Endpoint):
         )
 
     async def _ask(self, prompt: Prompt, query: Query) -> Answer:
+        self.limits.check(query, self.vocab_size)
         # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
         top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
+        if prompt.context_ids and not self.token_context:
+            raise EndpointRejected(
+                "this endpoint cannot append token ids to a prompt exactly (llama-server's completions API can)"
+            )
         if self.api == "chat":
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
@@ -317,11 +401,13 @@ class OpenAIEndpoint(Endpoint):
             raise EndpointRejected(Worded("chat messages need {api_chat}; legacy completions take plain prompts"))
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
-            body.update(prompt=prompt.prompt, logprobs=top_k)
+            body.update(prompt=self._completion_prompt(prompt), logprobs=top_k)
         if query.bias:
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
+        if query.token_ids:
+            body["logprob_token_ids"] = list(query.token_ids)
         body.update(self.extra_body)
-        tokens = self._prompt_tokens.get(prompt.id) or approx_tokens(prompt.content())
+        tokens = self._prompt_tokens.get((prompt.id, prompt.position)) or approx_tokens(prompt.content())
         if not (self.post_bias and "seed" not in self._user_extra):
             answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
@@ -336,8 +422,8 @@ class OpenAIEndpoint(Endpoint):
                 if not answer.withheld:
                     break
         if answer.prompt_tokens:
-            self._prompt_tokens[prompt.id] = answer.prompt_tokens
-        return _trim(answer, query.top_logprobs)
+            self._prompt_tokens[prompt.id, prompt.position] = answer.prompt_tokens
+        return with_chosen(answer, query, answer.top()) if query.token_ids else _trim(answer, query.top_logprobs)
 
     async def _greedy_behind_withheld(
         self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer], withheld: Answer
@@ -376,6 +462,12 @@ class OpenAIEndpoint(Endpoint):
                     "tokenizer with {tokenizer}", name=self.vocabulary.name, size=self.vocab_size, error=error,
                 )) from None
             raise
+
+    @staticmethod
+    def _completion_prompt(prompt: Prompt) -> str | list[str | int]:
+        """The completions API's `prompt`: the text, or with `context_ids` the text then those ids (llama.cpp's
+        mixed prompt)."""
+        return [prompt.prompt, *prompt.context_ids] if prompt.context_ids else prompt.prompt  # type: ignore[list-item]
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:
@@ -507,6 +599,15 @@ def _held_ids(data: dict[str, Any]) -> frozenset[int]:
     return frozenset(
         entry["id"] for entry in data["tokens"] if isinstance(entry["piece"], list) and _incomplete_utf8(bytes(entry["piece"]))
     )
+
+
+def _llama_split(data: dict[str, Any], expected: bytes) -> tuple[int, ...] | None:
+    """llama-server's /tokenize answer with pieces ({"tokens": [{"id", "piece"}]}, a piece a string or, where it
+    is not valid UTF-8, a list of byte values): the ids, or None where the pieces do not make the text's bytes
+    (a tokenizer that adds a leading space, for one)."""
+    tokens = data["tokens"]
+    pieces = [bytes(t["piece"]) if isinstance(t["piece"], list) else t["piece"].encode("utf-8") for t in tokens]
+    return tuple(int(t["id"]) for t in tokens) if b"".join(pieces) == expected else None
 
 
 def _post_bias_answer(entry: dict[str, Any]) -> Answer:

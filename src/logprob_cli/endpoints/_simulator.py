@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from logprob_cli.endpoints._base import Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens
+from logprob_cli.endpoints._base import (
+    Answer, Endpoint, EndpointDescription, EndpointRejected, Limits, Prompt, Query, approx_tokens, with_chosen,
+)
 from logprob_cli.wording import plural
 
 SIMULATOR_MODEL = "simulator"
@@ -54,6 +56,8 @@ class SimulatorConfig:
     precision: arithmetic of the biased logits and returned values.
     tie_noise: standard deviation (nats) of fresh per-call noise on every logit, the
         nondeterminism of a real engine at temperature 0; 0 means none.
+    chosen_ids: how many chosen token ids a request may list to get their logprobs besides the
+        top-k (vLLM's logprob_token_ids, here alongside the top-k); 0 (default): none.
     """
 
     vocab_size: int = 100_000
@@ -67,6 +71,7 @@ class SimulatorConfig:
     sampled_logprob: Literal["report", "sentinel"] = "report"
     precision: Literal["float32", "bfloat16"] = "float32"
     tie_noise: float = 0.0
+    chosen_ids: int = 0
 
     def __post_init__(self) -> None:
         """Refuses a value the simulator would ignore or crash on, naming the field and its allowed range."""
@@ -75,6 +80,7 @@ class SimulatorConfig:
         _check_int("seed", self.seed, 0, None)
         _check_int("top_logprobs_cap", self.top_logprobs_cap, 1, self.vocab_size)
         _check_int("bias_entries", self.bias_entries, 1, None)
+        _check_int("chosen_ids", self.chosen_ids, 0, None)
         _check_float("bias_max", self.bias_max, "a finite number above 0", lambda x: x > 0)
         _check_float("tie_noise", self.tie_noise, "a finite number, 0 or above", lambda x: x >= 0)
         for name in ("logprobs_after_bias", "bias_steers_sampling"):
@@ -171,24 +177,38 @@ class SimulatedEndpoint(Endpoint):
     model = SIMULATOR_MODEL
     in_process = True
     one_call_at_a_time = True
+    token_context = True
 
     def __init__(self, config: SimulatorConfig | None = None, system: str | None = None):
         self.config = config or SimulatorConfig()
         self.system = system or None
         c = self.config
         self.vocab_size = c.vocab_size
-        self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries)
+        self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries, token_ids=c.chosen_ids)
         self.sim = _shared_model(c.vocab_size, c.hidden_size, c.seed, c.precision)
         self.calls = 0
         self._noise = np.random.default_rng([c.seed, 7])
 
     def describe(self) -> EndpointDescription:
         system = {"system": self.system} if self.system else {}  # absent without one, as before it was honoured
+        settings = asdict(self.config)
+        if not settings["chosen_ids"]:
+            del settings["chosen_ids"]  # absent when off, as before it existed, so checkpoints still resume
         return EndpointDescription(
             "simulator", self.model,
             f"built-in simulated endpoint (offline, no API key; {self.vocab_size:,}-token vocabulary)",
-            {**asdict(self.config), **system},
+            {**settings, **system},
         )
+
+    def token_text(self, token_id: int) -> str:
+        """The token's bytes (simulator_token_bytes) as text, invalid UTF-8 replaced; f"#{id}" outside the vocabulary."""
+        if not 0 <= token_id < self.vocab_size:
+            return f"#{token_id}"
+        return simulator_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    async def split_text(self, text: str) -> tuple[int, ...]:
+        """`simulator_split` in a worker thread (its first call builds the vocabulary's bytes -> id map)."""
+        return await asyncio.to_thread(simulator_split, text, self.vocab_size)
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         """What the simulator bills when served (server.py): about four bytes a token of what the model reads."""
@@ -197,10 +217,18 @@ class SimulatedEndpoint(Endpoint):
     def content(self, prompt: Prompt | Any) -> Any:
         """What the model reads for a prompt (a `Prompt`, its text or its messages): the chat messages
         as given; plain text as is, or, with a system message, as [system, user] messages as a chat
-        API sends them (so the served simulator, asked with --system, answers the same)."""
+        API sends them (so the served simulator, asked with --system, answers the same).
+
+        A Prompt with `context_ids` (a position of a completion, `token_context`) reads [that content,
+        *context_ids]: the form llama-server's completions API takes for a text followed by exact token ids.
+        So the simulator's distribution after a prompt and tokens t1..tk is, by definition, its distribution
+        for the content [prompt, t1, ..., tk] (`true_logprobs` of that list is the ground truth), distinct for
+        every token sequence and independent of how the tokens' bytes would re-tokenize."""
         value = prompt.content() if isinstance(prompt, Prompt) else prompt
         if self.system and isinstance(value, str):
-            return [{"role": "system", "content": self.system}, {"role": "user", "content": value}]
+            value = [{"role": "system", "content": self.system}, {"role": "user", "content": value}]
+        if isinstance(prompt, Prompt) and prompt.context_ids:
+            return [value, *(int(i) for i in prompt.context_ids)]
         return value
 
     def true_logprobs(self, prompt: Prompt | Any) -> np.ndarray:
@@ -219,6 +247,7 @@ class SimulatedEndpoint(Endpoint):
     def answer(self, prompt: Prompt | Any, query: Query) -> Answer:
         """Answer a query synchronously (the `ask` contract without the event loop)."""
         c = self.config
+        self.limits.check(query, c.vocab_size)
         if query.top_logprobs > c.top_logprobs_cap or query.top_logprobs < 0:
             raise EndpointRejected(f"top_logprobs must be between 0 and {c.top_logprobs_cap}, got {query.top_logprobs}")
         if len(query.bias) > c.bias_entries:
@@ -252,15 +281,24 @@ class SimulatedEndpoint(Endpoint):
             sampled = int(candidates[local[0]])
 
         log_norm = _log_normalizer(seen)
-        top_lp = (seen[top_seen] - log_norm[0]) - log_norm[1]
-        sampled_lp = (seen[sampled] - log_norm[0]) - log_norm[1]
-        if c.precision == "bfloat16":
-            top_lp = to_bfloat16(top_lp)
-            sampled_lp = to_bfloat16(np.asarray([sampled_lp]))[0]
-        reported: float | None = float(sampled_lp)
+        top_lp = self._reported(seen, top_seen, log_norm)
+        reported: float | None = float(self._reported(seen, np.asarray([sampled]), log_norm)[0])
         if sampled not in top_seen[:k] and c.sampled_logprob == "sentinel":
             reported = None
-        return Answer(sampled, reported, tuple(int(i) for i in top_seen), tuple(float(x) for x in top_lp))
+        answer = Answer(sampled, reported, tuple(int(i) for i in top_seen), tuple(float(x) for x in top_lp))
+        if not query.token_ids:
+            return answer
+        chosen = np.asarray(query.token_ids, dtype=np.int64)
+        return with_chosen(answer, query, dict(zip(query.token_ids, self._reported(seen, chosen, log_norm).tolist())))
+
+    def _reported(self, seen: np.ndarray, ids: np.ndarray, log_norm: tuple[np.float32, np.float32]) -> np.ndarray:
+        """The logprobs the simulator reports for `ids`: (z - max) - log sum exp in float32, rounded to
+        bfloat16 in that precision; the same numbers for an id whether it is reported in the top-k, as the
+        generated token or as a chosen id."""
+        logprobs = (seen[ids] - log_norm[0]) - log_norm[1]
+        return to_bfloat16(logprobs) if self.config.precision == "bfloat16" else logprobs
+
+
 
 
 def _log_normalizer(x: np.ndarray) -> tuple[np.float32, np.float32]:
@@ -307,3 +345,28 @@ def simulator_token_bytes(token_id: int) -> bytes:
         n //= base
     word = "".join(reversed(parts))
     return ((" " if space else "") + word).encode()
+
+
+@lru_cache(maxsize=4)
+def _simulator_ids(vocab_size: int) -> tuple[dict[bytes, int], int]:
+    """The simulator vocabulary's bytes -> id map and its longest token's length in bytes."""
+    ids = {simulator_token_bytes(i): i for i in range(vocab_size)}
+    return ids, max(map(len, ids))
+
+
+def simulator_split(text: str, vocab_size: int) -> tuple[int, ...]:
+    """The ids `text`'s UTF-8 bytes split into in the simulator's vocabulary of `vocab_size` tokens.
+
+    The simulator has no tokenizer of its own, so the split is greedy, longest match first: at each
+    position the longest token whose bytes start there. A text that is exactly one token's bytes is that
+    one token, and every text splits (ids 0-255 are the single bytes).
+    """
+    ids, longest = _simulator_ids(vocab_size)
+    data, split, start = text.encode("utf-8"), [], 0
+    while start < len(data):
+        end = min(len(data), start + longest)
+        while data[start:end] not in ids:
+            end -= 1
+        split.append(ids[data[start:end]])
+        start = end
+    return tuple(split)

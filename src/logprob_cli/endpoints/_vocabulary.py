@@ -13,6 +13,7 @@ model's vocabulary, or taken from the id the server returns. A `Vocabulary` come
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from logprob_cli.errors import LogprobError
-from logprob_cli.endpoints._simulator import simulator_token_bytes
+from logprob_cli.endpoints._simulator import simulator_split, simulator_token_bytes
 
 
 class VocabularyError(LogprobError, ValueError):
@@ -33,12 +34,20 @@ class VocabularyError(LogprobError, ValueError):
 
 
 class Vocabulary:
-    """Ids 0..size-1 and their bytes (None for ids with no byte form: specials, unassigned)."""
+    """Ids 0..size-1 and their bytes (None for ids with no byte form: specials, unassigned), and `split`, the
+    model's tokenizer where it is known (text -> ids, no special tokens added), else None."""
 
-    def __init__(self, name: str, size: int, token_bytes: Callable[[int], bytes | None]):
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        token_bytes: Callable[[int], bytes | None],
+        split: Callable[[str], tuple[int, ...]] | None = None,
+    ):
         self.name = name
         self.size = size
         self._token_bytes = token_bytes
+        self.split = split
         self._ids: dict[bytes, int] | None = None
 
     def token_bytes(self, token_id: int) -> bytes | None:
@@ -73,7 +82,7 @@ def load_vocabulary(spec: str) -> Vocabulary:
             n = int(size or 100_000)
         except ValueError:
             raise VocabularyError(f"simulator vocabulary size must be a number, got {size!r}") from None
-        return Vocabulary(f"simulator:{n}", n, simulator_token_bytes)
+        return Vocabulary(f"simulator:{n}", n, simulator_token_bytes, functools.partial(simulator_split, vocab_size=n))
     path = Path(spec)
     if spec.endswith(".tiktoken"):
         return _tiktoken_file(path)
@@ -119,7 +128,10 @@ def _from_encoding(name: str, encoding) -> Vocabulary:
         except KeyError:
             return None
 
-    return Vocabulary(name, encoding.n_vocab, token_bytes)
+    def split(text: str) -> tuple[int, ...]:
+        return tuple(encoding.encode(text, disallowed_special=()))  # special-token text as plain text
+
+    return Vocabulary(name, encoding.n_vocab, token_bytes, split)
 
 
 _TIKTOKEN_URLS = {

@@ -1,7 +1,10 @@
 """Reading a batch's prompts from JSONL: one JSON object per line, every problem reported at once.
 
 A line is `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}`;
-any other keys are kept in `Prompt.extra`. Blank lines are skipped but still count as lines.
+optionally with `"targets": [" Yes", " No", 1734]` (token strings and/or ids: the tokens whose logprobs are
+wanted; every line has them or none does), and with a plain prompt `"completion": "..."` or
+`"completion_ids": [...]` (a text whose every position is wanted); any other keys are kept in `Prompt.extra`. Blank lines are
+skipped but still count as lines.
 Besides the shape of each line, the pre-flight check (`preflight.prompt_problems`) finds what
 would fail only after calls are paid (text that is not valid Unicode, NaN, ids beyond 64 bits,
 keys named like output columns, values Parquet cannot store, chat lines for legacy completions).
@@ -10,19 +13,20 @@ keys named like output columns, values Parquet cannot store, chat lines for lega
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from logprob_cli.endpoints import Prompt
-from logprob_cli.errors import LogprobError, prefixed, reworded
-from logprob_cli.io._preflight import prompt_problems, where
+from logprob_cli.errors import LogprobError, Worded, prefixed, reworded
+from logprob_cli.io._preflight import completion_problems, missing_targets, prompt_problems, target_problems, where
 
 MAX_LISTED = 20
-RESERVED = ("id", "prompt", "messages")
+RESERVED = ("id", "prompt", "messages", "targets", "completion", "completion_ids")
 KINDS = {
     dict: "an object",
     list: "an array",
@@ -94,6 +98,11 @@ def read_prompts(source: str | os.PathLike, api: str | None = None) -> list[Prom
         raise InputError([f"no prompts in {name}"])
     ids, id_problems = _resolve_ids(records)
     problems += id_problems
+    has_targets = ["targets" in record for _, record in records]
+    problems += [
+        (records[index][0], problem)
+        for index, problem in missing_targets(has_targets, [f"line {number}" for number, _ in records])
+    ]
     faulty = {number for number, _ in problems}
     prompts = [
         Prompt(
@@ -102,6 +111,9 @@ def read_prompts(source: str | os.PathLike, api: str | None = None) -> list[Prom
             prompt=record.get("prompt"),
             messages=record.get("messages"),
             extra={key: value for key, value in record.items() if key not in RESERVED},
+            targets=tuple(record.get("targets", ())),
+            completion=record.get("completion"),
+            completion_ids=tuple(record.get("completion_ids", ())),
         )
         for number, record in records
         if number not in faulty
@@ -118,8 +130,33 @@ def check_prompts(prompts: list[Prompt], api: str | None = None) -> None:
     problem. `read_prompts` runs the same check as it reads a file, so a file's prompts are checked twice (about
     2 s per 100,000 lines), which buys one guard at the batch's entry for every caller."""
     problems = prompt_problems(prompts, api)
+    missing = missing_targets([bool(p.targets) for p in prompts], [where(p) for p in prompts])
+    problems += [(prompts[index], problem) for index, problem in missing]
     if problems:
+        position = {id(prompt): index for index, prompt in enumerate(prompts)}
+        problems.sort(key=lambda item: position[id(item[0])])
         raise InputError([prefixed(where(prompt), problem) for prompt, problem in problems], "prompts")
+
+
+def with_targets(prompts: Sequence[Prompt], targets: Sequence[str | int], source: str = "prompts") -> list[Prompt]:
+    """The prompts, each asking for the same `targets` (token strings and/or ids, in order): one target set for a
+    whole batch. InputError (under `source`, e.g. the input file's name) lists what is wrong with `targets` and
+    every prompt that has targets of its own; nothing is changed then."""
+    problems = [
+        Worded("{targets}: {problem}", problem=problem)
+        for problem in target_problems(targets, "the list", lambda index, target: f"target {index + 1} ({_shown(target)})")
+    ]
+    problems += [
+        Worded(
+            '{where}: has its own "targets", and one target set is given for every prompt ({targets}): give one or '
+            "the other", where=where(prompt),
+        )
+        for prompt in prompts
+        if prompt.targets
+    ]
+    if problems:
+        raise InputError(problems, source)
+    return [dataclasses.replace(prompt, targets=tuple(targets)) for prompt in prompts]
 
 
 def _read_text(source: str | os.PathLike, name: str) -> str:
@@ -147,7 +184,10 @@ def _parse_line(line: str) -> tuple[dict[str, Any] | None, list[str]]:
         return None, ["JSON nested too deeply to read: flatten the line"]
     if not isinstance(record, dict):
         return None, [f"expected a JSON object, got {KINDS[type(record)]}"]
-    return record, _content_problems(record) + _id_problems(record)
+    targets = target_problems(record["targets"]) if "targets" in record else []
+    given = {key: record[key] for key in ("completion", "completion_ids") if key in record}
+    completion = completion_problems(given, "messages" in record)
+    return record, _content_problems(record) + _id_problems(record) + targets + completion
 
 
 def content_problems(record: dict[str, Any]) -> list[str]:
@@ -252,3 +292,11 @@ def _resolve_ids(records: list[tuple[int, dict[str, Any]]]) -> tuple[dict[int, A
 
 def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON where it is JSON, else as Python shows it."""
+    try:
+        return _show(value)
+    except (TypeError, ValueError):
+        return repr(value)

@@ -1,9 +1,27 @@
-"""The Parquet output: one row per prompt with its full next-token log-probability vector.
+"""The Parquet output: one row per prompt (or per position of a completion) with its full next-token
+log-probability vector, or its chosen tokens.
 
 `output_schema` fixes the columns from the prompts, `write_parquet` streams rows into a
 file that is replaced atomically, and `render_inspect` summarises a file for humans.
 The run's description (model, vocabulary, endpoint, settings) is stored as JSON under
 the file-level key b"logprob_cli".
+
+When the prompts have targets (chosen tokens), a row holds a `targets` list (one struct per target, in the
+order given: token_id, token, logprob or NULL, the proven upper bound where NULL, the precision where recovered) and
+the visible top-k by-product (`top_ids`, `top_logprobs`); the full vector and its whole-vector diagnostics
+only when asked for (`store_vector`). A target file reads with one line in each of:
+
+    pandas.read_parquet("out.parquet").explode("targets")        # a row per target, each a dict
+    polars.read_parquet("out.parquet").explode("targets").unnest("targets")
+    duckdb.sql("select id, unnest(targets, recursive := true) from 'out.parquet'")
+
+(the struct's `token_id` is named apart from the prompt's `id`, so flattening needs no prefix).
+
+The compact form (`store_top` N, for distillation-sized jobs): instead of the vector, `top_ids` / `top_logprobs`
+hold the N most likely recovered tokens, best first, and `rest_mass` = max(0, 1 - sum of their probabilities),
+beside the scalar diagnostics (probability_sum, unrecovered_count, unrecovered_mass_bound) but not the lists of
+unrecovered ids and bounds, which can be as long as the vector. With targets, N is how many top entries a row
+keeps (instead of the calls' top-k) and `rest_mass` is added. `store_vector` keeps the whole vector beside either.
 """
 
 from __future__ import annotations
@@ -50,23 +68,74 @@ _TAIL = (
     "precision_nats",
     "notes",
 )
-_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL}
+_TARGET_COLUMNS = ("targets", "top_ids", "top_logprobs", "rest_mass")
+_POSITION_COLUMNS = ("position", "context_tokens", "next_token_id", "next_token_logprob")
+_VECTOR_COLUMNS = ("logprobs", "unrecovered_ids", "unrecovered_upper_bounds")  # as long as the vector at worst
+_VECTOR_SCALARS = ("probability_sum", "unrecovered_count", "unrecovered_mass_bound")  # with targets: only beside it
+_COLUMNS = {name.lower(): name for name in _HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS}
+TARGET_TYPE = pa.struct([
+    pa.field("token_id", pa.int32()),
+    pa.field("token", pa.string()),
+    pa.field("logprob", pa.float64()),
+    pa.field("upper_bound", pa.float64()),
+    pa.field("precision", pa.float64()),
+])
+POSITION_FIELDS = [
+    pa.field("position", pa.int32()),
+    pa.field("context_tokens", pa.list_(pa.int32())),
+    pa.field("next_token_id", pa.int32()),
+    pa.field("next_token_logprob", pa.float64()),
+]
+_DIAGNOSTIC_FIELDS = (  # after the vector, in this order
+    pa.field("calls", pa.int64()),
+    pa.field("probability_sum", pa.float64()),
+    pa.field("unrecovered_count", pa.int64()),
+    pa.field("unrecovered_mass_bound", pa.float64()),
+    pa.field("unrecovered_ids", pa.list_(pa.int32())),
+    pa.field("unrecovered_upper_bounds", pa.list_(pa.float32())),
+    pa.field("precision_nats", pa.float64()),
+    pa.field("notes", pa.list_(pa.string())),
+)
+DEFAULT_TOP_K = 20
+MAX_TARGETS_SHOWN = 20  # per prompt, by `inspect`
 
 
 @dataclass
 class OutputRow:
-    """One finished prompt: what was asked, by which model and method, at what cost, and the result."""
+    """One finished prompt: what was asked, by which model and method, at what cost, and the result.
+
+    targets: (token id, token text) of each target, in the order given: its ids are `prompt.target_ids`
+    (empty without targets). Their values come from `result` (its vector and upper_bounds).
+    """
 
     prompt: Prompt
     model: str
     method: str
     calls: int
     result: MethodResult
+    targets: tuple[tuple[int, str], ...] = ()
 
 
-def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
+def output_schema(
+    prompts: list[Prompt],
+    vocab_size: int,
+    store_vector: bool = False,
+    top_k: int = DEFAULT_TOP_K,
+    store_top: int | None = None,
+) -> pa.Schema:
     """The file's columns: id, prompt, messages, the prompts' extra keys, then model, method, the vector and diagnostics.
 
+    When the prompts have targets (`Prompt.targets` or `target_ids`), `targets` (list of TARGET_TYPE), `top_ids`
+    and `top_logprobs` (the at most `store_top`, else `top_k`, largest recovered entries, best first) follow the
+    method, and the vector and its whole-vector diagnostics are columns only when `store_vector`; `calls`,
+    `precision_nats` and `notes` always are. Without targets, `store_top` N (1 or more) puts `top_ids`,
+    `top_logprobs` and `rest_mass` in the vector's place (the vector too when `store_vector`), keeping the scalar
+    diagnostics; with targets it adds `rest_mass`. Without targets and `store_top`, `store_vector` and `top_k`
+    change nothing.
+    When a prompt has a completion (every position of a text), a row is one position of one prompt:
+    `position` (0: right after the prompt), `context_tokens` (the completion's token ids before it: the
+    prompt's own tokens are not listed), `next_token_id` (the completion's token at this position, NULL after the
+    last) and `next_token_logprob` (its logprob where the row recovered it, else NULL) follow the extra keys.
     Extra keys are the union over all prompts in first-seen order; each column's type is
     inferred from all values (NULL where absent), falling back to JSON text (field
     metadata {"encoding": "json"}) when no Parquet-storable type fits or the type nests
@@ -91,20 +160,29 @@ def output_schema(prompts: list[Prompt], vocab_size: int) -> pa.Schema:
         pa.field("messages", pa.string(), metadata=JSON_FIELD),
     ]
     fields += [_extra_field(key, [p.extra.get(key) for p in prompts]) for key in keys]
+    if any(p.completion is not None or p.completion_ids or p.position is not None for p in prompts):
+        fields += POSITION_FIELDS
+    fields += [pa.field("model", pa.string()), pa.field("method", pa.string())]
+    targets = any(p.targets or p.target_ids for p in prompts)
+    fields += _top_fields(vocab_size, store_top or top_k, targets, store_top is not None)
+    whole = store_vector or (not targets and store_top is None)
+    tail = [pa.field("logprobs", pa.list_(pa.float32(), vocab_size)), *_DIAGNOSTIC_FIELDS]
     fields += [
-        pa.field("model", pa.string()),
-        pa.field("method", pa.string()),
-        pa.field("logprobs", pa.list_(pa.float32(), vocab_size)),
-        pa.field("calls", pa.int64()),
-        pa.field("probability_sum", pa.float64()),
-        pa.field("unrecovered_count", pa.int64()),
-        pa.field("unrecovered_mass_bound", pa.float64()),
-        pa.field("unrecovered_ids", pa.list_(pa.int32())),
-        pa.field("unrecovered_upper_bounds", pa.list_(pa.float32())),
-        pa.field("precision_nats", pa.float64()),
-        pa.field("notes", pa.list_(pa.string())),
+        f for f in tail
+        if whole or (f.name not in _VECTOR_COLUMNS and (f.name not in _VECTOR_SCALARS or not targets))
     ]
     return pa.schema(fields)
+
+
+def _top_fields(vocab_size: int, top: int, targets: bool, compact: bool) -> list[pa.Field]:
+    """`targets` (with targets), `top_ids` and `top_logprobs` (with targets or `compact`: their field metadata hold
+    the vocabulary size and how many entries a row keeps, `top`) and `rest_mass` (when `compact`)."""
+    if not (targets or compact):
+        return []
+    sizes = {b"vocab_size": str(vocab_size).encode(), b"top_k": str(top).encode()}
+    fields = [pa.field("targets", pa.list_(TARGET_TYPE))] if targets else []
+    fields += [pa.field("top_ids", pa.list_(pa.int32()), metadata=sizes), pa.field("top_logprobs", pa.list_(pa.float32()))]
+    return fields + ([pa.field("rest_mass", pa.float64())] if compact else [])
 
 
 def colliding_column(key: str) -> str | None:
@@ -156,9 +234,13 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
     os.replace, so `path` is always the old or the new complete file; on error the
     temporary file is removed and `path` is untouched. Only a regular file is replaced:
     FileExistsError when `path` is a link, directory, device or FIFO. `metadata` is stored
-    as JSON under the file-level key b"logprob_cli".
+    as JSON under the file-level key b"logprob_cli", with "store" added ("vector", or "top:N" for the compact
+    form, `store_form`), and "targets": true and "store_vector" when the schema has targets.
     """
     path = Path(path)
+    metadata = {**metadata, "store": store_form(schema)}
+    if "targets" in schema.names:
+        metadata = {**metadata, "targets": True, "store_vector": "logprobs" in schema.names}
     schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     written = 0
@@ -186,14 +268,22 @@ def write_parquet(path: str | os.PathLike, schema: pa.Schema, rows: Iterable[Out
     return written
 
 
+def store_form(schema: pa.Schema) -> str:
+    """How a file stores each row's distribution: "top:N" (the compact form: the N most likely tokens and
+    `rest_mass`) or "vector"."""
+    if "rest_mass" in schema.names:
+        return f"top:{int(schema.field('top_ids').metadata[b'top_k'])}"
+    return "vector"
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Every column but the vectors and their bounds, where a dictionary is only overhead."""
-    dense = {"logprobs", "unrecovered_ids", "unrecovered_upper_bounds"}
+    dense = {"logprobs", "unrecovered_ids", "unrecovered_upper_bounds", "top_ids", "top_logprobs"}
     return [name for name in schema.names if name not in dense]
 
 
 def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
-    vocab_size = schema.field("logprobs").type.list_size
+    vocab_size = _vocab_size(schema)
     for row in rows:
         if row.result.logprobs.shape != (vocab_size,):
             raise ValueError(
@@ -204,17 +294,96 @@ def _batch(schema: pa.Schema, rows: list[OutputRow]) -> pa.RecordBatch:
     columns |= {
         "model": pa.array([r.model for r in rows], pa.string()),
         "method": pa.array([r.method for r in rows], pa.string()),
-        "logprobs": _vectors([r.result.logprobs for r in rows], vocab_size),
         "calls": pa.array([r.calls for r in rows], pa.int64()),
-        "probability_sum": pa.array([r.result.probability_sum() for r in rows], pa.float64()),
-        "unrecovered_count": pa.array([r.result.unrecovered_ids.size for r in rows], pa.int64()),
-        "unrecovered_mass_bound": pa.array([r.result.unrecovered_mass_bound() for r in rows], pa.float64()),
-        "unrecovered_ids": _lists([r.result.unrecovered_ids for r in rows], np.int32),
-        "unrecovered_upper_bounds": _lists([_bounds(r.result) for r in rows], np.float32),
         "precision_nats": pa.array([r.result.precision for r in rows], pa.float64()),
         "notes": pa.array([list(r.result.notes) for r in rows], pa.list_(pa.string())),
     }
+    if "position" in schema.names:
+        columns |= _position_columns(rows)
+    if "targets" in schema.names:
+        columns["targets"] = pa.array([_targets(row) for row in rows], pa.list_(TARGET_TYPE))
+    if "top_ids" in schema.names:
+        columns |= _top_columns(rows, int(schema.field("top_ids").metadata[b"top_k"]))
+    if "logprobs" in schema.names:
+        columns["logprobs"] = _vectors([r.result.logprobs for r in rows], vocab_size)
+    columns |= _diagnostic_columns(rows, [name for name in (*_VECTOR_COLUMNS, *_VECTOR_SCALARS) if name in schema.names])
     return pa.RecordBatch.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+
+def _vocab_size(schema: pa.Schema) -> int:
+    if "logprobs" in schema.names:
+        return schema.field("logprobs").type.list_size
+    return int(schema.field("top_ids").metadata[b"vocab_size"])
+
+
+def _diagnostic_columns(rows: list[OutputRow], names: list[str]) -> dict[str, pa.Array]:
+    """What is known about each vector as a whole, the columns named by `names` only."""
+    made = {
+        "probability_sum": lambda: pa.array([r.result.probability_sum() for r in rows], pa.float64()),
+        "unrecovered_count": lambda: pa.array([r.result.unrecovered_ids.size for r in rows], pa.int64()),
+        "unrecovered_mass_bound": lambda: pa.array([r.result.unrecovered_mass_bound() for r in rows], pa.float64()),
+        "unrecovered_ids": lambda: _lists([r.result.unrecovered_ids for r in rows], np.int32),
+        "unrecovered_upper_bounds": lambda: _lists([_bounds(r.result) for r in rows], np.float32),
+    }
+    return {name: made[name]() for name in names if name in made}
+
+
+def _position_columns(rows: list[OutputRow]) -> dict[str, pa.Array]:
+    """Each row's position, context tokens, next completion token and that token's logprob where recovered."""
+    nexts = [next_token(row.prompt) for row in rows]
+    logprobs = [
+        None if token is None or math.isnan(value := float(np.float32(row.result.logprobs[token]))) else value
+        for row, token in zip(rows, nexts)
+    ]
+    return {
+        "position": pa.array([row.prompt.position for row in rows], pa.int32()),
+        "context_tokens": pa.array([list(row.prompt.context_ids) for row in rows], pa.list_(pa.int32())),
+        "next_token_id": pa.array(nexts, pa.int32()),
+        "next_token_logprob": pa.array(logprobs, pa.float64()),
+    }
+
+
+def next_token(prompt: Prompt) -> int | None:
+    """A position's next completion token: the completion's token at `position`, None after the last one (and
+    for a prompt that is not a position)."""
+    if prompt.position is None or prompt.position >= len(prompt.completion_ids):
+        return None
+    return prompt.completion_ids[prompt.position]
+
+
+def _top_columns(rows: list[OutputRow], top: int) -> dict[str, pa.Array]:
+    """Each row's `top` largest recovered entries, best first, as float32, and `rest_mass`: 1 - the sum of their
+    probabilities, in float64 from the float32 values stored (so a reader recomputes it exactly), clamped at 0."""
+    tops = [_top_ids(r.result.logprobs, top) if top > 0 else np.empty(0, np.int64) for r in rows]
+    values = [r.result.logprobs[ids].astype(np.float32) for r, ids in zip(rows, tops)]
+    rest = [max(0.0, 1.0 - float(np.exp(v.astype(np.float64)).sum())) for v in values]
+    return {
+        "top_ids": _lists(tops, np.int32),
+        "top_logprobs": _lists(values, np.float32),
+        "rest_mass": pa.array(rest, pa.float64()),
+    }
+
+
+def _targets(row: OutputRow) -> list[dict[str, Any]]:
+    """One struct per target: its logprob where recovered (float32 widened exactly) with the method's precision,
+    else NULL with the bound the answers prove (NULL where none is known)."""
+    vector, found = row.result.logprobs, []
+    if tuple(token_id for token_id, _ in row.targets) != tuple(row.prompt.target_ids):
+        raise ValueError(f"prompt {row.prompt.id!r}: the row's targets are not the prompt's resolved target_ids")
+    for token_id, token in row.targets:
+        if not 0 <= token_id < vector.size:
+            raise ValueError(f"prompt {row.prompt.id!r}: target id {token_id} is outside the vocabulary ({vector.size:,})")
+        value = float(np.float32(vector[token_id]))
+        recovered = not math.isnan(value)
+        bound = None if recovered else row.result.upper_bounds.get(token_id)
+        found.append({
+            "token_id": token_id,
+            "token": token,
+            "logprob": value if recovered else None,
+            "upper_bound": None if bound is None or math.isnan(bound) else float(bound),
+            "precision": float(row.result.precision) if recovered else None,
+        })
+    return found
 
 
 def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Array]:
@@ -233,7 +402,7 @@ def prompt_columns(schema: pa.Schema, prompts: list[Prompt]) -> dict[str, pa.Arr
             pa.string(),
         ),
     }
-    tool_columns = set(_HEAD + _TAIL)
+    tool_columns = set(_HEAD + _TAIL + _TARGET_COLUMNS + _POSITION_COLUMNS)
     for field in schema:
         if field.name in tool_columns:
             continue
@@ -305,34 +474,26 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
 
     The header names the method that ran (the rows' `method` column; "X (chosen by auto)" when
     the run asked for auto). The table fits 80 columns: the top tokens share one cell, one a line;
-    long ids and token texts are cut short. Reads the file in batches so memory does not grow with
-    its size. Raises ValueError if the path is not a readable Parquet file with logprob_cli metadata.
+    long ids and token texts are cut short; a row of a completion's position is named "id @position". A target
+    file shows each target instead (at most
+    MAX_TARGETS_SHOWN a prompt): its token, its logprob (or "< bound" where it was not recovered) and
+    its precision. Reads the file in batches so memory does not grow with its size. Raises
+    ValueError if the path is not a readable Parquet file with logprob_cli metadata.
     """
     file, metadata = _open(path)
-    text = token_text(metadata)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", min_width=4, max_width=12, overflow="ellipsis", no_wrap=True)
-    table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
-    for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
-        table.add_column(name, justify="right", no_wrap=True, min_width=width)
-    ran: dict[str, None] = {}
-    scalars = ["id", "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
-    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["logprobs", *scalars]):
-        vocab_size = batch.schema.field("logprobs").type.list_size
-        vectors = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False).reshape(-1, vocab_size)
-        for row, vector in zip(batch.select(scalars).to_pylist(), vectors):
-            ran[row["method"]] = None
-            lp = vector.astype(np.float64)
-            tops = (f"{_short(text(int(i)))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))
-            table.add_row(
-                Text(str(row["id"])),
-                Text("\n".join(tops)),
-                f"{_entropy(lp):.4f}",
-                f"{row['probability_sum']:.6f}",
-                f"{row['unrecovered_count']:,}",
-                f"{row['calls']:,}",
-                f"{row['precision_nats']:.2g}",
-            )
+    if "targets" in file.schema_arrow.names:
+        ran = _target_rows(file, table)
+        legend = "logprob in nats (< b: not recovered, at most b; ?: no bound known); ±nats: its precision"
+    elif "logprobs" not in file.schema_arrow.names and "rest_mass" in file.schema_arrow.names:
+        ran = _compact_rows(file, table, token_text(metadata), top)
+        legend = (f"top: token and probability ({store_form(file.schema_arrow)}: the file keeps each row's most likely "
+                  "tokens); rest: the probability beyond them; p sum: probability recovered; unrec.: tokens not recovered")
+    else:
+        ran = _vector_rows(file, table, token_text(metadata), top)
+        legend = ("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability recovered; "
+                  "unrec.: tokens not recovered")
     vocabulary = metadata.get("vocabulary", {})
     size = vocabulary.get("size")
     model = metadata.get("model") or metadata.get("endpoint", {}).get("model", "?")
@@ -342,10 +503,95 @@ def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> N
         highlight=False,
     )
     asked = metadata.get("settings", {}).get("method")
-    console.print(f"method: {_method_that_ran(asked, list(ran), metadata.get('method'))}", highlight=False)
+    console.print(f"method: {_method_that_ran(asked, ran, metadata.get('method'))}", highlight=False)
     console.print(table)
-    console.print("top: token and probability; entropy, ±nats (precision) in nats; p sum: probability "
-                  "recovered; unrec.: tokens not recovered", highlight=False, style="dim")
+    console.print(legend, highlight=False, style="dim")
+
+
+def _vector_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str], top: int) -> list[str]:
+    """Fill `table` with each prompt's top tokens, entropy and diagnostics; the methods that ran."""
+    table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
+    for name, width in (("entropy", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    scalars = ["id", *_position_column(file), "method", "probability_sum", "unrecovered_count", "calls", "precision_nats"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["logprobs", *scalars]):
+        vocab_size = batch.schema.field("logprobs").type.list_size
+        vectors = batch.column("logprobs").flatten().to_numpy(zero_copy_only=False).reshape(-1, vocab_size)
+        for row, vector in zip(batch.select(scalars).to_pylist(), vectors):
+            ran[row["method"]] = None
+            lp = vector.astype(np.float64)
+            tops = (f"{_short(text(int(i)))} {math.exp(lp[i]):.2g}" for i in _top_ids(lp, top))
+            table.add_row(Text(_row_label(row)), Text("\n".join(tops)), f"{_entropy(lp):.4f}", *_diagnostics(row))
+    return list(ran)
+
+
+def _compact_rows(file: pq.ParquetFile, table: Table, text: Callable[[int], str], top: int) -> list[str]:
+    """Fill `table` from a top:N file: each row's first `top` stored tokens, its rest mass and diagnostics; the
+    methods that ran."""
+    table.add_column(f"top {top}", no_wrap=True, overflow="ellipsis")
+    for name, width in (("rest", 7), ("p sum", 8), ("unrec.", 6), ("calls", 5), ("±nats", 7)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    columns = ["id", *_position_column(file), "method", "top_ids", "top_logprobs", "rest_mass", "probability_sum",
+               "unrecovered_count", "calls", "precision_nats"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns):
+        for row in batch.to_pylist():
+            ran[row["method"]] = None
+            tops = (f"{_short(text(i))} {math.exp(lp):.2g}" for i, lp in zip(row["top_ids"][:top], row["top_logprobs"]))
+            table.add_row(Text(_row_label(row)), Text("\n".join(tops)), f"{row['rest_mass']:.2g}", *_diagnostics(row))
+    return list(ran)
+
+
+def _diagnostics(row: dict[str, Any]) -> tuple[str, ...]:
+    """The last cells of an `inspect` row: probability sum, unrecovered tokens, calls, precision."""
+    return (
+        f"{row['probability_sum']:.6f}", f"{row['unrecovered_count']:,}", f"{row['calls']:,}",
+        f"{row['precision_nats']:.2g}",
+    )
+
+
+def _target_rows(file: pq.ParquetFile, table: Table) -> list[str]:
+    """Fill `table` with each prompt's targets (token, logprob or "< bound", precision) and calls; the methods
+    that ran."""
+    table.add_column("token", no_wrap=True, overflow="ellipsis")
+    for name, width in (("logprob", 9), ("±nats", 7), ("calls", 5)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    ran: dict[str, None] = {}
+    columns = ["id", *_position_column(file), "method", "targets", "calls"]
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns):
+        for row in batch.to_pylist():
+            ran[row["method"]] = None
+            targets = row["targets"] or []
+            shown = targets[:MAX_TARGETS_SHOWN]
+            tokens = [_short(repr(t["token"]), 16) for t in shown]
+            if len(targets) > len(shown):
+                tokens.append(f"… {len(targets) - len(shown)} more")
+            table.add_row(
+                Text(_row_label(row)),
+                Text("\n".join(tokens)),
+                "\n".join(_target_logprob(t) for t in shown),
+                "\n".join("" if t["precision"] is None else f"{t['precision']:.2g}" for t in shown),
+                f"{row['calls']:,}",
+            )
+    return list(ran)
+
+
+def _position_column(file: pq.ParquetFile) -> list[str]:
+    """["position"] for a file of positions, else []."""
+    return ["position"] if "position" in file.schema_arrow.names else []
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    """How `inspect` names a row: its id, and for a position of a completion "id @position"."""
+    return str(row["id"]) if row.get("position") is None else f"{row['id']} @{row['position']}"
+
+
+def _target_logprob(target: dict[str, Any]) -> str:
+    """A target's logprob, or "< bound" where it was not recovered ("< ?" where no bound is known)."""
+    if target["logprob"] is not None:
+        return f"{target['logprob']:.4f}"
+    return "< ?" if target["upper_bound"] is None else f"< {target['upper_bound']:.4f}"
 
 
 def _method_that_ran(asked: str | None, ran: list[str], recorded: str | None = None) -> str:

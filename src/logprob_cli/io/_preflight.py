@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +25,13 @@ from logprob_cli.errors import Worded
 from logprob_cli.io._parquet import colliding_column, output_schema, prompt_columns
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TARGETS = 1000  # chosen tokens per prompt
+TOKEN_ID_LIMIT = 2**31  # the output stores token ids as int32
+MAX_COMPLETION_TOKENS = 100_000  # a completion's tokens: each is a unit of work and an output row
+CHAT_COMPLETION = (
+    'a completion needs a plain "prompt": exact positions cannot be guaranteed through a chat template here, so '
+    'give the prompt as text (with the completions API on a server)'
+)
 # what building the schema, converting a column or writing and reading it raises for a value it cannot hold
 STORE_ERRORS = (pa.ArrowException, OSError, OverflowError, UnicodeError, TypeError, ValueError)
 
@@ -40,12 +47,117 @@ def prompt_problems(prompts: list[Prompt], api: str | None = None) -> list[tuple
     safe_keys: set[str] = set()
     for prompt in prompts:
         found = _value_problems(prompt) + _collisions(prompt, safe_keys)
+        if prompt.targets:
+            found += target_problems(prompt.targets)
+        found += completion_problems(given_completion(prompt), prompt.messages is not None)
         if api == "completions" and prompt.messages is not None:
             found.append(Worded('"messages" needs the chat API: run with {api_chat} (legacy completions take "prompt" only)'))
         problems += [(prompt, problem) for problem in found]
         if not found:
             clean.append(prompt)
     return problems + _storage_problems(clean)
+
+
+def target_problems(targets: Any, name: str = '"targets"', label: Callable[[int, Any], str] | None = None) -> list[str]:
+    """What is wrong with a target list, one problem per bad item (empty: nothing).
+
+    A target list is a non-empty array (list or tuple) of at most MAX_TARGETS items, each a non-empty token
+    string (valid Unicode) or a token id (an integer from 0 below 2**31, not a boolean), none given twice.
+    The list is named `name`, an item by `label(index, item)` (default `name[index]`). Whether a string is one
+    token of the vocabulary and an id one of its ids is the run layer's check (it holds the vocabulary).
+    """
+    label = label or (lambda index, target: f"{name}[{index}]")
+    if not isinstance(targets, (list, tuple)):
+        return [f"{name} must be an array of token strings or token ids, got {_kind(targets)}"]
+    if not targets:
+        return [f"{name} is empty: give at least one token, or leave it out for the whole vector"]
+    if len(targets) > MAX_TARGETS:
+        return [f"{name} holds {len(targets):,} tokens; at most {MAX_TARGETS:,} are allowed"]
+    problems = []
+    first: dict[tuple[type, Any], int] = {}
+    for index, target in enumerate(targets):
+        problem = _target_problem(target)
+        if problem is None and (type(target), target) in first:
+            earlier = first[type(target), target]
+            problem = f"is given twice (also {label(earlier, target)})"
+        if problem is not None:
+            problems.append(f"{label(index, target)} {problem}")
+        else:
+            first[type(target), target] = index
+    return problems
+
+
+def completion_problems(given: dict[str, Any], chat: bool) -> list[str]:
+    """What is wrong with a prompt's completion (empty: nothing). `given` holds the keys the prompt gives of
+    "completion" (a non-empty text, valid Unicode) and "completion_ids" (a non-empty array of at most
+    MAX_COMPLETION_TOKENS token ids, each an integer from 0 below 2**31); one or the other, and with a plain
+    prompt only (`chat`: the prompt is chat messages). Whether the ids lie in the vocabulary, and how the text
+    splits into tokens, is the run layer's check (it holds the vocabulary)."""
+    if not given:
+        return []
+    if len(given) > 1:
+        return ['give either "completion" or "completion_ids", not both']
+    problems = [CHAT_COMPLETION] if chat else []
+    if "completion" in given:
+        text = given["completion"]
+        if not isinstance(text, str):
+            return problems + [f'"completion" must be a string, got {_kind(text)}']
+        if not text:
+            return problems + ['"completion" is empty: give at least one character, or leave it out']
+        if not _encodable(text):
+            problems.append('"completion" is text that is not valid Unicode (a lone surrogate such as \\ud800)')
+        return problems
+    ids = given["completion_ids"]
+    if not isinstance(ids, (list, tuple)):
+        return problems + [f'"completion_ids" must be an array of token ids, got {_kind(ids)}']
+    if not ids:
+        return problems + ['"completion_ids" is empty: give at least one token id, or leave it out']
+    if len(ids) > MAX_COMPLETION_TOKENS:
+        return problems + [f'"completion_ids" holds {len(ids):,} tokens; at most {MAX_COMPLETION_TOKENS:,} are allowed']
+    bad = next((index for index, i in enumerate(ids) if isinstance(i, bool) or not isinstance(i, int)
+                or not 0 <= i < TOKEN_ID_LIMIT), None)
+    if bad is not None:
+        problems.append(f'"completion_ids"[{bad}] must be a token id (an integer from 0 to {TOKEN_ID_LIMIT - 1:,}), '
+                        f"got {json.dumps(ids[bad]) if isinstance(ids[bad], (int, float, str)) else _kind(ids[bad])}")
+    return problems
+
+
+def given_completion(prompt: Prompt) -> dict[str, Any]:
+    """The completion keys a Prompt gives, as `completion_problems` takes them."""
+    given: dict[str, Any] = {} if prompt.completion is None else {"completion": prompt.completion}
+    return given | ({"completion_ids": prompt.completion_ids} if prompt.completion_ids else {})
+
+
+def _target_problem(target: Any) -> str | None:
+    """Why one target is neither a token string nor a token id, or None."""
+    if isinstance(target, str):
+        if not target:
+            return "is an empty string: a token has at least one character"
+        return None if _encodable(target) else "is text that is not valid Unicode (a lone surrogate such as \\ud800)"
+    if isinstance(target, int) and not isinstance(target, bool):
+        if 0 <= target < TOKEN_ID_LIMIT:
+            return None
+        return f"is {target}: token ids are integers from 0 to {TOKEN_ID_LIMIT - 1:,}"
+    return f"must be a token string or a token id (an integer from 0), got {_kind(target)}"
+
+
+def missing_targets(has_targets: list[bool], names: list[str]) -> list[tuple[int, str]]:
+    """(index, problem) for each item without targets when another has them: one input asks for targets on
+    every prompt or on none. `names[i]` names item i ("line 3", "prompt 'a'")."""
+    first = next((index for index, has in enumerate(has_targets) if has), None)
+    if first is None:
+        return []
+    problem = Worded(
+        "no targets, but {other} has them: give targets on every line, or one target set for every prompt "
+        "({targets})", other=names[first],
+    )
+    return [(index, problem) for index, has in enumerate(has_targets) if not has]
+
+
+def _kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a decimal number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def where(prompt: Prompt) -> str:

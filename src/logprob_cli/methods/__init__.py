@@ -9,23 +9,28 @@ from __future__ import annotations
 from typing import Callable
 
 from logprob_cli.endpoints import Answer, Limits, Query
-from logprob_cli.methods import _bisection, _direct, _exact, _forced, _topk, _visible
+from logprob_cli.methods import _bisection, _direct, _exact, _forced, _listed, _topk, _visible
 from logprob_cli.methods._base import DEFAULT_EPS, Context, MethodResult, Plan
 from logprob_cli.methods._spec import MethodSpec, Needs, Observations
 from logprob_cli.methods._base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
-# In the README's order, cheapest first where several fit: a tie goes to the earlier (topk before exact).
+# In the README's order, cheapest first where several fit: a tie goes to the earlier (listed before direct:
+# the same one call for chosen tokens, without the whole vocabulary in the answer; topk before exact).
 SPECS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (_direct.SPEC, _topk.SPEC, _exact.SPEC, _forced.SPEC, _bisection.SPEC, _visible.SPEC)
+    spec.name: spec
+    for spec in (_listed.SPEC, _direct.SPEC, _topk.SPEC, _exact.SPEC, _forced.SPEC, _bisection.SPEC, _visible.SPEC)
 }
 METHODS: dict[str, Callable[[Context], Plan]] = {name: spec.plan for name, spec in SPECS.items()}
 
 
-def cheapest(observed: Observations, vocab_size: int, top_k: int, limits: Limits, eps: float = DEFAULT_EPS) -> MethodSpec:
+def cheapest(
+    observed: Observations, vocab_size: int, top_k: int, limits: Limits, eps: float = DEFAULT_EPS, targets: int = 0
+) -> MethodSpec:
     """The method `auto` runs: of those whose needs were observed, the cheapest that recovers every token
-    (by spec.calls, ties to the earlier in SPECS), else the cheapest of the rest (visible needs nothing)."""
+    (by spec.calls for the whole vocabulary, or for `targets` chosen tokens; ties to the earlier in SPECS),
+    else the cheapest of the rest (visible needs nothing)."""
     usable = [spec for spec in SPECS.values() if spec.needs.met_by(observed)]
-    return min(usable, key=lambda spec: (not spec.recovers_all, spec.calls(vocab_size, top_k, eps, limits)))
+    return min(usable, key=lambda spec: (not spec.recovers_all, spec.calls(vocab_size, top_k, eps, limits, targets)))
 
 
 def drive(plan: Plan, answer: Callable[[Query], Answer]) -> tuple[MethodResult, int]:

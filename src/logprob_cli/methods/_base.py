@@ -35,6 +35,9 @@ class Context:
     withheld: token ids whose generation makes the endpoint withhold the whole answer
         (llama.cpp: tokens ending in an incomplete UTF-8 sequence), so that a withheld answer
         names its winner when a query biases only one of them.
+    targets: the ids the user asked for, in their order (empty: the whole vocabulary). A plan
+        then reads only these (besides what its first call shows), and its result leaves every
+        other token NaN, with no bound.
     """
 
     vocab_size: int
@@ -42,6 +45,7 @@ class Context:
     top_k: int = 20
     eps: float = DEFAULT_EPS
     withheld: frozenset[int] = frozenset()
+    targets: tuple[int, ...] = ()
 
     @property
     def bias_max(self) -> float:
@@ -127,18 +131,10 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
     (first,) = yield [Query.make(top_logprobs=k)]
     found: dict[str, Any] = {"top_logprobs_returned": len(first.top_ids), "check_calls": 1}
     if first.withheld:
-        raise EndpointUnsuitable(
-            f"the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy "
-            f"token ends in an incomplete UTF-8 sequence and it cannot list such tokens), so {method} cannot start: "
-            'use method="visible", or "direct" if the server returns the whole vocabulary'
-        )
+        raise _unbiased_withheld(method)
     least = 2 if needs == "post_bias" else 1
     if len(first.top_ids) < least:
-        hint = 'try method="auto"' if len(first.top_ids) == 1 else "check that the endpoint supports top_logprobs"
-        raise EndpointUnsuitable(
-            f"the endpoint returned {len(first.top_ids)} top logprobs when asked for {k}; {method} needs at least "
-            f"{least} ({hint})"
-        )
+        raise _too_few_returned(len(first.top_ids), k, least, method)
     if len(first.top_ids) == 1:
         target, b = first.top_ids[0], -ctx.bias_max
         (second,) = yield [Query.make({target: b}, top_logprobs=1)]
@@ -146,35 +142,68 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
     else:
         target, b, second = yield from _lift_last(ctx, first, k, found)
     if second.withheld:
-        raise EndpointUnsuitable(
-            f"the endpoint withheld its answer each time a token of the top-{len(first.top_ids)} was biased "
-            f"(last: token {target} by {b:+.2f}), so {method} cannot tell what the bias does here"
-        )
+        raise _biased_withheld(len(first.top_ids), target, b, method)
     if len(first.top_ids) == 1:
         steers, moved = lowered_top_response(first, second)
     else:
         steers, moved = bias_response(first, second, target, b)
     found.update(bias_steers_sampling=steers, logprobs_after_bias=moved)
     if needs == "post_bias" and not moved:
-        if steers:
-            alternative = 'Use method="bisection": the bias does steer which token is generated.'
-        else:
-            alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
-        raise EndpointUnsuitable(
-            f"{method} needs returned logprobs that move with logit_bias, but this endpoint reports them "
-            f"before the bias (token {target} biased by {b:+.2f} kept its logprob). {alternative}"
-        )
+        raise _not_post_bias(method, target, b, steers)
     if needs == "steers" and not steers:
-        if moved:
-            alternative = 'Use method="topk" or "exact": the returned logprobs do move with the bias.'
-        else:
-            alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
-        raise EndpointUnsuitable(
-            f"{method} needs logit_bias to change the generated token, but biasing token {target} by {b:+.2f} "
-            f"({'enough to make it the most likely' if b > 0 else 'the top token, pushed down'}) left token "
-            f"{second.sampled} generated. {alternative}"
-        )
+        raise _not_steering(method, target, b, second.sampled, moved)
     return first, found
+
+
+def _unbiased_withheld(method: str) -> EndpointUnsuitable:
+    """check_bias's refusal when call 1, the unbiased query, was withheld."""
+    return EndpointUnsuitable(
+        f"the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy "
+        f"token ends in an incomplete UTF-8 sequence and it cannot list such tokens), so {method} cannot start: "
+        'use method="visible", or "direct" if the server returns the whole vocabulary'
+    )
+
+
+def _too_few_returned(returned: int, k: int, least: int, method: str) -> EndpointUnsuitable:
+    """check_bias's refusal when call 1 returned fewer than the `least` logprobs `method` needs."""
+    hint = 'try method="auto"' if returned == 1 else "check that the endpoint supports top_logprobs"
+    return EndpointUnsuitable(
+        f"the endpoint returned {returned} top logprobs when asked for {k}; {method} needs at least "
+        f"{least} ({hint})"
+    )
+
+
+def _biased_withheld(returned: int, target: int, b: float, method: str) -> EndpointUnsuitable:
+    """check_bias's refusal when every biased call 2 was withheld."""
+    return EndpointUnsuitable(
+        f"the endpoint withheld its answer each time a token of the top-{returned} was biased "
+        f"(last: token {target} by {b:+.2f}), so {method} cannot tell what the bias does here"
+    )
+
+
+def _not_post_bias(method: str, target: int, b: float, steers: bool) -> EndpointUnsuitable:
+    """check_bias's refusal when `method` needs post-bias logprobs and biasing `target` by `b` left its logprob."""
+    if steers:
+        alternative = 'Use method="bisection": the bias does steer which token is generated.'
+    else:
+        alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
+    return EndpointUnsuitable(
+        f"{method} needs returned logprobs that move with logit_bias, but this endpoint reports them "
+        f"before the bias (token {target} biased by {b:+.2f} kept its logprob). {alternative}"
+    )
+
+
+def _not_steering(method: str, target: int, b: float, sampled: int, moved: bool) -> EndpointUnsuitable:
+    """check_bias's refusal when `method` needs the bias to steer sampling and token `sampled` stayed generated."""
+    if moved:
+        alternative = 'Use method="topk" or "exact": the returned logprobs do move with the bias.'
+    else:
+        alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
+    return EndpointUnsuitable(
+        f"{method} needs logit_bias to change the generated token, but biasing token {target} by {b:+.2f} "
+        f"({'enough to make it the most likely' if b > 0 else 'the top token, pushed down'}) left token "
+        f"{sampled} generated. {alternative}"
+    )
 
 
 def _lift_last(ctx: Context, first: Answer, k: int, found: dict[str, Any]) -> Generator[list[Query], list[Answer], tuple]:
@@ -232,6 +261,15 @@ def vector_from(answer: Answer, vocab_size: int) -> np.ndarray:
     logprobs = np.full(vocab_size, np.nan)
     logprobs[list(answer.top_ids)] = answer.top_logprobs
     return logprobs
+
+
+def still_unknown(ctx: Context, logprobs: np.ndarray) -> np.ndarray:
+    """The ids a plan has yet to read: the targets not known yet (in their order), or, without targets,
+    every token not known yet (by id)."""
+    if ctx.targets:
+        ids = np.asarray(ctx.targets, dtype=np.int64)
+        return ids[np.isnan(logprobs[ids])]
+    return np.flatnonzero(np.isnan(logprobs))
 
 
 def chunks(items: list[int] | np.ndarray, size: int) -> list[list[int]]:

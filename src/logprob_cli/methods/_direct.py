@@ -3,17 +3,17 @@
 vLLM with `--max-logprobs -1` and llama.cpp's llama-server return as many top logprobs
 as asked for, up to the whole vocabulary, so one unbiased call with top_logprobs = V
 gives every log p_i directly (pre-bias values are exactly what is wanted here). A token
-the server leaves out is unrecovered, bounded by the last value returned.
+the server leaves out is unrecovered, bounded by the last value returned. With targets the same
+one call serves them all.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from logprob_cli.endpoints import EndpointUnsuitable, Query
-from logprob_cli.methods._base import Context, MethodResult, Plan, roundoff, vector_from
+from logprob_cli.methods._base import Context, MethodResult, Plan, roundoff, still_unknown, vector_from
 from logprob_cli.methods._spec import MethodSpec, Needs, one_call
 from logprob_cli.wording import plural
 
@@ -26,7 +26,7 @@ def plan(ctx: Context) -> Plan:
         )
     (answer,) = yield [Query.make(top_logprobs=ctx.vocab_size)]
     logprobs = vector_from(answer, ctx.vocab_size)
-    missing = np.flatnonzero(np.isnan(logprobs))
+    missing = still_unknown(ctx, logprobs)
     floor = min(answer.top_logprobs) if answer.top_logprobs else math.nan
     notes = [f"{plural(missing.size, 'token')} {'was' if missing.size == 1 else 'were'} not returned: reported as unrecovered"] if missing.size else []
     if answer.withheld:

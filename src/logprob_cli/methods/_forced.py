@@ -24,16 +24,21 @@ precision is forced's rounding bound plus the largest half-width. A held token t
 b = B is unrecovered, with log p_h <= lp_r - B. About log2(2B / eps) calls each, fewer as the
 pooled belief learns where they lie. Where the endpoint cannot list its held tokens, a withheld
 forced answer leaves that token unrecovered, below lp_k.
+
+With targets, only the targets outside the top-k are forced: one call each.
 """
 
 from __future__ import annotations
 
+from typing import Generator
 
 import numpy as np
 
-from logprob_cli.endpoints import EndpointUnsuitable, Limits, Query
+from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
 from logprob_cli.methods import _bisection
-from logprob_cli.methods._base import Context, MethodResult, Plan, lowered_top_response, reference, roundoff, vector_from
+from logprob_cli.methods._base import (
+    Context, MethodResult, Plan, lowered_top_response, reference, roundoff, still_unknown, vector_from,
+)
 from logprob_cli.methods._spec import MethodSpec, Needs
 from logprob_cli.wording import plural
 
@@ -46,6 +51,41 @@ def plan(ctx: Context) -> Plan:
             "the endpoint withheld its whole answer to the unbiased query (llama-server does so when the greedy token "
             "ends in an incomplete UTF-8 sequence and it cannot list such tokens): use method=\"visible\""
         )
+    yield from _check_forcing(ctx, first, k)
+    big = ctx.bias_max
+    behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
+    logprobs = vector_from(first, ctx.vocab_size)
+    unknown = still_unknown(ctx, logprobs)
+    held = np.isin(unknown, sorted(ctx.withheld))
+    pending, searched = unknown[~held].tolist(), unknown[held]
+    answers = yield from _force_each(pending, big)
+    bounds: dict[int, float] = {}
+    withheld = hidden = 0
+    top_lp, floor = first.top_logprobs[0], first.top_logprobs[-1]
+    returned = list(first.top_logprobs)
+    for i, answer in zip(pending, answers):
+        if answer.sampled == i and answer.sampled_logprob is not None:
+            logprobs[i] = answer.sampled_logprob
+            returned.append(answer.sampled_logprob)
+        elif answer.sampled == i:  # generated, its value withheld (-9999): outside the top-k is all that is known
+            bounds[i] = floor
+            hidden += 1
+        elif answer.withheld and not ctx.withheld:  # perhaps i itself: outside the top-k is all that is known
+            bounds[i] = floor
+            withheld += 1
+        else:
+            bounds[i] = top_lp - big
+    precision = 2 * roundoff(returned) * max(abs(v) for v in returned)
+    notes = _forcing_notes(hidden, withheld, len(bounds) - withheld - hidden, big, len(first.top_ids))
+    if searched.size:
+        precision = yield from _search_held(ctx, first, searched, logprobs, bounds, precision, notes)
+    return MethodResult(logprobs, bounds, precision, behaviour, notes)
+
+
+def _check_forcing(ctx: Context, first: Answer, k: int) -> Generator[list[Query], list[Answer], None]:
+    """The check (module doc), after the unbiased top-k `first`: force a token of it (k = 1: push the top
+    down by -B) and raise EndpointUnsuitable unless the forced token is generated and reports its own
+    unbiased logprob. One call at k = 1, else the up to three candidates at once."""
     big = ctx.bias_max
     if len(first.top_ids) == 1:  # one logprob a call: the check forces the runner-up by pushing the top down
         (probe,) = yield [Query.make({first.top_ids[0]: -big}, top_logprobs=1)]
@@ -77,45 +117,26 @@ def plan(ctx: Context) -> Plan:
             f"forced needs the generated token's own unbiased logprob, but {forced} reported {shown}. "
             'Use method="bisection": the bias does steer sampling.'
         )
-    behaviour = {"top_logprobs_returned": len(first.top_ids), "bias_steers_sampling": True, "logprobs_after_bias": False}
-    logprobs = vector_from(first, ctx.vocab_size)
-    unknown = np.flatnonzero(np.isnan(logprobs))
-    held = np.isin(unknown, sorted(ctx.withheld))
-    pending, searched = unknown[~held].tolist(), unknown[held]
-    answers = yield from _force_each(pending, big)
-    bounds: dict[int, float] = {}
-    withheld = hidden = 0
-    top_lp, floor = first.top_logprobs[0], first.top_logprobs[-1]
-    returned = list(first.top_logprobs)
-    for i, answer in zip(pending, answers):
-        if answer.sampled == i and answer.sampled_logprob is not None:
-            logprobs[i] = answer.sampled_logprob
-            returned.append(answer.sampled_logprob)
-        elif answer.sampled == i:  # generated, its value withheld (-9999): outside the top-k is all that is known
-            bounds[i] = floor
-            hidden += 1
-        elif answer.withheld and not ctx.withheld:  # perhaps i itself: outside the top-k is all that is known
-            bounds[i] = floor
-            withheld += 1
-        else:
-            bounds[i] = top_lp - big
-    precision = 2 * roundoff(returned) * max(abs(v) for v in returned)
+
+
+def _forcing_notes(hidden: int, withheld: int, too_far: int, big: float, k: int) -> list[str]:
+    """The notes on forced tokens left unrecovered: `hidden` generated with their logprob withheld (-9999),
+    `withheld` whose whole answer was withheld, `too_far` never generated (more than `big` nats below the
+    top); k: the logprobs the unbiased call returned."""
     notes = []
     if hidden:
         notes.append(
             f"the endpoint generated {plural(hidden, 'forced token')} but withheld its logprob (-9999): unrecovered, "
-            f"each below the last top-{len(first.top_ids)} value"
+            f"each below the last top-{k} value"
         )
-    if len(bounds) > withheld + hidden:
-        notes.append(f"{plural(len(bounds) - withheld - hidden, 'token')} could not be forced (more than {big:g} nats below the top)")
+    if too_far:
+        notes.append(f"{plural(too_far, 'token')} could not be forced (more than {big:g} nats below the top)")
     if withheld:
         notes.append(
             f"the endpoint withheld the logprobs of {withheld} forced tokens (incomplete UTF-8) and could not list "
-            f"such tokens: unrecovered, each below the last top-{len(first.top_ids)} value"
+            f"such tokens: unrecovered, each below the last top-{k} value"
         )
-    if searched.size:
-        precision = yield from _search_held(ctx, first, searched, logprobs, bounds, precision, notes)
-    return MethodResult(logprobs, bounds, precision, behaviour, notes)
+    return notes
 
 
 def _force_each(pending: list[int], big: float) -> Plan:
@@ -168,11 +189,12 @@ def _search_held(ctx: Context, first, searched: np.ndarray, logprobs: np.ndarray
     return precision
 
 
-def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
-    """1 + min(k, 3) + (V - k): the top-k, the forcing check (up to 3 candidates at once, 1 call at k = 1),
-    then one call a token outside the top-k. Exact where the endpoint withholds no answer (each held token
-    is searched by bisection, ~18 calls) and every token lies within the bias limit of the top."""
-    return 1 + min(top_k, 3) + vocab_size - top_k
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
+    """1 + min(k, 3) + n, n = V - k (or the targets outside the top-k): the top-k, the forcing check (up to
+    3 candidates at once, 1 call at k = 1), then one call a token outside the top-k. Exact where the
+    endpoint withholds no answer (each held token is searched by bisection, ~18 calls) and every token
+    lies within the bias limit of the top."""
+    return 1 + min(top_k, 3) + (targets or vocab_size - top_k)
 
 
 SPEC = MethodSpec(

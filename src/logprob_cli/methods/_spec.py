@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 from logprob_cli.endpoints import EndpointUnsuitable, Limits
 from logprob_cli.methods._base import Context, Plan
 
-CallModel = Callable[[int, int, float, Limits], int]
+CallModel = Callable[[int, int, float, Limits, int], int]
 
 
 class Observations(Protocol):
@@ -27,6 +27,7 @@ class Observations(Protocol):
     bias_steers_sampling: bool | None
     logprobs_after_bias: bool | None
     forced_logprob: str
+    chosen_ids: bool
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Needs:
     """What a method needs from the endpoint; each True field must have been observed True.
 
     forced_logprob_reported: a token forced by the bias reports its own unbiased logprob.
+    chosen_ids: a call returns the logprobs of the ids it lists (vLLM's logprob_token_ids).
     min_top_k: the fewest logprobs a call must return.
     """
 
@@ -41,6 +43,7 @@ class Needs:
     bias_steers_sampling: bool = False
     logprobs_after_bias: bool = False
     forced_logprob_reported: bool = False
+    chosen_ids: bool = False
     min_top_k: int = 1
 
     def met_by(self, observed: Observations) -> bool:
@@ -51,6 +54,7 @@ class Needs:
             and (observed.bias_steers_sampling is True or not self.bias_steers_sampling)
             and (observed.logprobs_after_bias is True or not self.logprobs_after_bias)
             and (observed.forced_logprob == "reported" or not self.forced_logprob_reported)
+            and (observed.chosen_ids or not self.chosen_ids)
         )
 
 
@@ -61,8 +65,9 @@ class MethodSpec:
     name: what `method=` names it. plan: its plan (_base.py). help: one line for `--method`'s help,
     with its cost in calls. needs: what it needs from the endpoint. picked_when: the observations
     under which the probe picks it, in words, shown by `estimate` for `auto` (empty: a cheaper
-    method with the same needs is always picked instead). calls(vocab_size, top_k, eps, limits):
-    the calls one prompt costs on a fresh checkpoint, top_k already capped by the endpoint.
+    method with the same needs is always picked instead). calls(vocab_size, top_k, eps, limits, targets):
+    the calls one prompt costs on a fresh checkpoint, top_k already capped by the endpoint, for the
+    whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k.
     exact_count: calls() is what the simulator spends to the call (else a fit, within 10%).
     recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
     """
@@ -83,6 +88,6 @@ def at_least_two(method: str, top_k: int) -> None:
         raise EndpointUnsuitable(f"{method} needs at least 2 logprobs per call; this endpoint returns {top_k}")
 
 
-def one_call(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
+def one_call(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
     """The call model of a method that asks once a prompt."""
     return 1

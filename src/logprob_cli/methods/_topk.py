@@ -13,6 +13,9 @@ intruders pushed down by -B, for a bounded number of rounds. A token still invis
 unrecovered, with the bound the last answer proves (e = the last visible entry):
     log p_i <= log p_r + (lp'_e - b_e) - (lp'_r - b_r) + b_e - b_i.
 
+With targets, only the targets the first call did not show are read: ceil(n / (k-1)) calls
+for n of them, after the check.
+
 Error: each value is a difference of two returned numbers, each rounded by the engine
 near magnitude |z + B|; the reported precision is 2 unit roundoffs of the largest such
 magnitude (about 2e-5 nats at B = 100 in float32; measured errors stay below 1e-5).
@@ -27,18 +30,19 @@ import numpy as np
 from typing import Generator
 
 from logprob_cli.endpoints import Answer, Limits, Query
-from logprob_cli.methods._base import Context, MethodResult, Plan, check_bias, chunks, roundoff, vector_from
+from logprob_cli.methods._base import Context, MethodResult, Plan, check_bias, chunks, roundoff, still_unknown, vector_from
 from logprob_cli.methods._spec import MethodSpec, Needs, at_least_two
 from logprob_cli.wording import plural
 
 RETRY_ROUNDS = 3
 
 
-def plan(ctx: Context) -> Plan:
-    first, behaviour = yield from check_bias(ctx, needs="post_bias", method="topk")
+def plan(ctx: Context, method: str = "topk") -> Plan:
+    """The plan (module doc); `method` names the method in the check's messages (exact reuses this plan)."""
+    first, behaviour = yield from check_bias(ctx, needs="post_bias", method=method)
     logprobs = vector_from(first, ctx.vocab_size)
     returned: list[float] = list(first.top_logprobs)
-    pending = np.flatnonzero(np.isnan(logprobs)).tolist()
+    pending = still_unknown(ctx, logprobs).tolist()
     bounds = yield from reference_rounds(ctx, first, pending, logprobs, returned)
     precision = 2 * roundoff(returned) * (ctx.bias_max + max(abs(v) for v in returned))
     notes = []
@@ -93,12 +97,12 @@ def reference_rounds(
     return {i: bounds.get(i, math.nan) for i in pending}
 
 
-def calls(vocab_size: int, top_k: int, eps: float, limits: Limits) -> int:
-    """2 + ceil((V - k) / (k - 1)): the 2-call check, then k-1 new tokens a call. Exact where every token
-    lies within the bias limit of the top (true at OpenAI's 100); one beyond it is retried, up to
-    RETRY_ROUNDS more rounds. Raises EndpointUnsuitable for k < 2."""
+def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
+    """2 + ceil(n / (k - 1)), n = V - k (or the targets outside the top-k): the 2-call check, then k-1 new
+    tokens a call. Exact where every token lies within the bias limit of the top (true at OpenAI's 100);
+    one beyond it is retried, up to RETRY_ROUNDS more rounds. Raises EndpointUnsuitable for k < 2."""
     at_least_two("topk", top_k)
-    return 2 + math.ceil((vocab_size - top_k) / (top_k - 1))
+    return 2 + math.ceil((targets or vocab_size - top_k) / (top_k - 1))
 
 
 SPEC = MethodSpec(

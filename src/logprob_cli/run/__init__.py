@@ -4,11 +4,11 @@ _runner.py drives each prompt's method plan over a pool of workers and journals 
 (_journal.py) before the plan sees it; _config.py holds the frozen `RunConfig`; _probe.py measures
 an endpoint for `auto`; _estimate.py prices a batch before a call; _budget.py meters calls against
 the caps; _outputs_guard.py decides which files a run may write; _progress.py counts what the runner
-reports as it goes (the CLI's _display.py draws it). Imports endpoints/, methods/ and io/; nothing below imports run/.
+reports as it goes (the CLI's _display.py draws it); _targets.py resolves chosen tokens to ids. Imports endpoints/, methods/ and io/; nothing below imports run/.
 """
 
 from logprob_cli.run._config import RunConfig
-from logprob_cli.run._estimate import estimate_run
+from logprob_cli.run._estimate import Estimate, estimate_run
 from logprob_cli.run._journal import JournalError, Refused
 from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._runner import RunSummary, extract_batch
@@ -20,9 +20,12 @@ from logprob_cli.run._prices import Price, parse_price, price_for
 from logprob_cli.run._probe import PROBE_CALLS
 from logprob_cli.run._progress import RunStart, Snapshot, Tally
 from logprob_cli.run._runner import NoProgress, Progress
+from logprob_cli.run._targets import resolve_targets
+from logprob_cli.run._positions import with_completion_ids
 
 __all__ = [
     "BudgetReached",
+    "Estimate",
     "JournalError",
     "MeteredEndpoint",
     "NoProgress",
@@ -49,5 +52,7 @@ __all__ = [
     "price_of_calls",
     "probe",
     "read_batch",
+    "resolve_targets",
     "simulator_latency",
+    "with_completion_ids",
 ]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import AbstractSet, Any
+from typing import Any
 
-from logprob_cli.endpoints import Answer, AskFunction, Endpoint, EndpointDescription, Limits, Pressure, Prompt, Query
+from logprob_cli.endpoints import Answer, AskFunction, Endpoint, Prompt, Query, WrappingEndpoint
 from logprob_cli.errors import LogprobError, Worded
 from logprob_cli.run._prices import Price
 
@@ -46,11 +46,11 @@ class BudgetReached(LogprobError):
     and reports it (RunSummary.budget_reached); the CLI exits 3."""
 
 
-class MeteredEndpoint(Endpoint):
+class MeteredEndpoint(WrappingEndpoint):
     """`endpoint` with every call counted into `spent` and checked against the caps (see module docstring).
 
-    Every other member of the contract is the wrapped endpoint's; `verify_mapping` spends its calls through
-    this meter.
+    Every other member of the contract is the wrapped endpoint's (WrappingEndpoint); `verify_mapping` spends
+    its calls through this meter.
     """
 
     def __init__(
@@ -63,7 +63,7 @@ class MeteredEndpoint(Endpoint):
     ):
         if max_cost is not None and price is None:
             raise ValueError(Worded("{max_cost} needs the model's price: give {price} PROMPT,COMPLETION (US$ per 1M tokens)"))
-        self.endpoint = endpoint
+        super().__init__(endpoint)
         self.spent = spent
         self.price = price
         self.max_calls = max_calls
@@ -72,59 +72,9 @@ class MeteredEndpoint(Endpoint):
         self._reserved_cost = 0.0
         self._prompt_tokens: dict[Any, int] = {}
 
-    @property
-    def model(self) -> str:  # type: ignore[override]
-        return self.endpoint.model
-
-    @property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return self.endpoint.vocab_size
-
-    @property
-    def limits(self) -> Limits:  # type: ignore[override]
-        return self.endpoint.limits
-
-    @property
-    def api(self) -> str:  # type: ignore[override]
-        return self.endpoint.api
-
-    @property
-    def one_call_at_a_time(self) -> bool:  # type: ignore[override]
-        return self.endpoint.one_call_at_a_time
-
-    @property
-    def in_process(self) -> bool:  # type: ignore[override]
-        return self.endpoint.in_process
-
-    @property
-    def mapping_check_calls(self) -> int:  # type: ignore[override]
-        return self.endpoint.mapping_check_calls
-
-    @property
-    def identity(self) -> AbstractSet[str]:  # type: ignore[override]
-        return self.endpoint.identity
-
-    @property
-    def prompt_tokens_counted(self) -> bool:  # type: ignore[override]
-        return self.endpoint.prompt_tokens_counted
-
-    def describe(self) -> EndpointDescription:
-        return self.endpoint.describe()
-
-    async def withheld_tokens(self) -> frozenset[int]:
-        return await self.endpoint.withheld_tokens()
-
     async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str | None:
+        """The wrapped endpoint's check, its calls spent through this meter (counted and capped)."""
         return await self.endpoint.verify_mapping(prompt, ask or self.ask)
-
-    def count_prompt_tokens(self, prompt: Prompt) -> int:
-        return self.endpoint.count_prompt_tokens(prompt)
-
-    def pressure(self) -> Pressure | None:
-        return self.endpoint.pressure()
-
-    async def aclose(self) -> None:
-        await self.endpoint.aclose()
 
     def cost(self) -> float | None:
         """US$ spent so far (None when the price is unknown)."""

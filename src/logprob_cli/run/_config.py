@@ -23,6 +23,10 @@ class RunConfig:
     """The settings of one run: `method` (auto or a name in METHODS), `top_k` logprobs asked per call
     (lowered to the endpoint's cap), `eps` bisection's precision in nats, `concurrency` calls in flight,
     and the caps on what the checkpoint spends in all: `max_calls`, `max_cost` US$ at `price`.
+    `store_vector`: with chosen tokens (or `store` top:N), also write each prompt's whole vector (NaN beyond what
+    was read). `store`: "vector" (each row's whole vector) or "top:N" (the N most likely recovered tokens and the
+    rest mass, io/_parquet.py; with chosen tokens, how many top entries a row keeps); N from 1 to the vocabulary
+    size, which `check_store` holds it to once the endpoint is known.
 
     Raises ValueError on construction for a value out of range, before any call.
     """
@@ -34,8 +38,29 @@ class RunConfig:
     price: Price | None = None
     max_calls: int | None = None
     max_cost: float | None = None
+    store_vector: bool = False
+    store: str = "vector"
+
+    @property
+    def store_top(self) -> int | None:
+        """N of `store` "top:N", None for "vector"."""
+        return None if self.store == "vector" else int(self.store.removeprefix("top:"))
+
+    def check_store(self, vocab_size: int) -> None:
+        """Raises SettingsError when `store` keeps more top tokens than the vocabulary holds."""
+        if self.store_top is not None and self.store_top > vocab_size:
+            raise SettingsError(
+                "{store} {value} keeps more tokens than the vocabulary holds ({size:,}): give top:N with N at most "
+                "{size:,}, or vector",
+                value=self.store, size=vocab_size,
+            )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.store, str) or not _is_store(self.store):
+            raise SettingsError(
+                '{store} must be "vector" or "top:N" with N a whole number of tokens, 1 or more, got {value!r}',
+                value=self.store,
+            )
         if self.method != "auto" and self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose auto or one of {', '.join(METHODS)}")
         if not _is_int(self.top_k) or self.top_k < 2:
@@ -48,6 +73,12 @@ class RunConfig:
             raise ValueError(f"max_calls must be an integer, 0 or above, got {self.max_calls!r}")
         if self.max_cost is not None and not self.max_cost >= 0:
             raise ValueError(f"max_cost must be 0 or more US$, got {self.max_cost!r}")
+
+
+def _is_store(store: str) -> bool:
+    """Whether `store` reads "vector" or "top:N" (N digits only, at least 1)."""
+    count = store.removeprefix("top:")
+    return store == "vector" or (count != store and count.isascii() and count.isdigit() and int(count) >= 1)
 
 
 def _is_int(value: object) -> bool:

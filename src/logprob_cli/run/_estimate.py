@@ -30,6 +30,7 @@ from logprob_cli.endpoints import Endpoint, EndpointUnsuitable, Limits, Prompt, 
 from logprob_cli.errors import Worded
 from logprob_cli.run._prices import Price
 from logprob_cli.methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
+from logprob_cli.run._positions import expand_positions
 from logprob_cli.run._probe import MAX_TOP_K, ProbeReport, expected_calls
 from logprob_cli.endpoints import SimulatedEndpoint
 
@@ -43,7 +44,9 @@ LATENCY_SAMPLES = 100
 class Estimate:
     """One method's bill for a batch. cost is None when the price is unknown.
 
-    calls = prompts * calls_per_prompt + overhead_calls (the token check and the probe, once per run).
+    calls = prompt_calls + overhead_calls (the token check and the probe, once per run); prompt_calls is
+    prompts * calls_per_prompt, except with chosen tokens of different counts per prompt, where
+    calls_per_prompt is the rounded mean.
     tokens_counted: prompt tokens counted with the model's tokenizer (else ~4 bytes a token).
     condition: for `auto` without a probe, when the probe picks this method ("" otherwise).
     """
@@ -58,22 +61,33 @@ class Estimate:
     seconds: float
     tokens_counted: bool
     condition: str = ""
+    prompt_calls: int | None = None
 
     @property
     def calls(self) -> int:
-        return self.prompts * self.calls_per_prompt + self.overhead_calls
+        prompt_calls = self.prompts * self.calls_per_prompt if self.prompt_calls is None else self.prompt_calls
+        return prompt_calls + self.overhead_calls
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "calls": self.calls}
 
 
-def calls_per_prompt(method: str, vocab_size: int, top_k: int, eps: float = DEFAULT_EPS, limits: Limits = Limits()) -> int:
-    """Calls one prompt costs with `method` (its spec's `calls`); top_k is already capped by the endpoint.
+def calls_per_prompt(
+    method: str, vocab_size: int, top_k: int, eps: float = DEFAULT_EPS, limits: Limits = Limits(), targets: int = 0
+) -> int:
+    """Calls one prompt costs with `method` (its spec's `calls`), for the whole vocabulary or `targets` chosen
+    tokens (each counted as outside the top-k: a target the first call shows costs less); top_k is already
+    capped by the endpoint.
 
     Raises EndpointUnsuitable for topk and exact below 2 logprobs a call, ValueError for an unknown method."""
     if method not in SPECS:
         raise ValueError(f"unknown method {method!r}")
-    return SPECS[method].calls(vocab_size, top_k, eps, limits)
+    return SPECS[method].calls(vocab_size, top_k, eps, limits, targets)
+
+
+def target_counts(prompts: list[Prompt]) -> list[int]:
+    """How many chosen tokens each prompt asks for (0: the whole vocabulary)."""
+    return [len(p.target_ids or p.targets) for p in prompts]
 
 
 def probe_calls(report: ProbeReport) -> int:
@@ -109,6 +123,8 @@ def estimate_run(
     report: ProbeReport | None = None,
 ) -> list[Estimate]:
     """The bill of running `prompts` through `method` on `endpoint` (module docstring), as extract runs it.
+    Prompts with chosen tokens are priced by their count (`calls_per_prompt`), and `auto` picks for the
+    largest count, as the run does. A completion of n tokens (resolved: `with_completion_ids`) is n + 1 prompts.
 
     For "auto", `report` (the probe's findings, where probing is free) fixes the method and its
     overhead; without one there is a row per method the probe may pick, each with its condition,
@@ -117,7 +133,9 @@ def estimate_run(
     Raises EndpointUnsuitable for `direct` where the endpoint is not known to return the whole
     vocabulary (the run would stop before its first call), ValueError for prompts the API cannot take.
     """
+    prompts = expand_positions(prompts)  # a completion of n tokens: n + 1 units, each priced as a prompt
     tokens, counted = [endpoint.count_prompt_tokens(p) for p in prompts], endpoint.prompt_tokens_counted
+    targets = target_counts(prompts)
     check = endpoint.mapping_check_calls
     if endpoint.one_call_at_a_time:
         concurrency = 1  # llama-server's requests go one at a time; the in-process simulator answers in turn
@@ -125,36 +143,62 @@ def estimate_run(
 
     def row(name: str, limits: Limits, overhead: int, condition: str = "") -> Estimate:
         if name == "direct" and limits.top_logprobs < vocab:
-            raise EndpointUnsuitable(Worded(
-                "direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
-                "this one returns at most {cap}: use {method_auto} to probe it", vocab=vocab, cap=limits.top_logprobs,
-            ))
-        per_prompt = calls_per_prompt(name, vocab, min(top_k, limits.top_logprobs), eps, limits)
-        calls = per_prompt * len(prompts) + overhead
-        prompt_tokens = per_prompt * sum(tokens) + overhead * tokens[0]
+            raise _direct_refusal(vocab, limits.top_logprobs)
+        k = min(top_k, limits.top_logprobs)
+        each = [calls_per_prompt(name, vocab, k, eps, limits, n) for n in targets]
+        calls = sum(each) + overhead
+        prompt_tokens = sum(c * t for c, t in zip(each, tokens)) + overhead * tokens[0]
         seconds = duration(calls, prompt_tokens / calls + 1, concurrency, latency, rpm, tpm)
         cost = None if price is None else price.cost(prompt_tokens, calls)
-        return Estimate(name, len(prompts), per_prompt, overhead, prompt_tokens, calls, cost, seconds, counted, condition)
+        per_prompt = round(sum(each) / len(each))
+        return Estimate(
+            name, len(prompts), per_prompt, overhead, prompt_tokens, calls, cost, seconds, counted, condition, sum(each)
+        )
 
     if method != "auto":
         return [row(method, endpoint.limits, check)]
+    most = max(targets, default=0)
     if report is not None:
-        return [row(report.recommended, report.limits(), check + probe_calls(report))]
+        picked = cheapest(report, vocab, min(report.top_logprobs_cap, MAX_TOP_K), report.limits(), eps, most)
+        return [row(picked.name, report.limits(), check + probe_calls(report))]
+    return [
+        row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when)
+        for spec, expected in _pickable(endpoint, eps, most)
+    ]
+
+
+def _direct_refusal(vocab: int, cap: int) -> EndpointUnsuitable:
+    """Why `direct` cannot run where the endpoint returns at most `cap` < `vocab` logprobs a call."""
+    return EndpointUnsuitable(Worded(
+        "direct needs an endpoint known to return the whole vocabulary ({vocab:,} logprobs) in one call; "
+        "this one returns at most {cap}: use {method_auto} to probe it", vocab=vocab, cap=cap,
+    ))
+
+
+def _pickable(endpoint: Endpoint, eps: float, most: int) -> list[tuple[MethodSpec, ProbeReport]]:
+    """The methods `auto`'s probe may pick on `endpoint` for prompts of up to `most` chosen tokens, each with
+    the report that picks it (`_picking`), in SPECS order."""
+    vocab = endpoint.vocab_size
     found = endpoint.limits.top_logprobs  # the probe learns the cap; where it is the vocabulary, auto picks direct
-    rows = []
+    picks = []
     for spec in SPECS.values():
-        expected = _picking(spec, vocab, found)
-        if spec.picked_when and cheapest(expected, vocab, min(found, MAX_TOP_K), expected.limits(), eps) is spec:
-            rows.append(row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when))
-    return rows
+        expected = _picking(spec, vocab, found, endpoint.limits.token_ids)
+        if spec.needs.chosen_ids and not expected.chosen_ids:
+            continue
+        if spec.picked_when and cheapest(expected, vocab, min(found, MAX_TOP_K), expected.limits(), eps, most) is spec:
+            picks.append((spec, expected))
+    return picks
 
 
-def _picking(spec: MethodSpec, vocab: int, found: int) -> ProbeReport:
+def _picking(spec: MethodSpec, vocab: int, found: int, listed: int) -> ProbeReport:
     """The probe's report on an endpoint that meets exactly what `spec` needs, its cap `found` (the vocabulary
     where the spec needs it): the bias steers sampling where the method recovers every token and changes
-    nothing otherwise, both limit tests rejected (as on OpenAI)."""
+    nothing otherwise, both limit tests rejected (as on OpenAI), and a list of up to `listed` ids taken
+    where the spec needs it and the endpoint declares it (0: it does not)."""
     needs = spec.needs
     return ProbeReport(
+        chosen_ids=needs.chosen_ids and listed > 0,
+        token_ids_cap=listed if needs.chosen_ids else 0,
         top_logprobs_cap=vocab if needs.whole_vocabulary else found,
         whole_vocabulary=needs.whole_vocabulary,
         bias_steers_sampling=spec.recovers_all,

@@ -44,12 +44,13 @@ CREATE TABLE IF NOT EXISTS answers (
 CREATE TABLE IF NOT EXISTS results (
     prompt TEXT PRIMARY KEY, calls INTEGER NOT NULL, logprobs BLOB NOT NULL,
     bound_ids BLOB NOT NULL, bounds BLOB NOT NULL, precision REAL NOT NULL,
-    behaviour TEXT NOT NULL, notes TEXT NOT NULL);
+    behaviour TEXT NOT NULL, notes TEXT NOT NULL, sparse_size INTEGER);
 CREATE TABLE IF NOT EXISTS failures (prompt TEXT PRIMARY KEY, message TEXT NOT NULL);
 """
 CHECKPOINT_TABLES = {"meta", "answers", "results", "failures"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 DAMAGE_ERRORS = ("SQLITE_CORRUPT", "SQLITE_NOTADB")  # sqlite_errorname prefixes that mean a broken file
+SPARSE_BELOW = 1 / 8  # a result with fewer recovered entries than this share of its vector is stored sparsely
 
 
 class JournalError(LogprobError, RuntimeError):
@@ -67,8 +68,24 @@ class Refused(JournalError):
 
 
 def prompt_key(prompt: Prompt) -> str:
-    """A stable key for a prompt's journal entries: its id and content (an edited prompt starts afresh)."""
-    text = json.dumps([prompt.id, prompt.content()], sort_keys=True, ensure_ascii=False)
+    """A stable key for a prompt's journal entries: its id, content and target ids (an edited prompt or target set
+    starts afresh). Without targets the key is what it was before targets existed, so older checkpoints resume.
+
+    The targets enter as their resolved ids, in the order given (the same token spelt as text or as its id is the
+    same target; the output's `targets` column holds these ids, so a row's key can be rebuilt from the file).
+    A position of a completion (`Prompt.position` not None) adds its position and context ids (the output's
+    `position` and `context_tokens` columns), so each position resumes on its own; without one the key is as
+    before positions existed.
+    Raises ValueError for a prompt whose targets are not resolved yet (`Prompt.target_ids` empty).
+    """
+    if prompt.targets and not prompt.target_ids:
+        raise ValueError(f"prompt {prompt.id!r}: resolve its targets to token ids before keying it")
+    parts = [prompt.id, prompt.content()]
+    if prompt.target_ids:
+        parts.append({"target_ids": [int(i) for i in prompt.target_ids]})
+    if prompt.position is not None:
+        parts.append({"position": prompt.position, "context_ids": [int(i) for i in prompt.context_ids]})
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
@@ -259,6 +276,8 @@ class Journal:
             for column in ("prompt_tokens", "completion_tokens"):  # checkpoints written by version 0.1.0
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+            if "sparse_size" not in {row[1] for row in self.db.execute("PRAGMA table_info(results)")}:
+                self.db.execute("ALTER TABLE results ADD COLUMN sparse_size INTEGER")  # before targets: all dense
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -350,20 +369,27 @@ class Journal:
         return dict(self.db.execute("SELECT prompt, count(*) FROM answers GROUP BY prompt"))
 
     def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
+        """Make a finished prompt's result durable (and clear its failure). The vector is stored as float32; when
+        fewer than SPARSE_BELOW of its entries are recovered (a run over a few targets), only those entries are:
+        their ids and values (`sparse_size` holds the vector's length), so a target run stores bytes per target,
+        not per vocabulary entry."""
         ids = np.array(sorted(result.upper_bounds), dtype="<i4")
         bounds = np.array([result.upper_bounds[int(i)] for i in ids], dtype="<f8")
+        vector, sparse_size = _packed(result.logprobs)
         with self._writing(), self._transaction():
             self.db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO results (prompt, calls, logprobs, bound_ids, bounds, precision, behaviour, "
+                "notes, sparse_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     prompt,
                     calls,
-                    np.asarray(result.logprobs, dtype="<f4").tobytes(),
+                    vector,
                     ids.tobytes(),
                     bounds.tobytes(),
                     result.precision,
                     json.dumps(result.behaviour, sort_keys=True),
                     json.dumps(result.notes),
+                    sparse_size,
                 ),
             )
             self.db.execute("DELETE FROM failures WHERE prompt = ?", (prompt,))
@@ -373,18 +399,20 @@ class Journal:
             return {row[0] for row in self.db.execute("SELECT prompt FROM results")}
 
     def result(self, prompt: str) -> SavedResult | None:
+        """A finished prompt's result as `put_result` stored it (NaN where not recovered), dense or sparse alike."""
         with self._reading():
             row = self.db.execute(
-                "SELECT calls, logprobs, bound_ids, bounds, precision, behaviour, notes FROM results WHERE prompt = ?",
+                "SELECT calls, logprobs, bound_ids, bounds, precision, behaviour, notes, sparse_size FROM results "
+                "WHERE prompt = ?",
                 (prompt,),
             ).fetchone()
         if row is None:
             return None
-        calls, logprobs, bound_ids, bounds, precision, behaviour, notes = row
+        calls, logprobs, bound_ids, bounds, precision, behaviour, notes, sparse_size = row
         ids = np.frombuffer(bound_ids, dtype="<i4")
         values = np.frombuffer(bounds, dtype="<f8")
         result = MethodResult(
-            np.frombuffer(logprobs, dtype="<f4").copy(),
+            _unpacked(logprobs, sparse_size),
             {int(i): float(v) for i, v in zip(ids, values)},
             precision,
             json.loads(behaviour),
@@ -406,6 +434,26 @@ class Journal:
     def failures(self) -> dict[str, str]:
         with self._reading():
             return dict(self.db.execute("SELECT prompt, message FROM failures").fetchall())
+
+
+def _packed(logprobs: np.ndarray) -> tuple[bytes, int | None]:
+    """A vector as stored: float32 of every entry (sparse_size None), or, when fewer than SPARSE_BELOW of them are
+    recovered, the recovered entries' ids (int32) then their values (float32), with the vector's length."""
+    vector = np.asarray(logprobs, dtype="<f4")
+    recovered = np.flatnonzero(~np.isnan(vector))
+    if recovered.size >= SPARSE_BELOW * vector.size:
+        return vector.tobytes(), None
+    return recovered.astype("<i4").tobytes() + vector[recovered].tobytes(), int(vector.size)
+
+
+def _unpacked(blob: bytes, sparse_size: int | None) -> np.ndarray:
+    """The float32 vector `_packed` stored (NaN where not recovered)."""
+    if sparse_size is None:
+        return np.frombuffer(blob, dtype="<f4").copy()
+    count = len(blob) // 8
+    vector = np.full(sparse_size, np.nan, dtype=np.float32)
+    vector[np.frombuffer(blob, dtype="<i4", count=count)] = np.frombuffer(blob, dtype="<f4", offset=4 * count)
+    return vector
 
 
 def reading_connection(path: str | os.PathLike) -> Journal:

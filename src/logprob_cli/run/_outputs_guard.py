@@ -168,14 +168,25 @@ def _tool_output(output: Path, why: str) -> None:
 
 
 def _row_keys(output: Path) -> Iterator[tuple[object, str]]:
-    """(id, journal key) of each row of an output `logprobs extract` wrote; Refused for any other file."""
+    """(id, journal key) of each row of an output `logprobs extract` wrote (a target file's rows keyed by their
+    target ids, a position's by its position and context tokens, as the journal keys them); Refused for any other
+    file."""
     _tool_output(output, "a run replaces only an output that logprobs extract wrote")
     try:
-        table = pq.read_table(output, columns=["id", "prompt", "messages"])
+        names = pq.read_schema(output).names
+        columns = ["id", "prompt", "messages"]
+        columns += [name for name in ("targets", "position", "context_tokens") if name in names]
+        table = pq.read_table(output, columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise Refused(
             f"{output} cannot be read ({error}); it is left as it is. Choose another output with -o"
         ) from None
     for row in table.to_pylist():
         messages = None if row["messages"] is None else json.loads(row["messages"])
-        yield row["id"], prompt_key(Prompt(id=row["id"], line=0, prompt=row["prompt"], messages=messages))
+        ids = tuple(target["token_id"] for target in row.get("targets") or ())
+        context = tuple(row.get("context_tokens") or ())
+        prompt = Prompt(
+            id=row["id"], line=0, prompt=row["prompt"], messages=messages, targets=ids, target_ids=ids,
+            position=row.get("position"), context_ids=context,
+        )
+        yield row["id"], prompt_key(prompt)

@@ -17,7 +17,10 @@ Measured, in this order, on one prompt:
      down by -100 (the runner-up must be generated; pre-bias logprobs keep listing the old
      top unchanged) and the runner-up's own logprob, which must lie below the top's;
   4. whether a bias above 100 and more than 300 bias entries are rejected;
-  5. returned precision (bfloat16 grid or float32) and how tokens are identified.
+  5. returned precision (bfloat16 grid or float32) and how tokens are identified;
+  6. where the endpoint declares that a request may list token ids (vLLM's logprob_token_ids,
+     `Limits.token_ids`): one call listing a token outside the top-k, which must come back with
+     a logprob below the top-k's last (`chosen_ids`; a refusal or a missing id: not observed).
 Calls: `expected_calls` gives what the probe gets answered (billed) on an endpoint that behaves
 as a report says; PROBE_CALLS is that on OpenAI's API, which rejects the two limit tests (the
 built-in simulator clips a bias above 100 instead, one call more). A test holds the two to the
@@ -66,6 +69,11 @@ class ProbeReport:
     bias_steers_sampling: bool | None = None
     logprobs_after_bias: bool | None = None
     forced_logprob: str = "untested"  # reported | sentinel | wrong | untested (not needed) | unknown
+    chosen_ids: bool = False  # a listed id came back with its logprob (only tested where the endpoint declares it)
+    token_ids_cap: int = 0  # the ids a request may list, as the endpoint declares (0: none)
+    top_with_token_ids: bool = True  # the top-k comes back beside listed ids (vLLM: in their place)
+    bias_max: float = 100.0  # the bias range and entry cap the endpoint declares (OpenAI's documented ones by
+    bias_entries: int = 300  # default): a plan must not count on a bias the endpoint clips
     bias_above_100: str = "untested"  # rejected | accepted | unknown
     bias_entries_over_300: str = "untested"  # rejected | accepted | unknown
     precision: str = "float32"
@@ -90,8 +98,13 @@ class ProbeReport:
         return ProbeReport(**{key: value for key, value in data.items() if key in names})
 
     def limits(self) -> Limits:
-        """The request limits the probe found (bias range and entry cap as documented where not rejected)."""
-        return Limits(top_logprobs=self.top_logprobs_cap, bias_max=100.0, bias_entries=300)
+        """The request limits the probe found: its top_logprobs cap and listed ids, and the bias range and entry cap
+        the endpoint declares (a plan must not count on a bias the endpoint clips)."""
+        listed = self.token_ids_cap if self.chosen_ids else 0
+        return Limits(
+            top_logprobs=self.top_logprobs_cap, bias_max=self.bias_max, bias_entries=self.bias_entries, token_ids=listed,
+            top_with_token_ids=self.top_with_token_ids,
+        )
 
     def rows(self) -> list[tuple[str, str]]:
         """The report as (property, value) lines for a table; unknowns read "could not tell (why)"."""
@@ -110,6 +123,7 @@ class ProbeReport:
             ("bias steers sampling", shown("bias_steers_sampling", self.bias_steers_sampling)),
             ("logprobs reflect the bias", shown("logprobs_after_bias", self.logprobs_after_bias, "yes (post-bias)", "no (pre-bias)")),
             ("forced token's own logprob", shown("forced_logprob", self.forced_logprob)),
+            ("logprobs of listed token ids", self._listed_row()),
             ("bias above 100", shown("bias_above_100", self.bias_above_100)),
             ("more than 300 bias entries", shown("bias_entries_over_300", self.bias_entries_over_300)),
             ("returned precision", self.precision),
@@ -119,6 +133,12 @@ class ProbeReport:
             ("calls spent probing", spent),
             ("recommended method", f"[bold]{self.recommended}[/] (~{self.estimated_calls:,} calls per prompt)"),
         ]
+
+
+    def _listed_row(self) -> str:
+        if self.chosen_ids:
+            return f"yes (up to {self.token_ids_cap:,} ids a call)"
+        return self.unknown.get("chosen_ids", "no (the endpoint takes no list)") if self.token_ids_cap else "not offered"
 
 
 class _Asker:
@@ -154,7 +174,8 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     Raises EndpointFatal if it cannot be used at all, EndpointUnsuitable if no request for top
     logprobs was answered, EndpointError if such requests kept failing.
     """
-    report = ProbeReport(vocab_size=endpoint.vocab_size)
+    declared = endpoint.limits
+    report = ProbeReport(vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries)
     ask = _Asker(endpoint, prompt, report)
     first, asked = await _find_cap(ask, report, endpoint.vocab_size)
     k = min(report.top_logprobs_cap, MAX_TOP_K)
@@ -176,6 +197,8 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
         else:
             setattr(report, name, "unknown")
             report.unknown[name] = _why(outcome)
+    if endpoint.limits.token_ids:
+        await _listed_ids(ask, report, endpoint.limits, head, held)
     report.identity = sorted(endpoint.identity)
     _recommend(report, endpoint.vocab_size)
     return report
@@ -301,6 +324,25 @@ def _forced_kind(report: ProbeReport, value: float | None, ceiling: float) -> st
     return "wrong" if report.logprobs_after_bias or value > ceiling + 1e-3 else "reported"
 
 
+async def _listed_ids(ask: _Asker, report: ProbeReport, limits: Limits, head: Answer, held: frozenset[int]) -> None:
+    """Module docstring, 6: list one token outside the top-k (and not held); it must come back below the top-k."""
+    report.token_ids_cap, report.top_with_token_ids = limits.token_ids, limits.top_with_token_ids
+    shown = set(head.top_ids) | held
+    listed = next(i for i in range(report.vocab_size - 1, -1, -1) if i not in shown)
+    k = len(head.top_ids) if limits.top_with_token_ids else 0
+    outcome = await ask(Query.make(top_logprobs=k, token_ids=[listed]))
+    if not isinstance(outcome, Answer):
+        report.unknown["chosen_ids"] = f"no: a request listing token {listed} {_why(outcome)}"
+        return
+    value = outcome.top().get(listed)
+    if value is None or value > head.top_logprobs[-1] + 1e-3:
+        report.unknown["chosen_ids"] = (
+            f"no: a request listing token {listed} came back " + ("without it" if value is None else f"with {value:.4f}, above the top-k")
+        )
+        return
+    report.chosen_ids = True
+
+
 def _recommend(report: ProbeReport, vocab: int) -> None:
     """The cheapest method whose requirements were observed (methods.cheapest, over the methods' specs),
     its calls per prompt by its spec at the default eps, and the reasons (module docstring)."""
@@ -324,6 +366,8 @@ def _recommend(report: ProbeReport, vocab: int) -> None:
 def _why_picked(report: ProbeReport) -> str:
     """Why the probe's observations led to `report.recommended`."""
     steers, post_bias, name = report.bias_steers_sampling, report.logprobs_after_bias, report.recommended
+    if name == "listed":
+        return "a request may list token ids whose logprobs come back"
     if name == "direct":
         return "the whole vocabulary comes back in one call"
     if name == "topk":
@@ -350,11 +394,12 @@ def expected_calls(report: ProbeReport) -> int:
     """The calls `probe` gets answered (billed) on an endpoint that behaves as `report` says, its cap found
     by the first answered ask (the whole vocabulary, a cap the refusal names, or one of CAP_STEPS): that
     ask and its twin, TOGETHER at once and 1 alone, the bias test, the forced token where k >= 2 and the
-    bias steers sampling (with k = 1 the bias test forces one), and each limit test the endpoint accepts."""
+    bias steers sampling (with k = 1 the bias test forces one), each limit test the endpoint accepts, and
+    the listed-ids test where it passed."""
     k = min(report.top_logprobs_cap, MAX_TOP_K)
     forced = int(k >= 2 and bool(report.bias_steers_sampling))
     accepted = sum(test == "accepted" for test in (report.bias_above_100, report.bias_entries_over_300))
-    return 2 + TOGETHER + 1 + 1 + forced + accepted
+    return 2 + TOGETHER + 1 + 1 + forced + accepted + int(report.chosen_ids)
 
 
 # OpenAI's API: cap 20, the bias steers sampling, both limit tests rejected.

@@ -26,14 +26,18 @@ from typing import Any, Callable, Protocol
 from logprob_cli.version import __version__
 from logprob_cli.run._budget import BudgetReached, MeteredEndpoint, Spend
 from logprob_cli.run._estimate import calls_per_prompt
-from logprob_cli.endpoints import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Prompt, Query
+from logprob_cli.endpoints import (
+    Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query,
+)
 from logprob_cli.errors import Worded, message_of
 from logprob_cli.io import check_prompts
 from logprob_cli.run._journal import Journal, JournalError, prompt_key, reading_connection
-from logprob_cli.methods import METHODS, Context
+from logprob_cli.methods import METHODS, Context, MethodResult, cheapest
 from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
+from logprob_cli.run._targets import resolve_targets
+from logprob_cli.run._positions import has_completions, split_positions, with_completion_ids
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
 
@@ -139,7 +143,7 @@ class Runner:
         self._room = asyncio.Event()
         self._stopping = False
         self._interrupted = False
-        self._per_prompt = 0  # calls a prompt is expected to need (0: unknown), told to the progress display
+        self._per_prompt: dict[int, int | None] = {}  # calls expected by target count (None: unknown)
         self._unsaved: list[tuple[str, int, bytes, Answer, asyncio.Future]] = []
         self._finished_here = 0
         self._refusals: dict[str, int] = {}
@@ -165,21 +169,30 @@ class Runner:
             await self._drain(queue, workers)
         return self.summary
 
+    def _expected_calls(self, prompt: Prompt) -> int | None:
+        """The calls the method's spec expects for `prompt` (its target count), None where it cannot tell."""
+        targets = len(prompt.target_ids)
+        if targets not in self._per_prompt:
+            ctx = self.ctx
+            try:
+                self._per_prompt[targets] = calls_per_prompt(
+                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets
+                )
+            except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
+                self._per_prompt[targets] = None
+        return self._per_prompt[targets]
+
     def _run_start(self, todo: list[Prompt]) -> RunStart:
         """What the progress display is told at the start: the calls the unfinished prompts should still need
         (their method's count per prompt, less the answers the checkpoint already holds for them)."""
-        ctx, meter = self.ctx, self.endpoint
-        try:
-            per_prompt: int | None = calls_per_prompt(self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits)
-        except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
-            per_prompt = None
-        self._per_prompt = per_prompt or 0
+        meter = self.endpoint
+        expected = [self._expected_calls(p) for p in todo]
         saved = self.journal.answer_counts()
         resumed = sum(saved.get(prompt_key(p), 0) for p in todo)
         return RunStart(
             prompts=len(self.prompts),
             prompts_done=self.summary.finished,
-            calls_expected=None if per_prompt is None else per_prompt * len(todo) - resumed,
+            calls_expected=None if None in expected else sum(expected) - resumed,
             exact=self.method != "bisection" and not resumed,  # bisection's count is a fit
             cost=meter.cost,
             calls_spent=lambda: meter.spent.calls,
@@ -270,7 +283,7 @@ class Runner:
         key = prompt_key(prompt)
         saved = self.journal.answers(key)
         loop = asyncio.get_running_loop()
-        plan = self.plan(self.ctx)
+        plan = self.plan(dataclasses.replace(self.ctx, targets=prompt.target_ids) if prompt.target_ids else self.ctx)
         seq = 0
         queries: list[Query] = next(plan)
         while True:
@@ -298,7 +311,7 @@ class Runner:
                     raise
                 self._fail(prompt, key, err)
                 unanswered = sum(1 for f in futures if f.cancelled() or f.exception() is not None)
-                self.progress.prompt_done(seq - unanswered - self._per_prompt, failed=True)
+                self.progress.prompt_done(seq - unanswered - (self._expected_calls(prompt) or 0), failed=True)
                 return
             except BaseException:
                 for future in futures:
@@ -313,7 +326,7 @@ class Runner:
                 break
         self.summary.finished += 1
         self._finished_here += 1
-        self.progress.prompt_done(seq - self._per_prompt)
+        self.progress.prompt_done(seq - (self._expected_calls(prompt) or 0))
         self.on_prompt_finished()
 
     def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
@@ -367,7 +380,9 @@ def _chosen_by(asked: str | None, ran: str) -> str:
 
 
 class OutputWriter:
-    """Rewrites the Parquet file from the journal: finished prompts, in input order."""
+    """Rewrites the Parquet file from the journal: finished prompts, in input order. With chosen tokens, each
+    row carries its targets' ids and texts, and the vector only where `store_vector`. `store_top` N writes each row's
+    N most likely tokens and the rest mass instead of the vector (io/_parquet.py)."""
 
     def __init__(
         self,
@@ -379,6 +394,8 @@ class OutputWriter:
         method: str,
         probe: dict[str, Any] | None,
         schema_prompts: list[Prompt] | None = None,
+        store_vector: bool = False,
+        store_top: int | None = None,
     ):
         self.path = path
         self.method = method
@@ -387,7 +404,11 @@ class OutputWriter:
         self.by_key = {prompt_key(p): p for p in prompts}
         self.endpoint = endpoint
         self.settings = settings
-        self.schema = output_schema(schema_prompts or prompts, endpoint.vocab_size)
+        self.schema = output_schema(
+            schema_prompts or prompts, endpoint.vocab_size, store_vector=store_vector, top_k=settings["top_k"],
+            store_top=store_top,
+        )
+        self.texts = {i: endpoint.token_text(i) for p in prompts for i in p.target_ids}
         self._last_write = time.monotonic()
         self._last_duration = 0.0
         self._writing: asyncio.Task | None = None
@@ -400,7 +421,7 @@ class OutputWriter:
             first = next(saved, None)
             behaviour = first[1].result.behaviour if first else {}
             rows = (
-                OutputRow(self.by_key[key], self.endpoint.model, self.method, item.calls, item.result)
+                self._row(self.by_key[key], item.calls, item.result)
                 for key, item in itertools.chain([first] if first else [], saved)
             )
             mapping = reader.get_meta("token_mapping")
@@ -411,6 +432,10 @@ class OutputWriter:
         self._last_duration = time.monotonic() - started
         self._last_write = time.monotonic()
         return written
+
+    def _row(self, prompt: Prompt, calls: int, result: MethodResult) -> OutputRow:
+        targets = tuple((i, self.texts[i]) for i in prompt.target_ids)
+        return OutputRow(prompt, self.endpoint.model, self.method, calls, result, targets)
 
     def maybe_write_soon(self) -> None:
         """After a prompt finishes: rewrite in a thread unless one is running or the last was too recent."""
@@ -467,7 +492,8 @@ def extract_batch(
     at the cap the run stops cleanly and the summary says so. `schema_prompts` (default: `prompts`)
     fix the output's columns, so every shard of a batch writes the same schema; with no prompts (an
     empty shard) the output has those columns and no rows, and no call is made.
-    Before any call: raises ValueError (a setting out of range), InputError (the pre-flight check of the prompts,
+    Before any call: raises ValueError (a setting out of range; SettingsError for a `store` the vocabulary cannot
+    hold), InputError (the pre-flight check of the prompts,
     inputs.check_prompts, found problems), Refused when the output or checkpoint may not be
     used (see outputs_guard: an output that is not .parquet or not the tool's, rows this run
     would replace, a damaged checkpoint), JournalError (checkpoint in use / other settings).
@@ -476,71 +502,141 @@ def extract_batch(
     every prompt finished so far.
     """
     config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
-    method, top_k, eps, concurrency = config.method, config.top_k, config.eps, config.concurrency
+    config.check_store(endpoint.vocab_size)
     check_prompts(schema_prompts or prompts, endpoint.api)
-    settings = run_settings(endpoint, method, top_k, eps)
+    prompts, schema_prompts = _with_target_ids(endpoint, prompts, schema_prompts)
+    prompts, schema_prompts = _with_positions(endpoint, prompts, schema_prompts)
+    settings = run_settings(endpoint, config.method, config.top_k, config.eps)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
     with Journal.open(journal_path, settings, resumable) as journal:
-        summary = RunSummary(total=len(prompts))
-        before = journal.spent()
-        metered = MeteredEndpoint(endpoint, journal.spent(), config.price, config.max_calls, config.max_cost)
-        summary.spent_before = before
-        summary.meter = metered
-        writer: OutputWriter | None = None
+        writer_for = functools.partial(
+            OutputWriter, output, journal_path, prompts, endpoint, settings, schema_prompts=schema_prompts,
+            store_vector=config.store_vector, store_top=config.store_top,
+        )
+        return _run_in_checkpoint(prompts, endpoint, journal, config, writer_for, progress or NoProgress(), announce)
 
-        async def main() -> None:
-            nonlocal writer
-            try:
-                if not prompts:  # an empty shard: every part of a batch has a file
-                    writer = OutputWriter(
-                        output, journal_path, prompts, endpoint, settings, method, None, schema_prompts
-                    )
-                    return
-                limits, report, chosen = endpoint.limits, None, method
-                if journal.get_meta("token_mapping") is None:
-                    mapping = await metered.verify_mapping(prompts[0])
-                    if mapping is not None:
-                        journal.set_meta("token_mapping", mapping)
-                if method == "auto":
-                    saved = journal.get_meta("probe")
-                    report = ProbeReport.from_dict(saved) if saved else await probe(metered, prompts[0])
-                    journal.set_meta("probe", report.to_dict())
-                    chosen, limits = report.recommended, report.limits()
-                journal.add_setup_spend(metered.spent.minus(before))
-                announce(chosen, report)
-                ctx = Context(
-                    endpoint.vocab_size, limits, top_k=min(top_k, limits.top_logprobs), eps=eps,
-                    withheld=await endpoint.withheld_tokens(),
-                )
-                writer = OutputWriter(
-                    output, journal_path, prompts, endpoint, settings, chosen, report.to_dict() if report else None,
-                    schema_prompts,
-                )
-                runner = Runner(
-                    metered, prompts, chosen, ctx, journal, concurrency, progress or NoProgress(),
-                    writer.maybe_write_soon,
-                )
-                runner.summary = summary
-                try:
-                    with interrupts_stop(runner):
-                        await runner.run()
-                finally:
-                    await writer.settle()
-            finally:
-                await endpoint.aclose()
 
+def _with_target_ids(
+    endpoint: Endpoint, prompts: list[Prompt], schema_prompts: list[Prompt] | None
+) -> tuple[list[Prompt], list[Prompt] | None]:
+    """The prompts (and the schema's) with their chosen tokens resolved to ids (run/_targets.py), before the
+    checkpoint is opened (its keys hold the ids) and before any call; unchanged without targets. Raises
+    InputError listing every target that is not one token of the vocabulary."""
+    every = schema_prompts or prompts
+    if not any(p.targets for p in every):
+        return prompts, schema_prompts
+
+    async def resolve() -> list[Prompt]:
         try:
-            asyncio.run(main())
-        except BudgetReached as reached:  # during the probe or token check
-            journal.add_setup_spend(metered.spent.minus(before))
-            summary.budget_reached = message_of(reached)
-        except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
-            summary.interrupted = True
+            return await resolve_targets(endpoint, every)
         finally:
-            summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
-            if writer is not None:
-                summary.rows_written = writer.write()
-        keys = {prompt_key(p): p.id for p in prompts}
-        summary.failures = {keys[k]: msg for k, msg in journal.failures().items() if k in keys}
+            await endpoint.aclose()
+
+    resolved = asyncio.run(resolve())
+    by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
+    return [by_id[p.id] for p in prompts], None if schema_prompts is None else resolved
+
+
+def _with_positions(
+    endpoint: Endpoint, prompts: list[Prompt], schema_prompts: list[Prompt] | None
+) -> tuple[list[Prompt], list[Prompt] | None]:
+    """With completions (run/_positions.py): refuse an endpoint that cannot append token ids exactly, resolve each
+    completion to ids, and split every prompt into its positions, one unit of work each (the schema's prompts are
+    resolved, not split); before the checkpoint opens (its keys hold the positions) and before any call.
+    Unchanged without completions."""
+    every = schema_prompts or prompts
+    if not has_completions(every):
+        return prompts, schema_prompts
+    resolved = with_completion_ids(endpoint, every)
+    by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
+    return split_positions([by_id[p.id] for p in prompts]), None if schema_prompts is None else resolved
+
+
+def _run_in_checkpoint(
+    prompts: list[Prompt],
+    endpoint: Endpoint,
+    journal: Journal,
+    config: RunConfig,
+    writer_for: Callable[[str, dict[str, Any] | None], OutputWriter],
+    progress: Progress,
+    announce: Callable[[str, ProbeReport | None], None],
+) -> RunSummary:
+    """extract_batch inside its open checkpoint: the calls before the run, then the run, on an event loop of their
+    own; then, however they ended (done, at a budget cap, Ctrl-C), the output written by the method's writer
+    (`writer_for(method, probe report)`) and the summary of what the checkpoint holds for these prompts."""
+    summary = RunSummary(total=len(prompts))
+    before = journal.spent()
+    metered = MeteredEndpoint(endpoint, journal.spent(), config.price, config.max_calls, config.max_cost)
+    summary.spent_before = before
+    summary.meter = metered
+    writer: OutputWriter | None = None
+
+    async def main() -> None:
+        nonlocal writer
+        try:
+            if not prompts:  # an empty shard: every part of a batch has a file
+                writer = writer_for(config.method, None)
+                return
+            targets = max(len(p.target_ids) for p in prompts)
+            chosen, limits, report = await _choose_method(metered, journal, prompts[0], config, targets)
+            journal.add_setup_spend(metered.spent.minus(before))
+            announce(chosen, report)
+            ctx = Context(
+                endpoint.vocab_size, limits, top_k=min(config.top_k, limits.top_logprobs), eps=config.eps,
+                withheld=await endpoint.withheld_tokens(),
+            )
+            writer = writer_for(chosen, report.to_dict() if report else None)
+            runner = Runner(metered, prompts, chosen, ctx, journal, config.concurrency, progress, writer.maybe_write_soon)
+            runner.summary = summary
+            await _run_and_settle(runner, writer)
+        finally:
+            await endpoint.aclose()
+
+    try:
+        asyncio.run(main())
+    except BudgetReached as reached:  # during the probe or token check
+        journal.add_setup_spend(metered.spent.minus(before))
+        summary.budget_reached = message_of(reached)
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (during the run, it cancels the run's task)
+        summary.interrupted = True
+    finally:
+        summary.finished = len(journal.finished() & {prompt_key(p) for p in prompts})
+        if writer is not None:
+            summary.rows_written = writer.write()
+    keys = {prompt_key(p): p.id for p in prompts}
+    summary.failures = {keys[k]: msg for k, msg in journal.failures().items() if k in keys}
     return summary
+
+
+async def _choose_method(
+    metered: MeteredEndpoint, journal: Journal, first: Prompt, config: RunConfig, targets: int
+) -> tuple[str, Limits, ProbeReport | None]:
+    """The calls made once per checkpoint before the run, their outcome kept in it: the token-mapping check and,
+    for "auto", the probe (on the first prompt). Returns the method to run (for "auto", the cheapest for the
+    whole vocabulary, or for `targets` chosen tokens a prompt), the limits its plan works within, and the
+    probe's report (None unless auto)."""
+    method = config.method
+    if journal.get_meta("token_mapping") is None:
+        mapping = await metered.verify_mapping(first)
+        if mapping is not None:
+            journal.set_meta("token_mapping", mapping)
+    if method != "auto":
+        return method, metered.limits, None
+    saved = journal.get_meta("probe")
+    report = ProbeReport.from_dict(saved) if saved else await probe(metered, first)
+    journal.set_meta("probe", report.to_dict())
+    if targets:
+        k = min(config.top_k, report.limits().top_logprobs)
+        picked = cheapest(report, metered.vocab_size, k, report.limits(), config.eps, targets).name
+        return picked, report.limits(), report
+    return report.recommended, report.limits(), report
+
+
+async def _run_and_settle(runner: Runner, writer: OutputWriter) -> None:
+    """Run the prompts (Ctrl-C stops the run), then wait for the output rewrite in flight, however the run ended."""
+    try:
+        with interrupts_stop(runner):
+            await runner.run()
+    finally:
+        await writer.settle()
