@@ -37,6 +37,8 @@ class Needs:
     forced_logprob_reported: a token forced by the bias reports its own unbiased logprob.
     chosen_ids: a call returns the logprobs of the ids it lists (vLLM's logprob_token_ids).
     min_top_k: the fewest logprobs a call must return.
+    image: the model's image (the image methods): given by the user, never observed, so `auto` never
+        picks a method that needs it.
     """
 
     whole_vocabulary: bool = False
@@ -45,6 +47,7 @@ class Needs:
     forced_logprob_reported: bool = False
     chosen_ids: bool = False
     min_top_k: int = 1
+    image: bool = False
 
     def met_by(self, observed: Observations) -> bool:
         """Whether every need was observed (an unknown property meets none)."""
@@ -55,6 +58,7 @@ class Needs:
             and (observed.logprobs_after_bias is True or not self.logprobs_after_bias)
             and (observed.forced_logprob == "reported" or not self.forced_logprob_reported)
             and (observed.chosen_ids or not self.chosen_ids)
+            and not self.image
         )
 
 
