@@ -543,6 +543,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
     target: TargetOption = [],
     target_id: TargetIdOption = [],
+    image: ImageOption = None,
 ) -> None:
     """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
 
@@ -560,7 +561,7 @@ def estimate(
         latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
     setup = EstimateSetup(
         endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
-        unit_price, price_given=override is not None,
+        unit_price, price_given=override is not None, image_rank=load_image(image).rank if image is not None else None,
     )
     rows, report = estimate_rows(prompts, setup)
     if as_json:
@@ -576,7 +577,8 @@ def estimate(
 class EstimateSetup:
     """What `estimate` was asked and assumes: the endpoint and method, the run's settings, seconds a call
     (`timed`: timed here on the in-process simulator, not given), the rate limits, and the price (`price_given`:
-    from --price, else the built-in table's for `model`, None when unknown)."""
+    from --price, else the built-in table's for `model`, None when unknown), and the rank of the image an image
+    method reads through (--image; None: none given)."""
 
     endpoint: Endpoint
     method: str
@@ -590,6 +592,7 @@ class EstimateSetup:
     model: str | None
     unit_price: Price | None
     price_given: bool
+    image_rank: int | None = None
 
 
 def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Estimate], ProbeReport | None]:
@@ -602,6 +605,7 @@ def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Est
         rows = estimate_run(
             prompts, setup.endpoint, setup.method, top_k=setup.top_k, eps=setup.eps, concurrency=setup.concurrency,
             latency=setup.latency, rpm=setup.rpm, tpm=setup.tpm, price=setup.unit_price, report=report,
+            image_rank=setup.image_rank,
         )
     except ValueError as error:
         fail(flagged(message_of(error)))

@@ -22,10 +22,11 @@ result is the base method's values for what was read, every other token unrecove
 says the image did not fit: never a vector from a wrong image.
 
 Precision (stated in the result): with rho = max(p, the largest residual on F and C) the observed
-error level of the read values and Lambda = sqrt(|F|) max_i |Q_i| / sigma_min(Q_F) (the conditioning
-of the choice: |Q_i A^+ delta|  <= |Q_i| |A^+|_2 |delta|_2 <= Lambda rho for every token i), each
-value of Q c is within Lambda rho of the truth and normalising moves every value by at most that
-again: precision = 2 Lambda rho. A bound, so pessimistic: measured errors are far below it.
+error level of the read values and Lambda = max_i |Q_i A^+|_1 over every token i (the conditioning of
+the choice, a Lebesgue constant: the value of token i is Q_i A^+ y_F, so its error |Q_i A^+ delta_F|
+is at most |Q_i A^+|_1 rho), each value of Q c is within Lambda rho of the truth, and normalising
+moves every value by at most that again: precision = 2 Lambda rho. A worst case over the signs of the
+errors: measured errors stay well below it.
 
 Calls: the base method's for r + MARGIN + CHECKS chosen tokens (fewer where the first call shows some).
 """
@@ -41,6 +42,7 @@ from typing import Callable
 import numpy as np
 
 from logprob_cli.endpoints import EndpointUnsuitable, Limits
+from logprob_cli.errors import Worded
 from logprob_cli.methods import _forced, _topk
 from logprob_cli.methods._base import Context, MethodResult, Plan
 from logprob_cli.methods._spec import MethodSpec, Needs
@@ -147,7 +149,7 @@ def _image_for(ctx: Context, name: str) -> Image:
     """ctx.image, refused (EndpointUnsuitable) where there is none or its rows are not the vocabulary."""
     image = ctx.image
     if image is None:
-        raise EndpointUnsuitable(f"{name} needs the model's image (image=PATH: a matrix or a GGUF file)")
+        raise EndpointUnsuitable(Worded("{method} {name} needs the model's image: give {image}", name=name))
     if image.vocab_size != ctx.vocab_size:
         raise EndpointUnsuitable(
             f"the image ({image.source}) has {image.vocab_size:,} rows but the endpoint's vocabulary has "
@@ -181,18 +183,24 @@ def solve(image: Image, read: MethodResult, check: np.ndarray) -> tuple[np.ndarr
     top = logits.max()
     logprobs = logits - (top + math.log(np.exp(logits - top).sum()))
     rho = max(read.precision, float(residual.max()))
-    conditioning = math.sqrt(fit.size) * float(np.sqrt(np.einsum("ij,ij->i", q, q).max())) / float(sigma[-1])
+    conditioning = lebesgue_constant(q, pinv)
     note = (f"whole vector solved through the image ({image.source}, rank {image.rank}) from {fit.size} values, "
             f"verified on {verify.size} more (largest residual {residual.max():.2g} nats)")
     return logprobs, 2 * conditioning * rho, note
 
 
-def image_calls(base_calls: Callable[..., int], rank: int | None, vocab_size: int, top_k: int, eps: float,
-                limits: Limits, targets: int = 0) -> int:
+def lebesgue_constant(q: np.ndarray, pinv: np.ndarray, rows: int = 8192) -> float:
+    """max_i |Q_i A^+|_1 over every row of q (module doc), a block of `rows` tokens at a time."""
+    return max(float(np.abs(q[i : i + rows] @ pinv).sum(axis=1).max()) for i in range(0, q.shape[0], rows))
+
+
+def image_calls(base_calls: Callable[..., int], vocab_size: int, top_k: int, eps: float, limits: Limits,
+                targets: int = 0, rank: int | None = None) -> int:
     """The base method's calls for the r + MARGIN + CHECKS tokens read (or for `targets`, when fewer). The
-    rank comes from the image: without one the count is unknown (ValueError)."""
+    rank comes from the image (the caller passes it: MethodSpec.calls of a method that needs one); without it
+    the count is unknown (ValueError)."""
     if rank is None:
-        raise ValueError("the calls of an image method depend on the image's rank, which is not known here")
+        raise ValueError(Worded("the calls of an image method depend on the image's rank: give the image ({image})"))
     reads = min(rank + MARGIN + CHECKS, vocab_size)
     return base_calls(vocab_size, top_k, eps, limits, min(targets, reads) if targets else reads)
 
@@ -203,7 +211,7 @@ SPECS = tuple(
         help=f"{base.SPEC.name}, reading about r + {MARGIN + CHECKS} tokens and solving the rest through the "
         "model's rank-r image (needs image=)",
         needs=dataclasses.replace(base.SPEC.needs, image=True),
-        calls=partial(image_calls, base.SPEC.calls, None), exact_count=False,
+        calls=partial(image_calls, base.SPEC.calls), exact_count=False,
     )
     for base in (_topk, _forced)
 )

@@ -71,7 +71,8 @@ class MethodSpec:
     under which the probe picks it, in words, shown by `estimate` for `auto` (empty: a cheaper
     method with the same needs is always picked instead). calls(vocab_size, top_k, eps, limits, targets):
     the calls one prompt costs on a fresh checkpoint, top_k already capped by the endpoint, for the
-    whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k.
+    whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k; a method that
+    needs an image also takes its rank (`rank=`), without which its count is unknown (ValueError).
     exact_count: calls() is what the simulator spends to the call (else a fit, within 10%).
     recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
     """

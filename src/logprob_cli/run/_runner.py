@@ -179,7 +179,7 @@ class Runner:
             ctx = self.ctx
             try:
                 self._per_prompt[targets] = calls_per_prompt(
-                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets
+                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets, ctx.image and ctx.image.rank
                 )
             except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
                 self._per_prompt[targets] = None
