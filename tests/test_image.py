@@ -6,11 +6,15 @@ import math
 from functools import lru_cache
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from engines import llama_server_fixture, model_path
+from test_engines import logprobs, whole_distribution
 from logprob_cli.api import extract_file, extract_logprobs
 from logprob_cli.endpoints import EndpointUnsuitable, SettingsError, SimulatedEndpoint, SimulatorConfig
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
+from logprob_cli.endpoints._vocabulary import server_vocabulary
 from logprob_cli.io import ImageError, load_image, read_metadata, save_image
 from logprob_cli.methods import METHODS, SPECS, Context, Image, drive
 from logprob_cli.methods._image import CHECKS, MARGIN, pivots
@@ -72,16 +76,12 @@ def test_topk_with_the_image_reads_r_tokens_and_gets_every_token(prompt):
     result, calls, truth = run("topk+image", config, prompt, image)
     reads = image.rank + MARGIN + CHECKS
     assert calls <= 2 + math.ceil(reads / 19)  # 7 calls; plain topk: 2 + ceil((V - 20) / 19) = 1054
-    assert calls == SPECS["topk+image"].calls.func(SPECS["topk"].calls, image.rank, VOCAB, 20, 1e-3, config_limits())
+    assert calls == SPECS["topk+image"].calls(VOCAB, 20, 1e-3, SimulatedEndpoint(config).limits, rank=image.rank)
     assert not result.unrecovered_ids.size
     error = np.abs(result.logprobs - truth).max()
     assert error < 1e-4
     assert error <= result.precision < 1e-2  # the stated bound holds, and is not vacuous
     assert any("solved through the image" in note for note in result.notes)
-
-
-def config_limits():
-    return SimulatedEndpoint(SimulatorConfig(vocab_size=VOCAB)).limits
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
@@ -166,8 +166,6 @@ def test_a_batch_with_the_image_records_it_and_matches_the_truth(tmp_path):
     assert summary.finished == len(PROMPTS) and summary.calls <= len(PROMPTS) * 7
     meta = read_metadata(tmp_path / "p.parquet")
     assert meta["settings"]["image"] == {"source": "image.npy", "rank": 66}
-    import pyarrow.parquet as pq
-
     rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
     endpoint = SimulatedEndpoint(SimulatorConfig(vocab_size=VOCAB))
     for row in rows:
@@ -179,17 +177,44 @@ def test_a_batch_with_the_image_records_it_and_matches_the_truth(tmp_path):
 
 
 tiny_server = llama_server_fixture("tiny")
+smollm2_server = llama_server_fixture("smollm2")
+
+
+def served(base_url: str, name: str, vocab_size: int):
+    return OpenAIEndpoint(name, server_vocabulary(vocab_size), base_url=f"{base_url}/v1", dialect="llama.cpp")
 
 
 def test_forced_with_the_image_from_the_gguf_matches_llama_server(tiny_server):
-    from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
-    from logprob_cli.endpoints._vocabulary import server_vocabulary
-    from test_engines import whole_distribution
-
     image = load_image(model_path("tiny"))
     text = "The capital of France is"
-    endpoint = OpenAIEndpoint("tiny", server_vocabulary(459), base_url=f"{tiny_server}/v1", dialect="llama.cpp")
-    extraction = extract_logprobs(text, method="forced+image", endpoint=endpoint, image=image)
+    extraction = extract_logprobs(text, method="forced+image", endpoint=served(tiny_server, "tiny", 459), image=image)
     truth = whole_distribution(tiny_server, text, 459)
+    assert extraction.calls <= image.rank + MARGIN + CHECKS + 4  # 83 calls (rank 65); plain forced: ~460 + bisection
+    error = np.abs(extraction.logprobs - truth).max()
+    assert error < 1e-3 and error <= extraction.result.precision
+
+
+def test_topk_with_the_image_in_post_bias_mode_matches_llama_server(tiny_server, tmp_path):
+    texts = ["The capital of France is", "It was the best of times"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    run = logprobs("extract", prompts, "--model", "tiny", "--base-url", f"{tiny_server}/v1", "--post-bias",
+                   "--method", "topk+image", "--image", model_path("tiny"), "-q")
+    assert run.returncode == 0, run.stderr
+    for row, text in zip(pq.read_table(tmp_path / "p.parquet").to_pylist(), texts):
+        truth = whole_distribution(tiny_server, text, 459)
+        assert row["calls"] <= 2 + math.ceil((65 + MARGIN + CHECKS) / 19)  # 7; plain topk: 2 + 24
+        assert np.abs(np.array(row["logprobs"], dtype=float) - truth).max() < 1e-3
+
+
+def test_forced_with_the_image_matches_smollm2_at_about_d_calls(smollm2_server):
+    """The issue's check on a trained model (V = 49,152, d = 576): about 600 calls instead of 49,000; a few
+    minutes on two busy cores."""
+    image = load_image(model_path("smollm2"))
+    assert image.rank == 577
+    text = "The capital of France is"
+    extraction = extract_logprobs(
+        text, method="forced+image", endpoint=served(smollm2_server, "smollm2", 49152), image=image
+    )
     assert extraction.calls <= image.rank + MARGIN + CHECKS + 4
-    assert np.abs(extraction.logprobs - truth).max() < 1e-3
+    assert np.abs(extraction.logprobs - whole_distribution(smollm2_server, text, 49152)).max() < 1e-3
