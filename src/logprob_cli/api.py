@@ -86,8 +86,8 @@ def extract_logprobs(
     built-in simulator answers. A top_k above the endpoint's cap is lowered to it with a
     UserWarning. `image` (an Image, or a file io.load_image reads: a .npy/.npz matrix or a GGUF
     model) is the model's image, which the methods topk+image and forced+image need (methods/_image.py).
-    Raises ValueError for an empty or malformed prompt or a setting out of range or
-    contradicting another (SettingsError), or an image file that cannot be used (ImageError), before any completion; EndpointFatal when a base_url
+    Raises ValueError for an empty or malformed prompt or a setting out of range or contradicting
+    another (SettingsError), or an image file that cannot be used (ImageError), before any completion; EndpointFatal when a base_url
     server cannot be reached; EndpointUnsuitable when the endpoint cannot support the method,
     EndpointError when a call fails.
     """
@@ -199,16 +199,15 @@ def extract_file(
     Writes `output` (default: the input's name with .parquet, or .shard-I-of-N.parquet) and its
     checkpoint NAME.checkpoint.sqlite beside it; the same call again resumes from the checkpoint,
     spending only what is left (`fresh=True` discards both first, only if the tool wrote them).
-    The endpoint, method and settings are those of extract_logprobs; `price` (US$ per 1M prompt and
-    completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the
-    checkpoint spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for
-    those chosen tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"`
-    writes each row's N most likely tokens and the rest mass instead of the vector (with targets: how many top
-    entries a row keeps). Returns the RunSummary
-    (finished, calls, failures by prompt id, budget_reached, interrupted). Raises, before any call:
-    ValueError (a setting, SettingsError included), InputError (every problem of the input), Refused
-    (an output or checkpoint the tool may not write); later JournalError, EndpointUnsuitable,
-    EndpointError, as runner.extract_batch.
+    The endpoint, method and settings (`image` included) are those of extract_logprobs; `price` (US$ per 1M prompt
+    and completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the checkpoint
+    spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for those chosen
+    tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"` writes
+    each row's N most likely tokens and the rest mass instead of the vector (with targets: how many top entries a
+    row keeps). Returns the RunSummary (finished, calls, failures by prompt id, budget_reached, interrupted).
+    Raises, before any call: ValueError (a setting, SettingsError included; ImageError), InputError (every problem
+    of the input), Refused (an output or checkpoint the tool may not write); later JournalError,
+    EndpointUnsuitable, EndpointError, as runner.extract_batch.
     """
     input = os.fspath(input)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):

@@ -45,7 +45,7 @@ from logprob_cli.endpoints import EndpointUnsuitable, Limits
 from logprob_cli.errors import Worded
 from logprob_cli.methods import _forced, _topk
 from logprob_cli.methods._base import Context, MethodResult, Plan
-from logprob_cli.methods._spec import MethodSpec, Needs
+from logprob_cli.methods._spec import MethodSpec
 
 MARGIN = 8  # fit tokens beyond the rank: least squares, so one misread token shows as a residual
 CHECKS = 8  # tokens read only to verify the solved vector
