@@ -31,6 +31,8 @@ SUITED = {
     "forced": {"logprobs_after_bias": False},
     "bisection": {"logprobs_after_bias": False, "sampled_logprob": "sentinel"},
     "visible": {"logprobs_after_bias": False, "bias_steers_sampling": False},
+    "topk+image": {},  # with an image (tests/test_image.py): the probe never picks an image method
+    "forced+image": {"logprobs_after_bias": False},
 }
 RUNS = [
     ("listed", 20, DEFAULT_EPS),

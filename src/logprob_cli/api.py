@@ -16,8 +16,8 @@ import numpy as np
 
 from logprob_cli.run import MeteredEndpoint, Spend
 from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
-from logprob_cli.io import content_problems, with_targets
-from logprob_cli.methods import METHODS, Context, MethodResult, cheapest
+from logprob_cli.io import content_problems, load_image, with_targets
+from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest
 from logprob_cli.run import ProbeReport, probe
 from logprob_cli.endpoints import EndpointSettings, build_endpoint
 from logprob_cli.run import discard
@@ -68,6 +68,7 @@ def extract_logprobs(
     concurrency: int = 16,
     *,
     targets: Sequence[str | int] = (),
+    image: str | os.PathLike | Image | None = None,
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
@@ -83,41 +84,38 @@ def extract_logprobs(
     `tokenizer` and `endpoint_options` (the other fields of EndpointSettings: api, system,
     extra_body, post_bias, simulator, rpm, tpm, timeout, retries) describe; with none of them, the
     built-in simulator answers. A top_k above the endpoint's cap is lowered to it with a
-    UserWarning. Raises ValueError for an empty or malformed prompt or a setting out of range or
-    contradicting another (SettingsError), before any completion; EndpointFatal when a base_url
+    UserWarning. `image` (an Image, or a file io.load_image reads: a .npy/.npz matrix or a GGUF
+    model) is the model's image, which the methods topk+image and forced+image need (methods/_image.py).
+    Raises ValueError for an empty or malformed prompt or a setting out of range or contradicting
+    another (SettingsError), or an image file that cannot be used (ImageError), before any completion; EndpointFatal when a base_url
     server cannot be reached; EndpointUnsuitable when the endpoint cannot support the method,
     EndpointError when a call fails.
     """
     item = _prompt(prompt)
     if targets:
         (item,) = with_targets([item], list(targets))
-    RunConfig(method, top_k, eps, concurrency)  # checks the run's settings before the endpoint is built
+    run = RunConfig(method, top_k, eps, concurrency, image=_image(image))  # checked before the endpoint is built
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
 
-    extraction, note = _outside_event_loop(
-        lambda: asyncio.run(_extract_and_close(endpoint, item, method, top_k, eps, concurrency))
-    )
+    extraction, note = _outside_event_loop(lambda: asyncio.run(_extract_and_close(endpoint, item, run)))
     if note:
         warnings.warn(note, stacklevel=2)
     return extraction
 
 
-async def _extract_and_close(
-    endpoint: Endpoint, item: Prompt, method: str, top_k: int, eps: float, concurrency: int
-) -> tuple[Extraction, str | None]:
+async def _extract_and_close(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Extraction, str | None]:
     """_extract, then the endpoint closed, however the extraction ended."""
     try:
-        return await _extract(endpoint, item, method, top_k, eps, concurrency)
+        return await _extract(endpoint, item, run)
     finally:
         await endpoint.aclose()
 
 
-async def _extract(
-    endpoint: Endpoint, item: Prompt, method: str, top_k: int, eps: float, concurrency: int
-) -> tuple[Extraction, str | None]:
-    """One prompt through `method` (for "auto", the method the probe recommends): the Extraction, and the note
-    to warn with when top_k was lowered to the endpoint's cap (None when it was not)."""
+async def _extract(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Extraction, str | None]:
+    """One prompt through the run's method (for "auto", the method the probe recommends): the Extraction, and
+    the note to warn with when top_k was lowered to the endpoint's cap (None when it was not)."""
+    method, top_k, eps = run.method, run.top_k, run.eps
     if item.targets:
         (item,) = await resolve_targets(endpoint, [item])
     counted = MeteredEndpoint(endpoint, Spend(), price=None)  # counts the calls answered, caps none
@@ -127,9 +125,10 @@ async def _extract(
     if report and item.targets:
         chosen = cheapest(report, endpoint.vocab_size, k, limits, eps, len(item.target_ids)).name
     ctx = Context(
-        endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids
+        endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids,
+        image=run.image,
     )
-    result = await _run_plan(METHODS[chosen](ctx), counted, item, concurrency)
+    result = await _run_plan(METHODS[chosen](ctx), counted, item, run.concurrency)
     extraction = Extraction(
         result.logprobs, counted.spent.calls, result, chosen, report, _targets(endpoint, item.target_ids, result)
     )
@@ -188,6 +187,7 @@ def extract_file(
     targets: Sequence[str | int] = (),
     store_vector: bool = False,
     store: str = "vector",
+    image: str | os.PathLike | Image | None = None,
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
@@ -199,21 +199,20 @@ def extract_file(
     Writes `output` (default: the input's name with .parquet, or .shard-I-of-N.parquet) and its
     checkpoint NAME.checkpoint.sqlite beside it; the same call again resumes from the checkpoint,
     spending only what is left (`fresh=True` discards both first, only if the tool wrote them).
-    The endpoint, method and settings are those of extract_logprobs; `price` (US$ per 1M prompt and
-    completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the
-    checkpoint spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for
-    those chosen tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"`
-    writes each row's N most likely tokens and the rest mass instead of the vector (with targets: how many top
-    entries a row keeps). Returns the RunSummary
-    (finished, calls, failures by prompt id, budget_reached, interrupted). Raises, before any call:
-    ValueError (a setting, SettingsError included), InputError (every problem of the input), Refused
-    (an output or checkpoint the tool may not write); later JournalError, EndpointUnsuitable,
-    EndpointError, as runner.extract_batch.
+    The endpoint, method and settings (`image` included) are those of extract_logprobs; `price` (US$ per 1M prompt
+    and completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the checkpoint
+    spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for those chosen
+    tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"` writes
+    each row's N most likely tokens and the rest mass instead of the vector (with targets: how many top entries a
+    row keeps). Returns the RunSummary (finished, calls, failures by prompt id, budget_reached, interrupted).
+    Raises, before any call: ValueError (a setting, SettingsError included; ImageError), InputError (every problem
+    of the input), Refused (an output or checkpoint the tool may not write); later JournalError,
+    EndpointUnsuitable, EndpointError, as runner.extract_batch.
     """
     input = os.fspath(input)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
-    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector, store)
+    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector, store, _image(image))
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     path = Path(output) if output is not None else default_output(input, shard)
     batch = read_batch(input, path, shard, settings.api if settings.model else None)
@@ -230,6 +229,11 @@ def extract_file(
     return _outside_event_loop(lambda: extract_batch(
         batch.prompts, path, endpoint, run, progress, schema_prompts=batch.all_prompts
     ))
+
+
+def _image(image: str | os.PathLike | Image | None) -> Image | None:
+    """The image as given, or read from its file (io.load_image; ImageError)."""
+    return image if image is None or isinstance(image, Image) else load_image(image)
 
 
 def _settings(

@@ -28,7 +28,7 @@ from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, f
 from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
-from logprob_cli.io import CompareError, compare_files, render_comparison, render_inspect
+from logprob_cli.io import CompareError, ImageError, compare_files, load_image, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
 from logprob_cli.run import PROBE_CALLS, probe as run_probe
@@ -129,6 +129,10 @@ TargetOption = Annotated[list[str], typer.Option("--target", "-t", metavar="TEXT
 TargetIdOption = Annotated[list[int], typer.Option(
     "--target-id", metavar="ID", min=0, help="A token to read for every prompt, by its id in the vocabulary (as --target).")]
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
+ImageOption = Annotated[Optional[Path], typer.Option(
+    "--image", metavar="PATH",
+    help="The model's output matrix for the image methods (topk+image, forced+image): a .npy or .npz V x d matrix "
+    "(or a saved basis) or a GGUF model file (output.weight, else the tied token_embd.weight; needs the gguf package).")]
 StoreOption = Annotated[str, typer.Option(
     "--store", metavar="vector|top:N",
     help="vector: each row's whole vector. top:N: the N most likely tokens (top_ids, top_logprobs) and rest_mass "
@@ -167,9 +171,9 @@ FLAGS = {
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
     "method": "--method", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
-    "targets": "--target/--target-id", "store": "--store",
+    "targets": "--target/--target-id", "store": "--store", "image": "--image",
 }  # how an error's message names each setting on the command line (errors.Worded)
-EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (BudgetReached, 3), (LogprobError, 1))
+EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (ImageError, 2), (BudgetReached, 3), (LogprobError, 1))
 
 TimeoutOption = Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds to wait for one answer before retrying.")]
 RetriesOption = Annotated[int, typer.Option(
@@ -349,6 +353,7 @@ def extract(
     target_id: TargetIdOption = [],
     store: StoreOption = "vector",
     store_vector: StoreVectorOption = False,
+    image: ImageOption = None,
 ) -> None:
     """Extract one full next-token log-probability vector per prompt into Parquet (resumable), or the
     logprobs of chosen tokens (--target, or a "targets" key per line)."""
@@ -364,7 +369,7 @@ def extract(
     endpoint = build_endpoint(options.settings())
     run = RunConfig(
         method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost,
-        store_vector, store,
+        store_vector, store, load_image(image) if image is not None else None,
     )
     if fresh:
         discard(output, journal_path)
@@ -538,6 +543,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
     target: TargetOption = [],
     target_id: TargetIdOption = [],
+    image: ImageOption = None,
 ) -> None:
     """Tell what `extract` would spend (calls, tokens, US$, time) before a call is spent.
 
@@ -555,7 +561,7 @@ def estimate(
         latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
     setup = EstimateSetup(
         endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
-        unit_price, price_given=override is not None,
+        unit_price, price_given=override is not None, image_rank=load_image(image).rank if image is not None else None,
     )
     rows, report = estimate_rows(prompts, setup)
     if as_json:
@@ -571,7 +577,8 @@ def estimate(
 class EstimateSetup:
     """What `estimate` was asked and assumes: the endpoint and method, the run's settings, seconds a call
     (`timed`: timed here on the in-process simulator, not given), the rate limits, and the price (`price_given`:
-    from --price, else the built-in table's for `model`, None when unknown)."""
+    from --price, else the built-in table's for `model`, None when unknown), and the rank of the image an image
+    method reads through (--image; None: none given)."""
 
     endpoint: Endpoint
     method: str
@@ -585,6 +592,7 @@ class EstimateSetup:
     model: str | None
     unit_price: Price | None
     price_given: bool
+    image_rank: int | None = None
 
 
 def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Estimate], ProbeReport | None]:
@@ -597,6 +605,7 @@ def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Est
         rows = estimate_run(
             prompts, setup.endpoint, setup.method, top_k=setup.top_k, eps=setup.eps, concurrency=setup.concurrency,
             latency=setup.latency, rpm=setup.rpm, tpm=setup.tpm, price=setup.unit_price, report=report,
+            image_rank=setup.image_rank,
         )
     except ValueError as error:
         fail(flagged(message_of(error)))

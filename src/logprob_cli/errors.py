@@ -6,6 +6,7 @@ Hierarchy (each class lives beside the code that raises it; `except LogprobError
     ├── SettingsError(ValueError)     endpoints/_factory.py settings that cannot work together  (CLI exit 2)
     ├── InputError                    io/_jsonl.py          the prompts cannot be used          (CLI exit 2)
     ├── CompareError(ValueError)      io/_compare.py        two outputs cannot be compared      (CLI exit 2)
+    ├── ImageError(ValueError)        io/_image.py          the image file cannot be used       (CLI exit 2)
     ├── VocabularyError(ValueError)   endpoints/_vocabulary.py the named vocabulary cannot load (CLI exit 2)
     ├── JournalError(RuntimeError)    run/_journal.py       the checkpoint cannot be used       (CLI exit 1)
     │   └── Refused                                        files at the output's place          (CLI exit 2)
@@ -34,7 +35,7 @@ SETTING_NAMES = {
     "simulator": "simulator settings", "price": "price", "max_cost": "max_cost", "max_calls": "max_calls",
     "method": "method", "method_auto": 'method="auto"', "api": "api", "api_chat": 'api="chat"',
     "api_completions": 'api="completions"',
-    "fresh": "fresh=True", "output": "output", "targets": "targets", "store": "store",
+    "fresh": "fresh=True", "output": "output", "targets": "targets", "store": "store", "image": "image",
 }  # how the Python API names each setting a message may name
 
 

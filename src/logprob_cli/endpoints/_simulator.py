@@ -137,6 +137,11 @@ class SimulatedModel:
         self._frequent = np.argsort(self._rank)[: min(2000, vocab_size)]
         self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
+    def output_matrix(self) -> np.ndarray:
+        """[W, u]: the V x (d + 1) float32 output layer and unigram term, whose columns (with the ones vector)
+        span every logprob vector of this model: its image, for the image methods."""
+        return np.hstack([self._w, self._unigram[:, None]])
+
     def logits(self, content: Any) -> np.ndarray:
         """The model's float32 logits for a prompt (bfloat16-rounded in bfloat16 mode)."""
         return self._entry(content)[0]

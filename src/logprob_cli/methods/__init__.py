@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 from logprob_cli.endpoints import Answer, Limits, Query
-from logprob_cli.methods import _bisection, _direct, _exact, _forced, _listed, _topk, _visible
+from logprob_cli.methods import _bisection, _direct, _exact, _forced, _image, _listed, _topk, _visible
+from logprob_cli.methods._image import Image
 from logprob_cli.methods._base import DEFAULT_EPS, Context, MethodResult, Plan
 from logprob_cli.methods._spec import MethodSpec, Needs, Observations
 from logprob_cli.methods._base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
@@ -18,7 +19,9 @@ from logprob_cli.methods._base import BFLOAT16_ROUNDOFF, bias_response, lowered_
 # the same one call for chosen tokens, without the whole vocabulary in the answer; topk before exact).
 SPECS: dict[str, MethodSpec] = {
     spec.name: spec
-    for spec in (_listed.SPEC, _direct.SPEC, _topk.SPEC, _exact.SPEC, _forced.SPEC, _bisection.SPEC, _visible.SPEC)
+    for spec in (
+        _listed.SPEC, _direct.SPEC, _topk.SPEC, _exact.SPEC, _forced.SPEC, _bisection.SPEC, _visible.SPEC, *_image.SPECS
+    )
 }
 METHODS: dict[str, Callable[[Context], Plan]] = {name: spec.plan for name, spec in SPECS.items()}
 
@@ -50,6 +53,7 @@ __all__ = [
     "BFLOAT16_ROUNDOFF",
     "Context",
     "DEFAULT_EPS",
+    "Image",
     "METHODS",
     "MethodResult",
     "MethodSpec",

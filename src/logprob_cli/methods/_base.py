@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import TYPE_CHECKING, Any, Generator
 
 import numpy as np
 
 from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
+
+if TYPE_CHECKING:
+    from logprob_cli.methods._image import Image
 
 Plan = Generator[list[Query], list[Answer], "MethodResult"]
 
@@ -38,6 +41,7 @@ class Context:
     targets: the ids the user asked for, in their order (empty: the whole vocabulary). A plan
         then reads only these (besides what its first call shows), and its result leaves every
         other token NaN, with no bound.
+    image: the model's low-rank image (methods/_image.py), for the image methods; None: not given.
     """
 
     vocab_size: int
@@ -46,6 +50,7 @@ class Context:
     eps: float = DEFAULT_EPS
     withheld: frozenset[int] = frozenset()
     targets: tuple[int, ...] = ()
+    image: Image | None = None
 
     @property
     def bias_max(self) -> float:

@@ -37,6 +37,8 @@ class Needs:
     forced_logprob_reported: a token forced by the bias reports its own unbiased logprob.
     chosen_ids: a call returns the logprobs of the ids it lists (vLLM's logprob_token_ids).
     min_top_k: the fewest logprobs a call must return.
+    image: the model's image (the image methods): given by the user, never observed, so `auto` never
+        picks a method that needs it.
     """
 
     whole_vocabulary: bool = False
@@ -45,6 +47,7 @@ class Needs:
     forced_logprob_reported: bool = False
     chosen_ids: bool = False
     min_top_k: int = 1
+    image: bool = False
 
     def met_by(self, observed: Observations) -> bool:
         """Whether every need was observed (an unknown property meets none)."""
@@ -55,6 +58,7 @@ class Needs:
             and (observed.logprobs_after_bias is True or not self.logprobs_after_bias)
             and (observed.forced_logprob == "reported" or not self.forced_logprob_reported)
             and (observed.chosen_ids or not self.chosen_ids)
+            and not self.image
         )
 
 
@@ -67,7 +71,8 @@ class MethodSpec:
     under which the probe picks it, in words, shown by `estimate` for `auto` (empty: a cheaper
     method with the same needs is always picked instead). calls(vocab_size, top_k, eps, limits, targets):
     the calls one prompt costs on a fresh checkpoint, top_k already capped by the endpoint, for the
-    whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k.
+    whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k; a method that
+    needs an image also takes its rank (`rank=`), without which its count is unknown (ValueError).
     exact_count: calls() is what the simulator spends to the call (else a fit, within 10%).
     recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
     """

@@ -13,7 +13,7 @@ from pathlib import Path
 from logprob_cli.endpoints import Prompt
 from logprob_cli.endpoints import SettingsError
 from logprob_cli.io import read_prompts, select_shard
-from logprob_cli.methods import METHODS
+from logprob_cli.methods import METHODS, SPECS, Image
 from logprob_cli.run._outputs_guard import check_paths
 from logprob_cli.run._prices import Price, price_for
 
@@ -26,7 +26,8 @@ class RunConfig:
     `store_vector`: with chosen tokens (or `store` top:N), also write each prompt's whole vector (NaN beyond what
     was read). `store`: "vector" (each row's whole vector) or "top:N" (the N most likely recovered tokens and the
     rest mass, io/_parquet.py; with chosen tokens, how many top entries a row keeps); N from 1 to the vocabulary
-    size, which `check_store` holds it to once the endpoint is known.
+    size, which `check_store` holds it to once the endpoint is known. `image`: the model's image, which the
+    image methods (topk+image, forced+image) need and no other method takes.
 
     Raises ValueError on construction for a value out of range, before any call.
     """
@@ -40,6 +41,7 @@ class RunConfig:
     max_cost: float | None = None
     store_vector: bool = False
     store: str = "vector"
+    image: Image | None = None
 
     @property
     def store_top(self) -> int | None:
@@ -63,6 +65,7 @@ class RunConfig:
             )
         if self.method != "auto" and self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose auto or one of {', '.join(METHODS)}")
+        self._check_image()
         if not _is_int(self.top_k) or self.top_k < 2:
             raise ValueError(f"top_k must be an integer, 2 or above, got {self.top_k!r}")
         if not _is_int(self.concurrency) or self.concurrency < 1:
@@ -73,6 +76,23 @@ class RunConfig:
             raise ValueError(f"max_calls must be an integer, 0 or above, got {self.max_calls!r}")
         if self.max_cost is not None and not self.max_cost >= 0:
             raise ValueError(f"max_cost must be 0 or more US$, got {self.max_cost!r}")
+
+
+    def _check_image(self) -> None:
+        """Raises SettingsError where the method needs an image and none is given, or an image is given to a
+        method that would ignore it (auto does not use one yet)."""
+        needs = self.method in SPECS and SPECS[self.method].needs.image
+        if needs and self.image is None:
+            raise SettingsError(
+                "{method} {name} needs the model's image: give {image} (a .npy or .npz matrix, or a GGUF model file)",
+                name=self.method,
+            )
+        if self.image is not None and not needs:
+            image_methods = ", ".join(name for name, spec in SPECS.items() if spec.needs.image)
+            raise SettingsError(
+                "{image} is used only by the image methods ({names}); {method} {name} would ignore it",
+                names=image_methods, name=self.method,
+            )
 
 
 def _is_store(store: str) -> bool:

@@ -73,16 +73,21 @@ class Estimate:
 
 
 def calls_per_prompt(
-    method: str, vocab_size: int, top_k: int, eps: float = DEFAULT_EPS, limits: Limits = Limits(), targets: int = 0
+    method: str, vocab_size: int, top_k: int, eps: float = DEFAULT_EPS, limits: Limits = Limits(), targets: int = 0,
+    image_rank: int | None = None,
 ) -> int:
     """Calls one prompt costs with `method` (its spec's `calls`), for the whole vocabulary or `targets` chosen
     tokens (each counted as outside the top-k: a target the first call shows costs less); top_k is already
-    capped by the endpoint.
+    capped by the endpoint; `image_rank`: the rank of the image an image method reads through.
 
-    Raises EndpointUnsuitable for topk and exact below 2 logprobs a call, ValueError for an unknown method."""
+    Raises EndpointUnsuitable for topk and exact below 2 logprobs a call, ValueError for an unknown method or
+    an image method without the image's rank."""
     if method not in SPECS:
         raise ValueError(f"unknown method {method!r}")
-    return SPECS[method].calls(vocab_size, top_k, eps, limits, targets)
+    spec = SPECS[method]
+    if spec.needs.image:
+        return spec.calls(vocab_size, top_k, eps, limits, targets, rank=image_rank)
+    return spec.calls(vocab_size, top_k, eps, limits, targets)
 
 
 def target_counts(prompts: list[Prompt]) -> list[int]:
@@ -121,6 +126,7 @@ def estimate_run(
     tpm: float | None = None,
     price: Price | None = None,
     report: ProbeReport | None = None,
+    image_rank: int | None = None,
 ) -> list[Estimate]:
     """The bill of running `prompts` through `method` on `endpoint` (module docstring), as extract runs it.
     Prompts with chosen tokens are priced by their count (`calls_per_prompt`), and `auto` picks for the
@@ -129,7 +135,7 @@ def estimate_run(
     For "auto", `report` (the probe's findings, where probing is free) fixes the method and its
     overhead; without one there is a row per method the probe may pick, each with its condition,
     its probe counted as on OpenAI (which rejects both limit tests; a server accepting them answers
-    1-2 calls more).
+    1-2 calls more). `image_rank`: the rank of the image an image method reads through.
     Raises EndpointUnsuitable for `direct` where the endpoint is not known to return the whole
     vocabulary (the run would stop before its first call), ValueError for prompts the API cannot take.
     """
@@ -145,7 +151,7 @@ def estimate_run(
         if name == "direct" and limits.top_logprobs < vocab:
             raise _direct_refusal(vocab, limits.top_logprobs)
         k = min(top_k, limits.top_logprobs)
-        each = [calls_per_prompt(name, vocab, k, eps, limits, n) for n in targets]
+        each = [calls_per_prompt(name, vocab, k, eps, limits, n, image_rank) for n in targets]
         calls = sum(each) + overhead
         prompt_tokens = sum(c * t for c, t in zip(each, tokens)) + overhead * tokens[0]
         seconds = duration(calls, prompt_tokens / calls + 1, concurrency, latency, rpm, tpm)

@@ -32,7 +32,7 @@ from logprob_cli.endpoints import (
 from logprob_cli.errors import Worded, message_of
 from logprob_cli.io import check_prompts
 from logprob_cli.run._journal import Journal, JournalError, prompt_key, reading_connection
-from logprob_cli.methods import METHODS, Context, MethodResult, cheapest
+from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest
 from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
@@ -98,11 +98,14 @@ class RunSummary:
         return self.meter.cost() if self.meter else None
 
 
-def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float) -> dict[str, Any]:
-    """The settings a checkpoint is bound to: everything that changes which calls are made."""
+def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float, image: Image | None = None) -> dict[str, Any]:
+    """The settings a checkpoint is bound to: everything that changes which calls are made (with an image, where
+    it came from and its rank, which the output's metadata records too)."""
     settings: dict[str, Any] = {"method": method, "top_k": top_k, "endpoint": endpoint.describe().to_dict()}
     if method == "bisection":
         settings["eps"] = eps
+    if image is not None:
+        settings["image"] = {"source": image.source, "rank": image.rank}
     return settings
 
 
@@ -176,7 +179,7 @@ class Runner:
             ctx = self.ctx
             try:
                 self._per_prompt[targets] = calls_per_prompt(
-                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets
+                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets, ctx.image and ctx.image.rank
                 )
             except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
                 self._per_prompt[targets] = None
@@ -506,7 +509,7 @@ def extract_batch(
     check_prompts(schema_prompts or prompts, endpoint.api)
     prompts, schema_prompts = _with_target_ids(endpoint, prompts, schema_prompts)
     prompts, schema_prompts = _with_positions(endpoint, prompts, schema_prompts)
-    settings = run_settings(endpoint, config.method, config.top_k, config.eps)
+    settings = run_settings(endpoint, config.method, config.top_k, config.eps, config.image)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
     with Journal.open(journal_path, settings, resumable) as journal:
@@ -584,7 +587,7 @@ def _run_in_checkpoint(
             announce(chosen, report)
             ctx = Context(
                 endpoint.vocab_size, limits, top_k=min(config.top_k, limits.top_logprobs), eps=config.eps,
-                withheld=await endpoint.withheld_tokens(),
+                withheld=await endpoint.withheld_tokens(), image=config.image,
             )
             writer = writer_for(chosen, report.to_dict() if report else None)
             runner = Runner(metered, prompts, chosen, ctx, journal, config.concurrency, progress, writer.maybe_write_soon)
