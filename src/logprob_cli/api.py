@@ -137,16 +137,7 @@ async def _extract(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Ex
 
 def _targets(endpoint: Endpoint, ids: tuple[int, ...], result: MethodResult) -> list[Target]:
     """Each chosen token's value from the result: its logprob, or the bound where it was not recovered."""
-    found = []
-    for i in ids:
-        value, bound = float(result.logprobs[i]), result.upper_bounds.get(i)
-        recovered = not np.isnan(value)
-        found.append(Target(
-            i, endpoint.token_text(i), value if recovered else None,
-            None if recovered or bound is None or np.isnan(bound) else float(bound),
-            float(result.precision) if recovered else None,
-        ))
-    return found
+    return [Target(i, endpoint.token_text(i), *result.reading(i)) for i in ids]
 
 
 async def _run_plan(

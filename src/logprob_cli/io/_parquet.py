@@ -373,15 +373,13 @@ def _targets(row: OutputRow) -> list[dict[str, Any]]:
     for token_id, token in row.targets:
         if not 0 <= token_id < vector.size:
             raise ValueError(f"prompt {row.prompt.id!r}: target id {token_id} is outside the vocabulary ({vector.size:,})")
-        value = float(np.float32(vector[token_id]))
-        recovered = not math.isnan(value)
-        bound = None if recovered else row.result.upper_bounds.get(token_id)
+        logprob, bound, precision = row.result.reading(token_id)
         found.append({
             "token_id": token_id,
             "token": token,
-            "logprob": value if recovered else None,
-            "upper_bound": None if bound is None or math.isnan(bound) else float(bound),
-            "precision": float(row.result.precision) if recovered else None,
+            "logprob": None if logprob is None else float(np.float32(logprob)),
+            "upper_bound": bound,
+            "precision": precision,
         })
     return found
 

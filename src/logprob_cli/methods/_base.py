@@ -81,6 +81,15 @@ class MethodResult:
         lp = self.logprobs[~np.isnan(self.logprobs)]
         return float(np.exp(lp).sum()) if lp.size else 0.0
 
+    def reading(self, token_id: int) -> tuple[float | None, float | None, float | None]:
+        """One token as a chosen token is reported: (logprob, None, precision) where recovered, else
+        (None, the upper bound the answers prove or None where none is known, None)."""
+        value = float(self.logprobs[token_id])
+        if not math.isnan(value):
+            return value, None, float(self.precision)
+        bound = self.upper_bounds.get(token_id)
+        return None, None if bound is None or math.isnan(bound) else float(bound), None
+
     def unrecovered_mass_bound(self) -> float:
         """An upper bound on the total probability of the unrecovered tokens."""
         missing = self.unrecovered_ids

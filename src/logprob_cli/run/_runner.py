@@ -37,7 +37,7 @@ from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._targets import resolve_targets
-from logprob_cli.run._positions import has_completions, split_positions, with_completion_ids
+from logprob_cli.run._positions import has_completions, require_token_context, resolve_completions, split_positions
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
 
@@ -507,8 +507,7 @@ def extract_batch(
     config = dataclasses.replace(RunConfig(method=run) if isinstance(run, str) else run, **settings)
     config.check_store(endpoint.vocab_size)
     check_prompts(schema_prompts or prompts, endpoint.api)
-    prompts, schema_prompts = _with_target_ids(endpoint, prompts, schema_prompts)
-    prompts, schema_prompts = _with_positions(endpoint, prompts, schema_prompts)
+    prompts, schema_prompts = _resolved(endpoint, prompts, schema_prompts)
     settings = run_settings(endpoint, config.method, config.top_k, config.eps, config.image)
     journal_path = checkpoint_path(output)
     resumable = functools.partial(check_resumable, output, journal_path, prompts)
@@ -520,40 +519,34 @@ def extract_batch(
         return _run_in_checkpoint(prompts, endpoint, journal, config, writer_for, progress or NoProgress(), announce)
 
 
-def _with_target_ids(
+def _resolved(
     endpoint: Endpoint, prompts: list[Prompt], schema_prompts: list[Prompt] | None
 ) -> tuple[list[Prompt], list[Prompt] | None]:
-    """The prompts (and the schema's) with their chosen tokens resolved to ids (run/_targets.py), before the
-    checkpoint is opened (its keys hold the ids) and before any call; unchanged without targets. Raises
-    InputError listing every target that is not one token of the vocabulary."""
+    """The prompts (and the schema's) with their chosen tokens (run/_targets.py) and completions
+    (run/_positions.py) resolved to ids, this run's prompts split into their positions (the schema's are
+    resolved, not split); on one event loop of its own, before the checkpoint opens (its keys hold the ids and
+    positions) and before any call. Unchanged without either. Raises InputError listing every target or
+    completion the vocabulary cannot take, EndpointUnsuitable where the endpoint cannot take a position's
+    context."""
     every = schema_prompts or prompts
-    if not any(p.targets for p in every):
+    targets, completions = any(p.targets for p in every), has_completions(every)
+    if not (targets or completions):
         return prompts, schema_prompts
 
     async def resolve() -> list[Prompt]:
         try:
-            return await resolve_targets(endpoint, every)
+            found = await resolve_targets(endpoint, every) if targets else every
+            if completions:
+                require_token_context(endpoint)
+                found = await resolve_completions(endpoint, found)
+            return found
         finally:
             await endpoint.aclose()
 
     resolved = asyncio.run(resolve())
     by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
-    return [by_id[p.id] for p in prompts], None if schema_prompts is None else resolved
-
-
-def _with_positions(
-    endpoint: Endpoint, prompts: list[Prompt], schema_prompts: list[Prompt] | None
-) -> tuple[list[Prompt], list[Prompt] | None]:
-    """With completions (run/_positions.py): refuse an endpoint that cannot append token ids exactly, resolve each
-    completion to ids, and split every prompt into its positions, one unit of work each (the schema's prompts are
-    resolved, not split); before the checkpoint opens (its keys hold the positions) and before any call.
-    Unchanged without completions."""
-    every = schema_prompts or prompts
-    if not has_completions(every):
-        return prompts, schema_prompts
-    resolved = with_completion_ids(endpoint, every)
-    by_id = {p.id: p for p in resolved}  # ids are unique (check_prompts)
-    return split_positions([by_id[p.id] for p in prompts]), None if schema_prompts is None else resolved
+    mine = [by_id[p.id] for p in prompts]
+    return split_positions(mine) if completions else mine, None if schema_prompts is None else resolved
 
 
 def _run_in_checkpoint(
