@@ -239,3 +239,18 @@ def test_smollm2_matches_its_own_log_softmax_and_answers_paris(smollm2):
     assert np.array_equal(extraction.logprobs.astype(np.float32), expected)
     best = int(np.argmax(extraction.logprobs))
     assert endpoint.token_text(best) == " Paris" and extraction.logprobs[best] > np.log(0.5)
+
+
+def test_estimate_times_the_local_model_on_this_machine_and_prices_it_free(tiny, tmp_path):
+    line = {"id": "a", "prompt": "the cat", "completion": " sat on the mat."}
+    (tmp_path / "c.jsonl").write_text(json.dumps(line) + "\n")
+    shown = CliRunner().invoke(app, [
+        "estimate", str(tmp_path / "c.jsonl"), "--model", f"hf:{tiny}", "--api", "completions", "--method", "direct",
+        "--json",
+    ])
+    assert shown.exit_code == 0, shown.output
+    estimate = json.loads(shown.stdout)
+    (row,) = estimate["rows"]
+    positions = len(transformers.AutoTokenizer.from_pretrained(tiny)(line["completion"], add_special_tokens=False)["input_ids"]) + 1
+    assert row["calls"] == positions and row["cost"] == 0 and row["seconds"] > 0
+    assert estimate["assumptions"]["concurrency"] == 1
