@@ -143,7 +143,7 @@ def test_targets_and_biased_methods_match_the_ground_truth(tiny, reference):
     expected = truth(reference, reference[1](prompt)["input_ids"])
     cat = reference[1](" cat", add_special_tokens=False)["input_ids"]
     assert len(cat) == 1
-    chosen = extract_logprobs(prompt, endpoint=endpoint, targets=[" cat", 7])
+    chosen = extract_logprobs(prompt, targets=[" cat", 7], model=f"hf:{tiny}", api="completions")  # as a user calls it
     assert [t.logprob for t in chosen.targets] == pytest.approx([float(expected[cat[0]]), float(expected[7])], abs=1e-6)
     for method in ("topk", "exact"):
         extraction = extract_logprobs(prompt, method=method, endpoint=endpoint)

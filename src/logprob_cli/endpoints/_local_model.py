@@ -126,7 +126,7 @@ class LocalModelEndpoint(Endpoint):
         self.forward_passes = 0
         self._rows: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._prompt_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # asks may come from several worker threads at once
 
     def describe(self) -> EndpointDescription:
         return EndpointDescription(
@@ -190,14 +190,14 @@ class LocalModelEndpoint(Endpoint):
     def logits(self, prompt: Prompt) -> Any:
         """The model's float32 logits (a torch tensor of V) after the prompt followed by its `context_ids`, from the
         pass over the prompt and its whole completion (or the part of it whose rows fit the cache), cached."""
-        base = self.prompt_ids(prompt)
         context = prompt.context_ids
         text = prompt.completion_ids if prompt.completion_ids[: len(context)] == context else context
         k = len(context)
         first = k - k % self.rows_per_pass
         last = min(first + self.rows_per_pass, len(text) + 1) - 1
-        key = (base, text[:last], first)
         with self._lock:
+            base = self.prompt_ids(prompt)
+            key = (base, text[:last], first)
             rows = self._rows.get(key)
             if rows is None:
                 rows = self._forward(base + text[:last], last - first + 1)
@@ -227,18 +227,21 @@ class LocalModelEndpoint(Endpoint):
     def prompt_ids(self, prompt: Prompt) -> tuple[int, ...]:
         """The ids the model reads for the prompt itself (see the module docstring); EndpointRejected for a chat
         prompt to a model without a chat template, or a prompt of no tokens. The last 64 are remembered."""
-        content = json.dumps([prompt.content(), self.api, self.system], ensure_ascii=False)
-        ids = self._prompt_ids.get(content)
-        if ids is None:
-            ids = self._tokenize(prompt)
-            if not ids:
-                raise EndpointRejected("the prompt reads as no tokens: a forward pass needs at least one")
-            if len(self._prompt_ids) >= 64:
-                self._prompt_ids.popitem(last=False)
-            self._prompt_ids[content] = ids
+        content = json.dumps(prompt.content(), ensure_ascii=False)
+        with self._lock:
+            ids = self._prompt_ids.get(content)
+            if ids is None:
+                ids = self._tokenize(prompt)
+                if not ids:
+                    raise EndpointRejected("the prompt reads as no tokens: a forward pass needs at least one")
+                if len(self._prompt_ids) >= 64:
+                    self._prompt_ids.popitem(last=False)
+                self._prompt_ids[content] = ids
         return ids
 
     def _tokenize(self, prompt: Prompt) -> tuple[int, ...]:
+        """The prompt's ids: plain text with the tokenizer's special tokens (api "completions"), else its chat
+        messages rendered by the chat template with the generation prompt, tokenized with nothing added."""
         if prompt.messages is None and self.api == "completions":
             return tuple(self.tokenizer(prompt.prompt)["input_ids"])
         messages = prompt.messages
