@@ -89,7 +89,10 @@ SIM_HELP = (
     "bias_steers_sampling=false, sampled_logprob=sentinel, top_logprobs_cap=5, bias_max=50, precision=bfloat16, "
     "tie_noise=1e-4, seed=1."
 )
-MODEL_HELP = "Model of an OpenAI-compatible endpoint. Without it, the built-in simulated endpoint answers (offline)."
+MODEL_HELP = (
+    "Model of an OpenAI-compatible endpoint, or hf:PATH for a local transformers model folder (offline; "
+    "pip install 'logprob-cli[hf]'). Without it, the built-in simulated endpoint answers (offline)."
+)
 POST_BIAS_HELP = (
     "llama-server only: read its post-sampling probabilities, which reflect the bias (sampler truncation switched "
     "off), so topk and exact work there."
