@@ -14,8 +14,8 @@ vector in one call, and every biased method works as on an engine.
 What the model reads: a plain prompt with api="completions" is its text tokenized with the tokenizer's own special
 tokens (a BOS where the tokenizer adds one, as vLLM's completions API does); with api="chat" (the default) it is
 a user message (after the `system` one, if given), and `messages` are rendered by the tokenizer's chat template
-with the generation prompt, then tokenized with nothing added, as a chat API does. A model without a chat
-template refuses chat prompts. A position of a completion (`Prompt.context_ids`) is the prompt's ids followed by
+with the generation prompt, then tokenized with nothing added, as a chat API does (a model without a chat
+template is refused with api="chat"). A position of a completion (`Prompt.context_ids`) is the prompt's ids followed by
 exactly those ids (`token_context`).
 
 Every position of a text in one forward pass: a unit of a completion of n tokens asks for the pass over the
@@ -24,7 +24,7 @@ completion token) are kept in a cache keyed by the exact ids read, so the other 
 it. The cache holds at most `cache_bytes` of logits (V x 4 bytes a row); a text with more rows than fit is
 read in passes of R = cache_bytes // (4 V) positions each, ceil((n + 1) / R) passes in all (`forward_passes`
 counts them). Rows of one pass are computed together, so a position's logits may differ from a pass over its
-prefix alone in the last bits (about 1e-5 nats), as an engine's batched passes do.
+prefix alone in the last bits (about 1e-6 nats on SmolLM2-135M), as an engine's batched passes do.
 """
 
 from __future__ import annotations
