@@ -24,7 +24,7 @@ from logprob_cli.version import __version__
 from logprob_cli.run import BudgetReached
 from logprob_cli.endpoints import Endpoint, Prompt
 from logprob_cli.errors import LogprobError, message_of, reworded
-from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, format_dollars, format_duration, in_process_latency, simulator_latency
 from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS
@@ -89,7 +89,10 @@ SIM_HELP = (
     "bias_steers_sampling=false, sampled_logprob=sentinel, top_logprobs_cap=5, bias_max=50, precision=bfloat16, "
     "tie_noise=1e-4, seed=1."
 )
-MODEL_HELP = "Model of an OpenAI-compatible endpoint. Without it, the built-in simulated endpoint answers (offline)."
+MODEL_HELP = (
+    "Model of an OpenAI-compatible endpoint, or hf:PATH for a local transformers model folder (offline; "
+    "pip install 'logprob-cli[hf]'). Without it, the built-in simulated endpoint answers (offline)."
+)
 POST_BIAS_HELP = (
     "llama-server only: read its post-sampling probabilities, which reflect the bias (sampler truncation switched "
     "off), so topk and exact work there."
@@ -557,11 +560,15 @@ def estimate(
     prompts = with_completion_ids(endpoint, prompts)  # a completion's positions are priced by its token count
     unit_price = price_for(options.model, override)
     timed = endpoint.in_process and latency is None
-    if latency is None:
+    first_call = None
+    if latency is None and endpoint.in_process and options.model is not None:  # a local model
+        first_call, latency = in_process_latency(endpoint, prompts[0], top_k)
+    elif latency is None:
         latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
     setup = EstimateSetup(
         endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
         unit_price, price_given=override is not None, image_rank=load_image(image).rank if image is not None else None,
+        first_call=first_call,
     )
     rows, report = estimate_rows(prompts, setup)
     if as_json:
@@ -576,9 +583,10 @@ def estimate(
 @dataclass(frozen=True)
 class EstimateSetup:
     """What `estimate` was asked and assumes: the endpoint and method, the run's settings, seconds a call
-    (`timed`: timed here on the in-process simulator, not given), the rate limits, and the price (`price_given`:
-    from --price, else the built-in table's for `model`, None when unknown), and the rank of the image an image
-    method reads through (--image; None: none given)."""
+    (`timed`: timed here on the in-process endpoint, not given), the rate limits, and the price (`price_given`:
+    from --price, else the built-in table's for `model`, None when unknown), the rank of the image an image
+    method reads through (--image; None: none given), and for a local model the seconds of a text's first call,
+    its forward pass (None: not timed)."""
 
     endpoint: Endpoint
     method: str
@@ -593,6 +601,7 @@ class EstimateSetup:
     unit_price: Price | None
     price_given: bool
     image_rank: int | None = None
+    first_call: float | None = None
 
 
 def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Estimate], ProbeReport | None]:
@@ -609,6 +618,8 @@ def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Est
         )
     except ValueError as error:
         fail(flagged(message_of(error)))
+    if setup.first_call is not None:  # a local model: one forward pass a text besides its calls
+        rows = [dataclasses.replace(row, seconds=row.seconds + len(prompts) * setup.first_call) for row in rows]
     return rows, report
 
 
@@ -668,8 +679,8 @@ def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeRepo
 
 def price_notes(setup: EstimateSetup) -> list[str]:
     """Where the estimate's price comes from (none when it is unknown)."""
-    if setup.model is None and not setup.price_given:
-        return ["price: the built-in simulator is free"]
+    if setup.endpoint.in_process and not setup.price_given:
+        return [f"price: the {'built-in simulator' if setup.model is None else 'local model'} is free"]
     if setup.unit_price is None:
         return []
     source = "--price" if setup.price_given else "built-in table; override with --price"
@@ -679,6 +690,9 @@ def price_notes(setup: EstimateSetup) -> list[str]:
 
 def time_note(setup: EstimateSetup) -> str:
     """What the estimate's time assumes: seconds a call, and how many in flight under which rate limits."""
+    if setup.first_call is not None:
+        return (f"time: the local model answers one call at a time, {setup.latency * 1e3:.2g} ms a call, plus a forward "
+                f"pass a text of {setup.first_call:.2g} s (the first prompt's, timed here); a resumed run spends only what is left")
     if setup.endpoint.in_process:
         how = "timed here, with the runner's bookkeeping" if setup.timed else "--latency"
         return (f"time: the in-process simulator answers one call at a time, {setup.latency * 1e3:.2g} ms a call ({how}); "

@@ -1,7 +1,7 @@
 """endpoints/: turns "this prompt, this bias" into "what the server returned".
 
 The contract (`Endpoint`, `Query`, `Answer`, `Prompt`, `Limits`) in _base.py; the built-in simulator;
-the OpenAI-compatible client (_openai_compatible.py) over one paced, retrying transport
+a local `transformers` model (_local_model.py, "hf:PATH"); the OpenAI-compatible client (_openai_compatible.py) over one paced, retrying transport
 (_transport.py, _ratelimit.py); the vocabularies that map returned tokens to ids; and the factory that
 builds an endpoint from `EndpointSettings`. Nothing here imports from methods/, io/ or run/.
 """
@@ -11,6 +11,7 @@ from logprob_cli.endpoints._base import (
     Prompt, Query, WrappingEndpoint,
 )
 from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelEndpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
@@ -29,7 +30,9 @@ __all__ = [
     "EndpointRejected",
     "EndpointSettings",
     "EndpointUnsuitable",
+    "HF_PREFIX",
     "Limits",
+    "LocalModelEndpoint",
     "OpenAIEndpoint",
     "Pressure",
     "Prompt",

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from logprob_cli.endpoints._base import Endpoint
-from logprob_cli.errors import LogprobError, Worded
+from logprob_cli.errors import LogprobError, Worded, message_of
+from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelError, load_local_model
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint, server_facts
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
@@ -38,6 +39,7 @@ class EndpointSettings:
     """Everything that chooses and configures an endpoint.
 
     No `model`: the built-in simulator answers (with `simulator`'s switches, default SimulatorConfig()).
+    A model "hf:PATH": the local `transformers` model in that folder (with `api` and `system` only).
     With a model: an OpenAI-compatible endpoint at `base_url` (default OpenAI's), its vocabulary
     from `tokenizer` (a tiktoken encoding, a .tiktoken or tokenizer.json file, simulator:SIZE;
     default: llama-server's own size, else the model name), `api` chat or completions, `system`
@@ -72,6 +74,8 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         return _simulator(settings)
     if settings.simulator is not None:
         raise SettingsError("{simulator} apply to the built-in simulator, not to {model} endpoints")
+    if settings.model.startswith(HF_PREFIX):
+        return _local_model(settings)
     base_url = settings.base_url
     if base_url and has_userinfo(base_url):
         raise SettingsError(USERINFO_REFUSED, url=redact(base_url))
@@ -101,6 +105,24 @@ def _simulator(settings: EndpointSettings) -> SimulatedEndpoint:
     if settings.rpm or settings.tpm:
         raise SettingsError("{rpm}/{tpm} pace a {model} endpoint; the built-in simulator has no rate limit")
     return SimulatedEndpoint(settings.simulator or SimulatorConfig(), system=settings.system)
+
+
+def _local_model(settings: EndpointSettings) -> Endpoint:
+    """The local model the settings name, refusing the settings that only a server takes."""
+    given = [name for name in ("base_url", "api_key", "tokenizer", "post_bias", "extra_body", "rpm", "tpm")
+             if getattr(settings, name)]
+    if given:
+        named = ", ".join("{%s}" % name for name in given)
+        raise SettingsError(
+            named + " apply to a server; {model} {name} is a local model read in this process", name=settings.model
+        )
+    try:
+        return load_local_model(settings.model, api=settings.api, system=settings.system)
+    except LocalModelError as error:
+        message = message_of(error)
+        if isinstance(message, Worded):
+            raise SettingsError(message.template, **message.values) from None
+        raise SettingsError("{error}", error=message) from None
 
 
 def _vocabulary(settings: EndpointSettings, server_size: int | None) -> Vocabulary:

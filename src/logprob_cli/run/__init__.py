@@ -14,7 +14,7 @@ from logprob_cli.run._probe import ProbeReport, probe
 from logprob_cli.run._runner import RunSummary, extract_batch
 from logprob_cli.run._budget import BudgetReached, MeteredEndpoint, Spend
 from logprob_cli.run._config import default_output, price_of_calls, read_batch
-from logprob_cli.run._estimate import format_count, format_dollars, format_duration, simulator_latency
+from logprob_cli.run._estimate import format_count, format_dollars, format_duration, in_process_latency, simulator_latency
 from logprob_cli.run._outputs_guard import discard
 from logprob_cli.run._prices import Price, parse_price, price_for
 from logprob_cli.run._probe import PROBE_CALLS
@@ -47,6 +47,7 @@ __all__ = [
     "format_count",
     "format_dollars",
     "format_duration",
+    "in_process_latency",
     "parse_price",
     "price_for",
     "price_of_calls",

@@ -21,6 +21,7 @@ on this machine (`simulator_latency`), not assumed.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from logprob_cli.endpoints import SimulatedEndpoint
 # `python benchmarks/simulator_latency.py` measured 0.17-0.7 ms beside the answer itself on the 2-core CI box.
 IN_PROCESS_BOOKKEEPING = 0.4e-3
 LATENCY_SAMPLES = 100
+LOCAL_LATENCY_SAMPLES = 10  # a local model's call builds its answer from a V-long vector: slower
 
 
 @dataclass(frozen=True)
@@ -221,17 +223,42 @@ def simulator_latency(endpoint: SimulatedEndpoint, prompt: Prompt, top_k: int) -
     top-k asked) timed over a few calls, plus the runner's
     bookkeeping (IN_PROCESS_BOOKKEEPING). The calls go to a twin of `endpoint`, so its count is untouched."""
     twin = SimulatedEndpoint(endpoint.config, endpoint.system)
-    vocab, k = endpoint.vocab_size, min(top_k, endpoint.limits.top_logprobs)
-    entries = min(k - 1, endpoint.limits.bias_entries)
-    queries = [
-        Query.make({(i * 7919 + j * 104_729) % vocab: endpoint.limits.bias_max for j in range(entries)}, top_logprobs=k)
-        for i in range(LATENCY_SAMPLES)
-    ]
+    queries = _typical_queries(endpoint, top_k, LATENCY_SAMPLES)
     twin.answer(prompt, queries[0])  # the prompt's logits are computed once, then cached, as in a run
     start = time.perf_counter()
     for query in queries:
         twin.answer(prompt, query)
     return (time.perf_counter() - start) / LATENCY_SAMPLES + IN_PROCESS_BOOKKEEPING
+
+
+def in_process_latency(endpoint: Endpoint, prompt: Prompt, top_k: int) -> tuple[float, float]:
+    """(seconds of a first call, seconds of each call after it) of an in-process endpoint that reads a text once
+    and answers the calls on it from what it read (a local model: one forward pass a text, its positions
+    included), timed on this machine through its own `ask` with typical queries (`simulator_latency`), plus
+    the runner's bookkeeping."""
+    queries = _typical_queries(endpoint, top_k, LOCAL_LATENCY_SAMPLES + 1)
+
+    async def timed() -> tuple[float, float]:
+        start = time.perf_counter()
+        await endpoint.ask(prompt, queries[0])
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for query in queries[1:]:
+            await endpoint.ask(prompt, query)
+        await endpoint.aclose()
+        return first, (time.perf_counter() - start) / LOCAL_LATENCY_SAMPLES + IN_PROCESS_BOOKKEEPING
+
+    return asyncio.run(timed())
+
+
+def _typical_queries(endpoint: Endpoint, top_k: int, n: int) -> list[Query]:
+    """`n` distinct typical queries: k-1 tokens lifted by the largest bias, the top-k asked."""
+    vocab, k = endpoint.vocab_size, min(top_k, endpoint.limits.top_logprobs)
+    entries = min(k - 1, endpoint.limits.bias_entries)
+    return [
+        Query.make({(i * 7919 + j * 104_729) % vocab: endpoint.limits.bias_max for j in range(entries)}, top_logprobs=k)
+        for i in range(n)
+    ]
 
 
 def format_count(n: int) -> str:

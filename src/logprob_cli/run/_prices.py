@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from logprob_cli.endpoints import HF_PREFIX as LOCAL_MODEL_PREFIX
 from logprob_cli.errors import Worded
 
 
@@ -63,11 +64,11 @@ def parse_price(text: str) -> Price:
 
 
 def price_for(model: str | None, override: Price | None = None) -> Price | None:
-    """The price of a model's calls: the override if given; free for the built-in simulator (model None);
-    the table's entry for the model or the base of its dated snapshot; else None (unknown)."""
+    """The price of a model's calls: the override if given; free for the built-in simulator (model None) and a
+    local model ("hf:PATH", read in this process); the table's entry for the model or the base of its dated snapshot; else None (unknown)."""
     if override is not None:
         return override
-    if model is None:
+    if model is None or model.startswith(LOCAL_MODEL_PREFIX):
         return Price(0.0, 0.0)
     name = model.lower()
     return PRICES.get(name) or PRICES.get(SNAPSHOT_STAMP.sub("", name))
