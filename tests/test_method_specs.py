@@ -33,6 +33,7 @@ SUITED = {
     "visible": {"logprobs_after_bias": False, "bias_steers_sampling": False},
     "topk+image": {},  # with an image (tests/test_image.py): the probe never picks an image method
     "forced+image": {"logprobs_after_bias": False},
+    "bisection+image": {"logprobs_after_bias": False, "sampled_logprob": "sentinel"},
 }
 RUNS = [
     ("listed", 20, DEFAULT_EPS),

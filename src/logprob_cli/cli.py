@@ -134,7 +134,7 @@ TargetIdOption = Annotated[list[int], typer.Option(
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
 ImageOption = Annotated[Optional[Path], typer.Option(
     "--image", metavar="PATH",
-    help="The model's output matrix for the image methods (topk+image, forced+image): a .npy or .npz V x d matrix "
+    help="The model's output matrix for the image methods (topk+image, forced+image, bisection+image): a .npy or .npz V x d matrix "
     "(or a saved basis) or a GGUF model file (output.weight, else the tied token_embd.weight; needs the gguf package).")]
 StoreOption = Annotated[str, typer.Option(
     "--store", metavar="vector|top:N",

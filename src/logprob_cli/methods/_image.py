@@ -1,4 +1,4 @@
-"""`topk+image`, `forced+image`: a whole vector from about r values, through the model's low-rank image.
+"""`topk+image`, `forced+image`, `bisection+image`: a whole vector from about r values, through the model's low-rank image.
 
 A model's logits are z = W h (+ an output bias u), W its V x d output matrix, so every logprob
 vector it can give, log p = z - logsumexp(z) 1, lies in span(B), B = [W, u, 1] (V x r, r <= d + 2;
@@ -10,8 +10,8 @@ Q Q^T that never forms it): each step takes the token whose row has the largest 
 taken are projected out. Its r pivots S0 make Q[S0] well conditioned; a second pass over the other
 tokens gives `MARGIN` more for the fit (S = S0 + those) and `CHECKS` more read only to verify (C).
 
-The plan runs the base method (`topk` or `forced`) with targets S + C, so it reads them as it reads
-any chosen tokens, then solves the least squares c = argmin |Q_F c - y_F| over F = the tokens of S
+The plan runs the base method (`topk`, `forced` or `bisection`) with targets S + C, so it reads them as
+it reads any chosen tokens (at eps / 2 Lambda, below), then solves the least squares c = argmin |Q_F c - y_F| over F = the tokens of S
 it read plus the top-k its first call showed, and sets l = Q c - logsumexp(Q c) 1.
 
 Verification: with the read values y = l_true + delta, |delta| <= p (the base method's precision),
@@ -28,7 +28,21 @@ is at most |Q_i A^+|_1 rho), each value of Q c is within Lambda rho of the truth
 moves every value by at most that again: precision = 2 Lambda rho. A worst case over the signs of the
 errors: measured errors stay well below it.
 
-Calls: the base method's for r + MARGIN + CHECKS chosen tokens (fewer where the first call shows some).
+The base reads at eps / 2 Lambda(S), Lambda(S) the constant above for the planned fit tokens, so that 2 Lambda rho,
+with rho (about half the base's eps, plus rounding) comes out at or below the requested eps: only bisection's
+reads have a precision that eps sets (topk's and forced's are exact up to rounding, and ignore it).
+
+Calls: the base method's for r + MARGIN + CHECKS chosen tokens (fewer where the first call shows some), at
+eps / 2 Lambda. For the count (`image_calls`, which knows only the rank) Lambda is taken as r / 4: measured 15
+(simulator, r = 66) and 104 (SmolLM2, r = 577); bisection's calls grow as ln(Lambda / eps), so a factor 2 off
+in Lambda moves its count by about 5%. Bisection spends about 10% more on the pivoted tokens than on as many
+chosen tokens (which its own count was fitted on): pivoting picks tokens whose logits vary most, far from the
+top (BISECTION_SPREAD, measured on the simulator).
+
+Argmax-only (`bisection+image`): every answer says only which token won under the biases; reading the r + 16
+tokens by bisection and solving costs about 355 calls a prompt for all 100,000 tokens of the simulator at
+eps 1e-3 (OpenAI's contract: pre-bias logprobs, -9999 for a forced token), where plain bisection needs about
+250,000. Measured: `python benchmarks/image_bisection.py`.
 """
 
 from __future__ import annotations
@@ -43,13 +57,14 @@ import numpy as np
 
 from logprob_cli.endpoints import EndpointUnsuitable, Limits
 from logprob_cli.errors import Worded
-from logprob_cli.methods import _forced, _topk
+from logprob_cli.methods import _bisection, _forced, _topk
 from logprob_cli.methods._base import Context, MethodResult, Plan
 from logprob_cli.methods._spec import MethodSpec
 
 MARGIN = 8  # fit tokens beyond the rank: least squares, so one misread token shows as a residual
 CHECKS = 8  # tokens read only to verify the solved vector
 FIT_FACTOR = 4.0  # how far a residual may exceed its noise bound before the image is judged not to fit
+BISECTION_SPREAD = 1.1  # bisection's calls for the pivoted tokens against as many chosen ones (module doc, "Calls")
 RANK_TOLERANCE = 1e-6  # singular values below this fraction of the largest (unit-norm columns) are dropped
 
 
@@ -105,6 +120,15 @@ class Image:
         return cache[avoid]
 
 
+    def conditioning(self, fit: np.ndarray) -> float:
+        """The Lebesgue constant of solving through the tokens `fit` (module doc, "Precision"), cached by them."""
+        cache = self.__dict__.setdefault("_conditioning", {})
+        key = fit.tobytes()
+        if key not in cache:
+            cache[key] = lebesgue_constant(self.basis, np.linalg.pinv(self.basis[fit]))
+        return cache[key]
+
+
 def pivots(q: np.ndarray, count: int, excluded: np.ndarray) -> np.ndarray:
     """`count` row ids of q chosen greedily, none of them `excluded`: each the row of largest norm once the
     rows chosen before are projected out (pivoted Cholesky of q q^T: one product with q a step)."""
@@ -130,7 +154,8 @@ def plan(ctx: Context, base: Callable[[Context], Plan], name: str) -> Plan:
     fit, check = image.reading(ctx.withheld)
     if ctx.targets and len(ctx.targets) <= fit.size + check.size:  # reading them is cheaper than the image
         return (yield from base(ctx))
-    read = yield from base(dataclasses.replace(ctx, targets=tuple(int(i) for i in np.concatenate([fit, check]))))
+    chosen = tuple(int(i) for i in np.concatenate([fit, check]))
+    read = yield from base(dataclasses.replace(ctx, targets=chosen, eps=ctx.eps / (2 * image.conditioning(fit))))
     solved = solve(image, read, check)
     if isinstance(solved, str):
         read.notes.append(f"the image ({image.source}, rank {image.rank}) did not fit this vector: {solved}; "
@@ -194,15 +219,17 @@ def lebesgue_constant(q: np.ndarray, pinv: np.ndarray, rows: int = 8192) -> floa
     return max(float(np.abs(q[i : i + rows] @ pinv).sum(axis=1).max()) for i in range(0, q.shape[0], rows))
 
 
-def image_calls(base_calls: Callable[..., int], vocab_size: int, top_k: int, eps: float, limits: Limits,
-                targets: int = 0, rank: int | None = None) -> int:
-    """The base method's calls for the r + MARGIN + CHECKS tokens read (or for `targets`, when fewer). The
-    rank comes from the image (the caller passes it: MethodSpec.calls of a method that needs one); without it
-    the count is unknown (ValueError)."""
+def image_calls(base_calls: Callable[..., int], spread: float, vocab_size: int, top_k: int, eps: float,
+                limits: Limits, targets: int = 0, rank: int | None = None) -> int:
+    """The base method's calls for the r + MARGIN + CHECKS tokens read at eps / 2 Lambda (module doc, "Calls"),
+    times `spread` (or for `targets` at eps, when fewer). The rank comes from the image (the caller passes it:
+    MethodSpec.calls of a method that needs one); without it the count is unknown (ValueError)."""
     if rank is None:
         raise ValueError(Worded("the calls of an image method depend on the image's rank: give the image ({image})"))
     reads = min(rank + MARGIN + CHECKS, vocab_size)
-    return base_calls(vocab_size, top_k, eps, limits, min(targets, reads) if targets else reads)
+    if targets and targets <= reads:  # read directly (plan): at the requested eps
+        return base_calls(vocab_size, top_k, eps, limits, targets)
+    return math.ceil(spread * base_calls(vocab_size, top_k, eps / max(1.0, rank / 2), limits, reads))
 
 
 SPECS = tuple(
@@ -211,7 +238,7 @@ SPECS = tuple(
         help=f"{base.SPEC.name}, reading about r + {MARGIN + CHECKS} tokens and solving the rest through the "
         "model's rank-r image (needs image=)",
         needs=dataclasses.replace(base.SPEC.needs, image=True),
-        calls=partial(image_calls, base.SPEC.calls), exact_count=False,
+        calls=partial(image_calls, base.SPEC.calls, spread), exact_count=False,
     )
-    for base in (_topk, _forced)
+    for base, spread in ((_topk, 1.0), (_forced, 1.0), (_bisection, BISECTION_SPREAD))
 )

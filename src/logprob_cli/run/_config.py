@@ -27,7 +27,7 @@ class RunConfig:
     was read). `store`: "vector" (each row's whole vector) or "top:N" (the N most likely recovered tokens and the
     rest mass, io/_parquet.py; with chosen tokens, how many top entries a row keeps); N from 1 to the vocabulary
     size, which `check_store` holds it to once the endpoint is known. `image`: the model's image, which the
-    image methods (topk+image, forced+image) need and no other method takes.
+    image methods (topk+image, forced+image, bisection+image) need and no other method takes.
 
     Raises ValueError on construction for a value out of range, before any call.
     """
