@@ -284,7 +284,7 @@ def test_inspect_names_each_row_by_its_id_and_position(tmp_path):
     console = Console(record=True, width=80)
     render_inspect(tmp_path / "o.parquet", console)
     shown = console.export_text()
-    assert "3 rows" in shown
+    assert "3 rows" in " ".join(shown.split())  # the header wraps where the temporary path is long
     assert [line.split()[:2] for line in shown.splitlines() if line.lstrip().startswith("a @")] == [
         ["a", "@0"], ["a", "@1"], ["a", "@2"]
     ]
