@@ -362,3 +362,33 @@ def test_second_process_on_the_same_checkpoint_is_refused_over_http(tmp_path):
             first.wait()
     assert "in use" in assert_one_line_error(second)
     assert second_server.endpoint.calls == 0
+
+
+def test_kill_9_in_a_positions_run_then_resume_equals_uninterrupted_run(tmp_path):
+    """Every position of a completion is its own unit of work in the journal (issue 11): three kills in the
+    middle of a two-prompt, eight-position run lose at most the calls in flight, and the resumed run writes
+    exactly the uninterrupted run's rows."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"id": f"p{i}", "prompt": f"prompt number {i}", "completion_ids": [5 + i, 70, 900]}) + "\n"
+        for i in range(2)
+    ))
+    with serve() as server:
+        done = run(extract_command(prompts, tmp_path / "reference.parquet", server, "--api", "completions"))
+        assert done.returncode == 0, done.stderr
+        reference = Reference(output_of(tmp_path / "reference.parquet", server), server.endpoint.calls, 0, 0.0)
+    assert len(reference.table) == 8
+    out = tmp_path / "p.parquet"
+    with serve() as server:
+        command = extract_command(prompts, out, server, "--api", "completions")
+        for fraction in (0.2, 0.5, 0.8):
+            child = launch(command)
+            wait_until(lambda: server.endpoint.calls >= fraction * reference.calls, child)
+            child.kill()
+            assert child.wait() == -signal.SIGKILL, f"the run ended before its kill: {child.stderr.read()}"
+            assert 0 < saved_in(tmp_path / "p.checkpoint.sqlite").paid_calls <= settled_calls(server)
+        done = run(command)
+        assert done.returncode == 0, done.stderr
+        assert output_of(out, server).equals(reference.table, check_metadata=True)
+        excess = server.endpoint.calls - reference.calls
+    assert 0 <= excess <= 3 * CONCURRENCY  # each kill loses at most the calls in flight
