@@ -353,10 +353,11 @@ def next_token(prompt: Prompt) -> int | None:
 
 def _top_columns(rows: list[OutputRow], top: int) -> dict[str, pa.Array]:
     """Each row's `top` largest recovered entries, best first, as float32, and `rest_mass`: 1 - the sum of their
-    probabilities, in float64 from the float32 values stored (so a reader recomputes it exactly), clamped at 0."""
+    probabilities, in float64 from the float32 values stored, summed exactly rounded (`math.fsum`, so a reader on
+    any machine recomputes the same number; numpy's pairwise sum differs in the last bits across CPUs), clamped at 0."""
     tops = [_top_ids(r.result.logprobs, top) if top > 0 else np.empty(0, np.int64) for r in rows]
     values = [r.result.logprobs[ids].astype(np.float32) for r, ids in zip(rows, tops)]
-    rest = [max(0.0, 1.0 - float(np.exp(v.astype(np.float64)).sum())) for v in values]
+    rest = [max(0.0, 1.0 - math.fsum(np.exp(v.astype(np.float64)).tolist())) for v in values]
     return {
         "top_ids": _lists(tops, np.int32),
         "top_logprobs": _lists(values, np.float32),
