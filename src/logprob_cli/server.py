@@ -247,11 +247,14 @@ class SimulatorServer:
     either and closes open connections. As a context manager it starts and stops itself.
     `endpoint` is the simulator answering (its `calls` counts answered completion requests);
     `rejected` counts requests refused by the rate limits and `faults_injected` the faults
-    injected, per kind.
+    injected, per kind. `clock` is what the rate limits read the time from (seconds, monotonic); a test passes
+    one it moves itself, so a slow machine cannot refill a bucket between two requests.
     """
 
-    def __init__(self, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config or ServerConfig()
+        self._clock = clock
         self._vllm = self.config.dialect == "vllm"
         self.endpoint = SimulatedEndpoint(_engine_config(self.config))
         self._lock = threading.Lock()  # the simulator is not thread-safe
@@ -463,7 +466,7 @@ class SimulatorServer:
             return _ApiError(500, "The server had an error while processing your request.", type="server_error",
                              origin="gateway")
         with self._gate:
-            headers = self._limit_headers(time.monotonic())
+            headers = self._limit_headers(self._clock())
         return _rate_limit_error(f"requests on {self.config.model} (an injected fault)", "requests",
                                  INJECTED_RETRY_AFTER, headers)
 
@@ -472,7 +475,7 @@ class SimulatorServer:
         if not self._buckets:
             return {}
         costs = {"requests": 1, "tokens": _usage_tokens(body, prompt_field)}
-        now = time.monotonic()
+        now = self._clock()
         with self._gate:
             wait, bucket = max(((b.wait(costs[b.name], now), b) for b in self._buckets), key=lambda pair: pair[0])
             if wait:
