@@ -121,7 +121,8 @@ TARGET_HELP = (
 )
 TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
-    "or simulator:SIZE (default: from the model name, via tiktoken)."
+    "a model's .gguf file, or simulator:SIZE (default: from the model name, via tiktoken; llama-server's own; "
+    "for llama-cpp-python's server, the .gguf file it names when that file is on this machine)."
 )
 
 # Options shared by extract, probe and estimate, declared once so their flags and help cannot drift apart.

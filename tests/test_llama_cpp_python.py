@@ -1,0 +1,195 @@
+"""llama-cpp-python's OpenAI-compatible server: tokens named by text only.
+
+Offline, through a MockWire answering in the shape the real server answers (llama_cpp/llama.py's
+_create_completion, seen on 0.3.36): a text several tokens render as names none of them, a generated
+token named so is WITHHELD, an answer left empty by an end-of-generation token is asked again with the
+unnamed tokens pushed down. Then against a real server from the cache that
+`scripts/build_llama_cpp_python.sh` fills (skipped with the reason when it is absent): the probe
+describes it, `auto` extracts every token its text names alone, equal to the model's own distribution
+(the engine's logits for the same tokens, computed in the venv without the server), and never gives a
+value to a token whose text another token shares.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engines import model_path, require_llama_cpp_python, run_llama_cpp_python
+from logprob_cli.endpoints._base import WITHHELD, EndpointFatal, Prompt, Query
+from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, _facts
+from logprob_cli.endpoints._transport import MockWire, RawResponse, RetryPolicy
+from logprob_cli.endpoints._vocabulary import Vocabulary, load_vocabulary
+
+# ids: 0 "a", 1 "b", 2 " the", 3 and 4 lone UTF-8 lead bytes (both render as ""), 5 a control token (no bytes),
+# 6 " " followed by a lone lead byte and 7 " " (both render as " "), 8 "c"
+TOKENS = [b"a", b"b", b" the", b"\xe2", b"\xe2\x80", None, b" \xe2", b" ", b"c"]
+UNNAMED = {3, 4, 5, 6, 7}
+
+
+def small_vocabulary() -> Vocabulary:
+    return Vocabulary("test:9", len(TOKENS), lambda i: TOKENS[i])
+
+
+def completion(token: str | None, top: dict[str, float], logprob: float = -0.5) -> dict:
+    """A legacy completion as llama-cpp-python 0.3.36 answers it (max_tokens 1); token None: the generated token
+    ended the generation, so no token and no logprobs come back."""
+    logprobs = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+    if token is not None:
+        logprobs = {"tokens": [token], "text_offset": [5], "token_logprobs": [logprob], "top_logprobs": [top]}
+    return {
+        "id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m.gguf",
+        "choices": [{"text": token or "", "index": 0, "logprobs": logprobs, "finish_reason": "length" if token else "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1 if token else 0, "total_tokens": 6},
+    }
+
+
+def endpoint(answers: list[dict]) -> tuple[OpenAIEndpoint, MockWire]:
+    pending = list(answers)
+    wire = MockWire(lambda request: RawResponse(200, {"content-type": "application/json"}, json.dumps(pending.pop(0)).encode()))
+    made = OpenAIEndpoint(
+        "m.gguf", small_vocabulary(), base_url="http://fixture.test/v1", api="completions", dialect=LLAMA_CPP_PYTHON,
+        wire=wire, retry=RetryPolicy(first=0.01),
+    )
+    return made, wire
+
+
+def ask(made: OpenAIEndpoint, query: Query):
+    return asyncio.run(made.ask(Prompt("p", 1, "Hello"), query))
+
+
+def test_models_owned_by_me_are_llama_cpp_python():
+    facts = _facts([{"id": "/models/m.gguf", "object": "model", "owned_by": "me", "permissions": []}])
+    assert facts == {"dialect": LLAMA_CPP_PYTHON, "served_model": "/models/m.gguf"}
+
+
+def test_a_text_several_tokens_share_names_none_of_them():
+    made, wire = endpoint([completion("a", {"a": -0.5, " the": -1.2, "": -3.0, " ": -4.0, "b": -5.0, "c": -6.0})])
+    answer = ask(made, Query.make(top_logprobs=9))
+    assert made.unnamed_tokens() == UNNAMED
+    assert answer.sampled == 0 and answer.sampled_logprob == -0.5
+    assert dict(zip(answer.top_ids, answer.top_logprobs)) == {0: -0.5, 2: -1.2, 1: -5.0, 8: -6.0}
+    assert answer.top_logprobs == tuple(sorted(answer.top_logprobs, reverse=True))
+    assert made.identity == {"strings"}
+    assert json.loads(wire.requests[0].body)["logprobs"] == 9
+
+
+def test_a_generated_token_named_by_a_shared_text_is_withheld():
+    made, _ = endpoint([completion(" ", {" ": -0.1, "a": -2.0}, logprob=-0.1)])
+    answer = ask(made, Query.make(top_logprobs=2))
+    assert answer.sampled == WITHHELD and answer.sampled_logprob is None
+    assert answer.top_ids == (0,) and answer.top_logprobs == (-2.0,)
+
+
+def test_an_answer_ended_by_an_end_token_is_asked_again_with_the_unnamed_tokens_down():
+    made, wire = endpoint([completion(None, {}), completion("a", {"a": -1.5, "b": -2.5}, logprob=-1.5)])
+    answer = ask(made, Query.make(top_logprobs=2))
+    again = json.loads(wire.requests[1].body)
+    assert again["logit_bias"] == {str(i): -100 for i in sorted(UNNAMED)}
+    assert answer.sampled == WITHHELD and answer.top_ids == (0, 1) and answer.top_logprobs == (-1.5, -2.5)
+    assert answer.prompt_tokens == 10
+
+
+def test_a_text_no_token_renders_as_means_the_wrong_vocabulary():
+    made, _ = endpoint([completion("a", {"a": -0.5, "zebra": -3.0})])
+    with pytest.raises(EndpointFatal, match="'zebra'.*GGUF file the server loaded"):
+        ask(made, Query.make(top_logprobs=2))
+
+
+def test_a_gguf_vocabulary_has_each_tokens_bytes():
+    path = model_path("tiny")
+    if path is None:
+        pytest.skip("the tiny model is not cached: run scripts/build_llama_server.sh")
+    vocabulary = load_vocabulary(str(path))
+    assert vocabulary.size == 459
+    assert [vocabulary.token_bytes(i) for i in (0, 65, 255)] == [b"\x00", b"A", b"\xff"]  # byte tokens: id = byte value
+    assert [vocabulary.token_bytes(i) for i in (456, 457, 458)] == [None, None, None]  # the three control tokens
+
+
+# ---------------------------------------------------------------- against a real llama-cpp-python server
+
+TEXTS = ["The capital of France is", "1, 2, 3, 4,"]
+
+# The model's own distribution after `text`: the engine's logits for the tokens its server would send (the text
+# tokenized with BOS, special tokens parsed), computed in the venv by llama_cpp itself, as a vector by id.
+REFERENCE = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+model, texts = sys.argv[1], json.loads(sys.argv[2])
+llm = Llama(model_path=model, n_ctx=2048, n_threads=int(sys.argv[3]), logits_all=True, verbose=False)
+out = []
+for text in texts:
+    llm.reset()
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    llm.eval(tokens)
+    out.append(Llama.logits_to_logprobs(np.array(llm.scores[len(tokens) - 1], dtype=np.float32)).tolist())
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(base URL of llama-cpp-python's server with SmolLM2, the model's own distributions after TEXTS)."""
+    python, model = require_llama_cpp_python("smollm2")
+    threads = os.environ.get("LOGPROB_CLI_LLAMA_THREADS", "2")
+    reference = subprocess.run([str(python), "-c", REFERENCE, str(model), json.dumps(TEXTS), threads],
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    truths = [np.array(v, dtype=float) for v in json.loads(reference.stdout)]
+    with run_llama_cpp_python(model) as base_url:
+        yield base_url, truths
+
+
+def logprobs(*args):
+    return subprocess.run([sys.executable, "-m", "logprob_cli.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OPENAI_API_KEY": "unused"})
+
+
+def smollm2_unnamed() -> set[int]:
+    vocabulary = load_vocabulary(str(model_path("smollm2")))
+    texts: dict[str, list[int]] = {}
+    for i in range(vocabulary.size):
+        data = vocabulary.token_bytes(i)
+        texts.setdefault("" if data is None else data.decode("utf-8", errors="ignore"), []).append(i)
+    return {i for text, ids in texts.items() for i in ids if len(ids) > 1 or text == ""}
+
+
+def test_probe_says_what_llama_cpp_python_gives_and_cannot(smollm2):
+    base_url, _ = smollm2
+    run = logprobs("probe", "--model", "smollm2", "--base-url", f"{base_url}/v1", "--api", "completions", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["vocab_size"] == 49152 and report["whole_vocabulary"]
+    assert report["unnamed_tokens"] == len(smollm2_unnamed()) == 333
+    assert report["identity"] == ["strings"]
+    assert report["bias_steers_sampling"] and not report["logprobs_after_bias"]
+    assert report["forced_logprob"] == "reported"
+    assert report["recommended"] == "direct" and report["estimated_calls"] == 1
+    table = logprobs("probe", "--model", "smollm2", "--base-url", f"{base_url}/v1", "--api", "completions")
+    assert table.returncode == 0, table.stderr
+    assert "tokens it cannot name" in table.stdout and "333 of 49,152" in table.stdout
+
+
+def test_auto_extracts_every_named_token_exactly_and_no_other(smollm2, tmp_path):
+    base_url, truths = smollm2
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS))
+    run = logprobs("extract", prompts, "--model", "smollm2", "--base-url", f"{base_url}/v1", "--api", "completions", "-q")
+    assert run.returncode == 0, run.stderr
+    unnamed = sorted(smollm2_unnamed())
+    named = np.setdiff1d(np.arange(49152), unnamed)
+    for row, truth in zip(pq.read_table(tmp_path / "p.parquet").to_pylist(), truths):
+        assert row["method"] == "direct" and row["calls"] == 1
+        got = np.array([np.nan if v is None else v for v in row["logprobs"]], dtype=float)
+        assert np.isnan(got[unnamed]).all()  # never a value for a token whose text another token shares
+        assert not np.isnan(got[named]).any()
+        mask = truth[named] > np.log(1e-6)
+        assert mask.sum() > 10
+        assert np.abs(got[named][mask] - truth[named][mask]).max() < 1e-3
