@@ -28,13 +28,14 @@ from logprob_cli.endpoints._transport import MockWire, RawResponse, RetryPolicy
 from logprob_cli.endpoints._vocabulary import Vocabulary, load_vocabulary
 
 # ids: 0 "a", 1 "b", 2 " the", 3 and 4 lone UTF-8 lead bytes (both render as ""), 5 a control token (no bytes),
-# 6 " " followed by a lone lead byte and 7 " " (both render as " "), 8 "c"
-TOKENS = [b"a", b"b", b" the", b"\xe2", b"\xe2\x80", None, b" \xe2", b" ", b"c"]
-UNNAMED = {3, 4, 5, 6, 7}
+# 6 " " followed by a lone lead byte and 7 " " (both render as " "), 8 "c", 9 a 33-byte piece (rendered as ""
+# by llama-cpp-python's 32-byte buffer), 10 its 32-byte prefix (fits, so it is named)
+TOKENS = [b"a", b"b", b" the", b"\xe2", b"\xe2\x80", None, b" \xe2", b" ", b"c", b"-" * 33, b"-" * 32]
+UNNAMED = {3, 4, 5, 6, 7, 9}
 
 
 def small_vocabulary() -> Vocabulary:
-    return Vocabulary("test:9", len(TOKENS), lambda i: TOKENS[i])
+    return Vocabulary("test:11", len(TOKENS), lambda i: TOKENS[i])
 
 
 def completion(token: str | None, top: dict[str, float], logprob: float = -0.5) -> dict:
@@ -70,14 +71,15 @@ def test_models_owned_by_me_are_llama_cpp_python():
 
 
 def test_a_text_several_tokens_share_names_none_of_them():
-    made, wire = endpoint([completion("a", {"a": -0.5, " the": -1.2, "": -3.0, " ": -4.0, "b": -5.0, "c": -6.0})])
-    answer = ask(made, Query.make(top_logprobs=9))
+    top = {"a": -0.5, " the": -1.2, "": -3.0, " ": -4.0, "b": -5.0, "c": -6.0, "-" * 32: -7.0}
+    made, wire = endpoint([completion("a", top)])
+    answer = ask(made, Query.make(top_logprobs=11))
     assert made.unnamed_tokens() == UNNAMED
     assert answer.sampled == 0 and answer.sampled_logprob == -0.5
-    assert dict(zip(answer.top_ids, answer.top_logprobs)) == {0: -0.5, 2: -1.2, 1: -5.0, 8: -6.0}
+    assert dict(zip(answer.top_ids, answer.top_logprobs)) == {0: -0.5, 2: -1.2, 1: -5.0, 8: -6.0, 10: -7.0}
     assert answer.top_logprobs == tuple(sorted(answer.top_logprobs, reverse=True))
     assert made.identity == {"strings"}
-    assert json.loads(wire.requests[0].body)["logprobs"] == 9
+    assert json.loads(wire.requests[0].body)["logprobs"] == 11
 
 
 def test_a_generated_token_named_by_a_shared_text_is_withheld():
@@ -153,11 +155,14 @@ def logprobs(*args):
 
 
 def smollm2_unnamed() -> set[int]:
+    """SmolLM2's tokens whose text, as llama-cpp-python renders it (no text for control tokens and for pieces over
+    32 bytes, invalid UTF-8 dropped), is empty or another token's too."""
     vocabulary = load_vocabulary(str(model_path("smollm2")))
     texts: dict[str, list[int]] = {}
     for i in range(vocabulary.size):
         data = vocabulary.token_bytes(i)
-        texts.setdefault("" if data is None else data.decode("utf-8", errors="ignore"), []).append(i)
+        shown = data is not None and len(data) <= 32
+        texts.setdefault(data.decode("utf-8", errors="ignore") if shown else "", []).append(i)
     return {i for text, ids in texts.items() for i in ids if len(ids) > 1 or text == ""}
 
 
@@ -167,14 +172,14 @@ def test_probe_says_what_llama_cpp_python_gives_and_cannot(smollm2):
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["vocab_size"] == 49152 and report["whole_vocabulary"]
-    assert report["unnamed_tokens"] == len(smollm2_unnamed()) == 333
+    assert report["unnamed_tokens"] == len(smollm2_unnamed()) == 380
     assert report["identity"] == ["strings"]
     assert report["bias_steers_sampling"] and not report["logprobs_after_bias"]
     assert report["forced_logprob"] == "reported"
     assert report["recommended"] == "direct" and report["estimated_calls"] == 1
     table = logprobs("probe", "--model", "smollm2", "--base-url", f"{base_url}/v1", "--api", "completions")
     assert table.returncode == 0, table.stderr
-    assert "tokens it cannot name" in table.stdout and "333 of 49,152" in table.stdout
+    assert "tokens it cannot name" in table.stdout and "380 of 49,152" in table.stdout
 
 
 def test_auto_extracts_every_named_token_exactly_and_no_other(smollm2, tmp_path):
@@ -193,3 +198,7 @@ def test_auto_extracts_every_named_token_exactly_and_no_other(smollm2, tmp_path)
         mask = truth[named] > np.log(1e-6)
         assert mask.sum() > 10
         assert np.abs(got[named][mask] - truth[named][mask]).max() < 1e-3
+    # After "1, 2, 3, 4," the model's own greedy token is " " (id 216, p = 0.91), whose text " \xc3" and other
+    # tokens share: the server's " " entry holds the generated token's value, yet no token may be given it.
+    greedy = int(np.argmax(truths[1]))
+    assert greedy in unnamed and np.exp(truths[1][greedy]) > 0.5

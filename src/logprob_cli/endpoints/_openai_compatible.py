@@ -56,6 +56,10 @@ VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
 VLLM_CHOSEN_IDS = {"token_ids": 128, "top_with_token_ids": False}
 POST_BIAS_DRAWS = 8
 LLAMA_CPP_PYTHON = "llama-cpp-python"
+# llama-cpp-python renders a token's piece into a 32-byte buffer (llama_cpp/_internals.py, LlamaModel.detokenize):
+# a longer piece does not fit, llama_token_to_piece returns minus its length, and the slice keeps nothing: such a
+# token's text is "" there (seen on SmolLM2: its 47 tokens of 33 bytes or more, runs of spaces and dashes).
+LLAMA_CPP_PYTHON_PIECE_BYTES = 32
 # how servers refuse a logit_bias id beyond their vocabulary: the simulator, vLLM ("out-of-vocab token ids"),
 # OpenAI ("Invalid key in 'logit_bias'"), and the usual "token id ... out of range"
 _TOKEN_ID_REFUSAL = re.compile(
@@ -242,8 +246,8 @@ class OpenAIEndpoint(Endpoint):
 
     def unnamed_tokens(self) -> frozenset[int]:
         """For llama-cpp-python: the ids whose text (their bytes decoded as UTF-8, invalid bytes dropped, as its
-        server keys `top_logprobs`) another id shares, or that have no bytes (control tokens render as nothing
-        there); empty for every other dialect, which name tokens by id or bytes."""
+        server keys `top_logprobs`) another id shares, or that render as no text there (control tokens, and pieces
+        longer than LLAMA_CPP_PYTHON_PIECE_BYTES); empty for every other dialect, which name tokens by id or bytes."""
         return self._text_names[1]
 
     @functools.cached_property
@@ -255,8 +259,9 @@ class OpenAIEndpoint(Endpoint):
         by_text: dict[str, list[int]] = {}
         for i in range(self.vocab_size):
             data = self.vocabulary.token_bytes(i)
-            by_text.setdefault("" if data is None else data.decode("utf-8", errors="ignore"), []).append(i)
-        names = {text: ids[0] for text, ids in by_text.items() if len(ids) == 1 and self.vocabulary.token_bytes(ids[0]) is not None}
+            rendered = data is not None and len(data) <= LLAMA_CPP_PYTHON_PIECE_BYTES
+            by_text.setdefault(data.decode("utf-8", errors="ignore") if rendered else "", []).append(i)  # type: ignore[union-attr]
+        names = {text: ids[0] for text, ids in by_text.items() if len(ids) == 1 and text}
         shared = frozenset(text for text, ids in by_text.items() if text not in names)
         return names, frozenset(range(self.vocab_size)) - set(names.values()), shared
 
