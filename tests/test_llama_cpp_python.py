@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,13 @@ def test_an_answer_ended_by_an_end_token_is_asked_again_with_the_unnamed_tokens_
     assert again["logit_bias"] == {str(i): -100 for i in sorted(UNNAMED)}
     assert answer.sampled == WITHHELD and answer.top_ids == (0, 1) and answer.top_logprobs == (-1.5, -2.5)
     assert answer.prompt_tokens == 10
+
+
+def test_the_vocabulary_check_forces_a_token_the_server_can_name():
+    """The check biases a token a third into the vocabulary: 3 there, unnamed, so the first named one after it (8)."""
+    made, wire = endpoint([completion(" ", {" ": -0.1, "a": -2.0}, logprob=-0.1), completion("c", {" ": -0.1}, logprob=-6.0)])
+    assert asyncio.run(made.verify_mapping(Prompt("p", 1, "Hello"))) == "verified"
+    assert json.loads(wire.requests[1].body)["logit_bias"] == {"8": 100, "10": -100}
 
 
 def test_a_text_no_token_renders_as_means_the_wrong_vocabulary():
@@ -202,3 +210,29 @@ def test_auto_extracts_every_named_token_exactly_and_no_other(smollm2, tmp_path)
     # tokens share: the server's " " entry holds the generated token's value, yet no token may be given it.
     greedy = int(np.argmax(truths[1]))
     assert greedy in unnamed and np.exp(truths[1][greedy]) > 0.5
+
+
+def test_tiny_model_greedy_token_it_cannot_name_on_either_api(tmp_path):
+    """On the tiny model the greedy token after the probe's prompt is a lone byte whose text ("") others share:
+    the probe still reads the whole vocabulary from that answer, and the chat API extracts as the completions one."""
+    _, model = require_llama_cpp_python("tiny")
+    tiny = load_vocabulary(str(model))
+    with run_llama_cpp_python(model) as base_url:
+        body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0, "logprobs": 1}
+        request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            generated = json.load(response)["choices"][0]["logprobs"]["tokens"][0]
+        rendered = [(tiny.token_bytes(i) or b"").decode("utf-8", errors="ignore") for i in range(tiny.size)]
+        assert rendered.count(generated) > 1
+        run = logprobs("probe", "--model", "tiny", "--base-url", f"{base_url}/v1", "--api", "completions", "--json")
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report["whole_vocabulary"] and report["recommended"] == "direct" and report["unnamed_tokens"] == 146
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n"
+                           + json.dumps({"messages": [{"role": "user", "content": "Hello"}]}) + "\n")
+        run = logprobs("extract", prompts, "--model", "tiny", "--base-url", f"{base_url}/v1", "-q")
+        assert run.returncode == 0, run.stderr
+    for row in pq.read_table(tmp_path / "p.parquet").to_pylist():
+        assert row["method"] == "direct" and row["calls"] == 1 and row["unrecovered_count"] == 146

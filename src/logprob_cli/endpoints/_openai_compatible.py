@@ -331,11 +331,11 @@ class OpenAIEndpoint(Endpoint):
         """
         ask = ask or self.ask
         plain = await ask(prompt, Query.make(top_logprobs=1))
-        probe_id = self._probe_id({plain.sampled, *plain.top_ids})
+        probe_id = self._probe_id({plain.sampled, *plain.top_ids, *self.unnamed_tokens()})
         last_id = self._last_ordinary_id()
         bias = {probe_id: 100.0, **({last_id: -100.0} if last_id != probe_id else {})}
         forced = await ask(prompt, Query.make(bias, top_logprobs=1))
-        if forced.withheld or plain.withheld:
+        if forced.withheld or (plain.withheld and not plain.top_ids):
             return "not verified: the endpoint withheld the answer"
         if forced.sampled == probe_id or (forced.top_ids and forced.top_ids[0] == probe_id):
             return "verified"

@@ -222,7 +222,7 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
     while n:
         outcome = await ask(Query.make(top_logprobs=n))
         if isinstance(outcome, Answer):
-            if outcome.withheld or not outcome.top_ids:
+            if not outcome.top_ids:  # an answer naming no generated token but listing logprobs still counts
                 raise EndpointUnsuitable(Worded(
                     "the endpoint answered a request for {n} top logprobs with none{withheld}, so the probe could not "
                     "tell what it reveals: choose a method by hand with {method}",
