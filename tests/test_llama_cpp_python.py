@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engines import model_path, require_llama_cpp_python, run_llama_cpp_python
-from logprob_cli.endpoints._base import WITHHELD, EndpointFatal, Prompt, Query
+from logprob_cli.endpoints._base import WITHHELD, EndpointFatal, EndpointUnsuitable, Prompt, Query
 from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, _facts
 from logprob_cli.endpoints._transport import MockWire, RawResponse, RetryPolicy
 from logprob_cli.endpoints._vocabulary import Vocabulary, load_vocabulary
@@ -104,6 +104,15 @@ def test_the_vocabulary_check_forces_a_token_the_server_can_name():
     made, wire = endpoint([completion(" ", {" ": -0.1, "a": -2.0}, logprob=-0.1), completion("c", {" ": -0.1}, logprob=-6.0)])
     assert asyncio.run(made.verify_mapping(Prompt("p", 1, "Hello"))) == "verified"
     assert json.loads(wire.requests[1].body)["logit_bias"] == {"8": 100, "10": -100}
+
+
+def test_a_text_splits_through_the_servers_tokenizer_without_its_bos():
+    made, wire = endpoint([{"tokens": [5, 2, 0]}, {"tokens": [5, 1]}])
+    assert asyncio.run(made.split_text(" thea")) == (2, 0)
+    assert wire.requests[0].url == "http://fixture.test/extras/tokenize"
+    assert json.loads(wire.requests[0].body) == {"model": "m.gguf", "input": " thea"}
+    with pytest.raises(EndpointUnsuitable, match="does not give back the bytes"):
+        asyncio.run(made.split_text("a"))  # the server split it into "b": not the text
 
 
 def test_a_text_no_token_renders_as_means_the_wrong_vocabulary():
@@ -234,5 +243,13 @@ def test_tiny_model_greedy_token_it_cannot_name_on_either_api(tmp_path):
                            + json.dumps({"messages": [{"role": "user", "content": "Hello"}]}) + "\n")
         run = logprobs("extract", prompts, "--model", "tiny", "--base-url", f"{base_url}/v1", "-q")
         assert run.returncode == 0, run.stderr
+        chosen = tmp_path / "chosen.parquet"
+        run = logprobs("extract", prompts, "-o", chosen, "--model", "tiny", "--base-url", f"{base_url}/v1",
+                       "--target", " of", "--target-id", "456", "-q")  # a text the server splits, an unnamed id
+        assert run.returncode == 0, run.stderr
     for row in pq.read_table(tmp_path / "p.parquet").to_pylist():
         assert row["method"] == "direct" and row["calls"] == 1 and row["unrecovered_count"] == 146
+    for row in pq.read_table(chosen).to_pylist():
+        named, unnamed = row["targets"]
+        assert tiny.token_bytes(named["token_id"]) == b" of" and unnamed["token_id"] == 456
+        assert named["logprob"] is not None and unnamed["logprob"] is None and unnamed["upper_bound"] is None

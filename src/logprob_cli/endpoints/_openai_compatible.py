@@ -280,26 +280,30 @@ class OpenAIEndpoint(Endpoint):
 
     async def split_text(self, text: str) -> tuple[int, ...]:
         """The ids `text` tokenizes into, no special tokens added: from the server's own POST /tokenize for
-        llama-server and vLLM (through the endpoint's wire), else from the vocabulary's tokenizer (tiktoken
-        encodings, the simulator's) in a worker thread. Raises EndpointUnsuitable where neither is known, or
-        where the server's split does not give back the text's bytes."""
+        llama-server and vLLM, POST /extras/tokenize for llama-cpp-python (through the endpoint's wire), else
+        from the vocabulary's tokenizer (tiktoken encodings, the simulator's) in a worker thread. Raises
+        EndpointUnsuitable where neither is known, or where the server's split does not give back the text's
+        bytes."""
         if self.dialect == "llama.cpp":
             body: dict[str, Any] = {"content": text, "add_special": False, "parse_special": False, "with_pieces": True}
             return await self._server_split(text, body, _llama_split)
         if self.dialect == "vllm":
             body = {"model": self.model, "prompt": text, "add_special_tokens": False}
             return await self._server_split(text, body, self._vllm_split)
+        if self.dialect == LLAMA_CPP_PYTHON:
+            body = {"model": self.model, "input": text}
+            return await self._server_split(text, body, self._text_keyed_split, "/extras/tokenize")
         if self.vocabulary.split is None:
             return await super().split_text(text)
         return await asyncio.to_thread(self.vocabulary.split, text)
 
     async def _server_split(
-        self, text: str, body: dict[str, Any], parse: Callable[[Any, bytes], tuple[int, ...] | None]
+        self, text: str, body: dict[str, Any], parse: Callable[[Any, bytes], tuple[int, ...] | None], path: str = "/tokenize"
     ) -> tuple[int, ...]:
-        """POST /tokenize; `parse(answer, the text's bytes)` gives the ids, or None where theirs are not the text's."""
+        """POST `path`; `parse(answer, the text's bytes)` gives the ids, or None where theirs are not the text's."""
         expected = text.encode("utf-8")
         try:
-            ids = await self._native_routes.post("/tokenize", body, 1, lambda data: parse(data, expected))
+            ids = await self._native_routes.post(path, body, 1, lambda data: parse(data, expected))
         except EndpointError as error:
             raise EndpointUnsuitable(f"the server could not split {text!r} into tokens ({error}): give token ids instead of text") from None
         if ids is None:
@@ -316,6 +320,16 @@ class OpenAIEndpoint(Endpoint):
         if all(piece is not None for piece in pieces) and b"".join(pieces) != expected:  # type: ignore[arg-type]
             return None
         return ids
+
+    def _text_keyed_split(self, data: dict[str, Any], expected: bytes) -> tuple[int, ...] | None:
+        """llama-cpp-python's /extras/tokenize answer ({"tokens": [...]}: the model's BOS first where it adds one, and
+        special-token text parsed as such): the ids after a leading token without bytes, or None where their bytes
+        through the vocabulary are not the text's (a special token parsed, or a leading space added)."""
+        ids = tuple(int(i) for i in data["tokens"])
+        if ids and self.vocabulary.token_bytes(ids[0]) is None:
+            ids = ids[1:]
+        pieces = [self.vocabulary.token_bytes(i) for i in ids]
+        return ids if all(piece is not None for piece in pieces) and b"".join(pieces) == expected else None  # type: ignore[arg-type]
 
     async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str:
         """Bias one token id hard and read back what the server generated (2 calls, through `ask`,

@@ -298,7 +298,8 @@ def unnamed_note(ctx: Context) -> list[str]:
     if not left:
         return []
     return [
-        f"{len(left):,} token{'s' * (len(left) != 1)} render as a text another token shares (or as none), and the "
+        f"{len(left):,} token{'s' * (len(left) != 1)} render{'s' * (len(left) == 1)} as a text another token shares "
+        "(or as none), and the "
         "endpoint names tokens by text only: unrecovered, with no bound"
     ]
 
