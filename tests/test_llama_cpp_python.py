@@ -25,8 +25,10 @@ import pytest
 from engines import model_path, require_llama_cpp_python, run_llama_cpp_python
 from logprob_cli.endpoints._base import WITHHELD, EndpointFatal, EndpointUnsuitable, Prompt, Query
 from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, _facts
+from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig, simulator_token_bytes
 from logprob_cli.endpoints._transport import MockWire, RawResponse, RetryPolicy
 from logprob_cli.endpoints._vocabulary import Vocabulary, load_vocabulary
+from logprob_cli.server import ServerConfig, SimulatorServer
 
 # ids: 0 "a", 1 "b", 2 " the", 3 and 4 lone UTF-8 lead bytes (both render as ""), 5 a control token (no bytes),
 # 6 " " followed by a lone lead byte and 7 " " (both render as " "), 8 "c", 9 a 33-byte piece (rendered as ""
@@ -129,6 +131,59 @@ def test_a_gguf_vocabulary_has_each_tokens_bytes():
     assert vocabulary.size == 459
     assert [vocabulary.token_bytes(i) for i in (0, 65, 255)] == [b"\x00", b"A", b"\xff"]  # byte tokens: id = byte value
     assert [vocabulary.token_bytes(i) for i in (456, 457, 458)] == [None, None, None]  # the three control tokens
+
+
+# ---------------------------------------------------------------- the simulator speaking its dialect
+
+SIM_VOCAB = 1000
+
+
+def served_text(i: int) -> str:
+    """A simulator token's text as the emulation (and llama-cpp-python) renders it: lone bytes 0x80-0xFF as ""."""
+    return simulator_token_bytes(i).decode("utf-8", errors="ignore")
+
+
+def test_the_emulation_merges_as_the_real_server_does():
+    """A shared text holds the last (lowest) of its tokens' values, then the generated token's own."""
+    sim = SimulatorConfig(vocab_size=SIM_VOCAB)
+    with SimulatorServer(ServerConfig(sim, dialect=LLAMA_CPP_PYTHON)) as server:
+        models = json.load(urllib.request.urlopen(f"{server.url}/models"))
+        bias = {"200": 100}  # lone byte 0xC8: generated, its text "" shared with every lone byte above 0x7F
+        body = {"prompt": "The capital", "max_tokens": 1, "temperature": 0, "logprobs": SIM_VOCAB, "logit_bias": bias}
+        request = urllib.request.Request(f"{server.url}/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        logprobs = json.load(urllib.request.urlopen(request))["choices"][0]["logprobs"]
+    assert models["data"][0]["owned_by"] == "me"
+    truth = SimulatedEndpoint(sim).true_logprobs(Prompt("p", 1, "The capital"))
+    top = logprobs["top_logprobs"][0]
+    assert logprobs["tokens"] == [""] and top[""] == logprobs["token_logprobs"][0] == pytest.approx(truth[200], abs=1e-6)
+    assert top["a"] == pytest.approx(truth[ord("a")], abs=1e-6)
+    assert len(top) == len({served_text(i) for i in range(SIM_VOCAB)})
+
+
+def test_probe_and_auto_through_the_emulation(tmp_path):
+    sim = SimulatorConfig(vocab_size=SIM_VOCAB)
+    unnamed = [i for i in range(SIM_VOCAB) if [served_text(j) for j in range(SIM_VOCAB)].count(served_text(i)) > 1]
+    assert len(unnamed) == 128  # the lone bytes 0x80-0xFF
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n")
+    with SimulatorServer(ServerConfig(sim, dialect=LLAMA_CPP_PYTHON)) as server:
+        where = ("--model", "simulator", "--base-url", server.url, "--api", "completions")
+        refused = logprobs("probe", *where)
+        assert refused.returncode == 2 and "--tokenizer" in refused.stderr and "GGUF" in refused.stderr
+        run = logprobs("probe", *where, "--tokenizer", f"simulator:{SIM_VOCAB}", "--json")
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report["whole_vocabulary"] and report["unnamed_tokens"] == 128 and report["recommended"] == "direct"
+        assert report["identity"] == ["strings"] and not report["logprobs_after_bias"] and report["bias_steers_sampling"]
+        run = logprobs("extract", prompts, *where, "--tokenizer", f"simulator:{SIM_VOCAB}", "-q")
+        assert run.returncode == 0, run.stderr
+    (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    got = np.array([np.nan if v is None else v for v in row["logprobs"]], dtype=float)
+    truth = SimulatedEndpoint(sim).true_logprobs(Prompt("p", 1, "The capital of France is"))
+    named = np.setdiff1d(np.arange(SIM_VOCAB), unnamed)
+    assert row["method"] == "direct" and np.isnan(got[unnamed]).all()
+    assert np.abs(got[named] - truth[named]).max() < 1e-5
 
 
 # ---------------------------------------------------------------- against a real llama-cpp-python server
