@@ -227,7 +227,9 @@ class OpenAIEndpoint(Endpoint):
             return await self._ask(prompt, query)
 
     async def withheld_tokens(self) -> frozenset[int]:
-        """The ids whose generation makes llama-server withhold the whole answer (empty for other servers).
+        """The ids whose generation makes llama-server withhold the whole answer; for llama-cpp-python the unnamed
+        ids (an answer generating one names no generated token, or, for an end-of-generation one, lists no
+        logprobs); empty for other servers.
 
         llama.cpp holds a generated token back while the generated text ends in an incomplete UTF-8
         sequence (`validate_utf8`, tools/server/server-common.cpp); with max_tokens 1 that text is the
@@ -237,8 +239,6 @@ class OpenAIEndpoint(Endpoint):
         once may both ask; they get the same list).
         """
         if self._withheld is None and self.dialect == LLAMA_CPP_PYTHON:
-            # llama-cpp-python returns no logprobs when the generated token ends the generation (an end-of-
-            # generation token, all of them unnamed), and cannot name the others: both come back WITHHELD.
             self._withheld = self.unnamed_tokens()
         if self._withheld is None:
             self._withheld = frozenset() if self.dialect != "llama.cpp" else await self._ask_withheld(self._native_routes)
