@@ -1,7 +1,8 @@
-"""Real inference engines for tests: llama.cpp's `llama-server` and its models.
+"""Real inference engines for tests: llama.cpp's `llama-server`, llama-cpp-python's server, and their models.
 
-Everything comes from the per-machine cache that `scripts/build_llama_server.sh` fills
-(${LOGPROB_CLI_CACHE:-~/.cache/logprob-cli}); nothing here builds or downloads. Tests that
+Everything comes from the per-machine cache that `scripts/build_llama_server.sh` (and
+`scripts/build_llama_cpp_python.sh`) fill (${LOGPROB_CLI_CACHE:-~/.cache/logprob-cli}); nothing
+here builds or downloads. Tests that
 need an engine skip, with the command to run, when it is absent:
 
     from engines import llama_server_fixture
@@ -11,7 +12,8 @@ need an engine skip, with the command to run, when it is absent:
         ...  # POST f"{tiny_server}/v1/chat/completions"
 
 or, inside a test, `binary, model = require_llama_server("smollm2")` and
-`with run_llama_server(model) as base_url: ...`.
+`with run_llama_server(model) as base_url: ...`. llama-cpp-python's server:
+`python, model = require_llama_cpp_python("smollm2")`, then `with run_llama_cpp_python(model) as base_url:`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ MODEL_FILES = {
 # LOGPROB_CLI_LLAMA_THREADS overrides `-t 2`: with another process busy on one of the two
 # cores, `-t 2` was measured 10-40x slower per request than `-t 1` (same numbers either way).
 SERVER_ARGS = ("-c", "2048", "-t", os.environ.get("LOGPROB_CLI_LLAMA_THREADS", "2"), "--no-repack")
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_PYTHON_HINT = "run scripts/build_llama_cpp_python.sh"
 STARTUP_TIMEOUT = 60.0
 STOP_GRACE = 5.0
 
@@ -68,9 +72,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _health(base_url: str) -> int | None:
+def _status(url: str) -> int | None:
     try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2) as r:
             return r.status
     except urllib.error.HTTPError as e:  # 503 while the model loads
         return e.code
@@ -85,6 +89,41 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def llama_cpp_python() -> Path | None:
+    """The python of the cached llama-cpp-python venv (its server is `python -m llama_cpp.server`), or None if the
+    build has not finished (its READY marker is written last)."""
+    prefix = cache_dir() / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+    python = prefix / "venv" / "bin" / "python"
+    return python if (prefix / "READY").is_file() and python.is_file() else None
+
+
+def require_llama_cpp_python(model: Literal["tiny", "smollm2"]) -> tuple[Path, Path]:
+    """(the venv's python, model path), or skip the calling test with the command that provides them."""
+    python = llama_cpp_python()
+    if python is None:
+        pytest.skip(f"llama-cpp-python not built: {LLAMA_CPP_PYTHON_HINT}")
+    path = model_path(model)
+    if path is None:
+        pytest.skip(f"model {model!r} ({MODEL_FILES[model]}) not in {cache_dir() / 'models'}: {BUILD_HINT}")
+    return python, path
+
+
+@contextlib.contextmanager
+def run_llama_cpp_python(model: Path, *extra_args: str, timeout: float = STARTUP_TIMEOUT) -> Iterator[str]:
+    """Start llama-cpp-python's server from the cached venv on 127.0.0.1 (free port, `--n_ctx 2048
+    --n_threads 2`), yield its base URL once GET /v1/models answers 200; stopped on exit like `run_llama_server`.
+    Raises RuntimeError (with the tail of its log) if it exits early or does not answer within `timeout`."""
+    python = llama_cpp_python()
+    if python is None:
+        raise RuntimeError(f"llama-cpp-python not built: {LLAMA_CPP_PYTHON_HINT}")
+    threads = os.environ.get("LOGPROB_CLI_LLAMA_THREADS", "2")
+    with _serving("llama-cpp-python", lambda port: [
+        str(python), "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", "2048", "--n_threads", threads, *extra_args,
+    ], "/v1/models", timeout) as base_url:
+        yield base_url
+
+
 @contextlib.contextmanager
 def run_llama_server(model: Path, *extra_args: str, timeout: float = STARTUP_TIMEOUT) -> Iterator[str]:
     """Start llama-server on 127.0.0.1 (free port, `-c 2048 -t 2 --no-repack`), yield its base URL.
@@ -96,13 +135,23 @@ def run_llama_server(model: Path, *extra_args: str, timeout: float = STARTUP_TIM
     binary = llama_server_binary()
     if binary is None:
         raise RuntimeError(f"llama-server not built: {BUILD_HINT}")
-    with tempfile.TemporaryDirectory(prefix="llama-server-") as tmp:
+    with _serving("llama-server", lambda port: [
+        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra_args,
+    ], "/health", timeout) as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def _serving(name: str, command, ready_path: str, timeout: float) -> Iterator[str]:
+    """Run `command(port)` on a free port until GET `ready_path` answers 200, yield the base URL, and always
+    stop the server on exit (SIGTERM, then SIGKILL after a grace period); a port taken between the probe
+    and the bind is tried again, twice."""
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         log_path = Path(tmp) / "server.log"
         for attempt in range(3):  # the free port can be taken between probe and bind
             port = _free_port()
             base_url = f"http://127.0.0.1:{port}"
-            cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                   *SERVER_ARGS, *extra_args]
+            cmd = command(port)
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -110,12 +159,12 @@ def run_llama_server(model: Path, *extra_args: str, timeout: float = STARTUP_TIM
                 while True:
                     if proc.poll() is not None:
                         break
-                    if _health(base_url) == 200:
+                    if _status(base_url + ready_path) == 200:
                         yield base_url
                         return
                     if time.monotonic() > deadline:
                         raise RuntimeError(
-                            f"llama-server not healthy after {timeout:.0f} s: {' '.join(cmd)}\n{_tail(log_path)}")
+                            f"{name} not ready after {timeout:.0f} s: {' '.join(cmd)}\n{_tail(log_path)}")
                     time.sleep(0.1)
             finally:
                 if proc.poll() is None:
@@ -126,9 +175,8 @@ def run_llama_server(model: Path, *extra_args: str, timeout: float = STARTUP_TIM
                         proc.kill()
                         proc.wait()
             log_text = _tail(log_path)
-            if "bind" not in log_text.lower() or attempt == 2:
-                raise RuntimeError(
-                    f"llama-server exited with code {proc.returncode}: {' '.join(cmd)}\n{log_text}")
+            if "bind" not in log_text.lower() or attempt == 2:  # uvicorn too: "error while attempting to bind"
+                raise RuntimeError(f"{name} exited with code {proc.returncode}: {' '.join(cmd)}\n{log_text}")
 
 
 def require_llama_server(model: Literal["tiny", "smollm2"]) -> tuple[Path, Path]:

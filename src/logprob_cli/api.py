@@ -126,7 +126,7 @@ async def _extract(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Ex
         chosen = cheapest(report, endpoint.vocab_size, k, limits, eps, len(item.target_ids)).name
     ctx = Context(
         endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids,
-        image=run.image,
+        image=run.image, unnamed=counted.unnamed_tokens(),
     )
     result = await _run_plan(METHODS[chosen](ctx), counted, item, run.concurrency)
     extraction = Extraction(

@@ -121,7 +121,8 @@ TARGET_HELP = (
 )
 TOKENIZER_HELP = (
     "The model's vocabulary: a tiktoken encoding (o200k_base, cl100k_base), a .tiktoken file, a tokenizer.json, "
-    "or simulator:SIZE (default: from the model name, via tiktoken)."
+    "a model's .gguf file, or simulator:SIZE (default: from the model name, via tiktoken; llama-server's own; "
+    "for llama-cpp-python's server, the .gguf file it names when that file is on this machine)."
 )
 
 # Options shared by extract, probe and estimate, declared once so their flags and help cannot drift apart.
@@ -730,10 +731,12 @@ def serve(
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault draws."),
     stall: float = typer.Option(5.0, "--stall", help="Seconds a timeout fault holds the request."),
     dialect: str = typer.Option(
-        "openai", "--dialect", metavar="openai|vllm",
+        "openai", "--dialect", metavar="openai|vllm|llama-cpp-python",
         help="vllm: answer as vLLM's OpenAI-compatible server does (its top_logprobs cap and list order, "
         "\"token_id:N\" tokens, bias clamped to 100 with no entry cap, its error format). vLLM's default "
-        "--logprobs-mode raw_logprobs is --sim logprobs_after_bias=false; processed_logprobs is the default true."),
+        "--logprobs-mode raw_logprobs is --sim logprobs_after_bias=false; processed_logprobs is the default true. "
+        "llama-cpp-python: as its server does (tokens named by text only, so same-text tokens merge; no cap; "
+        "pre-bias logprobs; /extras/tokenize)."),
     max_logprobs: int = typer.Option(
         20, "--max-logprobs", help="vllm dialect: vLLM's --max-logprobs, the most top_logprobs a request may ask "
         "for; -1 = the whole vocabulary (and top_logprobs -1 returns all of it)."),

@@ -46,6 +46,22 @@ sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 
 Whether logprobs are raw (vLLM's default --logprobs-mode raw_logprobs: before the bias) or
 processed (processed_logprobs: after it) is the simulator's `logprobs_after_bias` switch.
 
+With `dialect="llama-cpp-python"` the server answers as llama-cpp-python's server (0.3.36,
+llama_cpp/llama.py and server/app.py, checked against a running one) does:
+- tokens are named by text only: a token's bytes decoded as UTF-8 with invalid bytes dropped,
+  "" for a piece over 32 bytes (its detokenize buffer); no ids, chat `bytes` null;
+- a legacy `top_logprobs` dict is built from the top-k best first, so a text several tokens
+  share holds the value of the last of them, and then the generated token's own value is
+  written under its text; a chat entry lists that dict's items as `top_logprobs`; chat
+  returns `logprobs: null` unless `top_logprobs` is given;
+- no cap on the logprobs asked for, no cap on bias entries, biases not clipped (the
+  simulator's bias_max is raised to 1e4), logprobs before the bias, the bias steers sampling
+  (the simulator's switches are set so, whatever was given);
+- any `model` in a request, or none, is the served one (the real server answered the tool's
+  "smollm2" with its GGUF);
+- GET /v1/models lists the model as owned_by "me"; POST /extras/tokenize ({"input": text})
+  answers {"tokens": [...]} with the simulator's split.
+
 A completion request, once read, authorized and parsed, goes through: the configured
 latency; a fault draw (`fault_rate`: a flaky network in front of the API); the rate limits
 (`rpm`, `tpm`: the API's gateway); the simulator. Faulted and rate-limited requests never
@@ -100,7 +116,9 @@ SENTINEL = -9999.0
 LEGACY_LOGPROBS_CAP = 5  # OpenAI's legacy Completions cap
 _TOKEN_ID = re.compile(r"-?[0-9]+")
 FAULT_KINDS = ("429", "500", "timeout", "cut", "malformed")
-DIALECTS = ("openai", "vllm")
+DIALECTS = ("openai", "vllm", "llama-cpp-python")
+LLAMA_CPP_PYTHON_PIECE_BYTES = 32  # llama-cpp-python's detokenize buffer: a longer piece renders as ""
+UNCLIPPED_BIAS = 1e4  # the llama-cpp-python dialect's bias_max: no bias a client sends is clipped
 VLLM_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
 VLLM_MAX_MODEL_LEN = 4096  # what the vllm dialect's GET /v1/models reports
 VLLM_MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (vllm/sampling_params.py)
@@ -129,7 +147,8 @@ class ServerConfig:
     faults: the fault kinds drawn, uniformly (see the module docstring).
     fault_seed: seed of the fault draws (the same request sequence gets the same faults).
     stall: seconds a "timeout" fault holds the request before closing the connection.
-    dialect: "openai" (default) or "vllm", vLLM's OpenAI-compatible server (module docstring).
+    dialect: "openai" (default), "vllm", vLLM's OpenAI-compatible server, or "llama-cpp-python", its
+        server (module docstring).
     max_logprobs: vllm only: vLLM's --max-logprobs, the most top_logprobs a request may ask
         for (-1: the whole vocabulary); it replaces the simulator's top_logprobs_cap, and the
         simulator's bias_entries cap does not apply (vLLM has none).
@@ -177,6 +196,8 @@ class ServerConfig:
             raise ValueError("max_logprobs and return_tokens_as_token_ids are vLLM's: they need dialect vllm")
         if self.dialect == "vllm" and self.token_ids:
             raise ValueError("token_ids is llama.cpp's dialect; vLLM names tokens with return_tokens_as_token_ids")
+        if self.dialect == "llama-cpp-python" and self.token_ids:
+            raise ValueError("token_ids is llama.cpp's dialect; llama-cpp-python names tokens by text only")
 
 
 class _ApiError(Exception):
@@ -256,6 +277,7 @@ class SimulatorServer:
         self.config = config or ServerConfig()
         self._clock = clock
         self._vllm = self.config.dialect == "vllm"
+        self._lcp = self.config.dialect == "llama-cpp-python"
         self.endpoint = SimulatedEndpoint(_engine_config(self.config))
         self._lock = threading.Lock()  # the simulator is not thread-safe
         self.rejected = 0
@@ -314,6 +336,8 @@ class SimulatorServer:
                 }],
             }
             return {"object": "list", "data": [card]}
+        if self._lcp:
+            return {"object": "list", "data": [{"id": self.config.model, "object": "model", "owned_by": "me", "permissions": []}]}
         return {"object": "list", "data": [{"id": self.config.model, "object": "model", "owned_by": "logprob-cli"}]}
 
     def chat_completions(self, body: Any) -> dict[str, Any]:
@@ -329,6 +353,10 @@ class SimulatorServer:
         chosen = self._vllm_logprob_token_ids(body) if self._vllm else []
         if self._vllm:
             k = self._vllm_top_logprobs(body, bool(logprobs), capped=not chosen)
+        elif self._lcp:
+            k = _integer(body, "top_logprobs")
+            logprobs = bool(logprobs) and k is not None  # its chat returns no logprobs without top_logprobs
+            k = min(max(k or 0, 0), self.config.simulator.vocab_size)
         else:
             k = self._top_logprobs(body, bool(logprobs))
         prompt = Prompt(id=0, line=0, messages=messages)
@@ -338,11 +366,15 @@ class SimulatorServer:
         content = None
         if logprobs and self._vllm:
             content = {"content": [self._vllm_chat_entry(answer, k, self._as_token_ids(body), chosen)]}
+        elif logprobs and self._lcp:
+            top = [{"token": text, "logprob": lp, "bytes": None} for text, lp in _lcp_top(answer, k).items()]
+            entry = {"token": _lcp_text(answer.sampled), "logprob": _lcp_sampled_logprob(answer), "bytes": None}
+            content = {"content": [{**entry, "top_logprobs": top}], "refusal": None}
         elif logprobs:
             top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
             content = {"content": [{**self._entry(answer.sampled, sampled_lp), "top_logprobs": top}]}
         n = _approx_tokens(messages)
-        message: dict[str, Any] = {"role": "assistant", "content": _text(answer.sampled)}
+        message: dict[str, Any] = {"role": "assistant", "content": _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)}
         if self._vllm:
             message = {"role": "assistant", "content": _vllm_text(answer.sampled), "reasoning_content": None,
                        "tool_calls": []}
@@ -377,17 +409,26 @@ class SimulatorServer:
                 raise _ApiError(400, f"`logprobs` must be a positive value. (parameter=logprobs, value={k})", "logprobs")
             if k is not None:
                 self._vllm_logprobs_cap(k)
+        elif self._lcp:
+            if k is not None and k < 0:
+                raise _ApiError(400, "logprobs must be >= 0", "logprobs")
         else:
             cap = min(LEGACY_LOGPROBS_CAP, self.config.simulator.top_logprobs_cap)
             if k is not None and k > cap:
                 raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
             if k is not None and k < 0:
                 raise _ApiError(400, "logprobs must be >= 0", "logprobs")
-        answer = self._answer(Prompt(id=0, line=0, prompt=text, context_ids=context), Query.make(self._bias(body), k or 0))
-        text = _vllm_text(answer.sampled) if self._vllm else _text(answer.sampled)
+        query = Query.make(self._bias(body), min(k or 0, self.config.simulator.vocab_size))
+        answer = self._answer(Prompt(id=0, line=0, prompt=text, context_ids=context), query)
+        text = _vllm_text(answer.sampled) if self._vllm else _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)
         logprobs = None
         if k is not None and self._vllm:
             logprobs = self._vllm_completion_logprobs(answer, k, self._as_token_ids(body))
+        elif k is not None and self._lcp:
+            logprobs = {
+                "text_offset": [len(body["prompt"]) if isinstance(body.get("prompt"), str) else 0],
+                "token_logprobs": [_lcp_sampled_logprob(answer)], "tokens": [text], "top_logprobs": [_lcp_top(answer, k)],
+            }
         elif k is not None:
             top: dict[str, float] = {}
             for i, lp in zip(answer.top_ids, answer.top_logprobs):
@@ -416,7 +457,7 @@ class SimulatorServer:
         if isinstance(prompt, str):
             return prompt, ()
         mixed = (
-            not self._vllm and isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str)
+            not self._vllm and not self._lcp and isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str)
             and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt[1:])
         )
         if not mixed:
@@ -425,6 +466,13 @@ class SimulatorServer:
         if not all(0 <= i < vocab for i in prompt[1:]):
             raise _ApiError(400, f"'prompt' has a token id outside the vocabulary [0, {vocab})", "prompt")
         return prompt[0], tuple(prompt[1:])
+
+    def extras_tokenize(self, body: Any) -> dict[str, Any]:
+        """llama-cpp-python's POST /extras/tokenize of a text `input`: the simulator's split (it adds no BOS)."""
+        text = body.get("input") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise _ApiError(400, "'input' must be a string", "input")
+        return {"tokens": list(simulator_split(text, self.config.simulator.vocab_size))}
 
     def tokenize(self, body: Any) -> dict[str, Any]:
         """vLLM's POST /tokenize of a text prompt: the simulator's split (`simulator_split`; it has no special
@@ -502,6 +550,8 @@ class SimulatorServer:
         if not isinstance(body, dict):
             raise _ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
+        if self._lcp:  # llama-cpp-python serves its one model whatever the request names, or none
+            model = self.config.model
         if self._vllm and model is None:
             model = self.config.model  # vLLM answers a request without a model with the served one
         if not isinstance(model, str) or not model:
@@ -670,8 +720,14 @@ _VLLM_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "Interna
 
 
 def _engine_config(config: ServerConfig) -> SimulatorConfig:
-    """The simulator behind the server: in the vllm dialect, its top-k cap is max_logprobs and no entry cap."""
+    """The simulator behind the server: in the vllm dialect, its top-k cap is max_logprobs and no entry cap; in the
+    llama-cpp-python one, no cap, no clipping, pre-bias logprobs and a bias that steers sampling."""
     sim = config.simulator
+    if config.dialect == "llama-cpp-python":
+        return dataclasses.replace(
+            sim, top_logprobs_cap=sim.vocab_size, bias_entries=sim.vocab_size, bias_max=UNCLIPPED_BIAS,
+            logprobs_after_bias=False, bias_steers_sampling=True, sampled_logprob="report",
+        )
     if config.dialect != "vllm":
         return sim
     cap = sim.vocab_size if config.max_logprobs == -1 else config.max_logprobs
@@ -721,6 +777,29 @@ def _token(token_id: int) -> tuple[str, tuple[int, ...]]:
 
 def _text(token_id: int) -> str:
     return _token(token_id)[0]
+
+
+@lru_cache(maxsize=1 << 16)
+def _lcp_text(token_id: int) -> str:
+    """A token's text as llama-cpp-python renders it: its bytes as UTF-8, invalid bytes dropped; "" for a piece
+    longer than its 32-byte buffer."""
+    raw = simulator_token_bytes(token_id)
+    return raw.decode("utf-8", errors="ignore") if len(raw) <= LLAMA_CPP_PYTHON_PIECE_BYTES else ""
+
+
+def _lcp_sampled_logprob(answer: Answer) -> float:
+    """The generated token's own (pre-bias) logprob."""
+    return answer.top()[answer.sampled] if answer.sampled_logprob is None else answer.sampled_logprob
+
+
+def _lcp_top(answer: Answer, k: int) -> dict[str, float]:
+    """llama-cpp-python's top_logprobs dict: the top-k best first under their texts (a later, lower entry overwrites
+    an earlier one of the same text), then the generated token's own value under its text."""
+    top: dict[str, float] = {}
+    for i, lp in zip(answer.top_ids[:k], answer.top_logprobs[:k]):
+        top[_lcp_text(i)] = lp
+    top[_lcp_text(answer.sampled)] = _lcp_sampled_logprob(answer)
+    return top
 
 
 def _legacy_token(token_id: int) -> str:
@@ -854,6 +933,8 @@ def _routes(server: SimulatorServer) -> dict[str, dict[str, Route]]:
         "/v1/chat/completions": {"POST": server.chat_completions},
         "/v1/completions": {"POST": server.completions},
     }
+    if server.config.dialect == "llama-cpp-python":
+        return {**routes, "/extras/tokenize": {"POST": server.extras_tokenize}}
     return {**routes, "/tokenize": {"POST": server.tokenize}} if server.config.dialect == "vllm" else routes
 
 

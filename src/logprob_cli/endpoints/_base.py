@@ -95,8 +95,10 @@ class Answer:
     """What the endpoint returned for one query.
 
     sampled: the id of the generated (greedy) token, or WITHHELD when the endpoint returned no
-        logprobs for the position at all (llama.cpp does so for an incomplete UTF-8 token).
-    sampled_logprob: its reported logprob, or None when the endpoint withheld it (-9999 sentinel).
+        logprobs for the position at all (llama.cpp does so for an incomplete UTF-8 token) or named the
+        generated token by a text that several tokens share (llama-cpp-python: `Endpoint.unnamed_tokens`).
+    sampled_logprob: its reported logprob, or None when the endpoint withheld it (-9999 sentinel) or the
+        generated token cannot be named.
     top_ids / top_logprobs: the returned top-k entries, best first, as token ids and logprobs; for a
         query with token_ids, then every one of those ids the server returned that the top-k does not
         already list, in id order (`with_chosen`).
@@ -300,6 +302,12 @@ class Endpoint(abc.ABC):
         Fetched once without blocking the event loop, then cached."""
         return frozenset()
 
+    def unnamed_tokens(self) -> frozenset[int]:
+        """The ids the endpoint's answers can never name (default: none): it names tokens by text only
+        (llama-cpp-python), and these tokens render as a text that another token renders as too, or as none.
+        No answer carries a value for them, so a plan leaves them unrecovered, with no bound."""
+        return frozenset()
+
     async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str | None:
         """Check that the vocabulary's ids are the model's, spending `mapping_check_calls` calls through `ask`
         (default this endpoint's own, so a caller can count them); what was found ("verified", or why it could
@@ -351,7 +359,7 @@ class WrappingEndpoint(Endpoint):
 
     FORWARDED = (
         "model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls", "identity",
-        "prompt_tokens_counted", "token_context", "withheld_tokens", "verify_mapping", "count_prompt_tokens",
+        "prompt_tokens_counted", "token_context", "withheld_tokens", "unnamed_tokens", "verify_mapping", "count_prompt_tokens",
         "token_text", "split_text", "pressure", "aclose",
     )
 

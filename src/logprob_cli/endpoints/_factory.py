@@ -10,12 +10,13 @@ message with its flags (`--base-url needs --model`) through `SettingsError.worde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from logprob_cli.endpoints._base import Endpoint
 from logprob_cli.errors import LogprobError, Worded, message_of
 from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelError, load_local_model
-from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint, server_facts
+from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, server_facts
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._transport import RetryPolicy
@@ -41,8 +42,9 @@ class EndpointSettings:
     No `model`: the built-in simulator answers (with `simulator`'s switches, default SimulatorConfig()).
     A model "hf:PATH": the local `transformers` model in that folder (with `api` and `system` only).
     With a model: an OpenAI-compatible endpoint at `base_url` (default OpenAI's), its vocabulary
-    from `tokenizer` (a tiktoken encoding, a .tiktoken or tokenizer.json file, simulator:SIZE;
-    default: llama-server's own size, else the model name), `api` chat or completions, `system`
+    from `tokenizer` (a tiktoken encoding, a .tiktoken, tokenizer.json or .gguf file, simulator:SIZE;
+    default: llama-server's own size, the GGUF file llama-cpp-python's server names when it is here, else the
+    model name), `api` chat or completions, `system`
     put before plain prompts, `extra_body` merged into each request, `post_bias` llama-server's
     post-sampling mode, paced under `rpm`/`tpm` (default: what the server announces), `retries`
     tries per call of `timeout` seconds each. The API key is never shown in repr.
@@ -84,7 +86,10 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
     if settings.extra_body is not None and not isinstance(settings.extra_body, Mapping):
         raise SettingsError("{extra_body} must be a JSON object")
     facts = server_facts(base_url, settings.api_key, settings.model) if base_url else {}
-    vocabulary = _vocabulary(settings, facts.get("n_vocab"))
+    if facts.get("dialect") == LLAMA_CPP_PYTHON:
+        vocabulary = _text_keyed_vocabulary(settings, facts.get("served_model"))
+    else:
+        vocabulary = _vocabulary(settings, facts.get("n_vocab"))
     if settings.post_bias and facts.get("dialect") != "llama.cpp":
         raise SettingsError(
             "{post_bias} is llama-server's mode (post_sampling_probs), and this server is not llama-server"
@@ -123,6 +128,23 @@ def _local_model(settings: EndpointSettings) -> Endpoint:
         if isinstance(message, Worded):
             raise SettingsError(message.template, **message.values) from None
         raise SettingsError("{error}", error=message) from None
+
+
+def _text_keyed_vocabulary(settings: EndpointSettings, served: Any) -> Vocabulary:
+    """llama-cpp-python's vocabulary: its server names tokens by text only and says nothing of its vocabulary, so
+    it comes from {tokenizer}, by default the GGUF file the server names as its model when that file is here."""
+    spec = settings.tokenizer
+    if spec is None and isinstance(served, str) and served.endswith(".gguf") and Path(served).is_file():
+        spec = served
+    if spec is None:
+        raise SettingsError(
+            "this is llama-cpp-python's server, which names tokens by their text only and does not tell its "
+            "vocabulary: give the GGUF file it loaded with {tokenizer} (it serves {served!r})", served=served,
+        )
+    try:
+        return load_vocabulary(spec)
+    except VocabularyError as error:
+        raise SettingsError("{error}", error=error) from error
 
 
 def _vocabulary(settings: EndpointSettings, server_size: int | None) -> Vocabulary:

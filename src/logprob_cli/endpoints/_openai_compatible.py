@@ -8,7 +8,10 @@ the vocabulary, and last its string (ambiguous: distinct tokens can share a stri
 endpoint's `identity` says which was used). OpenAI's -9999 "not in the top-k" sentinel
 becomes None. The API key goes to the client only; `describe` never includes it. For
 llama-server, `withheld_tokens` names the ids whose answers it withholds (from its /tokenize,
-asked once through the same wire), and its calls go one at a time. `split_text` asks llama-server's
+asked once through the same wire), and its calls go one at a time. llama-cpp-python's server
+(dialect "llama-cpp-python") keys its logprobs by token text only: each text is mapped through the
+model's GGUF vocabulary, and the tokens whose text another token shares (or that render as no text)
+are `unnamed_tokens`, never given a value. `split_text` asks llama-server's
 and vLLM's own POST /tokenize, else the vocabulary's tokenizer; vLLM's chat API returns the
 logprobs of chosen ids (`OpenAIEndpoint`).
 
@@ -52,6 +55,11 @@ VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
 # vLLM's logprob_token_ids on its chat API: at most 128 ids a request, in place of the top-k (`OpenAIEndpoint`)
 VLLM_CHOSEN_IDS = {"token_ids": 128, "top_with_token_ids": False}
 POST_BIAS_DRAWS = 8
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+# llama-cpp-python renders a token's piece into a 32-byte buffer (llama_cpp/_internals.py, LlamaModel.detokenize):
+# a longer piece does not fit, llama_token_to_piece returns minus its length, and the slice keeps nothing: such a
+# token's text is "" there (seen on SmolLM2: its 47 tokens of 33 bytes or more, runs of spaces and dashes).
+LLAMA_CPP_PYTHON_PIECE_BYTES = 32
 # how servers refuse a logit_bias id beyond their vocabulary: the simulator, vLLM ("out-of-vocab token ids"),
 # OpenAI ("Invalid key in 'logit_bias'"), and the usual "token id ... out of range"
 _TOKEN_ID_REFUSAL = re.compile(
@@ -73,7 +81,9 @@ async def ask_server_facts(
     vocabulary size there.
 
     Returns {"dialect": "llama.cpp", "n_vocab": N} for llama-server, {"dialect": "vllm"} for vLLM
-    (its models are owned_by "vllm"), {} for servers that say nothing more than the OpenAI
+    (its models are owned_by "vllm"), {"dialect": "llama-cpp-python"} for llama-cpp-python's server (owned_by
+    "me", as its llama_cpp/server/app.py writes; "served_model" is the model's alias, by default the path of
+    the GGUF file it loaded), {} for servers that say nothing more than the OpenAI
     contract (or answer GET /models with an error, no answer in time, or JSON of another shape: the
     completion requests will tell), and raises EndpointFatal when the server cannot be reached, refuses
     the key, or answers with an HTML page (a web site, not an API). `model` is not used (kept for callers).
@@ -111,6 +121,8 @@ def _facts(models: Any) -> dict[str, Any]:
             return {"dialect": "llama.cpp", "n_vocab": meta["n_vocab"], "served_model": entry.get("id")}
         if entry.get("owned_by") == "vllm":
             return {"dialect": "vllm", "served_model": entry.get("id")}
+        if entry.get("owned_by") == "me":
+            return {"dialect": LLAMA_CPP_PYTHON, "served_model": entry.get("id")}
         if entry.get("owned_by") == "logprob-cli":  # the built-in simulator served (server.py)
             return {"mixed_prompts": True}
     return {}
@@ -179,8 +191,9 @@ class OpenAIEndpoint(Endpoint):
         }.get(dialect, {})
         self._user_extra = dict(extra_body or {})
         self.extra_body = {**defaults, **self._user_extra}
-        # llama-server returns as many top logprobs as asked for (the whole vocabulary); OpenAI's caps otherwise
-        cap = vocabulary.size if dialect == "llama.cpp" else 20 if api == "chat" else 5
+        # llama-server and llama-cpp-python return as many top logprobs as asked for (the whole vocabulary);
+        # OpenAI's caps otherwise
+        cap = vocabulary.size if dialect in ("llama.cpp", LLAMA_CPP_PYTHON) else 20 if api == "chat" else 5
         self.limits = limits or Limits(top_logprobs=cap, **(VLLM_CHOSEN_IDS if (dialect, api) == ("vllm", "chat") else {}))
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
@@ -214,7 +227,9 @@ class OpenAIEndpoint(Endpoint):
             return await self._ask(prompt, query)
 
     async def withheld_tokens(self) -> frozenset[int]:
-        """The ids whose generation makes llama-server withhold the whole answer (empty for other servers).
+        """The ids whose generation makes llama-server withhold the whole answer; for llama-cpp-python the unnamed
+        ids (an answer generating one names no generated token, or, for an end-of-generation one, lists no
+        logprobs); empty for other servers.
 
         llama.cpp holds a generated token back while the generated text ends in an incomplete UTF-8
         sequence (`validate_utf8`, tools/server/server-common.cpp); with max_tokens 1 that text is the
@@ -223,9 +238,32 @@ class OpenAIEndpoint(Endpoint):
         valid UTF-8). Asked on first use through the endpoint's wire, then cached (two first uses at
         once may both ask; they get the same list).
         """
+        if self._withheld is None and self.dialect == LLAMA_CPP_PYTHON:
+            self._withheld = self.unnamed_tokens()
         if self._withheld is None:
             self._withheld = frozenset() if self.dialect != "llama.cpp" else await self._ask_withheld(self._native_routes)
         return self._withheld
+
+    def unnamed_tokens(self) -> frozenset[int]:
+        """For llama-cpp-python: the ids whose text (their bytes decoded as UTF-8, invalid bytes dropped, as its
+        server keys `top_logprobs`) another id shares, or that render as no text there (control tokens, and pieces
+        longer than LLAMA_CPP_PYTHON_PIECE_BYTES); empty for every other dialect, which name tokens by id or bytes."""
+        return self._text_names[1]
+
+    @functools.cached_property
+    def _text_names(self) -> tuple[dict[str, int], frozenset[int], frozenset[str]]:
+        """For llama-cpp-python: ({text: id} for the tokens a text names alone, the unnamed ids, the texts they render
+        as); empty elsewhere."""
+        if self.dialect != LLAMA_CPP_PYTHON:
+            return {}, frozenset(), frozenset()
+        by_text: dict[str, list[int]] = {}
+        for i in range(self.vocab_size):
+            data = self.vocabulary.token_bytes(i)
+            rendered = data is not None and len(data) <= LLAMA_CPP_PYTHON_PIECE_BYTES
+            by_text.setdefault(data.decode("utf-8", errors="ignore") if rendered else "", []).append(i)  # type: ignore[union-attr]
+        names = {text: ids[0] for text, ids in by_text.items() if len(ids) == 1 and text}
+        shared = frozenset(text for text, ids in by_text.items() if text not in names)
+        return names, frozenset(range(self.vocab_size)) - set(names.values()), shared
 
     async def _ask_withheld(self, routes: Transport) -> frozenset[int]:
         body = {"content": list(range(self.vocab_size)), "with_pieces": True}
@@ -242,26 +280,30 @@ class OpenAIEndpoint(Endpoint):
 
     async def split_text(self, text: str) -> tuple[int, ...]:
         """The ids `text` tokenizes into, no special tokens added: from the server's own POST /tokenize for
-        llama-server and vLLM (through the endpoint's wire), else from the vocabulary's tokenizer (tiktoken
-        encodings, the simulator's) in a worker thread. Raises EndpointUnsuitable where neither is known, or
-        where the server's split does not give back the text's bytes."""
+        llama-server and vLLM, POST /extras/tokenize for llama-cpp-python (through the endpoint's wire), else
+        from the vocabulary's tokenizer (tiktoken encodings, the simulator's) in a worker thread. Raises
+        EndpointUnsuitable where neither is known, or where the server's split does not give back the text's
+        bytes."""
         if self.dialect == "llama.cpp":
             body: dict[str, Any] = {"content": text, "add_special": False, "parse_special": False, "with_pieces": True}
             return await self._server_split(text, body, _llama_split)
         if self.dialect == "vllm":
             body = {"model": self.model, "prompt": text, "add_special_tokens": False}
             return await self._server_split(text, body, self._vllm_split)
+        if self.dialect == LLAMA_CPP_PYTHON:
+            body = {"model": self.model, "input": text}
+            return await self._server_split(text, body, self._text_keyed_split, "/extras/tokenize")
         if self.vocabulary.split is None:
             return await super().split_text(text)
         return await asyncio.to_thread(self.vocabulary.split, text)
 
     async def _server_split(
-        self, text: str, body: dict[str, Any], parse: Callable[[Any, bytes], tuple[int, ...] | None]
+        self, text: str, body: dict[str, Any], parse: Callable[[Any, bytes], tuple[int, ...] | None], path: str = "/tokenize"
     ) -> tuple[int, ...]:
-        """POST /tokenize; `parse(answer, the text's bytes)` gives the ids, or None where theirs are not the text's."""
+        """POST `path`; `parse(answer, the text's bytes)` gives the ids, or None where theirs are not the text's."""
         expected = text.encode("utf-8")
         try:
-            ids = await self._native_routes.post("/tokenize", body, 1, lambda data: parse(data, expected))
+            ids = await self._native_routes.post(path, body, 1, lambda data: parse(data, expected))
         except EndpointError as error:
             raise EndpointUnsuitable(f"the server could not split {text!r} into tokens ({error}): give token ids instead of text") from None
         if ids is None:
@@ -279,6 +321,16 @@ class OpenAIEndpoint(Endpoint):
             return None
         return ids
 
+    def _text_keyed_split(self, data: dict[str, Any], expected: bytes) -> tuple[int, ...] | None:
+        """llama-cpp-python's /extras/tokenize answer ({"tokens": [...]}: the model's BOS first where it adds one, and
+        special-token text parsed as such): the ids after a leading token without bytes, or None where their bytes
+        through the vocabulary are not the text's (a special token parsed, or a leading space added)."""
+        ids = tuple(int(i) for i in data["tokens"])
+        if ids and self.vocabulary.token_bytes(ids[0]) is None:
+            ids = ids[1:]
+        pieces = [self.vocabulary.token_bytes(i) for i in ids]
+        return ids if all(piece is not None for piece in pieces) and b"".join(pieces) == expected else None  # type: ignore[arg-type]
+
     async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str:
         """Bias one token id hard and read back what the server generated (2 calls, through `ask`,
         default this endpoint's own, so a run can count them).
@@ -293,11 +345,11 @@ class OpenAIEndpoint(Endpoint):
         """
         ask = ask or self.ask
         plain = await ask(prompt, Query.make(top_logprobs=1))
-        probe_id = self._probe_id({plain.sampled, *plain.top_ids})
+        probe_id = self._probe_id({plain.sampled, *plain.top_ids, *self.unnamed_tokens()})
         last_id = self._last_ordinary_id()
         bias = {probe_id: 100.0, **({last_id: -100.0} if last_id != probe_id else {})}
         forced = await ask(prompt, Query.make(bias, top_logprobs=1))
-        if forced.withheld or plain.withheld:
+        if forced.withheld or (plain.withheld and not plain.top_ids):
             return "not verified: the endpoint withheld the answer"
         if forced.sampled == probe_id or (forced.top_ids and forced.top_ids[0] == probe_id):
             return "verified"
@@ -387,8 +439,9 @@ class OpenAIEndpoint(Endpoint):
 
     async def _ask(self, prompt: Prompt, query: Query) -> Answer:
         self.limits.check(query, self.vocab_size)
-        # llama-server returns no logprobs at all for top_logprobs 0: ask for 1 and drop it.
-        top_k = max(query.top_logprobs, 1) if self.dialect == "llama.cpp" else query.top_logprobs
+        # llama-server returns no logprobs at all for top_logprobs 0, nor does llama-cpp-python's chat: ask for 1
+        # and drop it.
+        top_k = max(query.top_logprobs, 1) if self.dialect in ("llama.cpp", LLAMA_CPP_PYTHON) else query.top_logprobs
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
         if prompt.context_ids and not self.token_context:
             raise EndpointRejected(
@@ -412,6 +465,8 @@ class OpenAIEndpoint(Endpoint):
             answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
                 answer = await self._greedy_behind_withheld(path, body, tokens + 1, parse, answer)
+            elif answer.withheld and not answer.top_ids and not query.bias and self.dialect == LLAMA_CPP_PYTHON:
+                answer = await self._logprobs_behind_end(path, body, tokens + 1, parse, answer)
         else:
             # Post-bias mode draws at temperature 1. The probabilities do not depend on the draw, but a
             # draw that lands on an incomplete UTF-8 token makes llama.cpp withhold them: draw again with
@@ -450,6 +505,24 @@ class OpenAIEndpoint(Endpoint):
             completion_tokens=withheld.completion_tokens + again.completion_tokens,
         )
 
+    async def _logprobs_behind_end(
+        self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer], empty: Answer
+    ) -> Answer:
+        """The unbiased logprobs llama-cpp-python left out because its greedy token ends the generation.
+
+        Asked again with every unnamed token (the end-of-generation ones among them) biased by -B: its
+        logprobs are pre-bias, so the returned ones are the unbiased ones. The generated token stays
+        WITHHELD (it was an unnamed one), and the answer bills both requests.
+        """
+        floor = _bias_value(-self.limits.bias_max)
+        held = {str(i): floor for i in sorted(self.unnamed_tokens())[: self.limits.bias_entries]}
+        again = await self._post(path, {**body, "logit_bias": held}, tokens, parse)
+        return dataclasses.replace(
+            again, sampled=WITHHELD, sampled_logprob=None,
+            prompt_tokens=empty.prompt_tokens + again.prompt_tokens,
+            completion_tokens=empty.completion_tokens + again.completion_tokens,
+        )
+
     async def _post(self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer]) -> Answer:
         """transport.post, with a refused token id made fatal: every request biasing such ids would be refused."""
         try:
@@ -481,13 +554,17 @@ class OpenAIEndpoint(Endpoint):
         logprobs = choice.get("logprobs") if choice is not None else None
         content = logprobs.get("content") if logprobs else None
         if not content:
-            if choice is not None and self.dialect == "llama.cpp":
-                return _with_usage(Answer(WITHHELD, None), data)  # an incomplete UTF-8 token: llama.cpp drops its logprobs
+            if choice is not None and self.dialect in ("llama.cpp", LLAMA_CPP_PYTHON):
+                # llama.cpp drops the logprobs of an incomplete UTF-8 token, llama-cpp-python those of an end token
+                return _with_usage(Answer(WITHHELD, None), data)
             raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         entry = content[0]
         if self.post_bias:
             self.identity.add("ids")
             return _with_usage(_post_bias_answer(entry), data)
+        if self.dialect == LLAMA_CPP_PYTHON:
+            top_entries = {t["token"]: t["logprob"] for t in entry.get("top_logprobs") or []}
+            return _with_usage(self._text_keyed_answer(entry["token"], entry["logprob"], top_entries), data)
         top = [(self._token_id(t), t["logprob"]) for t in entry.get("top_logprobs") or []]
         if self.dialect == "vllm":  # vLLM puts the generated token first: best first, as Answer says
             top.sort(key=lambda entry: -entry[1])
@@ -526,6 +603,11 @@ class OpenAIEndpoint(Endpoint):
                 ),
                 data,
             )
+        if self.dialect == LLAMA_CPP_PYTHON and logprobs is not None and choice is not None:
+            if not logprobs.get("tokens"):  # the generated token ended the generation: no logprobs come back
+                return _with_usage(Answer(WITHHELD, None), data)
+            top_entries = (logprobs.get("top_logprobs") or [{}])[0] or {}
+            return _with_usage(self._text_keyed_answer(logprobs["tokens"][0], logprobs["token_logprobs"][0], top_entries), data)
         if logprobs is None or not logprobs.get("tokens"):
             raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
         self.identity.add("strings")
@@ -547,6 +629,36 @@ class OpenAIEndpoint(Endpoint):
             ),
             data,
         )
+
+    def _text_keyed_answer(self, token: str, logprob: float | None, top: dict[str, float]) -> Answer:
+        """llama-cpp-python's answer, its entries keyed by text: each text one token alone renders as names that
+        token; a text several tokens share names none of them (its value may be any one's: the server overwrites
+        one with the next, and with the generated token's), so it is dropped, and a generated token named so is
+        WITHHELD. Raises EndpointFatal for a text no token of the vocabulary renders as."""
+        self.identity.add("strings")
+        names, _, shared = self._text_names
+        named: list[tuple[int, float]] = []
+        for text, value in top.items():
+            if text in names:
+                named.append((names[text], float(value)))
+            elif text not in shared:
+                raise self._unknown_text(text)
+        named.sort(key=lambda entry: -entry[1])
+        sampled = names.get(token)
+        if sampled is None and token not in shared:
+            raise self._unknown_text(token)
+        return Answer(
+            WITHHELD if sampled is None else sampled,
+            None if sampled is None or logprob is None else float(logprob),
+            tuple(i for i, _ in named),
+            tuple(lp for _, lp in named),
+        )
+
+    def _unknown_text(self, text: str) -> EndpointFatal:
+        return EndpointFatal(Worded(
+            "the server returned the token {text!r}, which no token of the vocabulary {name} renders as: give the "
+            "GGUF file the server loaded with {tokenizer}", text=text, name=self.vocabulary.name,
+        ))
 
     def _token_id(self, entry: dict[str, Any]) -> int:
         if isinstance(entry.get("id"), int):

@@ -9,6 +9,7 @@ model's vocabulary, or taken from the id the server returns. A `Vocabulary` come
   gpt-4o, gpt-4, ...         package's copy when tiktoken cannot download them)
   PATH.tiktoken              a tiktoken BPE file
   PATH/tokenizer.json        a Hugging Face tokenizer (needs the `tokenizers` package)
+  PATH.gguf                  the tokenizer inside a llama.cpp model file (needs the `gguf` package)
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def load_vocabulary(spec: str) -> Vocabulary:
     path = Path(spec)
     if spec.endswith(".tiktoken"):
         return _tiktoken_file(path)
+    if spec.endswith(".gguf"):
+        return gguf_vocabulary(path)
     if spec.endswith(".json") or path.is_dir():
         return _tokenizer_json(path / "tokenizer.json" if path.is_dir() else path)
     return _tiktoken_named(spec)
@@ -215,3 +218,44 @@ def _tokenizer_json(path: Path) -> Vocabulary:
             by_id[i] = text.replace("\u2581", " ").encode("utf-8")
     size = max(vocab.values()) + 1
     return Vocabulary(str(path), size, by_id.get)
+
+
+# llama.cpp's token types (llama_token_type): the bytes of each type's piece, as llama_token_to_piece renders it
+# with special=False (control and unused tokens render as nothing, so they have no bytes here).
+_GGUF_NORMAL, _GGUF_UNKNOWN, _GGUF_CONTROL, _GGUF_USER_DEFINED, _GGUF_UNUSED, _GGUF_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def gguf_vocabulary(path: Path) -> Vocabulary:
+    """The vocabulary stored in a GGUF model file (`tokenizer.ggml.tokens` and `token_type`): each token's bytes
+    as llama.cpp renders its piece without special tokens. Byte-level BPE ("gpt2") pieces go through GPT-2's
+    byte alphabet, SentencePiece ("llama") pieces map "▁" to a space and <0xNN> to that byte; user-defined
+    tokens are their text; control, unused and unknown tokens have no bytes (None). Raises VocabularyError when
+    the file cannot be read, has no such tokenizer, or the `gguf` package is missing."""
+    try:
+        import gguf
+    except ImportError:
+        raise VocabularyError(f"reading the tokenizer of {path} needs the gguf package: pip install gguf") from None
+    try:
+        fields = gguf.GGUFReader(path).fields
+        model = fields["tokenizer.ggml.model"].contents()
+        tokens = fields["tokenizer.ggml.tokens"].contents()
+        types = fields["tokenizer.ggml.token_type"].contents()
+    except (OSError, ValueError, KeyError) as err:
+        raise VocabularyError(f"cannot read a tokenizer from the GGUF file {path}: {err}") from None
+    if model not in ("gpt2", "llama"):
+        raise VocabularyError(
+            f"the GGUF file {path} has a {model!r} tokenizer; only byte-level BPE (gpt2) and SentencePiece (llama) "
+            "ones are read: give the model's tokenizer.json instead"
+        )
+    decoder = _byte_decoder()
+    by_id: dict[int, bytes] = {}
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        if kind == _GGUF_USER_DEFINED:
+            by_id[i] = text.encode("utf-8")
+        elif kind == _GGUF_BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            by_id[i] = bytes([int(text[3:5], 16)])
+        elif kind == _GGUF_NORMAL and model == "gpt2" and all(ch in decoder for ch in text):
+            by_id[i] = bytes(decoder[ch] for ch in text)
+        elif kind == _GGUF_NORMAL and model == "llama":
+            by_id[i] = text.replace("\u2581", " ").encode("utf-8")
+    return Vocabulary(str(path), len(tokens), by_id.get)

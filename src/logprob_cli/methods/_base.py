@@ -42,6 +42,9 @@ class Context:
         then reads only these (besides what its first call shows), and its result leaves every
         other token NaN, with no bound.
     image: the model's low-rank image (methods/_image.py), for the image methods; None: not given.
+    unnamed: token ids the endpoint's answers can never name (llama-cpp-python: a text other tokens
+        share), so no answer carries their value: no plan asks for them, and every result leaves
+        them NaN with no bound.
     """
 
     vocab_size: int
@@ -51,6 +54,7 @@ class Context:
     withheld: frozenset[int] = frozenset()
     targets: tuple[int, ...] = ()
     image: Image | None = None
+    unnamed: frozenset[int] = frozenset()
 
     @property
     def bias_max(self) -> float:
@@ -279,11 +283,25 @@ def vector_from(answer: Answer, vocab_size: int) -> np.ndarray:
 
 def still_unknown(ctx: Context, logprobs: np.ndarray) -> np.ndarray:
     """The ids a plan has yet to read: the targets not known yet (in their order), or, without targets,
-    every token not known yet (by id)."""
+    every token not known yet (by id); never an unnamed one (ctx.unnamed), which no answer can give."""
     if ctx.targets:
         ids = np.asarray(ctx.targets, dtype=np.int64)
-        return ids[np.isnan(logprobs[ids])]
-    return np.flatnonzero(np.isnan(logprobs))
+    else:
+        ids = np.arange(logprobs.size, dtype=np.int64)
+    ids = ids[np.isnan(logprobs[ids])]
+    return ids[~np.isin(ids, list(ctx.unnamed))] if ctx.unnamed else ids
+
+
+def unnamed_note(ctx: Context) -> list[str]:
+    """The note a result carries for the unnamed tokens it leaves out (the targets among them, or all of them)."""
+    left = [i for i in ctx.targets if i in ctx.unnamed] if ctx.targets else ctx.unnamed
+    if not left:
+        return []
+    return [
+        f"{len(left):,} token{'s' * (len(left) != 1)} render{'s' * (len(left) == 1)} as a text another token shares "
+        "(or as none), and the "
+        "endpoint names tokens by text only: unrecovered, with no bound"
+    ]
 
 
 def chunks(items: list[int] | np.ndarray, size: int) -> list[list[int]]:

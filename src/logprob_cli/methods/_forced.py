@@ -37,7 +37,7 @@ import numpy as np
 from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
 from logprob_cli.methods import _bisection
 from logprob_cli.methods._base import (
-    Context, MethodResult, Plan, lowered_top_response, reference, roundoff, still_unknown, vector_from,
+    Context, MethodResult, Plan, lowered_top_response, reference, roundoff, still_unknown, unnamed_note, vector_from,
 )
 from logprob_cli.methods._spec import MethodSpec, Needs
 from logprob_cli.wording import plural
@@ -76,7 +76,7 @@ def plan(ctx: Context) -> Plan:
         else:
             bounds[i] = top_lp - big
     precision = 2 * roundoff(returned) * max(abs(v) for v in returned)
-    notes = _forcing_notes(hidden, withheld, len(bounds) - withheld - hidden, big, len(first.top_ids))
+    notes = _forcing_notes(hidden, withheld, len(bounds) - withheld - hidden, big, len(first.top_ids)) + unnamed_note(ctx)
     if searched.size:
         precision = yield from _search_held(ctx, first, searched, logprobs, bounds, precision, notes)
     return MethodResult(logprobs, bounds, precision, behaviour, notes)

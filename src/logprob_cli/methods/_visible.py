@@ -13,7 +13,7 @@ import math
 
 
 from logprob_cli.endpoints import Query
-from logprob_cli.methods._base import Context, MethodResult, Plan, roundoff, still_unknown, vector_from
+from logprob_cli.methods._base import Context, MethodResult, Plan, roundoff, still_unknown, unnamed_note, vector_from
 from logprob_cli.methods._spec import MethodSpec, Needs, one_call
 from logprob_cli.wording import plural
 
@@ -29,7 +29,7 @@ def plan(ctx: Context) -> Plan:
         notes = [f"only the top-{len(answer.top_ids)} is identifiable here; the other {plural(missing.size, others)} {'is' if missing.size == 1 else 'are'} bounded"]
     else:
         notes = ["the endpoint returned no logprobs (withheld answer): every token is unrecovered, with no bound"]
-    return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes)
+    return MethodResult(logprobs, {int(i): floor for i in missing}, precision, {}, notes + unnamed_note(ctx))
 
 
 SPEC = MethodSpec(

@@ -17,7 +17,9 @@ Measured, in this order, on one prompt:
      down by -100 (the runner-up must be generated; pre-bias logprobs keep listing the old
      top unchanged) and the runner-up's own logprob, which must lie below the top's;
   4. whether a bias above 100 and more than 300 bias entries are rejected;
-  5. returned precision (bfloat16 grid or float32) and how tokens are identified;
+  5. returned precision (bfloat16 grid or float32) and how tokens are identified, and how many tokens
+     the answers can never name (`Endpoint.unnamed_tokens`: llama-cpp-python names tokens by text, and
+     distinct tokens share texts): an answer listing every other token counts as the whole vocabulary;
   6. where the endpoint declares that a request may list token ids (vLLM's logprob_token_ids,
      `Limits.token_ids`): one call listing a token outside the top-k, which must come back with
      a logprob below the top-k's last (`chosen_ids`; a refusal or a missing id: not observed).
@@ -81,6 +83,7 @@ class ProbeReport:
     concurrent_agree: bool | None = None
     identity: list[str] = field(default_factory=list)
     vocab_size: int = 0
+    unnamed_tokens: int = 0  # tokens no answer can name (their text is shared): never given a value
     calls: int = 0
     rejected_calls: int = 0
     recommended: str = "visible"
@@ -130,10 +133,17 @@ class ProbeReport:
             ("identical calls agree", shown("deterministic", self.deterministic)),
             ("concurrent calls agree", shown("concurrent_agree", self.concurrent_agree)),
             ("tokens identified by", ", ".join(self.identity)),
+            *([("tokens it cannot name", self._unnamed_row())] if self.unnamed_tokens else []),
             ("calls spent probing", spent),
             ("recommended method", f"[bold]{self.recommended}[/] (~{self.estimated_calls:,} calls per prompt)"),
         ]
 
+
+    def _unnamed_row(self) -> str:
+        return (
+            f"{self.unnamed_tokens:,} of {self.vocab_size:,} (they render as a text another token shares, or as none; "
+            "no value is given to them)"
+        )
 
     def _listed_row(self) -> str:
         if self.chosen_ids:
@@ -176,6 +186,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     """
     declared = endpoint.limits
     report = ProbeReport(vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries)
+    report.unnamed_tokens = len(endpoint.unnamed_tokens())
     ask = _Asker(endpoint, prompt, report)
     first, asked = await _find_cap(ask, report, endpoint.vocab_size)
     k = min(report.top_logprobs_cap, MAX_TOP_K)
@@ -211,14 +222,14 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
     while n:
         outcome = await ask(Query.make(top_logprobs=n))
         if isinstance(outcome, Answer):
-            if outcome.withheld or not outcome.top_ids:
+            if not outcome.top_ids:  # an answer naming no generated token but listing logprobs still counts
                 raise EndpointUnsuitable(Worded(
                     "the endpoint answered a request for {n} top logprobs with none{withheld}, so the probe could not "
                     "tell what it reveals: choose a method by hand with {method}",
                     n=n, withheld=" (it withheld the whole answer)" if outcome.withheld else "",
                 ))
             answered = (outcome, n)
-            if len(outcome.top_ids) < n:  # it returns fewer than asked: that is its cap
+            if _returned(outcome, n, report) < n:  # it returns fewer than asked: that is its cap
                 break
         elif isinstance(outcome, EndpointRejected):
             refused, said = n, outcome.reason
@@ -235,12 +246,19 @@ async def _find_cap(ask: _Asker, report: ProbeReport, vocab: int) -> tuple[Answe
             "by hand with {method}", said=said,
         ))
     first, asked = answered
-    report.top_logprobs_cap = len(first.top_ids)
-    report.whole_vocabulary = len(first.top_ids) >= vocab
+    report.top_logprobs_cap = _returned(first, asked, report)
+    report.whole_vocabulary = report.top_logprobs_cap >= vocab
     if refused is not None and report.top_logprobs_cap < MAX_TOP_K:
         n = report.top_logprobs_cap
         report.reasons.append(f"the endpoint returns at most {n} logprob{'s' * (n != 1)} a call (it said: {said})")
     return first, asked
+
+
+def _returned(answer: Answer, asked: int, report: ProbeReport) -> int:
+    """How many logprobs the answer to an ask for `asked` returned: its entries, or the whole vocabulary where the
+    ask was for it and only the tokens no answer can name are missing."""
+    whole = asked >= report.vocab_size and len(answer.top_ids) >= report.vocab_size - report.unnamed_tokens
+    return report.vocab_size if whole else len(answer.top_ids)
 
 
 def _next_ask(answered: int, refused: int | None, said: str) -> int:
@@ -361,6 +379,11 @@ def _recommend(report: ProbeReport, vocab: int) -> None:
         )
     if "strings" in report.identity:
         report.reasons.append("tokens come back as strings only: distinct tokens with the same string merge")
+    if report.unnamed_tokens:
+        report.reasons.append(
+            f"{report.unnamed_tokens:,} of {vocab:,} tokens share their text with another token (or render as none): "
+            "no method can give them a value, so they stay unrecovered"
+        )
 
 
 def _why_picked(report: ProbeReport) -> str:

@@ -580,7 +580,7 @@ def _run_in_checkpoint(
             announce(chosen, report)
             ctx = Context(
                 endpoint.vocab_size, limits, top_k=min(config.top_k, limits.top_logprobs), eps=config.eps,
-                withheld=await endpoint.withheld_tokens(), image=config.image,
+                withheld=await endpoint.withheld_tokens(), image=config.image, unnamed=endpoint.unnamed_tokens(),
             )
             writer = writer_for(chosen, report.to_dict() if report else None)
             runner = Runner(metered, prompts, chosen, ctx, journal, config.concurrency, progress, writer.maybe_write_soon)
