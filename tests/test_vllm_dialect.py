@@ -6,6 +6,7 @@ compares every extracted value with the simulator's exact distribution.
 """
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -463,3 +464,32 @@ def test_every_position_of_a_text_from_one_request_a_pass_through_prompt_logprob
     assert sent == 2 + 2 + report["calls"], "21 positions in passes of 16: 2 requests, besides the token check and the probe"
     direct = {row["method"]: row for row in json.loads(estimate.stdout)["rows"]}["direct"]
     assert direct["prompts"] == 21 and direct["prompt_calls"] == 2, "estimate: a call a pass, not a call a position"
+
+
+@pytest.mark.parametrize("n", [4, 5, 9])
+def test_passes_of_positions_cover_every_position_once_whatever_the_length(n):
+    """Passes of 4 positions over n + 1 of them (a last pass of the final position alone where n is a multiple of
+    4): each answer is the server's own for that context, one request a pass, the rest read from its rows."""
+    completion_ids = tuple((37 * i + 5) % VOCAB for i in range(n))
+    prompt = Prompt("q", 1, prompt="The capital of France is", completion_ids=completion_ids)
+    with vllm_server(max_logprobs=-1) as server:
+        endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url,
+                                  api_key=KEY, dialect="vllm", api="completions", rows_per_call=4)
+        units = [dataclasses.replace(prompt, position=k, context_ids=completion_ids[:k]) for k in range(n + 1)]
+        whole = Query.make(top_logprobs=VOCAB)
+
+        async def ask_all():
+            try:
+                together = await asyncio.gather(*(endpoint.ask(unit, whole) for unit in units))
+                endpoint.rows_per_call = 1  # the same contexts, a request each
+                alone = [await endpoint.ask(unit, whole) for unit in units]
+                return together, alone
+            finally:
+                await endpoint.aclose()
+
+        calls = server.endpoint.calls
+        together, alone = asyncio.run(ask_all())
+        assert server.endpoint.calls - calls == -(-(n + 1) // 4) + n + 1
+    assert sum(a.requests for a in together) == -(-(n + 1) // 4) and all(a.requests == 1 for a in alone)
+    for a, b in zip(together, alone):
+        assert a.top() == pytest.approx(b.top(), abs=1e-12) and a.sampled == b.sampled

@@ -545,7 +545,12 @@ class OpenAIEndpoint(Endpoint):
         loop = asyncio.get_running_loop()
         asked = self._rows_asked.get(key)
         if asked is not None and asked.get_loop() is loop:
-            return _row((await asyncio.shield(asked))[k - first], requests=0)
+            try:
+                return _row((await asyncio.shield(asked))[k - first], requests=0)
+            except asyncio.CancelledError:
+                if not asked.cancelled():
+                    raise  # this call was cancelled
+                return await self._row_answer(prompt)  # the request it waited for was abandoned: ask again
         asked = self._rows_asked[key] = loop.create_future()
         try:
             body = {
@@ -556,9 +561,12 @@ class OpenAIEndpoint(Endpoint):
             billed, rows = await self._post(
                 "/completions", body, len(ids) + 1, functools.partial(self._prompt_rows, start=start)
             )
-        except BaseException as error:
+        except Exception as error:
             asked.set_exception(error)
             asked.exception()  # retrieved: the waiting calls raise it themselves
+            raise
+        except BaseException:  # cancelled: the waiting calls ask again
+            asked.cancel()
             raise
         finally:
             self._rows_asked.pop(key, None)
@@ -572,7 +580,7 @@ class OpenAIEndpoint(Endpoint):
         choice = (data.get("choices") or [None])[0] or {}
         scored = choice.get("prompt_logprobs")
         last = self._completion_answer(data, requested=self.vocab_size)
-        if not isinstance(scored, list) or len(scored) <= start:
+        if not isinstance(scored, list) or len(scored) < start:
             raise EndpointFatal(f"{self.model} returned no prompt_logprobs: this server does not score prompts")
         rows = np.full((len(scored) - start + 1, self.vocab_size), np.nan)
         for row, entries in zip(rows, scored[start:]):
