@@ -504,3 +504,19 @@ def test_responses_carry_vllm_032s_fields(raw_server):
     assert {"prompt_logprobs", "prompt_token_ids"} <= set(body) and body["system_fingerprint"].startswith("vllm-0.32.0-")
     status, body = completion(raw_server, prompt="hi", logprobs=1)
     assert status == 200 and {"stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids"} <= set(body["choices"][0])
+
+
+def test_vllms_completions_api_is_asked_for_20_logprobs_as_its_chat_api_is(tmp_path):
+    """vLLM's default --max-logprobs (20) holds on its completions API too, not OpenAI's legacy cap of 5: a method
+    named without a probe (`topk`) reads 19 tokens a call there, not 4."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hello"}\n')
+    with vllm_server(raw=False) as server:
+        endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url,
+                                  dialect="vllm", api="completions")
+        assert endpoint.limits.top_logprobs == 20
+        run = run_cli("extract", prompts, *endpoint_args(server), "--api", "completions", "--method", "topk", "-q")
+        assert run.returncode == 0, run.stderr
+        (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+        assert row["calls"] <= 2 + -(-VOCAB // 19) + 3 and row["unrecovered_count"] == 0
+        assert np.abs(np.array(row["logprobs"]) - server.endpoint.true_logprobs("hello")).max() < 1e-4

@@ -199,8 +199,9 @@ class OpenAIEndpoint(Endpoint):
         }.get(dialect, {})
         self._user_extra = dict(extra_body or {})
         self.extra_body = {**defaults, **self._user_extra}
-        # llama-server returns as many top logprobs as asked for (the whole vocabulary); OpenAI's caps otherwise
-        cap = vocabulary.size if dialect == "llama.cpp" else 20 if api == "chat" else 5
+        # llama-server returns as many top logprobs as asked for (the whole vocabulary); vLLM 20 on either API (its
+        # --max-logprobs default: the probe finds more); OpenAI's caps otherwise (20 chat, 5 legacy completions)
+        cap = vocabulary.size if dialect == "llama.cpp" else 20 if api == "chat" or dialect == "vllm" else 5
         self.limits = limits or Limits(top_logprobs=cap, **(VLLM_CHOSEN_IDS if dialect == "vllm" else {}))
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
