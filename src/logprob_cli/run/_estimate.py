@@ -12,7 +12,10 @@ cap and its limit tests) are not. Every call sends the prompt again and generate
 Prompt tokens per call are the endpoint's `count_prompt_tokens`: counted with the tiktoken
 encoding when the vocabulary is one, with OpenAI's chat framing (3 tokens a message, its fields'
 tokens, 3 more for the reply); otherwise about 4 bytes a token of the JSON sent (approximate;
-the built-in simulator bills exactly this when served). Time = calls / rate, rate =
+the built-in simulator bills exactly this when served). `direct` on an endpoint whose one request answers
+several positions of a completion (`Endpoint.positions_per_call`, vLLM's prompt_logprobs; the probe's
+`positions_per_call` where it ran) costs a call a pass: ceil((n + 1) / R) for n completion tokens, not n + 1.
+Time = calls / rate, rate =
 min(concurrency / latency, rpm / 60, tpm / 60 / tokens per call) calls a second, at concurrency 1
 where the endpoint takes `one_call_at_a_time` (llama-server). The
 built-in simulator runs in-process and answers one call at a time too: its latency is timed
@@ -149,11 +152,13 @@ def estimate_run(
         concurrency = 1  # llama-server's requests go one at a time; the in-process simulator answers in turn
     vocab = endpoint.vocab_size
 
-    def row(name: str, limits: Limits, overhead: int, condition: str = "") -> Estimate:
+    def row(name: str, limits: Limits, overhead: int, condition: str = "", per_call: int = 1) -> Estimate:
         if name == "direct" and limits.top_logprobs < vocab:
             raise _direct_refusal(vocab, limits.top_logprobs)
         k = min(top_k, limits.top_logprobs)
         each = [calls_per_prompt(name, vocab, k, eps, limits, n, image_rank) for n in targets]
+        if name == "direct" and per_call > 1:  # one request a pass of per_call positions (vLLM's prompt_logprobs)
+            each = [0 if p.position and p.position % per_call else c for p, c in zip(prompts, each)]
         calls = sum(each) + overhead
         prompt_tokens = sum(c * t for c, t in zip(each, tokens)) + overhead * tokens[0]
         seconds = duration(calls, prompt_tokens / calls + 1, concurrency, latency, rpm, tpm)
@@ -164,13 +169,13 @@ def estimate_run(
         )
 
     if method != "auto":
-        return [row(method, endpoint.limits, check)]
+        return [row(method, endpoint.limits, check, per_call=endpoint.positions_per_call)]
     most = max(targets, default=0)
     if report is not None:
         picked = cheapest(report, vocab, min(report.top_logprobs_cap, MAX_TOP_K), report.limits(), eps, most)
-        return [row(picked.name, report.limits(), check + probe_calls(report))]
+        return [row(picked.name, report.limits(), check + probe_calls(report), per_call=report.positions_per_call)]
     return [
-        row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when)
+        row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when, expected.positions_per_call)
         for spec, expected in _pickable(endpoint, eps, most)
     ]
 
@@ -190,7 +195,7 @@ def _pickable(endpoint: Endpoint, eps: float, most: int) -> list[tuple[MethodSpe
     found = endpoint.limits.top_logprobs  # the probe learns the cap; where it is the vocabulary, auto picks direct
     picks = []
     for spec in SPECS.values():
-        expected = _picking(spec, vocab, found, endpoint.limits.token_ids)
+        expected = _picking(spec, vocab, found, endpoint.limits.token_ids, endpoint.positions_per_call)
         if spec.needs.chosen_ids and not expected.chosen_ids:
             continue
         if spec.picked_when and cheapest(expected, vocab, min(found, MAX_TOP_K), expected.limits(), eps, most) is spec:
@@ -198,13 +203,15 @@ def _pickable(endpoint: Endpoint, eps: float, most: int) -> list[tuple[MethodSpe
     return picks
 
 
-def _picking(spec: MethodSpec, vocab: int, found: int, listed: int) -> ProbeReport:
+def _picking(spec: MethodSpec, vocab: int, found: int, listed: int, positions: int = 1) -> ProbeReport:
     """The probe's report on an endpoint that meets exactly what `spec` needs, its cap `found` (the vocabulary
     where the spec needs it): the bias steers sampling where the method recovers every token and changes
-    nothing otherwise, both limit tests rejected (as on OpenAI), and a list of up to `listed` ids taken
-    where the spec needs it and the endpoint declares it (0: it does not)."""
+    nothing otherwise, both limit tests rejected (as on OpenAI), a list of up to `listed` ids taken
+    where the spec needs it and the endpoint declares it (0: it does not), and `positions` of a completion a
+    request (the endpoint's `positions_per_call`) where the spec needs the whole vocabulary."""
     needs = spec.needs
     return ProbeReport(
+        positions_per_call=positions if needs.whole_vocabulary else 1,
         chosen_ids=needs.chosen_ids and listed > 0,
         token_ids_cap=listed if needs.chosen_ids else 0,
         top_logprobs_cap=vocab if needs.whole_vocabulary else found,

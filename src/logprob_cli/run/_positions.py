@@ -34,7 +34,7 @@ def require_token_context(endpoint: Endpoint) -> None:
         return
     raise EndpointUnsuitable(Worded(
         "every position of a completion needs an endpoint that takes a prompt followed by exact token ids, and "
-        "{name} cannot ({why}): use llama-server with {api_completions}, or the built-in simulator. Nothing was sent",
+        "{name} cannot ({why}): use llama-server or vLLM with {api_completions}, or the built-in simulator. Nothing was sent",
         name=endpoint.model, why=_why_not(endpoint),
     ))
 

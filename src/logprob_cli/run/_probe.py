@@ -22,7 +22,12 @@ Measured, in this order, on one prompt:
      distinct tokens share texts): an answer listing every other token counts as the whole vocabulary;
   6. where the endpoint declares that a request may list token ids (vLLM's logprob_token_ids,
      `Limits.token_ids`): one call listing a token outside the top-k, which must come back with
-     a logprob below the top-k's last (`chosen_ids`; a refusal or a missing id: not observed).
+     a logprob below the top-k's last (`chosen_ids`; a refusal or a missing id: not observed);
+  7. where the endpoint declares that one request answers several positions of a completion
+     (vLLM's prompt_logprobs, `Endpoint.positions_per_call`) and the whole vocabulary came back:
+     one call for the position after the prompt and its greedy token, whose rows also hold the
+     position after the prompt alone, which must equal the first answer to 1e-3 nats
+     (`positions_per_call`; else 1, and `unknown` says why).
 Calls: `expected_calls` gives what the probe gets answered (billed) on an endpoint that behaves
 as a report says; PROBE_CALLS is that on OpenAI's API, which rejects the two limit tests (the
 built-in simulator clips a bias above 100 instead, one call more). A test holds the two to the
@@ -72,6 +77,7 @@ class ProbeReport:
     logprobs_after_bias: bool | None = None
     forced_logprob: str = "untested"  # reported | sentinel | wrong | untested (not needed) | unknown
     chosen_ids: bool = False  # a listed id came back with its logprob (only tested where the endpoint declares it)
+    positions_per_call: int = 1  # positions of a completion one whole-vocabulary request answers (7. above)
     token_ids_cap: int = 0  # the ids a request may list, as the endpoint declares (0: none)
     top_with_token_ids: bool = True  # the top-k comes back beside listed ids (vLLM: in their place)
     bias_max: float = 100.0  # the bias range and entry cap the endpoint declares (OpenAI's documented ones by
@@ -127,6 +133,7 @@ class ProbeReport:
             ("logprobs reflect the bias", shown("logprobs_after_bias", self.logprobs_after_bias, "yes (post-bias)", "no (pre-bias)")),
             ("forced token's own logprob", shown("forced_logprob", self.forced_logprob)),
             ("logprobs of listed token ids", self._listed_row()),
+            ("positions of a text a call", self._positions_row()),
             ("bias above 100", shown("bias_above_100", self.bias_above_100)),
             ("more than 300 bias entries", shown("bias_entries_over_300", self.bias_entries_over_300)),
             ("returned precision", self.precision),
@@ -145,6 +152,11 @@ class ProbeReport:
             "no value is given to them)"
         )
 
+    def _positions_row(self) -> str:
+        if self.positions_per_call > 1:
+            return f"up to {self.positions_per_call} (the prompt's logprobs: every position of a text in one call)"
+        return self.unknown.get("positions_per_call", "1")
+
     def _listed_row(self) -> str:
         if self.chosen_ids:
             return f"yes (up to {self.token_ids_cap:,} ids a call)"
@@ -159,8 +171,12 @@ class _Asker:
 
     async def __call__(self, query: Query) -> Answer | EndpointError:
         """The answer, or the error of a request rejected or failed after its retries (EndpointFatal is raised)."""
+        return await self.on(self.prompt, query)
+
+    async def on(self, prompt: Prompt, query: Query) -> Answer | EndpointError:
+        """`__call__` on another prompt; an answer read from an earlier request's rows is not counted."""
         try:
-            answer = await self.endpoint.ask(self.prompt, query)
+            answer = await self.endpoint.ask(prompt, query)
         except EndpointFatal:
             raise
         except EndpointRejected as rejected:
@@ -168,7 +184,7 @@ class _Asker:
             return rejected
         except EndpointError as failed:
             return failed
-        self.report.calls += 1
+        self.report.calls += answer.requests
         return answer
 
 
@@ -184,6 +200,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     Raises EndpointFatal if it cannot be used at all, EndpointUnsuitable if no request for top
     logprobs was answered, EndpointError if such requests kept failing.
     """
+    prompt = dataclasses.replace(prompt, completion_ids=())  # a position's context as plain ids: never from rows
     declared = endpoint.limits
     report = ProbeReport(vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries)
     report.unnamed_tokens = len(endpoint.unnamed_tokens())
@@ -210,6 +227,8 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
             report.unknown[name] = _why(outcome)
     if endpoint.limits.token_ids:
         await _listed_ids(ask, report, endpoint.limits, head, held)
+    if endpoint.positions_per_call > 1 and report.whole_vocabulary and prompt.prompt is not None and not prompt.context_ids:
+        await _positions(ask, report, endpoint.positions_per_call, prompt, first)
     report.identity = sorted(endpoint.identity)
     _recommend(report, endpoint.vocab_size)
     return report
@@ -361,6 +380,27 @@ async def _listed_ids(ask: _Asker, report: ProbeReport, limits: Limits, head: An
     report.chosen_ids = True
 
 
+async def _positions(ask: _Asker, report: ProbeReport, per_call: int, prompt: Prompt, first: Answer) -> None:
+    """Module docstring, 7: the position after the prompt and its greedy token, asked as a completion's; the same
+    request's rows must give back `first` (the whole vocabulary after the prompt alone) to 1e-3 nats."""
+    greedy = first.top_ids[0]
+    unit = dataclasses.replace(prompt, completion_ids=(greedy,), position=1, context_ids=(greedy,))
+    query = Query.make(top_logprobs=report.vocab_size)
+    after = await ask.on(unit, query)
+    if not isinstance(after, Answer):
+        report.unknown["positions_per_call"] = f"1: a request for the position after {greedy} {_why(after)}"
+        return
+    before = await ask.on(dataclasses.replace(unit, position=0, context_ids=()), query)
+    if not isinstance(before, Answer) or before.requests:
+        report.unknown["positions_per_call"] = "1: the position after the prompt was not answered from the same request"
+        return
+    expected, got = first.top(), before.top()
+    if got.keys() != expected.keys() or max(abs(got[i] - lp) for i, lp in expected.items()) > 1e-3:
+        report.unknown["positions_per_call"] = "1: the prompt's logprobs differ from the logprobs after it"
+        return
+    report.positions_per_call = per_call
+
+
 def _recommend(report: ProbeReport, vocab: int) -> None:
     """The cheapest method whose requirements were observed (methods.cheapest, over the methods' specs),
     its calls per prompt by its spec at the default eps, and the reasons (module docstring)."""
@@ -418,11 +458,11 @@ def expected_calls(report: ProbeReport) -> int:
     by the first answered ask (the whole vocabulary, a cap the refusal names, or one of CAP_STEPS): that
     ask and its twin, TOGETHER at once and 1 alone, the bias test, the forced token where k >= 2 and the
     bias steers sampling (with k = 1 the bias test forces one), each limit test the endpoint accepts, and
-    the listed-ids test where it passed."""
+    the listed-ids test where it passed, and the positions test where it passed."""
     k = min(report.top_logprobs_cap, MAX_TOP_K)
     forced = int(k >= 2 and bool(report.bias_steers_sampling))
     accepted = sum(test == "accepted" for test in (report.bias_above_100, report.bias_entries_over_300))
-    return 2 + TOGETHER + 1 + 1 + forced + accepted + int(report.chosen_ids)
+    return 2 + TOGETHER + 1 + 1 + forced + accepted + int(report.chosen_ids) + int(report.positions_per_call > 1)
 
 
 # OpenAI's API: cap 20, the bias steers sampling, both limit tests rejected.

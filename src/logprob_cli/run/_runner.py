@@ -270,7 +270,7 @@ class Runner:
                     future.set_exception(failure)
             return
         for *_, answer, future in unsaved:
-            self.summary.calls += 1
+            self.summary.calls += answer.requests
             self.progress.call()
             if not future.done():
                 future.set_result(answer)
