@@ -281,3 +281,18 @@ def test_the_python_endpoint_refuses_url_credentials_without_echoing_them():
     with pytest.raises(ValueError, match=re.escape("http://user:***@127.0.0.1:9/v1")) as refused:
         OpenAIEndpoint("m", load_vocabulary("simulator:1000"), base_url="http://user:hunter2@127.0.0.1:9/v1")
     assert "hunter2" not in str(refused.value)
+
+
+def test_openai_variables_speak_to_servers_only(tmp_path, monkeypatch):
+    """A user with OPENAI_BASE_URL and OPENAI_API_KEY set still runs the offline default and a local model: the
+    variables stand in for --base-url/--api-key only where --model names a server."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-from-the-environment"}
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "p.jsonl"), "-q"], env=env)  # the README's first run
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "p.jsonl"), "--model", f"hf:{tmp_path / 'none'}", "-q"], env=env)
+    assert result.exit_code == 2 and "apply to a server" not in result.output
+    assert "--api-key apply to a server" in CliRunner().invoke(
+        app, ["extract", str(tmp_path / "p.jsonl"), "--model", f"hf:{tmp_path}", "--api-key", "k", "-q"]).output
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "p.jsonl"), "--model", "gpt-x", "-q"], env=env)
+    assert result.exit_code != 0 and "127.0.0.1:9" in " ".join(result.output.split()), "the variable still names the server"

@@ -149,12 +149,14 @@ ConcurrencyOption = Annotated[int, typer.Option("--concurrency", "-c", min=1, ma
 SimOption = Annotated[list[str], typer.Option("--sim", metavar="KEY=VALUE", help=SIM_HELP)]
 ModelOption = Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)]
 BaseUrlOption = Annotated[Optional[str], typer.Option(
-    "--base-url", envvar="OPENAI_BASE_URL",
-    help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's). Its GET /models (free) is "
+    "--base-url",
+    help="OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1 (default with --model: $OPENAI_BASE_URL, else "
+    "OpenAI's). Its GET /models (free) is "
     "asked first: llama-server tells its vocabulary there.")]
 ApiKeyOption = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="OPENAI_API_KEY", show_envvar=True,
-    help="API key (default: $OPENAI_API_KEY). Never written to the checkpoint, output or logs.")]
+    "--api-key",
+    help="API key (default with --model: $OPENAI_API_KEY; the simulator and hf: models ignore the variable). Never "
+    "written to the checkpoint, output or logs.")]
 ApiOption = Annotated[Api, typer.Option(
     "--api", "--endpoint",
     help="chat: /chat/completions; completions: legacy /completions (string-keyed logprobs, at most 5).")]

@@ -9,6 +9,8 @@ message with its flags (`--base-url needs --model`) through `SettingsError.worde
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -78,7 +80,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         raise SettingsError("{simulator} apply to the built-in simulator, not to {model} endpoints")
     if settings.model.startswith(HF_PREFIX):
         return _local_model(settings)
-    base_url = settings.base_url
+    base_url = settings.base_url or os.environ.get("OPENAI_BASE_URL") or None  # the variable speaks to servers only
     if base_url and has_userinfo(base_url):
         raise SettingsError(USERINFO_REFUSED, url=redact(base_url))
     if settings.post_bias and not base_url:
