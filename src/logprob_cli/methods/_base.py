@@ -42,6 +42,8 @@ class Context:
         then reads only these (besides what its first call shows), and its result leaves every
         other token NaN, with no bound.
     image: the model's low-rank image (methods/_image.py), for the image methods; None: not given.
+    whole_fallback: where the image does not fit a vector, an image method reads it whole with its base method
+        (--image auto, whose rows are all whole vectors) instead of giving only the tokens it read.
     """
 
     vocab_size: int
@@ -51,6 +53,7 @@ class Context:
     withheld: frozenset[int] = frozenset()
     targets: tuple[int, ...] = ()
     image: Image | None = None
+    whole_fallback: bool = False
 
     @property
     def bias_max(self) -> float:
