@@ -2,6 +2,7 @@
 vectors, then the image method; checked against the simulator's ground truth, on a served model never seen before,
 with another model answering under the same name mid-run, and across interruptions."""
 
+import asyncio
 import json
 import math
 
@@ -9,14 +10,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from typer.testing import CliRunner
+
 from logprob_cli.api import extract_file, extract_logprobs
-from logprob_cli.endpoints import SettingsError, SimulatedEndpoint, SimulatorConfig
+from logprob_cli.cli import app
+from logprob_cli.endpoints import Prompt, SettingsError, SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._vocabulary import load_vocabulary
 from logprob_cli.io import read_metadata
 from logprob_cli.methods import SPECS
 from logprob_cli.methods._image import CHECKS, MARGIN, Learner, learning_prompts
-from logprob_cli.run import RunConfig
+from logprob_cli.run import RunConfig, estimate_run, probe
 from logprob_cli.run._journal import reading_connection
 from logprob_cli.server import ServerConfig, SimulatorServer
 
@@ -154,3 +158,34 @@ def test_image_auto_is_refused_where_it_cannot_learn():
         RunConfig("topk", image="auto")
     with pytest.raises(SettingsError, match="one prompt has none"):
         extract_logprobs("Hello", method="topk+image", image="auto")
+
+
+class UnknownRank(SimulatedEndpoint):
+    """The simulator as an endpoint whose image's rank is not known before the run (any remote model)."""
+
+    def __init__(self, config: SimulatorConfig):
+        super().__init__(config)
+        self.image_rank = None
+
+
+def test_estimate_prices_the_warm_up_then_the_image_method():
+    config = SimulatorConfig(vocab_size=5000)
+    prompts = [Prompt(i, i, prompt=f"prompt number {i}") for i in range(300)]
+    whole = SPECS["topk"].calls(5000, 20, 1e-3, SimulatedEndpoint(config).limits)
+    imaged = SPECS["topk+image"].calls(5000, 20, 1e-3, SimulatedEndpoint(config).limits, rank=66)
+    (row,) = estimate_run(prompts, SimulatedEndpoint(config), "topk+image", learn_image=True)
+    assert row.learning_prompts == learning_prompts(66) == 98
+    assert row.calls == 98 * whole + (300 - 98) * imaged
+    (auto,) = estimate_run(prompts, SimulatedEndpoint(config), "auto", learn_image=True,
+                           report=asyncio.run(probe(SimulatedEndpoint(config), prompts[0])))
+    assert auto.method == "topk+image" and auto.learning_prompts == 98
+    (unknown,) = estimate_run(prompts, UnknownRank(config), "topk+image", learn_image=True)
+    assert unknown.learning_prompts is None and unknown.calls == 300 * whole  # the most it spends
+
+
+def test_the_estimate_command_says_when_learning_pays(tmp_path):
+    path = prompts_file(tmp_path, 150)
+    shown = CliRunner().invoke(app, ["estimate", str(path), "--method", "topk+image", "--image", "auto",
+                                     "--sim", "vocab_size=5000"], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    assert "image learned after ~98 prompts" in shown.output and "it pays from 99 prompts on" in shown.output

@@ -676,6 +676,8 @@ def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeRepo
     notes.extend(learning_note(setup, row) for row in rows if setup.image == "auto" and row.method.endswith("+image"))
     if report:
         notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(map(flagged, report.reasons))}")
+        if rows[0].method != report.recommended:
+            notes.append(f"auto with --image runs {rows[0].method}, cheaper than {report.recommended}")
     elif len(rows) > 1:
         notes.append(f"auto: the probe picks one of these rows; `logprobs probe` tells which (about {PROBE_CALLS} calls), or give --method")
         notes.extend(f"{row.method} when {row.condition}" for row in rows)
@@ -694,8 +696,8 @@ def learning_note(setup: EstimateSetup, row: Estimate) -> str:
                 f"rank is not known before the run; the image is learned after about d + 10 prompts (d: its hidden "
                 f"size), then each prompt reads about d + 18 tokens with {base}")
     learned = row.learning_prompts
-    return (f"{row.method} with --image auto: image learned after ~{learned:,} prompts read whole by {base}; it pays "
-            f"from {learned + 1:,} prompts on (each later prompt costs the image method's calls)")
+    return (f"{row.method} with --image auto: image learned after ~{learned:,} prompts, read whole by {base} as a plain "
+            f"run reads them; it pays from {learned + 1:,} prompts on, each later prompt at the image method's calls")
 
 
 def price_notes(setup: EstimateSetup) -> list[str]:
