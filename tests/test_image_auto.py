@@ -189,3 +189,19 @@ def test_the_estimate_command_says_when_learning_pays(tmp_path):
                                      "--sim", "vocab_size=5000"], env={"COLUMNS": "300"})
     assert shown.exit_code == 0, shown.output
     assert "image learned after ~98 prompts" in shown.output and "it pays from 99 prompts on" in shown.output
+
+
+def test_the_learner_always_wants_a_vector_until_its_image_is_ready():
+    """A direction found late, after vectors that added none, must not leave the run waiting for none (a run
+    starts no whole vector while as many are in flight as the learner wants)."""
+    rng = np.random.default_rng(0)
+    columns = rng.standard_normal((400, 6))
+    learner = Learner(400)
+    for step in range(6):
+        for _ in range(7):  # in the span found so far: no new direction
+            assert learner.add(columns[:, :step] @ rng.standard_normal(step), 1e-9, "test") is None
+            assert learner.wanted() >= 1
+        assert learner.add(columns[:, step], 1e-9, "test") is None and learner.wanted() >= 1
+    for _ in range(learner.settle(7) - 1):
+        assert learner.add(columns @ rng.standard_normal(6), 1e-9, "test") is None and learner.wanted() >= 1
+    assert learner.add(columns @ rng.standard_normal(6), 1e-9, "test").rank == 7

@@ -189,10 +189,10 @@ class Learner:
         return max(LEARN_MARGIN, math.ceil(rank / 2))
 
     def wanted(self) -> int:
-        """The vectors still needed if no more of them adds a direction (at least 1): a run starts no more whole
-        vectors than that at once, so few are in flight when the image is ready."""
-        rank = self.directions.shape[1]
-        return rank - 1 + self.settle(rank) - len(self.vectors)
+        """The vectors still needed if no more of them adds a direction, settle(r) less those in a row that added
+        none (at least 1 until the image is ready): a run starts no more whole vectors than that at once, so few
+        are in flight when the image is ready."""
+        return self.settle(self.directions.shape[1]) - self.unchanged
 
     def add(self, logprobs: np.ndarray, precision: float, source: str) -> Image | None:
         """Learn from one more whole vector (class doc); the image, named `source`, once ready, else None."""
