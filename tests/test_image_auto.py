@@ -18,7 +18,7 @@ from logprob_cli.endpoints import Prompt, SettingsError, SimulatedEndpoint, Simu
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._vocabulary import load_vocabulary
 from logprob_cli.io import read_metadata
-from logprob_cli.methods import SPECS
+from logprob_cli.methods import SPECS, Image
 from logprob_cli.methods._image import CHECKS, MARGIN, Learner, learning_prompts
 from logprob_cli.run import RunConfig, estimate_run, probe
 from logprob_cli.run._journal import reading_connection
@@ -205,3 +205,14 @@ def test_the_learner_always_wants_a_vector_until_its_image_is_ready():
     for _ in range(learner.settle(7) - 1):
         assert learner.add(columns @ rng.standard_normal(6), 1e-9, "test") is None and learner.wanted() >= 1
     assert learner.add(columns @ rng.standard_normal(6), 1e-9, "test").rank == 7
+
+
+def test_auto_runs_the_image_method_where_an_image_is_given_and_cheaper():
+    config = SimulatorConfig(vocab_size=3000, hidden_size=16)
+    image = Image.from_matrix(SimulatedEndpoint(config).sim.output_matrix(), "simulator")
+    one = extract_logprobs("prompt number 1", image=image, simulator=config)
+    assert one.method == "topk+image" and one.calls < 30  # the probe's calls and 5; plain topk: 159
+    truth = SimulatedEndpoint(config).true_logprobs("prompt number 1")
+    assert np.abs(one.logprobs - truth).max() < 1e-4
+    few = extract_logprobs("prompt number 1", image=image, simulator=config, targets=[5, 6])
+    assert few.method == "topk"  # two tokens read directly are cheaper than the image's r + 16

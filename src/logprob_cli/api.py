@@ -17,7 +17,7 @@ import numpy as np
 from logprob_cli.run import MeteredEndpoint, Spend
 from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
 from logprob_cli.io import content_problems, load_image, with_targets
-from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest
+from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest, with_image
 from logprob_cli.run import ProbeReport, probe
 from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
 from logprob_cli.run import discard
@@ -46,7 +46,7 @@ class Extraction:
     """One prompt's full vector: `logprobs[i]` is log p(token i) (NaN where unrecovered).
 
     calls counts every call spent, the probe's included; method is the method that ran
-    (the probe's choice when method="auto"), probe the probe's report (None unless auto).
+    (the probe's choice when method="auto", its image method where an image is given and that is cheaper), probe the probe's report (None unless auto).
     targets: with chosen tokens, each one's value in the order given (the vector then holds them and what
     the calls showed besides, NaN elsewhere).
     """
@@ -127,6 +127,8 @@ async def _extract(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Ex
     k = min(top_k, limits.top_logprobs)
     if report and item.targets:
         chosen = cheapest(report, endpoint.vocab_size, k, limits, eps, len(item.target_ids)).name
+    if report and run.image is not None:  # an Image: "auto" is refused for one prompt
+        chosen = with_image(chosen, endpoint.vocab_size, k, limits, eps, len(item.target_ids), run.image.rank)
     ctx = Context(
         endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids,
         image=run.image,
