@@ -18,8 +18,12 @@ Verification: with the read values y = l_true + delta, |delta| <= p (the base me
 and A = Q_F, the residual of a token t is (Q_t A^+ delta_F - delta_t) for t in C, ((A A^+ - I) delta)_t
 for t in F, so |res_t| <= (1 + |Q_t A^+|_1) p for the right model. The image fits when every
 |res_t| <= FIT_FACTOR times that; otherwise (another model, a non-linear output, a wrong file) the
-result is the base method's values for what was read, every other token unrecovered, and a note
+result is the base method's values for what was read, every other token unrecovered (with
+Context.whole_fallback, --image auto's: the base method's whole vector, read afresh), and a note
 says the image did not fit: never a vector from a wrong image.
+
+Learned (`Learner`, --image auto): the image of the run's first whole vectors, the rank from their
+singular values once max(LEARN_MARGIN, r / 2) vectors in a row add no direction (class doc).
 
 Precision (stated in the result): with rho = max(p, the largest residual on F and C) the observed
 error level of the read values and Lambda = max_i |Q_i A^+|_1 over every token i (the conditioning of
