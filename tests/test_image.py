@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engines import llama_server_fixture, model_path
+from engines import cache_dir, llama_server_fixture, model_path
 from test_engines import logprobs, whole_distribution
 from logprob_cli.api import extract_file, extract_logprobs
 from logprob_cli.endpoints import EndpointUnsuitable, SettingsError, SimulatedEndpoint, SimulatorConfig
@@ -149,7 +149,7 @@ def test_image_files_round_trip_and_bad_ones_are_refused(tmp_path):
     with pytest.raises(ImageError, match="not orthonormal"):
         load_image(tmp_path / "bad.npz")
     (tmp_path / "w.txt").write_text("1 2 3")
-    with pytest.raises(ImageError, match="expected .npy, .npz or .gguf"):
+    with pytest.raises(ImageError, match="expected .npy, .npz, .gguf, .safetensors, an earlier run.s .parquet output"):
         load_image(tmp_path / "w.txt")
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "missing.npy")
@@ -218,3 +218,70 @@ def test_forced_with_the_image_matches_smollm2_at_about_d_calls(smollm2_server):
     )
     assert extraction.calls <= image.rank + MARGIN + CHECKS + 4
     assert np.abs(extraction.logprobs - whole_distribution(smollm2_server, text, 49152)).max() < 1e-3
+
+
+def write_safetensors(path, tensors: dict[str, tuple[str, np.ndarray]]):
+    """A .safetensors file by its format (an 8-byte header length, a JSON header, the arrays): dtype name and
+    raw array per tensor, bfloat16 given as its uint16 bits."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, array) in tensors.items():
+        blob = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_safetensors_give_the_output_layer_or_the_tied_embeddings_with_the_bias(tmp_path):
+    matrix = SimulatedEndpoint(SimulatorConfig(vocab_size=VOCAB)).sim.output_matrix()
+    bfloat16 = (matrix.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # truncated: a bf16 model's W
+    bias = np.random.default_rng(0).standard_normal(VOCAB).astype(np.float32)
+    write_safetensors(tmp_path / "tied.safetensors", {"model.embed_tokens.weight": ("BF16", bfloat16)})
+    tied = load_image(tmp_path / "tied.safetensors")
+    assert tied.rank == 65 + 1 and tied.source == "tied.safetensors: model.embed_tokens.weight"  # W, u; ones
+    widened = (bfloat16.astype(np.uint32) << 16).view(np.float32)
+    assert np.abs(tied.basis @ (tied.basis.T @ widened[:, 3]) - widened[:, 3]).max() < 1e-4  # W's columns, exactly
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_safetensors(folder / "model-00001-of-00002.safetensors", {"model.embed_tokens.weight": ("F32", matrix)})
+    write_safetensors(folder / "model-00002-of-00002.safetensors",
+                      {"lm_head.weight": ("F32", matrix[:, ::-1].copy()), "lm_head.bias": ("F32", bias)})
+    untied = load_image(folder)
+    assert untied.rank == 65 + 2 and untied.source == "model: lm_head.weight"  # the bias is one more direction
+    write_safetensors(tmp_path / "other.safetensors", {"layers.0.weight": ("F32", matrix[:10])})
+    with pytest.raises(ImageError, match="no lm_head.weight nor embed_tokens.weight"):
+        load_image(tmp_path / "other.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\xff" * 12)
+    with pytest.raises(ImageError, match="not a readable .safetensors file"):
+        load_image(tmp_path / "cut.safetensors")
+
+
+def test_an_earlier_runs_output_starts_the_next_batch_with_its_image(tmp_path):
+    config = SimulatorConfig(vocab_size=3000, hidden_size=16)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps({"id": i, "prompt": f"prompt number {i}"}) + "\n" for i in range(40)))
+    second.write_text("".join(json.dumps({"id": i, "prompt": f"another prompt {i}"}) + "\n" for i in range(5)))
+    extract_file(first, method="topk", simulator=config)
+    image = load_image(tmp_path / "first.parquet")
+    assert image.rank == 16 + 2 and image.source == "first.parquet: 40 whole vectors"
+    summary = extract_file(second, method="topk+image", image=tmp_path / "first.parquet", simulator=config)
+    assert summary.calls == 5 * (2 + math.ceil((18 + MARGIN + CHECKS) / 19))  # no warm-up: 5 calls a prompt
+    truth = SimulatedEndpoint(config)
+    for row in pq.read_table(tmp_path / "second.parquet").to_pylist():
+        assert row["method"] == "topk+image"
+        assert np.abs(np.array(row["logprobs"], dtype=float) - truth.true_logprobs(row["prompt"])).max() < 1e-4
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"id": i, "prompt": f"prompt number {i}"}) + "\n" for i in range(12)))
+    extract_file(few, method="topk", simulator=config)
+    with pytest.raises(ImageError, match="12 whole vectors of rank 13: too few to trust that rank"):
+        load_image(tmp_path / "few.parquet")
+
+
+def test_the_smollm2_hugging_face_folder_gives_its_tied_embeddings():
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct-hf"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"{folder} is missing (tests/engines.py's cache; the README's install converts it)")
+    image = load_image(folder)
+    assert image.rank == 577 and image.vocab_size == 49152  # d = 576 and the ones vector, as from its GGUF
+    assert image.source == "SmolLM2-135M-Instruct-hf: model.embed_tokens.weight"

@@ -17,9 +17,9 @@ import numpy as np
 from logprob_cli.run import MeteredEndpoint, Spend
 from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
 from logprob_cli.io import content_problems, load_image, with_targets
-from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest
+from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest, with_image
 from logprob_cli.run import ProbeReport, probe
-from logprob_cli.endpoints import EndpointSettings, build_endpoint
+from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
 from logprob_cli.run import discard
 from logprob_cli.run import Price
 from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
@@ -46,7 +46,7 @@ class Extraction:
     """One prompt's full vector: `logprobs[i]` is log p(token i) (NaN where unrecovered).
 
     calls counts every call spent, the probe's included; method is the method that ran
-    (the probe's choice when method="auto"), probe the probe's report (None unless auto).
+    (the probe's choice when method="auto", its image method where an image is given and that is cheaper), probe the probe's report (None unless auto).
     targets: with chosen tokens, each one's value in the order given (the vector then holds them and what
     the calls showed besides, NaN elsewhere).
     """
@@ -94,6 +94,9 @@ def extract_logprobs(
     item = _prompt(prompt)
     if targets:
         (item,) = with_targets([item], list(targets))
+    if isinstance(image, str) and image == "auto":
+        raise SettingsError("image='auto' learns the image from a batch's first whole vectors; one prompt has none "
+                            "to learn from: give extract_file image='auto', or an image here")
     run = RunConfig(method, top_k, eps, concurrency, image=_image(image))  # checked before the endpoint is built
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
@@ -124,6 +127,8 @@ async def _extract(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Ex
     k = min(top_k, limits.top_logprobs)
     if report and item.targets:
         chosen = cheapest(report, endpoint.vocab_size, k, limits, eps, len(item.target_ids)).name
+    if report and run.image is not None:  # an Image: "auto" is refused for one prompt
+        chosen = with_image(chosen, endpoint.vocab_size, k, limits, eps, len(item.target_ids), run.image.rank)
     ctx = Context(
         endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids,
         image=run.image, unnamed=counted.unnamed_tokens(),
@@ -190,7 +195,8 @@ def extract_file(
     Writes `output` (default: the input's name with .parquet, or .shard-I-of-N.parquet) and its
     checkpoint NAME.checkpoint.sqlite beside it; the same call again resumes from the checkpoint,
     spending only what is left (`fresh=True` discards both first, only if the tool wrote them).
-    The endpoint, method and settings (`image` included) are those of extract_logprobs; `price` (US$ per 1M prompt
+    The endpoint, method and settings are those of extract_logprobs, and `image` may also be "auto": learn the image
+    from the batch's first whole vectors, then run the image method (run/_learning.py); `price` (US$ per 1M prompt
     and completion tokens, default: the built-in table) with `max_cost`, and `max_calls`, cap what the checkpoint
     spends in all; `shard=(I, N)` takes part I of N of the prompts; `targets` asks every prompt for those chosen
     tokens (as a line's "targets" key does; `store_vector` also keeps their whole vectors); `store="top:N"` writes
@@ -222,9 +228,10 @@ def extract_file(
     ))
 
 
-def _image(image: str | os.PathLike | Image | None) -> Image | None:
-    """The image as given, or read from its file (io.load_image; ImageError)."""
-    return image if image is None or isinstance(image, Image) else load_image(image)
+def _image(image: str | os.PathLike | Image | None) -> Image | str | None:
+    """The image as given ("auto": learn it from the batch, run/_learning.py), or read from its file
+    (io.load_image; ImageError)."""
+    return image if image is None or isinstance(image, Image) or image == "auto" else load_image(image)
 
 
 def _settings(

@@ -27,7 +27,7 @@ from logprob_cli.errors import LogprobError, message_of, reworded
 from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, format_dollars, format_duration, in_process_latency, simulator_latency
 from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
-from logprob_cli.methods import METHODS, SPECS
+from logprob_cli.methods import METHODS, SPECS, Image
 from logprob_cli.io import CompareError, ImageError, compare_files, load_image, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
@@ -133,10 +133,12 @@ TargetOption = Annotated[list[str], typer.Option("--target", "-t", metavar="TEXT
 TargetIdOption = Annotated[list[int], typer.Option(
     "--target-id", metavar="ID", min=0, help="A token to read for every prompt, by its id in the vocabulary (as --target).")]
 TopKOption = Annotated[int, typer.Option("--top-k", "-k", min=2, help="Logprobs to request per call (capped by the endpoint).")]
-ImageOption = Annotated[Optional[Path], typer.Option(
-    "--image", metavar="PATH",
-    help="The model's output matrix for the image methods (topk+image, forced+image, bisection+image): a .npy or .npz V x d matrix "
-    "(or a saved basis) or a GGUF model file (output.weight, else the tied token_embd.weight; needs the gguf package).")]
+ImageOption = Annotated[Optional[str], typer.Option(
+    "--image", metavar="auto|PATH",
+    help="The model's image, for the image methods (topk+image, forced+image, bisection+image; auto picks one where "
+    "cheaper): auto learns it from the run's first whole vectors; PATH reads it from a .npy/.npz V x d matrix (or a "
+    "saved basis), a GGUF or safetensors model file (its output layer, else the tied embeddings; a Hugging Face "
+    "model folder holding one), or an earlier run's Parquet output (its whole vectors).")]
 StoreOption = Annotated[str, typer.Option(
     "--store", metavar="vector|top:N",
     help="vector: each row's whole vector. top:N: the N most likely tokens (top_ids, top_logprobs) and rest_mass "
@@ -375,7 +377,7 @@ def extract(
     endpoint = build_endpoint(options.settings())
     run = RunConfig(
         method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost,
-        store_vector, store, load_image(image) if image is not None else None,
+        store_vector, store, image_given(image),
     )
     if fresh:
         discard(output, journal_path)
@@ -424,6 +426,11 @@ def method_announcer(
         console.print(f"method: {chosen}{why}", highlight=False)
 
     return announce
+
+
+def image_given(image: str | None) -> Image | str | None:
+    """--image: "auto" (learn it from the run), else the image read from the file it names (io.load_image)."""
+    return image if image is None or image == "auto" else load_image(image)
 
 
 def targeted(prompts: list[Prompt], texts: list[str], ids: list[int], source: str) -> list[Prompt]:
@@ -570,7 +577,7 @@ def estimate(
         latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
     setup = EstimateSetup(
         endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
-        unit_price, price_given=override is not None, image_rank=load_image(image).rank if image is not None else None,
+        unit_price, price_given=override is not None, image=image_given(image),
         first_call=first_call,
     )
     rows, report = estimate_rows(prompts, setup)
@@ -587,8 +594,8 @@ def estimate(
 class EstimateSetup:
     """What `estimate` was asked and assumes: the endpoint and method, the run's settings, seconds a call
     (`timed`: timed here on the in-process endpoint, not given), the rate limits, and the price (`price_given`:
-    from --price, else the built-in table's for `model`, None when unknown), the rank of the image an image
-    method reads through (--image; None: none given), and for a local model the seconds of a text's first call,
+    from --price, else the built-in table's for `model`, None when unknown), the image (--image: an Image, "auto"
+    to learn it from the run, None: none given), and for a local model the seconds of a text's first call,
     its forward pass (None: not timed)."""
 
     endpoint: Endpoint
@@ -603,7 +610,7 @@ class EstimateSetup:
     model: str | None
     unit_price: Price | None
     price_given: bool
-    image_rank: int | None = None
+    image: Image | str | None = None
     first_call: float | None = None
 
 
@@ -617,7 +624,7 @@ def estimate_rows(prompts: list[Prompt], setup: EstimateSetup) -> tuple[list[Est
         rows = estimate_run(
             prompts, setup.endpoint, setup.method, top_k=setup.top_k, eps=setup.eps, concurrency=setup.concurrency,
             latency=setup.latency, rpm=setup.rpm, tpm=setup.tpm, price=setup.unit_price, report=report,
-            image_rank=setup.image_rank,
+            image_rank=setup.image.rank if isinstance(setup.image, Image) else None, learn_image=setup.image == "auto",
         )
     except ValueError as error:
         fail(flagged(message_of(error)))
@@ -669,8 +676,11 @@ def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeRepo
         once = str(most) if fewest == most else f"{fewest}-{most}"
         notes.append(f"calls include {once} once per run (token check on OpenAI-compatible endpoints, probe for auto)")
     notes.extend(price_notes(setup))
+    notes.extend(learning_note(setup, row) for row in rows if setup.image == "auto" and row.method.endswith("+image"))
     if report:
         notes.append(f"auto: the probe (offline, free here) picks {report.recommended}: {'; '.join(map(flagged, report.reasons))}")
+        if rows[0].method != report.recommended:
+            notes.append(f"auto with --image runs {rows[0].method}, cheaper than {report.recommended}")
     elif len(rows) > 1:
         notes.append(f"auto: the probe picks one of these rows; `logprobs probe` tells which (about {PROBE_CALLS} calls), or give --method")
         notes.extend(f"{row.method} when {row.condition}" for row in rows)
@@ -678,6 +688,19 @@ def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeRepo
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
     notes.append(time_note(setup))
     return notes
+
+
+def learning_note(setup: EstimateSetup, row: Estimate) -> str:
+    """--image auto: how many prompts the image takes to learn and from which batch size it pays, or that the
+    rank, hence the warm-up, is not known before the run."""
+    base = row.method.removesuffix("+image")
+    if row.learning_prompts is None:
+        return (f"{row.method} with --image auto: priced as {base} for every prompt (the most it spends): this model's "
+                f"rank is not known before the run; the image is learned after about d + 10 prompts (d: its hidden "
+                f"size), then each prompt reads about d + 18 tokens with {base}")
+    learned = row.learning_prompts
+    return (f"{row.method} with --image auto: image learned after ~{learned:,} prompts, read whole by {base} as a plain "
+            f"run reads them; it pays from {learned + 1:,} prompts on, each later prompt at the image method's calls")
 
 
 def price_notes(setup: EstimateSetup) -> list[str]:

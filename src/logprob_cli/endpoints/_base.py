@@ -286,6 +286,9 @@ class Endpoint(abc.ABC):
     """The calls `verify_mapping` spends (0: it has nothing to check)."""
     identity: AbstractSet[str] = frozenset({"ids"})
     """How the answers' tokens were identified so far: "ids", "bytes" and/or "strings" (ambiguous)."""
+    image_rank: int | None = None
+    """The rank of the model's image (methods/_image.py) where it is known before any call (the built-in
+    simulator's: its hidden size + 2), for `estimate --image auto`; None: learned by the run only."""
     prompt_tokens_counted: bool = False
     """`count_prompt_tokens` counts with the model's own tokenizer (else it approximates)."""
     token_context: bool = False
@@ -367,7 +370,7 @@ class WrappingEndpoint(Endpoint):
 
     FORWARDED = (
         "model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls", "identity",
-        "prompt_tokens_counted", "token_context", "positions_per_call", "withheld_tokens", "unnamed_tokens", "verify_mapping", "count_prompt_tokens",
+        "image_rank", "prompt_tokens_counted", "token_context", "positions_per_call", "withheld_tokens", "unnamed_tokens", "verify_mapping", "count_prompt_tokens",
         "token_text", "split_text", "pressure", "aclose",
     )
 

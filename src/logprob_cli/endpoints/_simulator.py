@@ -191,6 +191,7 @@ class SimulatedEndpoint(Endpoint):
         self.vocab_size = c.vocab_size
         self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries, token_ids=c.chosen_ids)
         self.sim = _shared_model(c.vocab_size, c.hidden_size, c.seed, c.precision)
+        self.image_rank = c.hidden_size + 2  # W's columns, the unigram term u, the ones vector
         self.calls = 0
         self._noise = np.random.default_rng([c.seed, 7])
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from logprob_cli.endpoints import Answer, Limits, Query
 from logprob_cli.methods import _bisection, _direct, _exact, _forced, _image, _listed, _topk, _visible
-from logprob_cli.methods._image import Image
+from logprob_cli.methods._image import Image, Learner, learning_prompts
 from logprob_cli.methods._base import DEFAULT_EPS, Context, MethodResult, Plan
 from logprob_cli.methods._spec import MethodSpec, Needs, Observations
 from logprob_cli.methods._base import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
@@ -36,6 +36,22 @@ def cheapest(
     return min(usable, key=lambda spec: (not spec.recovers_all, spec.calls(vocab_size, top_k, eps, limits, targets)))
 
 
+def with_image(name: str, vocab_size: int, top_k: int, limits: Limits, eps: float, targets: int,
+               image_rank: int | None) -> str:
+    """The method `auto` runs where an image is given: the image method of the picked method `name` where there is
+    one and it is cheaper for the given image's rank; with --image auto (`image_rank` None: learned by the run) the
+    image method always, since its warm-up prompts are the base method's own whole vectors and cost nothing more."""
+    variant = f"{name}+image"
+    if variant not in SPECS:
+        return name
+    if image_rank is None:
+        return variant
+    cheaper = SPECS[variant].calls(vocab_size, top_k, eps, limits, targets, rank=image_rank) < SPECS[name].calls(
+        vocab_size, top_k, eps, limits, targets
+    )
+    return variant if cheaper else name
+
+
 def drive(plan: Plan, answer: Callable[[Query], Answer]) -> tuple[MethodResult, int]:
     """Run a plan to the end, answering each query in order; returns the result and the call count."""
     calls = 0
@@ -54,6 +70,7 @@ __all__ = [
     "Context",
     "DEFAULT_EPS",
     "Image",
+    "Learner",
     "METHODS",
     "MethodResult",
     "MethodSpec",
@@ -64,7 +81,9 @@ __all__ = [
     "bias_response",
     "cheapest",
     "drive",
+    "learning_prompts",
     "lowered_top_response",
     "probe_ranks",
     "roundoff",
+    "with_image",
 ]

@@ -45,6 +45,8 @@ class Context:
     unnamed: token ids the endpoint's answers can never name (llama-cpp-python: a text other tokens
         share), so no answer carries their value: no plan asks for them, and every result leaves
         them NaN with no bound.
+    whole_fallback: where the image does not fit a vector, an image method reads it whole with its base method
+        (--image auto, whose rows are all whole vectors) instead of giving only the tokens it read.
     """
 
     vocab_size: int
@@ -55,6 +57,7 @@ class Context:
     targets: tuple[int, ...] = ()
     image: Image | None = None
     unnamed: frozenset[int] = frozenset()
+    whole_fallback: bool = False
 
     @property
     def bias_max(self) -> float:

@@ -4,7 +4,8 @@ _runner.py drives each prompt's method plan over a pool of workers and journals 
 (_journal.py) before the plan sees it; _config.py holds the frozen `RunConfig`; _probe.py measures
 an endpoint for `auto`; _estimate.py prices a batch before a call; _budget.py meters calls against
 the caps; _outputs_guard.py decides which files a run may write; _progress.py counts what the runner
-reports as it goes (the CLI's _display.py draws it); _targets.py resolves chosen tokens to ids. Imports endpoints/, methods/ and io/; nothing below imports run/.
+reports as it goes (the CLI's _display.py draws it); _targets.py resolves chosen tokens to ids;
+_learning.py learns --image auto's image from the run's first whole vectors and keeps it in the checkpoint. Imports endpoints/, methods/ and io/; nothing below imports run/.
 """
 
 from logprob_cli.run._config import RunConfig

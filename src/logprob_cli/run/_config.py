@@ -16,6 +16,7 @@ from logprob_cli.io import read_prompts, select_shard
 from logprob_cli.methods import METHODS, SPECS, Image
 from logprob_cli.run._outputs_guard import check_paths
 from logprob_cli.run._prices import Price, price_for
+from logprob_cli.run._learning import AUTO
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class RunConfig:
     was read). `store`: "vector" (each row's whole vector) or "top:N" (the N most likely recovered tokens and the
     rest mass, io/_parquet.py; with chosen tokens, how many top entries a row keeps); N from 1 to the vocabulary
     size, which `check_store` holds it to once the endpoint is known. `image`: the model's image, which the
-    image methods (topk+image, forced+image, bisection+image) need and no other method takes.
+    image methods (topk+image, forced+image, bisection+image) need and auto uses where it is cheaper, or "auto":
+    learn it from the run's first whole vectors (run/_learning.py).
 
     Raises ValueError on construction for a value out of range, before any call.
     """
@@ -41,7 +43,7 @@ class RunConfig:
     max_cost: float | None = None
     store_vector: bool = False
     store: str = "vector"
-    image: Image | None = None
+    image: Image | str | None = None
 
     @property
     def store_top(self) -> int | None:
@@ -79,18 +81,25 @@ class RunConfig:
 
 
     def _check_image(self) -> None:
-        """Raises SettingsError where the method needs an image and none is given, or an image is given to a
-        method that would ignore it (auto does not use one yet)."""
+        """Raises SettingsError where the method needs an image and none is given, an image is given to a method
+        that would ignore it (auto uses one: it runs the image method where that is cheaper), or `image` is a
+        string other than "auto" (learn the image from the run, run/_learning.py)."""
         needs = self.method in SPECS and SPECS[self.method].needs.image
+        if isinstance(self.image, str) and self.image != AUTO:
+            raise SettingsError(
+                "{image} takes a file (an Image in Python) or auto (learn it from the run), got {value!r}",
+                value=self.image,
+            )
         if needs and self.image is None:
             raise SettingsError(
-                "{method} {name} needs the model's image: give {image} (a .npy or .npz matrix, or a GGUF model file)",
+                "{method} {name} needs the model's image: give {image} auto to learn it from the run, or a file "
+                "(a .npy or .npz matrix, a GGUF or safetensors model, or an earlier run's Parquet output)",
                 name=self.method,
             )
-        if self.image is not None and not needs:
+        if self.image is not None and not needs and self.method != "auto":
             image_methods = ", ".join(name for name, spec in SPECS.items() if spec.needs.image)
             raise SettingsError(
-                "{image} is used only by the image methods ({names}); {method} {name} would ignore it",
+                "{image} is used only by the image methods ({names}) and auto; {method} {name} would ignore it",
                 names=image_methods, name=self.method,
             )
 

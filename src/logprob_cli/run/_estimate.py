@@ -33,7 +33,7 @@ from typing import Any
 from logprob_cli.endpoints import Endpoint, EndpointUnsuitable, Limits, Prompt, Query
 from logprob_cli.errors import Worded
 from logprob_cli.run._prices import Price
-from logprob_cli.methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest
+from logprob_cli.methods import DEFAULT_EPS, SPECS, MethodSpec, cheapest, learning_prompts, with_image
 from logprob_cli.run._positions import expand_positions
 from logprob_cli.run._probe import MAX_TOP_K, ProbeReport, expected_calls
 from logprob_cli.endpoints import SimulatedEndpoint
@@ -54,6 +54,9 @@ class Estimate:
     calls_per_prompt is the rounded mean.
     tokens_counted: prompt tokens counted with the model's tokenizer (else ~4 bytes a token).
     condition: for `auto` without a probe, when the probe picks this method ("" otherwise).
+    learning_prompts: with --image auto, the prompts read whole by the base method before the image is learned
+    (methods._image.learning_prompts of the rank); None: no learning, or a rank not known before the run, when
+    every prompt is priced at the base method's count (the most the run can spend).
     """
 
     method: str
@@ -67,6 +70,7 @@ class Estimate:
     tokens_counted: bool
     condition: str = ""
     prompt_calls: int | None = None
+    learning_prompts: int | None = None
 
     @property
     def calls(self) -> int:
@@ -132,6 +136,7 @@ def estimate_run(
     price: Price | None = None,
     report: ProbeReport | None = None,
     image_rank: int | None = None,
+    learn_image: bool = False,
 ) -> list[Estimate]:
     """The bill of running `prompts` through `method` on `endpoint` (module docstring), as extract runs it.
     Prompts with chosen tokens are priced by their count (`calls_per_prompt`), and `auto` picks for the
@@ -140,7 +145,11 @@ def estimate_run(
     For "auto", `report` (the probe's findings, where probing is free) fixes the method and its
     overhead; without one there is a row per method the probe may pick, each with its condition,
     its probe counted as on OpenAI (which rejects both limit tests; a server accepting them answers
-    1-2 calls more). `image_rank`: the rank of the image an image method reads through.
+    1-2 calls more). `image_rank`: the rank of the image an image method reads through (and `auto` runs the image
+    method where that is cheaper, methods.with_image). `learn_image` (--image auto): the first
+    `learning_prompts(rank)` prompts are priced at the base method's whole vector, the rest at the image method's,
+    the rank being the endpoint's `image_rank` (the built-in simulator's); where it is not known before the run, every prompt
+    is priced at the base method's count.
     Raises EndpointUnsuitable for `direct` where the endpoint is not known to return the whole
     vocabulary (the run would stop before its first call), ValueError for prompts the API cannot take.
     """
@@ -152,11 +161,22 @@ def estimate_run(
         concurrency = 1  # llama-server's requests go one at a time; the in-process simulator answers in turn
     vocab = endpoint.vocab_size
 
+    rank = endpoint.image_rank if learn_image else image_rank
+
     def row(name: str, limits: Limits, overhead: int, condition: str = "", per_call: int = 1) -> Estimate:
         if name == "direct" and limits.top_logprobs < vocab:
             raise _direct_refusal(vocab, limits.top_logprobs)
         k = min(top_k, limits.top_logprobs)
-        each = [calls_per_prompt(name, vocab, k, eps, limits, n, image_rank) for n in targets]
+        if method == "auto" and (image_rank is not None or learn_image):
+            name = with_image(name, vocab, k, limits, eps, max(targets, default=0), rank)
+        learning = learning_prompts(rank) if learn_image and rank is not None and SPECS[name].needs.image else None
+        if learn_image and SPECS[name].needs.image:
+            base = name.removesuffix("+image")
+            warm = len(targets) if learning is None else min(learning, len(targets))
+            each = [calls_per_prompt(base, vocab, k, eps, limits, 0) for _ in targets[:warm]]
+            each += [calls_per_prompt(name, vocab, k, eps, limits, n, rank) for n in targets[warm:]]
+        else:
+            each = [calls_per_prompt(name, vocab, k, eps, limits, n, image_rank) for n in targets]
         if name == "direct" and per_call > 1:  # one request a pass of per_call positions (vLLM's prompt_logprobs)
             each = [0 if p.position and p.position % per_call else c for p, c in zip(prompts, each)]
         calls = sum(each) + overhead
@@ -165,7 +185,8 @@ def estimate_run(
         cost = None if price is None else price.cost(prompt_tokens, calls)
         per_prompt = round(sum(each) / len(each))
         return Estimate(
-            name, len(prompts), per_prompt, overhead, prompt_tokens, calls, cost, seconds, counted, condition, sum(each)
+            name, len(prompts), per_prompt, overhead, prompt_tokens, calls, cost, seconds, counted, condition, sum(each),
+            learning,
         )
 
     if method != "auto":

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import functools
 import itertools
+import math
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from logprob_cli.endpoints import (
 from logprob_cli.errors import Worded, message_of
 from logprob_cli.io import check_prompts
 from logprob_cli.run._journal import Journal, JournalError, prompt_key, reading_connection
-from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest
+from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest, with_image
 from logprob_cli.io import OutputRow, output_schema, write_parquet
 from logprob_cli.run._outputs_guard import check_resumable, checkpoint_path
 from logprob_cli.run._probe import ProbeReport, probe
@@ -40,6 +41,7 @@ from logprob_cli.run._targets import resolve_targets
 from logprob_cli.run._positions import has_completions, require_token_context, resolve_completions, split_positions
 from logprob_cli.run._progress import RunStart
 from logprob_cli.run._config import RunConfig
+from logprob_cli.run._learning import AUTO, LEARNED, LearnedImage, image_metadata
 
 MIN_ACTIVE_PROMPTS = 4
 ACTIVE_PROMPTS_PER_WORKER = 2  # at most this many prompts a worker (each may hold a whole answer)
@@ -98,13 +100,17 @@ class RunSummary:
         return self.meter.cost() if self.meter else None
 
 
-def run_settings(endpoint: Endpoint, method: str, top_k: int, eps: float, image: Image | None = None) -> dict[str, Any]:
+def run_settings(
+    endpoint: Endpoint, method: str, top_k: int, eps: float, image: Image | str | None = None
+) -> dict[str, Any]:
     """The settings a checkpoint is bound to: everything that changes which calls are made (with an image, where
-    it came from and its rank, which the output's metadata records too)."""
+    it came from and its rank; with --image auto, source "auto": the image learned is in the checkpoint)."""
     settings: dict[str, Any] = {"method": method, "top_k": top_k, "endpoint": endpoint.describe().to_dict()}
     if method == "bisection":
         settings["eps"] = eps
-    if image is not None:
+    if image == AUTO:
+        settings["image"] = {"source": AUTO}
+    elif isinstance(image, Image):
         settings["image"] = {"source": image.source, "rank": image.rank}
     return settings
 
@@ -130,7 +136,10 @@ class Runner:
         concurrency: int,
         progress: Progress,
         on_prompt_finished: Callable[[], None] = lambda: None,
+        learning: LearnedImage | None = None,
     ):
+        """`learning`: with --image auto, the image learned so far (run/_learning.py); `method` is then the image
+        method, run once the image is ready, its base method before."""
         self.endpoint = endpoint
         self.method = method
         self.prompts = prompts
@@ -140,6 +149,7 @@ class Runner:
         self.concurrency = concurrency
         self.progress = progress
         self.on_prompt_finished = on_prompt_finished
+        self.learning = learning
         self.summary = RunSummary(total=len(prompts))
         self._active = 0
         self._max_active = max(MIN_ACTIVE_PROMPTS, ACTIVE_PROMPTS_PER_WORKER * concurrency)
@@ -215,9 +225,13 @@ class Runner:
         return self._interrupted
 
     async def _wait_for_room(self, queue: asyncio.Queue) -> None:
+        """Until another prompt may start (class doc); with --image auto before the image is learned, also until
+        fewer whole vectors are in flight than the image still wants (LearnedImage.wanted): a prompt started then
+        would be read whole for nothing, the image learned before it finished (until then every prompt in flight
+        reads a whole vector)."""
         while self._active >= self._max_active or (
             self._active >= MIN_ACTIVE_PROMPTS and queue.qsize() >= self.concurrency
-        ):
+        ) or (self.learning is not None and self._active >= (self.learning.wanted() or math.inf)):
             self._room.clear()
             await self._room.wait()
 
@@ -285,8 +299,14 @@ class Runner:
     async def _run_prompt(self, prompt: Prompt, queue: asyncio.Queue) -> None:
         key = prompt_key(prompt)
         saved = self.journal.answers(key)
+        plan, learns = self._plan_for(prompt, key, bool(saved))
+        finished = await self._run_plan(prompt, key, saved, plan, queue)
+        if learns and finished:
+            self.learning.finished(key)
+
+    async def _run_plan(self, prompt: Prompt, key: str, saved: dict, plan: Any, queue: asyncio.Queue) -> bool:
+        """Drive the prompt's plan, its saved answers first; whether it finished (False: it failed)."""
         loop = asyncio.get_running_loop()
-        plan = self.plan(dataclasses.replace(self.ctx, targets=prompt.target_ids) if prompt.target_ids else self.ctx)
         seq = 0
         queries: list[Query] = next(plan)
         while True:
@@ -315,7 +335,7 @@ class Runner:
                 self._fail(prompt, key, err)
                 unanswered = sum(1 for f in futures if f.cancelled() or f.exception() is not None)
                 self.progress.prompt_done(seq - unanswered - (self._expected_calls(prompt) or 0), failed=True)
-                return
+                return False
             except BaseException:
                 for future in futures:
                     future.cancel()
@@ -331,6 +351,18 @@ class Runner:
         self._finished_here += 1
         self.progress.prompt_done(seq - (self._expected_calls(prompt) or 0))
         self.on_prompt_finished()
+        return True
+
+    def _plan_for(self, prompt: Prompt, key: str, has_answers: bool) -> tuple[Any, bool]:
+        """The prompt's plan, and whether its vector teaches --image auto's image (the base method's whole vector
+        while the image is not ready: its targets aside)."""
+        ctx = dataclasses.replace(self.ctx, targets=prompt.target_ids) if prompt.target_ids else self.ctx
+        if self.learning is None:
+            return self.plan(ctx), False
+        image = self.learning.image_for(key, has_answers)
+        if image is not None:
+            return self.plan(dataclasses.replace(ctx, image=image, whole_fallback=True)), False
+        return METHODS[self.method.removesuffix("+image")](dataclasses.replace(ctx, targets=())), True
 
     def _fail(self, prompt: Prompt, key: str, err: Exception) -> None:
         """Record the prompt's failure; raise EndpointFatal when the endpoint refuses the same request of
@@ -356,9 +388,12 @@ def output_metadata(
     probe: dict[str, Any] | None,
     token_mapping: str | None,
     method: str,
+    image: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's description stored in the Parquet file. `method` is the method that ran; `method_chosen_by`
-    says whether the settings named it or auto picked it from the probe (`probe`), see `_chosen_by`."""
+    says whether the settings named it or auto picked it from the probe (`probe`), see `_chosen_by`. `image`:
+    where the image methods' image came from and its rank (run/_learning.py's image_metadata; None: none); each
+    row's `method` says whether the image produced it."""
     description = endpoint.describe()
     return {
         "method": method,
@@ -371,6 +406,7 @@ def output_metadata(
         "endpoint": description.to_dict(),
         "behaviour": behaviour,
         "settings": settings,
+        "image": image,
     }
 
 
@@ -428,7 +464,8 @@ class OutputWriter:
                 for key, item in itertools.chain([first] if first else [], saved)
             )
             mapping = reader.get_meta("token_mapping")
-            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, mapping, self.method)
+            image = image_metadata(self.settings, reader.get_meta(LEARNED))
+            metadata = output_metadata(self.endpoint, self.settings, behaviour, self.probe, mapping, self.method, image)
             written = write_parquet(self.path, self.schema, rows, metadata)
         finally:
             reader.close()
@@ -437,8 +474,14 @@ class OutputWriter:
         return written
 
     def _row(self, prompt: Prompt, calls: int, result: MethodResult) -> OutputRow:
+        """The prompt's row; its method is the image method only where the image produced the vector (its
+        behaviour names the image), else the base method that read it (the image did not fit; --image auto's
+        warm-up)."""
         targets = tuple((i, self.texts[i]) for i in prompt.target_ids)
-        return OutputRow(prompt, self.endpoint.model, self.method, calls, result, targets)
+        method = self.method
+        if method.endswith("+image") and "image_source" not in result.behaviour:
+            method = method.removesuffix("+image")
+        return OutputRow(prompt, self.endpoint.model, method, calls, result, targets)
 
     def maybe_write_soon(self) -> None:
         """After a prompt finishes: rewrite in a thread unless one is running or the last was too recent."""
@@ -580,10 +623,17 @@ def _run_in_checkpoint(
             announce(chosen, report)
             ctx = Context(
                 endpoint.vocab_size, limits, top_k=min(config.top_k, limits.top_logprobs), eps=config.eps,
-                withheld=await endpoint.withheld_tokens(), image=config.image, unnamed=endpoint.unnamed_tokens(),
+                withheld=await endpoint.withheld_tokens(), image=config.image if isinstance(config.image, Image) else None,
+                unnamed=endpoint.unnamed_tokens(),
             )
             writer = writer_for(chosen, report.to_dict() if report else None)
-            runner = Runner(metered, prompts, chosen, ctx, journal, config.concurrency, progress, writer.maybe_write_soon)
+            learning = None
+            if config.image == AUTO:
+                finished = journal.finished()
+                learning = LearnedImage(journal, endpoint.vocab_size, [k for k in map(prompt_key, prompts) if k in finished])
+            runner = Runner(
+                metered, prompts, chosen, ctx, journal, config.concurrency, progress, writer.maybe_write_soon, learning
+            )
             runner.summary = summary
             await _run_and_settle(runner, writer)
         finally:
@@ -610,7 +660,8 @@ async def _choose_method(
 ) -> tuple[str, Limits, ProbeReport | None]:
     """The calls made once per checkpoint before the run, their outcome kept in it: the token-mapping check and,
     for "auto", the probe (on the first prompt). Returns the method to run (for "auto", the cheapest for the
-    whole vocabulary, or for `targets` chosen tokens a prompt), the limits its plan works within, and the
+    whole vocabulary, or for `targets` chosen tokens a prompt; with an image, its image method where that is
+    cheaper, methods.with_image), the limits its plan works within, and the
     probe's report (None unless auto)."""
     method = config.method
     if journal.get_meta("token_mapping") is None:
@@ -622,11 +673,12 @@ async def _choose_method(
     saved = journal.get_meta("probe")
     report = ProbeReport.from_dict(saved) if saved else await probe(metered, first)
     journal.set_meta("probe", report.to_dict())
-    if targets:
-        k = min(config.top_k, report.limits().top_logprobs)
-        picked = cheapest(report, metered.vocab_size, k, report.limits(), config.eps, targets).name
-        return picked, report.limits(), report
-    return report.recommended, report.limits(), report
+    k = min(config.top_k, report.limits().top_logprobs)
+    picked = cheapest(report, metered.vocab_size, k, report.limits(), config.eps, targets).name if targets else report.recommended
+    if config.image is not None:
+        rank = config.image.rank if isinstance(config.image, Image) else None
+        picked = with_image(picked, metered.vocab_size, k, report.limits(), config.eps, targets, rank)
+    return picked, report.limits(), report
 
 
 async def _run_and_settle(runner: Runner, writer: OutputWriter) -> None:
