@@ -285,3 +285,16 @@ def test_the_smollm2_hugging_face_folder_gives_its_tied_embeddings():
     image = load_image(folder)
     assert image.rank == 577 and image.vocab_size == 49152  # d = 576 and the ones vector, as from its GGUF
     assert image.source == "SmolLM2-135M-Instruct-hf: model.embed_tokens.weight"
+
+
+def test_an_output_without_whole_vectors_is_refused_naming_the_setting_as_its_reader_knows_it(tmp_path):
+    config = SimulatorConfig(vocab_size=500, hidden_size=8)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    extract_file(prompts, method="topk", simulator=config, store="top:5")
+    with pytest.raises(ImageError, match="no whole vectors .no logprobs column.: write it with store vector"):
+        load_image(tmp_path / "p.parquet")
+    run = logprobs("extract", prompts, "-o", tmp_path / "q.parquet", "--sim", "vocab_size=500", "--method", "topk+image",
+                   "--image", tmp_path / "p.parquet", "-q")
+    assert run.returncode == 2 and "write it with --store vector" in " ".join(run.stderr.split())
+    assert "cannot be read" not in run.stderr and "Traceback" not in run.stderr

@@ -288,7 +288,7 @@ class Endpoint(abc.ABC):
     """How the answers' tokens were identified so far: "ids", "bytes" and/or "strings" (ambiguous)."""
     image_rank: int | None = None
     """The rank of the model's image (methods/_image.py) where it is known before any call (the built-in
-    simulator's: its hidden size + 2), for `estimate --image auto`; None: learned by the run only."""
+    simulator's: its hidden size + 2), for estimating a run with image="auto"; None: learned by the run only."""
     prompt_tokens_counted: bool = False
     """`count_prompt_tokens` counts with the model's own tokenizer (else it approximates)."""
     token_context: bool = False

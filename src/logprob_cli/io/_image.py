@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from logprob_cli.errors import LogprobError
+from logprob_cli.errors import LogprobError, Worded
 from logprob_cli.methods import Image, learning_prompts
 
 ORTHONORMAL_TOLERANCE = 1e-8
@@ -57,6 +57,8 @@ def load_image(path: str | os.PathLike) -> Image:
             return Image.from_matrix(np.load(path, allow_pickle=False), path.name)
         if suffix == ".npz":
             return _from_npz(path)
+    except ImageError:
+        raise  # already says what is wrong with the file, in the words of whoever reads it
     except (OSError, ValueError) as error:  # a corrupt file, or a matrix that is not V x d
         raise ImageError(f"image file {path.name!r} cannot be read: {error}") from None
     raise ImageError(
@@ -168,7 +170,8 @@ def _from_output(path: Path) -> Image:
     """The image of an earlier run's whole vectors (module doc)."""
     table = pq.read_table(path)
     if "logprobs" not in table.column_names:
-        raise ImageError(f"{path.name!r} holds no whole vectors (no logprobs column): write it with --store vector")
+        raise ImageError(Worded("{name!r} holds no whole vectors (no logprobs column): write it with {store} vector",
+                                 name=path.name))
     precisions = table.column("precision_nats").to_pylist()
     rows = [(vector, p) for vector, p in zip(table.column("logprobs").to_pylist(), precisions) if vector is not None]
     vectors = np.array([vector for vector, _ in rows], dtype=np.float64) if rows else np.zeros((0, 0))
@@ -178,8 +181,9 @@ def _from_output(path: Path) -> Image:
     precision = max(p for (_, p), keep in zip(rows, whole) if keep)
     image = Image.from_vectors(vectors[whole], precision, f"{path.name}: {int(whole.sum())} whole vectors")
     if whole.sum() < learning_prompts(image.rank):
-        raise ImageError(
-            f"{path.name!r} holds {int(whole.sum())} whole vectors of rank {image.rank}: too few to trust that rank "
-            f"(about {learning_prompts(image.rank)} are needed); run more prompts into it, or give --image auto"
-        )
+        raise ImageError(Worded(
+            "{name!r} holds {count} whole vectors of rank {rank}: too few to trust that rank (about {needed} are "
+            "needed); run more prompts into it, or give {image} auto",
+            name=path.name, count=int(whole.sum()), rank=image.rank, needed=learning_prompts(image.rank),
+        ))
     return image

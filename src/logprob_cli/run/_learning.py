@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from logprob_cli.errors import Worded
 from logprob_cli.methods import Image, Learner
 from logprob_cli.run._journal import Journal, JournalError
 
@@ -42,10 +43,11 @@ class LearnedImage:
             if self.image is not None:
                 break
         if saved and (self.image is None or self.keys != saved["prompts"] or self.image.rank != saved["rank"]):
-            raise JournalError(
-                f"the checkpoint {journal.path} records an image learned from {len(saved['prompts'])} prompts that "
-                "their stored rows do not rebuild (made by another version of logprobs?); add --fresh to start over"
-            )
+            raise JournalError(Worded(
+                "the checkpoint {path} records an image learned from {count} prompts that their stored rows do not "
+                "rebuild (made by another version of logprobs, or on another machine?); add {fresh} to start over",
+                path=journal.path, count=len(saved["prompts"]),
+            ))
         if self.image is not None and not saved:
             self._record(self.image)
 

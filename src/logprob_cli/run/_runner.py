@@ -225,7 +225,7 @@ class Runner:
         return self._interrupted
 
     async def _wait_for_room(self, queue: asyncio.Queue) -> None:
-        """Until another prompt may start (class doc); with --image auto before the image is learned, also until
+        """Until another prompt may start (class doc); with image="auto" before the image is learned, also until
         fewer whole vectors are in flight than the image still wants (LearnedImage.wanted): a prompt started then
         would be read whole for nothing, the image learned before it finished (until then every prompt in flight
         reads a whole vector)."""
