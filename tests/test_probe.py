@@ -287,3 +287,33 @@ def test_error_pages_are_described_not_printed():
     long = json.dumps({"error": {"message": "no " * 1000}}).encode()
     assert len(_message(long, 400)) <= 500
     assert _message(b"", 400) == "HTTP 400 with no body"
+
+
+def test_probe_names_the_image_method_auto_runs_with_the_image(tmp_path):
+    """With --image, the report names the image method auto would run and its calls per prompt (as estimate and
+    extract pick it); without, a line says the image methods need --image; an unreadable image stops before a call."""
+    from logprob_cli.methods import SPECS
+
+    np.save(tmp_path / "w.npy", SimulatedEndpoint(SimulatorConfig(vocab_size=VOCAB)).sim.output_matrix())
+    run = cli("probe", "--sim", f"vocab_size={VOCAB}", "--image", tmp_path / "w.npy", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["recommended"] == "topk" and report["image_method"] == "topk+image"
+    k = report["top_logprobs_cap"]
+    assert report["image_calls_per_prompt"] == SPECS["topk+image"].calls(VOCAB, k, 1e-3, ProbeReport(**{
+        key: value for key, value in report.items() if not key.startswith("image_")}).limits(), 0, rank=66)
+    assert report["image_calls_per_prompt"] < report["estimated_calls"] / 5  # 7 against 54
+    pre_bias = ("--sim", "logprobs_after_bias=false")
+    for args, said in [
+        (("--image", tmp_path / "w.npy"), "forced+image (~"),
+        (("--image", "auto"), "forced+image once the run has learned the image"),
+        ((), "forced+image reads through the model's image: give --image auto|PATH"),
+    ]:
+        run = cli("probe", "--sim", f"vocab_size={VOCAB}", *pre_bias, *args)
+        assert run.returncode == 0, run.stderr
+        shown = " ".join(run.stdout.replace("│", " ").split())
+        assert said in shown, run.stdout
+        if args and args[1] != "auto":  # about r + a few calls, against forced's ~V
+            assert 66 < int(re.search(r"forced\+image \(~(\d+) calls per prompt", shown)[1]) < VOCAB / 5
+    run = cli("probe", "--sim", f"vocab_size={VOCAB}", "--image", tmp_path / "missing.npy")
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "missing.npy" in run.stderr

@@ -31,7 +31,7 @@ from logprob_cli.methods import METHODS, SPECS, Image
 from logprob_cli.io import CompareError, ImageError, compare_files, load_image, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
-from logprob_cli.run import PROBE_CALLS, probe as run_probe
+from logprob_cli.run import PROBE_CALLS, image_method, image_row, probe as run_probe
 from logprob_cli.run import discard
 from logprob_cli.run import NoProgress, RunSummary, extract_batch
 from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
@@ -521,7 +521,9 @@ def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     options: EndpointOptions = EndpointOptions(),
+    image: ImageOption = None,
 ) -> None:
+    given = image_given(image)  # a file it cannot read stops here, before a call
     endpoint = build_endpoint(options.settings())
     async def measure():
         try:
@@ -531,10 +533,14 @@ def probe(
 
     report = asyncio.run(measure())
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        found = report.to_dict()
+        if given is not None:
+            found["image_method"], found["image_calls_per_prompt"] = image_method(report, given)
+        print(json.dumps(found, indent=2))
         return
     table = Table(title=f"probe of {describe(endpoint)}", show_header=False, title_justify="left")
-    for name, value in report.rows():
+    imaged = image_row(report, given)
+    for name, value in report.rows() + ([imaged] if imaged else []):
         table.add_row(name, value)
     Console().print(table)
     for reason in report.reasons:

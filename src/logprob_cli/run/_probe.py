@@ -55,7 +55,7 @@ from typing import Any
 
 from logprob_cli.endpoints import Answer, Endpoint, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits, Prompt, Query
 from logprob_cli.errors import Worded
-from logprob_cli.methods import DEFAULT_EPS, cheapest
+from logprob_cli.methods import DEFAULT_EPS, SPECS, Image, cheapest, with_image
 from logprob_cli.methods import BFLOAT16_ROUNDOFF, bias_response, lowered_top_response, probe_ranks, roundoff
 
 MAX_TOP_K = 20  # the most logprobs a measurement asks for (OpenAI's cap)
@@ -424,6 +424,38 @@ def _recommend(report: ProbeReport, vocab: int) -> None:
             f"{report.unnamed_tokens:,} of {vocab:,} tokens share their text with another token (or render as none): "
             "no method can give them a value, so they stay unrecovered"
         )
+
+
+def image_method(report: ProbeReport, image: Image | str) -> tuple[str, int | None]:
+    """The method `auto` runs on an endpoint as `report` found it with `image` (an Image, or "auto": learned by the
+    run), picked as extract and estimate pick it (methods.with_image, no chosen tokens), and its calls per prompt
+    at the default eps: None for an image method with "auto", whose image's rank is not known before the run."""
+    k, limits, vocab = min(report.top_logprobs_cap, MAX_TOP_K), report.limits(), report.vocab_size
+    rank = image.rank if isinstance(image, Image) else None
+    name = with_image(report.recommended, vocab, k, limits, DEFAULT_EPS, 0, rank)
+    if name == report.recommended:
+        return name, report.estimated_calls
+    return name, None if rank is None else SPECS[name].calls(vocab, k, DEFAULT_EPS, limits, 0, rank=rank)
+
+
+def image_row(report: ProbeReport, image: Image | str | None) -> tuple[str, str] | None:
+    """The report's line on the image methods: with `image` (--image), the method auto runs with it and its calls
+    per prompt (image_method); without, that the image method of the recommended method needs --image; None
+    where the recommended method has no image method (direct, listed, visible) and no image was given."""
+    variant = f"{report.recommended}+image"
+    if image is None:
+        if variant not in SPECS:
+            return None
+        return "image method", f"{variant} reads through the model's image: give --image auto|PATH to see its calls"
+    name, calls = image_method(report, image)
+    if name == report.recommended:
+        why = "it has none" if variant not in SPECS else f"{variant} is not cheaper for rank {image.rank:,}"
+        return "with --image", f"{name} ({why})"
+    if calls is None:
+        base = name.removesuffix("+image")
+        return "with --image", (f"[bold]{name}[/] once the run has learned the image from its first whole vectors "
+                                f"(read by {base}); its calls per prompt depend on the rank learned")
+    return "with --image", f"[bold]{name}[/] (~{calls:,} calls per prompt, image rank {image.rank:,})"
 
 
 def _why_picked(report: ProbeReport) -> str:
