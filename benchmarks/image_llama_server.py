@@ -111,7 +111,7 @@ def measure(mode: str, prompts: list[str], port: int, rank: int, image) -> list[
             error = float(np.nanmax(np.abs(extraction.logprobs - whole_distribution(url, text))))
             rows.append({"mode": mode, "prompt": text, "method": extraction.method, "calls": extraction.calls,
                          "plain": plain, "ideal": math.ceil(rank / (k - 1)) if mode == "topk" else rank,
-                         "error": error, "unrecovered": int(np.isnan(extraction.logprobs).sum()),
+                         "error": error, "precision": extraction.result.precision, "unrecovered": int(np.isnan(extraction.logprobs).sum()),
                          "seconds": seconds})
     return rows
 
@@ -131,12 +131,12 @@ def main() -> None:
     print(f"commit {commit}; llama-server 0.3.36, {MODEL.name}, V = {VOCAB:,}, image rank {image.rank} from the GGUF; "
           "one call at a time, error against the server's whole-vocabulary answer")
     print("| mode | prompt | method | calls | without the image | d + 1 (forced), (d + 1) / (k - 1) (topk) | "
-          "worst error (nats) | unrecovered tokens | seconds |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "worst error (nats) | stated precision | unrecovered tokens | seconds |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         mode = "pre-bias" if row["mode"] == "forced" else "post-bias"
         print(f"| {mode} | {row['prompt']} | {row['method']} | {row['calls']:,} | {row['plain']:,} | {row['ideal']:,} | "
-              f"{row['error']:.1e} | {row['unrecovered']} | {row['seconds']:.0f} |")
+              f"{row['error']:.1e} | {row['precision']:.1e} | {row['unrecovered']} | {row['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

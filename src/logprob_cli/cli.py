@@ -31,7 +31,7 @@ from logprob_cli.methods import METHODS, SPECS, Image
 from logprob_cli.io import CompareError, ImageError, compare_files, load_image, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
-from logprob_cli.run import PROBE_CALLS, image_method, image_row, probe as run_probe
+from logprob_cli.run import PROBE_CALLS, image_method, probe as run_probe
 from logprob_cli.run import discard
 from logprob_cli.run import NoProgress, RunSummary, extract_batch
 from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
@@ -512,6 +512,27 @@ def _interrupt(signum: int, frame: object) -> None:
     if not callable(handler):
         raise KeyboardInterrupt
     handler(signal.SIGINT, frame)
+
+
+def image_row(report: ProbeReport, image: Image | str | None) -> tuple[str, str] | None:
+    """The report's line on the image methods: with `image` (--image), the method auto runs with it and its calls
+    per prompt (image_method); without, that the image method of the recommended method needs --image; None
+    where the recommended method has no image method (direct, listed, visible) and no image was given."""
+    variant = f"{report.recommended}+image"
+    if image is None:
+        if variant not in SPECS:
+            return None
+        return "image method", f"{variant} reads through the model's image: give --image auto|PATH to see its calls"
+    name, calls = image_method(report, image)
+    if name == report.recommended:
+        why = "it has none" if variant not in SPECS else f"{variant} is not cheaper for rank {image.rank:,}"
+        return "with --image", f"{name} ({why})"
+    if calls is None:
+        base = name.removesuffix("+image")
+        return "with --image", (f"[bold]{name}[/] once the run has learned the image from its first whole vectors "
+                                f"(read by {base}); its calls per prompt depend on the rank learned")
+    return "with --image", f"[bold]{name}[/] (~{calls:,} calls per prompt, image rank {image.rank:,})"
+
 
 
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")

@@ -11,7 +11,7 @@ _learning.py learns --image auto's image from the run's first whole vectors and 
 from logprob_cli.run._config import RunConfig
 from logprob_cli.run._estimate import Estimate, estimate_run
 from logprob_cli.run._journal import JournalError, Refused
-from logprob_cli.run._probe import ProbeReport, image_method, image_row, probe
+from logprob_cli.run._probe import ProbeReport, image_method, probe
 from logprob_cli.run._runner import RunSummary, extract_batch
 from logprob_cli.run._budget import BudgetReached, MeteredEndpoint, Spend
 from logprob_cli.run._config import default_output, price_of_calls, read_batch
@@ -53,7 +53,6 @@ __all__ = [
     "price_for",
     "price_of_calls",
     "image_method",
-    "image_row",
     "probe",
     "read_batch",
     "resolve_targets",

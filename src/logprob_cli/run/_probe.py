@@ -438,26 +438,6 @@ def image_method(report: ProbeReport, image: Image | str) -> tuple[str, int | No
     return name, None if rank is None else SPECS[name].calls(vocab, k, DEFAULT_EPS, limits, 0, rank=rank)
 
 
-def image_row(report: ProbeReport, image: Image | str | None) -> tuple[str, str] | None:
-    """The report's line on the image methods: with `image` (--image), the method auto runs with it and its calls
-    per prompt (image_method); without, that the image method of the recommended method needs --image; None
-    where the recommended method has no image method (direct, listed, visible) and no image was given."""
-    variant = f"{report.recommended}+image"
-    if image is None:
-        if variant not in SPECS:
-            return None
-        return "image method", f"{variant} reads through the model's image: give --image auto|PATH to see its calls"
-    name, calls = image_method(report, image)
-    if name == report.recommended:
-        why = "it has none" if variant not in SPECS else f"{variant} is not cheaper for rank {image.rank:,}"
-        return "with --image", f"{name} ({why})"
-    if calls is None:
-        base = name.removesuffix("+image")
-        return "with --image", (f"[bold]{name}[/] once the run has learned the image from its first whole vectors "
-                                f"(read by {base}); its calls per prompt depend on the rank learned")
-    return "with --image", f"[bold]{name}[/] (~{calls:,} calls per prompt, image rank {image.rank:,})"
-
-
 def _why_picked(report: ProbeReport) -> str:
     """Why the probe's observations led to `report.recommended`."""
     steers, post_bias, name = report.bias_steers_sampling, report.logprobs_after_bias, report.recommended
