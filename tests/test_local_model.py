@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from engines import cache_dir
+
 from logprob_cli import extract_file, extract_logprobs
 from logprob_cli.cli import app
 from logprob_cli.endpoints import EndpointSettings, Prompt, Query, SettingsError, build_endpoint
@@ -26,7 +28,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'logprob-cli[hf]')")
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed (it comes with transformers)")
 
-SMOLLM2 = Path.home() / ".cache" / "logprob-cli" / "models" / "SmolLM2-135M-Instruct-hf"
+SMOLLM2 = cache_dir() / "models" / "SmolLM2-135M-Instruct-hf"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
