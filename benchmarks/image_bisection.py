@@ -49,6 +49,7 @@ def measure(vocab: int, prompts: int, eps: float) -> dict:
 
 
 def whole_distribution(base_url: str, prompt: str, vocab: int) -> np.ndarray:
+    """llama-server's own logprob of every token by id (top_logprobs = V, no bias, no prompt cache)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0, "logprobs": True,
             "top_logprobs": vocab, "cache_prompt": False}
     request = urllib.request.Request(f"{base_url}/v1/chat/completions", data=json.dumps(body).encode(),

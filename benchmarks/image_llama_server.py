@@ -8,7 +8,7 @@ cached SmolLM2-135M-Instruct.Q4_1.gguf, loads the image from that GGUF (`load_im
 `forced+image` against the server as it is (logprobs before the bias) and `topk+image` in post-bias mode
 (`post_bias`: llama-server's post_sampling_probs), one call at a time. Prints per prompt and mode the calls,
 what the method without the image would spend (forced: about V; topk: about V / (k - 1)), the image's own
-(d + 1) / (k - 1) where k is the server's top-k cap, and the worst |error| over every token against the server's
+(d + 1) / (k - 1) where k = 20, the top logprobs a call the methods read, and the worst |error| over every token against the server's
 whole-vocabulary answer (`top_logprobs` = V, the ground truth only: the measured runs never read it).
 A forced+image prompt is about 600 calls; each mode restarts the server.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import socket
@@ -36,6 +35,8 @@ from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._vocabulary import server_vocabulary
 from logprob_cli.io import load_image
 from logprob_cli.methods import SPECS
+
+from image_bisection import whole_distribution  # the server's own answer for every token: the ground truth
 
 CACHE = Path(os.environ.get("LOGPROB_CLI_CACHE") or Path.home() / ".cache" / "logprob-cli")
 SERVER = CACHE / "llama-server-0.3.36" / "bin" / "llama-server"
@@ -82,20 +83,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def whole_distribution(url: str, text: str) -> np.ndarray:
-    """The server's own logprob of every token by id (top_logprobs = V, no bias): the ground truth."""
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0, "logprobs": True,
-            "top_logprobs": VOCAB, "cache_prompt": False}
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        entries = json.load(response)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-    truth = np.full(VOCAB, np.nan)
-    for entry in entries:
-        truth[entry["id"]] = entry["logprob"]
-    return truth
-
-
 def measure(mode: str, prompts: list[str], port: int, rank: int, image) -> list[dict]:
     """One row per prompt: calls, seconds and worst error of `mode`+image (forced: pre-bias, topk: post-bias)."""
     rows = []
@@ -108,7 +95,7 @@ def measure(mode: str, prompts: list[str], port: int, rank: int, image) -> list[
             started = time.perf_counter()
             extraction = extract_logprobs(text, method=f"{mode}+image", endpoint=endpoint, image=image)
             seconds = time.perf_counter() - started
-            error = float(np.nanmax(np.abs(extraction.logprobs - whole_distribution(url, text))))
+            error = float(np.nanmax(np.abs(extraction.logprobs - whole_distribution(url, text, VOCAB))))
             rows.append({"mode": mode, "prompt": text, "method": extraction.method, "calls": extraction.calls,
                          "plain": plain, "ideal": math.ceil(rank / (k - 1)) if mode == "topk" else rank,
                          "error": error, "precision": extraction.result.precision, "unrecovered": int(np.isnan(extraction.logprobs).sum()),
