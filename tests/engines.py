@@ -99,13 +99,7 @@ def llama_cpp_python() -> Path | None:
 
 def require_llama_cpp_python(model: Literal["tiny", "smollm2"]) -> tuple[Path, Path]:
     """(the venv's python, model path), or skip the calling test with the command that provides them."""
-    python = llama_cpp_python()
-    if python is None:
-        pytest.skip(f"llama-cpp-python not built: {LLAMA_CPP_PYTHON_HINT}")
-    path = model_path(model)
-    if path is None:
-        pytest.skip(f"model {model!r} ({MODEL_FILES[model]}) not in {cache_dir() / 'models'}: {BUILD_HINT}")
-    return python, path
+    return _require(llama_cpp_python(), f"llama-cpp-python not built: {LLAMA_CPP_PYTHON_HINT}", model)
 
 
 @contextlib.contextmanager
@@ -181,13 +175,17 @@ def _serving(name: str, command, ready_path: str, timeout: float) -> Iterator[st
 
 def require_llama_server(model: Literal["tiny", "smollm2"]) -> tuple[Path, Path]:
     """(binary, model path), or skip the calling test with the command that provides them."""
-    binary = llama_server_binary()
-    if binary is None:
-        pytest.skip(f"llama-server not built: {BUILD_HINT}")
+    return _require(llama_server_binary(), f"llama-server not built: {BUILD_HINT}", model)
+
+
+def _require(program: Path | None, missing: str, model: Literal["tiny", "smollm2"]) -> tuple[Path, Path]:
+    """(program, model path), or skip the calling test: `missing` where the program is None, else the model's hint."""
+    if program is None:
+        pytest.skip(missing)
     path = model_path(model)
     if path is None:
         pytest.skip(f"model {model!r} ({MODEL_FILES[model]}) not in {cache_dir() / 'models'}: {BUILD_HINT}")
-    return binary, path
+    return program, path
 
 
 def llama_server_fixture(model: Literal["tiny", "smollm2"], *extra_args: str, scope: str = "module"):
