@@ -1,13 +1,18 @@
 """One run configuration for the CLI and the Python API: endpoints built from settings, RunConfig, extract_file."""
 
 import asyncio
+import contextlib
 import dataclasses
+import http.server
 import json
+import threading
+from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
 from logprob_cli import extract_file, extract_logprobs
 from logprob_cli.cli import FLAGS, app
@@ -83,7 +88,6 @@ def test_extract_file_against_a_served_endpoint_and_one_shard(tmp_path):
 
 
 @pytest.mark.parametrize("settings, python_words, cli_words", [
-    (EndpointSettings(base_url="http://127.0.0.1:9/v1"), "base_url needs model", "--base-url needs --model"),
     (EndpointSettings(rpm=10), "rpm/tpm pace a model endpoint", "--rpm/--tpm pace a --model endpoint"),
     (EndpointSettings(model="m", simulator=CONFIG), "simulator settings apply", "--sim switches apply"),
     (EndpointSettings(model="m", post_bias=True), "post_bias is llama-server's mode: give its base_url",
@@ -132,3 +136,64 @@ def test_shared_options_read_the_same_in_every_command():
                 )
     assert all(len(seen[name]) >= 2 for name in SHARED), "every option listed is shared"
     assert {name: kinds for name, kinds in seen.items() if len(set(kinds)) > 1} == {}
+
+
+@contextlib.contextmanager
+def listing(models: list) -> Iterator[str]:
+    """The base URL of a server whose GET /models lists `models` (nothing else answers)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in models]}).encode()
+            self.send_response(200 if self.path.endswith("/models") else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_base_url_alone_runs_the_one_model_its_server_serves(tmp_path):
+    source = tmp_path / "batch.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+    with served() as server:
+        summary = extract_file(source, method="topk", base_url=server.url, api_key="sk-test", tokenizer="simulator:1000")
+        result = CliRunner().invoke(app, [
+            "extract", str(source), "-o", str(tmp_path / "cli.parquet"), "--method", "topk", "--quiet",
+            "--base-url", server.url, "--api-key", "sk-test", "--tokenizer", "simulator:1000",
+        ])
+    assert summary.finished == 2 and not summary.failures
+    assert result.exit_code == 0, result.output
+    for output in (tmp_path / "batch.parquet", tmp_path / "cli.parquet"):
+        table = pq.read_table(output)
+        assert set(table.column("model").to_pylist()) == {ServerConfig(CONFIG).model}
+        for row in table.to_pylist():
+            assert np.abs(np.array(row["logprobs"], dtype=float) - served_truth(PROMPTS[row["id"]])).max() < 1e-4
+
+
+@pytest.mark.parametrize("models, words", [
+    (["llama-8b", "qwen-7b"], "serves 2 models (llama-8b, qwen-7b); name the one to use"),
+    ([], "does not list the models it serves (GET /models); name the one to use"),
+])
+def test_a_base_url_alone_whose_server_does_not_serve_one_model_asks_for_model(models, words, tmp_path):
+    source = tmp_path / "batch.jsonl"
+    source.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    with listing(models) as url:
+        with pytest.raises(SettingsError) as refused:
+            build_endpoint(EndpointSettings(base_url=url))
+        result = CliRunner().invoke(app, ["extract", str(source), "--base-url", url])
+    assert "base_url needs model here" in str(refused.value) and words in str(refused.value)
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert result.exit_code == 2 and "--base-url needs --model here" in said and words in said
+    assert "Traceback" not in said and not (tmp_path / "batch.parquet").exists()

@@ -19,7 +19,7 @@ from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
 from logprob_cli.io import content_problems, load_image, with_targets
 from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest, with_image
 from logprob_cli.run import ProbeReport, probe
-from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint, with_served_model
 from logprob_cli.run import discard
 from logprob_cli.run import Price
 from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch
@@ -242,7 +242,7 @@ def _settings(
     settings = EndpointSettings(model=model, base_url=base_url, api_key=api_key, tokenizer=tokenizer, **options)
     if endpoint is not None and settings != EndpointSettings():
         raise ValueError("give an endpoint object or endpoint settings (model, base_url, ...), not both")
-    return settings
+    return _outside_event_loop(lambda: with_served_model(settings))  # a base_url alone: the model it serves
 
 
 def _outside_event_loop(call: Callable[[], T]) -> T:

@@ -34,7 +34,7 @@ from logprob_cli._display import PlainProgress, RichProgress
 from logprob_cli.run import PROBE_CALLS, image_method, probe as run_probe
 from logprob_cli.run import discard
 from logprob_cli.run import NoProgress, RunSummary, extract_batch
-from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint, with_served_model
 from logprob_cli.run import RunConfig, default_output, price_of_calls, read_batch, with_completion_ids
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.endpoints import SimulatorConfig
@@ -300,6 +300,18 @@ class EndpointOptions:
         return EndpointSettings(**fields, extra_body=extra, simulator=simulator)
 
 
+def with_served_model_named(options: EndpointOptions) -> EndpointOptions:
+    """`options` with --model the one model a --base-url server serves where --model is not given (the factory's
+    with_served_model, asked before a command reads --model), exiting with the message where it cannot be had."""
+    if options.model is not None or not options.base_url or options.sim:
+        return options
+    try:
+        settings = with_served_model(EndpointSettings(base_url=options.base_url, api_key=options.api_key))
+    except LogprobError as error:
+        fail(cli_message(error), exit_code(error))
+    return dataclasses.replace(options, model=settings.model)
+
+
 def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Decorator of a command: its `options: EndpointOptions` parameter becomes the shared options `names` on the
     command line (declared once, in ENDPOINT_OPTIONS), handed back to the command as one EndpointOptions."""
@@ -325,7 +337,7 @@ def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..
                 chosen["sim"] = tuple(chosen["sim"])
             if "api" in chosen:
                 chosen["api"] = chosen["api"].value
-            command(**given, options=EndpointOptions(**chosen))
+            command(**given, options=with_served_model_named(EndpointOptions(**chosen)))
 
         run.__signature__ = signature.replace(parameters=parameters)
         return run

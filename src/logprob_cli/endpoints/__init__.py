@@ -10,7 +10,7 @@ from logprob_cli.endpoints._base import (
     Answer, Endpoint, EndpointDescription, EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable, Limits,
     Prompt, Query, WrappingEndpoint,
 )
-from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
+from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint, with_served_model
 from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelEndpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._ratelimit import RateLimiter
@@ -44,6 +44,7 @@ __all__ = [
     "VocabularyError",
     "WrappingEndpoint",
     "build_endpoint",
+    "with_served_model",
     "redact",
     "simulator_split",
     "simulator_token_bytes",

@@ -3,12 +3,13 @@
     settings = EndpointSettings(model="gpt-4o-mini")          # or base_url=..., tokenizer=..., ...
     endpoint = build_endpoint(settings)                       # SimulatedEndpoint or OpenAIEndpoint
 
-Errors name settings by their Python names (`base_url needs model`); the CLI renders the same
-message with its flags (`--base-url needs --model`) through `SettingsError.worded`.
+Errors name settings by their Python names (`post_bias is llama-server's mode: give its base_url`); the CLI
+renders the same message with its flags (`--post-bias ... --base-url`) through `SettingsError.worded`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal, Mapping
 from logprob_cli.endpoints._base import Endpoint
 from logprob_cli.errors import LogprobError, Worded, message_of
 from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelError, load_local_model
-from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, server_facts
+from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, server_facts, served_models
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._transport import RetryPolicy
@@ -41,7 +42,8 @@ class SettingsError(LogprobError, ValueError):
 class EndpointSettings:
     """Everything that chooses and configures an endpoint.
 
-    No `model`: the built-in simulator answers (with `simulator`'s switches, default SimulatorConfig()).
+    No `model`: the built-in simulator answers (with `simulator`'s switches, default SimulatorConfig()); with a
+    `base_url` and no `model`, the one model that server lists (with_served_model).
     A model "hf:PATH": the local `transformers` model in that folder (with `api` and `system` only).
     With a model: an OpenAI-compatible endpoint at `base_url` (default OpenAI's), its vocabulary
     from `tokenizer` (a tiktoken encoding, a .tiktoken, tokenizer.json or .gguf file, simulator:SIZE;
@@ -74,6 +76,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
     cannot be loaded or does not match the server's, and EndpointFatal when a base_url server cannot be
     reached or refuses the key (its GET /models, free, is asked to learn its dialect and vocabulary).
     """
+    settings = with_served_model(settings)
     if settings.model is None:
         return _simulator(settings)
     if settings.simulator is not None:
@@ -105,10 +108,33 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
     )
 
 
+def with_served_model(settings: EndpointSettings) -> EndpointSettings:
+    """`settings` with `model` the one model its `base_url`'s server lists in GET /models (free), where a base_url
+    comes without a model or simulator switches; else unchanged. SettingsError where the server lists several
+    models (naming them) or none; EndpointFatal where it cannot be reached or refuses the key."""
+    if settings.model is not None or not settings.base_url or settings.simulator is not None:
+        return settings
+    if has_userinfo(settings.base_url):
+        raise SettingsError(USERINFO_REFUSED, url=redact(settings.base_url))
+    models = served_models(settings.base_url, settings.api_key)
+    if models is None:
+        raise SettingsError(
+            "{base_url} needs {model} here: {url} does not list the models it serves (GET /models); name the one to use",
+            url=redact(settings.base_url),
+        )
+    if len(models) > 1:
+        listed = ", ".join(models[:10]) + (", ..." if len(models) > 10 else "")
+        raise SettingsError(
+            "{base_url} needs {model} here: {url} serves {count} models ({listed}); name the one to use",
+            url=redact(settings.base_url), count=len(models), listed=listed,
+        )
+    return dataclasses.replace(settings, model=models[0])
+
+
 def _simulator(settings: EndpointSettings) -> SimulatedEndpoint:
     """The built-in simulator, refusing the settings that only a model endpoint takes."""
-    if settings.base_url and settings.simulator is None:
-        raise SettingsError("{base_url} needs {model}: name the model the server serves")
+    if settings.base_url:
+        raise SettingsError("{simulator} apply to the built-in simulator, not to a {base_url} server")
     if settings.rpm or settings.tpm:
         raise SettingsError("{rpm}/{tpm} pace a {model} endpoint; the built-in simulator has no rate limit")
     return SimulatedEndpoint(settings.simulator or SimulatorConfig(), system=settings.system)

@@ -105,6 +105,22 @@ async def ask_server_facts(
     completion requests will tell), and raises EndpointFatal when the server cannot be reached, refuses
     the key, or answers with an HTML page (a web site, not an API). `model` is not used (kept for callers).
     """
+    return _facts(await ask_models(base_url, api_key, timeout, wire))
+
+
+def served_models(base_url: str, api_key: str | None, timeout: float = 10.0) -> list[str] | None:
+    """The ids of the models the server lists in GET /models, None where it lists none it can name (an error, no
+    answer in time, JSON of another shape); EndpointFatal as ask_server_facts. From synchronous code only."""
+    models = asyncio.run(ask_models(base_url, api_key, timeout))
+    ids = [entry.get("id") for entry in models or [] if isinstance(entry, dict)]
+    return ids if ids and all(isinstance(name, str) and name for name in ids) else None
+
+
+async def ask_models(
+    base_url: str | None, api_key: str | None, timeout: float = 10.0, wire: Wire | None = None
+) -> list[Any] | None:
+    """GET /models' `data` list (one try, `timeout` seconds), None where the server answers it with an error, not
+    in time, or with JSON of another shape; EndpointFatal as ask_server_facts."""
     where = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
     retry = RetryPolicy(attempts=1, connect_attempts=1, timeout=timeout)
     transport = Transport(where, api_key or _env_key() or "none", retry=retry, wire=wire)
@@ -113,18 +129,19 @@ async def ask_server_facts(
     except EndpointFatal:
         raise
     except EndpointError:
-        return {}
+        return None
     finally:
         await transport.aclose()
     where = redact(transport.base_url)
     if response.status == 401:
         raise EndpointFatal(f"{where} rejected the API key: {_message(response.body, 401)}")
     if response.status >= 300:
-        return {}
+        return None
     if is_html(response.body[:1024].decode("utf-8", errors="replace")):
         raise not_an_api(where, "GET /models", response.status, describe_body(response.body))
     body = parse_json(response.body)
-    return _facts(body.get("data") if isinstance(body, dict) else None)
+    models = body.get("data") if isinstance(body, dict) else None
+    return models if isinstance(models, list) else None
 
 
 def _facts(models: Any) -> dict[str, Any]:
