@@ -13,7 +13,7 @@ from logprob_cli import cli
 from logprob_cli.run._budget import BudgetReached
 from logprob_cli.endpoints._base import EndpointError, EndpointFatal, EndpointRejected, EndpointUnsuitable
 from logprob_cli.endpoints._factory import SettingsError
-from logprob_cli.errors import LogprobError, Worded
+from logprob_cli.errors import SETTING_NAMES, LogprobError, Worded
 from logprob_cli.io._jsonl import InputError
 from logprob_cli.run._journal import JournalError, Refused
 from logprob_cli.endpoints._vocabulary import VocabularyError
@@ -45,6 +45,17 @@ def test_no_module_below_the_cli_writes_a_cli_flag_into_a_string():
         if any(flag in text for flag in flags) and (path.name, text) not in ALLOWED
     ]
     assert not found
+
+
+def test_the_cli_words_every_setting_a_message_may_name():
+    assert set(cli.FLAGS) == set(SETTING_NAMES)
+
+
+def test_a_method_that_does_not_fit_names_the_alternative_as_each_interface_takes_it():
+    from logprob_cli.methods._base import _not_post_bias
+    error = _not_post_bias("topk", 7, 100.0, steers=True)
+    assert 'Use method="bisection"' in str(error) and "topk needs returned logprobs" in str(error)
+    assert 'Use --method="bisection"' in cli.cli_message(error) and "token 7 biased by +100.00" in cli.cli_message(error)
 
 
 def test_a_worded_message_reads_as_settings_for_python_and_as_flags_for_the_cli():

@@ -462,8 +462,34 @@ def test_every_position_of_a_text_from_one_request_a_pass_through_prompt_logprob
                 truth[int(key.split(":")[1])] = lp
             assert np.abs(np.array(row["logprobs"], dtype=float) - truth).max() < 1e-9
     assert sent == 2 + 2 + report["calls"], "21 positions in passes of 16: 2 requests, besides the token check and the probe"
+    assert sum(row["calls"] for row in rows) == 2, "a row's calls are the requests it cost: a position read from a pass, 0"
     direct = {row["method"]: row for row in json.loads(estimate.stdout)["rows"]}["direct"]
     assert direct["prompts"] == 21 and direct["prompt_calls"] == 2, "estimate: a call a pass, not a call a position"
+
+
+def test_a_call_cap_counts_requests_not_the_positions_a_pass_answers(tmp_path):
+    """--max-calls with room for one pass besides the set-up: the positions it answers are read from it (reading them
+    sends nothing, so the cap does not refuse them), and the resumed run sends the second pass only, its cap
+    counting the requests the checkpoint paid for, not the positions they answered."""
+    completion_ids = [5, 900, 17, 300, 42, 7, 610, 33, 88, 120, 451, 9, 260, 777, 31, 64, 500, 2, 11, 99]  # 21 positions
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "q", "prompt": "The capital of France is", "completion_ids": completion_ids}) + "\n")
+    with vllm_server(max_logprobs=-1) as server:
+        args = [*endpoint_args(server), "--api", "completions", "-q"]  # auto: the probe finds prompt_logprobs
+        before = server.endpoint.calls
+        whole = run_cli("extract", prompts, *args, "-o", tmp_path / "whole.parquet")
+        assert whole.returncode == 0, whole.stderr
+        setup = server.endpoint.calls - before - 2  # the probe and the token check: what a run spends before its passes
+        before = server.endpoint.calls
+        capped = run_cli("extract", prompts, *args, "--max-calls", setup + 1)
+        stopped_after = server.endpoint.calls - before
+        assert capped.returncode == 3 and "--max-calls" in capped.stderr, capped.stderr
+        assert stopped_after == setup + 1
+        done = run_cli("extract", prompts, *args, "--max-calls", setup + 2)  # the checkpoint counts requests, not positions
+        assert done.returncode == 0, done.stderr
+    assert server.endpoint.calls - before == setup + 2, "the resumed run sent the second pass only"
+    rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert rows == pq.read_table(tmp_path / "whole.parquet").to_pylist()
 
 
 @pytest.mark.parametrize("n", [4, 5, 9])

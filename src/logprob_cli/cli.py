@@ -178,7 +178,7 @@ FLAGS = {
     "model": "--model", "base_url": "--base-url", "api_key": "--api-key", "tokenizer": "--tokenizer",
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
-    "method": "--method", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
+    "method": "--method", "method_auto": "--method auto", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
     "targets": "--target/--target-id", "store": "--store", "image": "--image",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (ImageError, 2), (BudgetReached, 3), (LogprobError, 1))

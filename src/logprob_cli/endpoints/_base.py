@@ -344,6 +344,11 @@ class Endpoint(abc.ABC):
             "give token ids instead of text"
         )
 
+    def holds_answer(self, prompt: Prompt, query: Query) -> bool:
+        """Whether `ask(prompt, query)` would be answered from what an earlier request returned or one in flight
+        will, sending nothing (its Answer.requests 0: `positions_per_call`). Default False: every ask is a request."""
+        return False
+
     def pressure(self) -> Pressure | None:
         """Retries, 429s and the current rate limit so far, for the progress display (None: not an HTTP endpoint)."""
         return None
@@ -371,7 +376,7 @@ class WrappingEndpoint(Endpoint):
     FORWARDED = (
         "model", "vocab_size", "limits", "api", "one_call_at_a_time", "in_process", "mapping_check_calls", "identity",
         "image_rank", "prompt_tokens_counted", "token_context", "positions_per_call", "withheld_tokens", "unnamed_tokens", "verify_mapping", "count_prompt_tokens",
-        "token_text", "split_text", "pressure", "aclose",
+        "token_text", "split_text", "holds_answer", "pressure", "aclose",
     )
 
     def __init__(self, endpoint: Endpoint):

@@ -620,14 +620,33 @@ class OpenAIEndpoint(Endpoint):
             and not query.bias and not query.token_ids and query.top_logprobs >= self.vocab_size
         )
 
+    def holds_answer(self, prompt: Prompt, query: Query) -> bool:
+        """True for a position answered from prompt_logprobs rows kept here or asked by a request in flight
+        (`_row_answer`), its text's ids already known."""
+        if not self._from_rows(prompt, query):
+            return False
+        key = self._rows_key(prompt)
+        return key is not None and (key in self._rows or key in self._rows_asked)
+
+    def _rows_key(self, prompt: Prompt, text_ids: tuple[int, ...] | None = None) -> tuple[Any, ...] | None:
+        """The key of the prompt_logprobs request that answers the prompt's position: its prompt ids (the text's,
+        then the completion's to the end of the position's pass) and the pass's first position; None where the
+        text's ids are not known yet (`text_ids`, else those already asked of the server)."""
+        k, n, per = len(prompt.context_ids), len(prompt.completion_ids), self.rows_per_call
+        first = k - k % per
+        text_ids = text_ids if text_ids is not None else self._text_ids.get(prompt.prompt or "")
+        if text_ids is None:
+            return None
+        return (*text_ids, *prompt.completion_ids[:min(first + per - 1, n)]), first
+
     async def _row_answer(self, prompt: Prompt) -> Answer:
         """The answer for the position `len(context_ids)` of the prompt's completion from the rows of the request
         that covers it (module docstring): that request's answer where this call sent it, else requests 0."""
-        k, n, per = len(prompt.context_ids), len(prompt.completion_ids), self.rows_per_call
-        first = k - k % per
-        last = min(first + per - 1, n)
-        ids = (*await self._vllm_text_ids(prompt.prompt or ""), *prompt.completion_ids[:last])
-        key = (ids, first)
+        k = len(prompt.context_ids)
+        key = self._rows_key(prompt, await self._vllm_text_ids(prompt.prompt or ""))
+        assert key is not None
+        ids, first = key
+        last = min(first + self.rows_per_call - 1, len(prompt.completion_ids))
         rows = self._rows.get(key)
         if rows is not None:
             self._rows.move_to_end(key)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generator
 
 import numpy as np
 
+from logprob_cli.errors import Worded
 from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
 
 if TYPE_CHECKING:
@@ -205,26 +206,28 @@ def _biased_withheld(returned: int, target: int, b: float, method: str) -> Endpo
 def _not_post_bias(method: str, target: int, b: float, steers: bool) -> EndpointUnsuitable:
     """check_bias's refusal when `method` needs post-bias logprobs and biasing `target` by `b` left its logprob."""
     if steers:
-        alternative = 'Use method="bisection": the bias does steer which token is generated.'
+        alternative = 'Use {method}="bisection": the bias does steer which token is generated.'
     else:
         alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
-    return EndpointUnsuitable(
-        f"{method} needs returned logprobs that move with logit_bias, but this endpoint reports them "
-        f"before the bias (token {target} biased by {b:+.2f} kept its logprob). {alternative}"
-    )
+    return EndpointUnsuitable(Worded(
+        "{name} needs returned logprobs that move with logit_bias, but this endpoint reports them "
+        "before the bias (token {target} biased by {bias:+.2f} kept its logprob). " + alternative,
+        name=method, target=target, bias=b,
+    ))
 
 
 def _not_steering(method: str, target: int, b: float, sampled: int, moved: bool) -> EndpointUnsuitable:
     """check_bias's refusal when `method` needs the bias to steer sampling and token `sampled` stayed generated."""
     if moved:
-        alternative = 'Use method="topk" or "exact": the returned logprobs do move with the bias.'
+        alternative = 'Use {method}="topk" or "exact": the returned logprobs do move with the bias.'
     else:
         alternative = "The bias changed nothing at all, so no method can see beyond the top-k here."
-    return EndpointUnsuitable(
-        f"{method} needs logit_bias to change the generated token, but biasing token {target} by {b:+.2f} "
-        f"({'enough to make it the most likely' if b > 0 else 'the top token, pushed down'}) left token "
-        f"{sampled} generated. {alternative}"
-    )
+    return EndpointUnsuitable(Worded(
+        "{name} needs logit_bias to change the generated token, but biasing token {target} by {bias:+.2f} "
+        "({how}) left token {sampled} generated. " + alternative,
+        name=method, target=target, bias=b, sampled=sampled,
+        how="enough to make it the most likely" if b > 0 else "the top token, pushed down",
+    ))
 
 
 def _lift_last(ctx: Context, first: Answer, k: int, found: dict[str, Any]) -> Generator[list[Query], list[Answer], tuple]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 
+from logprob_cli.errors import Worded
 from logprob_cli.endpoints import EndpointUnsuitable, Query
 from logprob_cli.methods._base import Context, MethodResult, Plan, roundoff, still_unknown, unnamed_note, vector_from
 from logprob_cli.methods._spec import MethodSpec, Needs, one_call
@@ -21,10 +22,11 @@ from logprob_cli.wording import plural
 
 def plan(ctx: Context) -> Plan:
     if ctx.limits.top_logprobs < ctx.vocab_size:
-        raise EndpointUnsuitable(
-            f"direct needs an endpoint that returns the whole vocabulary ({ctx.vocab_size:,} logprobs) in one call; "
-            f"this one is known to return at most {ctx.limits.top_logprobs}. Use method=\"auto\" to probe it."
-        )
+        raise EndpointUnsuitable(Worded(
+            "direct needs an endpoint that returns the whole vocabulary ({vocab:,} logprobs) in one call; "
+            "this one is known to return at most {cap}. Use {method_auto} to probe it.",
+            vocab=ctx.vocab_size, cap=ctx.limits.top_logprobs,
+        ))
     (answer,) = yield [Query.make(top_logprobs=ctx.vocab_size)]
     logprobs = vector_from(answer, ctx.vocab_size)
     missing = still_unknown(ctx, logprobs)

@@ -34,6 +34,7 @@ from typing import Generator
 
 import numpy as np
 
+from logprob_cli.errors import Worded
 from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
 from logprob_cli.methods import _bisection
 from logprob_cli.methods._base import (
@@ -106,17 +107,17 @@ def _check_forcing(ctx: Context, first: Answer, k: int) -> Generator[list[Query]
         tried = f"token {target} biased by {big:+g}"
         forced = f"forcing token {target} (unbiased {value:.4f})"
     if not steers:
-        raise EndpointUnsuitable(
-            f"forced needs logit_bias to change the generated token, but {tried} did not change it. "
-            'Use method="topk" if the returned logprobs move with the bias; otherwise only the top-k '
-            'can be had (method="visible").'
-        )
+        raise EndpointUnsuitable(Worded(
+            "forced needs logit_bias to change the generated token, but {tried} did not change it. "
+            'Use {method}="topk" if the returned logprobs move with the bias; otherwise only the top-k '
+            'can be had ({method}="visible").', tried=tried,
+        ))
     if not own:
         shown = "withheld (-9999)" if probe.sampled_logprob is None else f"{probe.sampled_logprob:.4f}"
-        raise EndpointUnsuitable(
-            f"forced needs the generated token's own unbiased logprob, but {forced} reported {shown}. "
-            'Use method="bisection": the bias does steer sampling.'
-        )
+        raise EndpointUnsuitable(Worded(
+            "forced needs the generated token's own unbiased logprob, but {forced} reported {shown}. "
+            'Use {method}="bisection": the bias does steer sampling.', forced=forced, shown=shown,
+        ))
 
 
 def _forcing_notes(hidden: int, withheld: int, too_far: int, big: float, k: int) -> list[str]:
@@ -149,11 +150,11 @@ def _force_each(pending: list[int], big: float) -> Plan:
         return []
     (head,) = yield [Query.make({pending[0]: big}, top_logprobs=0)]
     if head.sampled == pending[0] and head.sampled_logprob is None:
-        raise EndpointUnsuitable(
-            f"forced needs the generated token's own logprob, but forcing token {pending[0]} (outside the top-k) "
-            'reported it withheld (-9999): the endpoint reveals it only inside the top-k. Use method="bisection": '
-            "the bias does steer sampling."
-        )
+        raise EndpointUnsuitable(Worded(
+            "forced needs the generated token's own logprob, but forcing token {token} (outside the top-k) "
+            'reported it withheld (-9999): the endpoint reveals it only inside the top-k. Use {method}="bisection": '
+            "the bias does steer sampling.", token=pending[0],
+        ))
     rest = yield [Query.make({i: big}, top_logprobs=0) for i in pending[1:]]
     return [head, *rest]
 

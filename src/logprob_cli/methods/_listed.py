@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from logprob_cli.errors import Worded
 from logprob_cli.endpoints import EndpointUnsuitable, Limits, Query
 from logprob_cli.methods._base import Context, MethodResult, Plan, chunks, roundoff, still_unknown
 from logprob_cli.methods._spec import MethodSpec, Needs
@@ -45,10 +46,10 @@ def plan(ctx: Context) -> Plan:
 def _per_call(limits: Limits) -> int:
     """The ids one request may list; raises EndpointUnsuitable where the endpoint takes no list."""
     if limits.token_ids < 1:
-        raise EndpointUnsuitable(
+        raise EndpointUnsuitable(Worded(
             "listed needs an endpoint that returns the logprobs of the token ids a request lists (vLLM's "
-            'logprob_token_ids); this one is not known to. Use method="auto" to probe it.'
-        )
+            "logprob_token_ids); this one is not known to. Use {method_auto} to probe it."
+        ))
     return limits.token_ids
 
 

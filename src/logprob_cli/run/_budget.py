@@ -1,17 +1,20 @@
 """What a run spends, and the caps it stops at (--max-calls, --max-cost).
 
-Every call of a run goes through `MeteredEndpoint.ask`, which reserves the call before it
-is sent (and counts it once answered, unless the endpoint answered it from an earlier request's rows,
-`Answer.requests`): one call and its estimated cost (the prompt's tokens as last billed, else about
-four bytes a token, plus one completion token, at the model's price). A call that would
-carry the reserved total past a cap is not sent (`BudgetReached`), so calls in flight never
-overshoot a cap; once an answer arrives its reservation is replaced by what was billed.
+Every call of a run goes through `MeteredEndpoint.ask`, which reserves the call before it is
+sent and counts it once answered: one call and its estimated cost (the prompt's tokens as last
+billed, else about four bytes a token, plus one completion token, at the model's price). A call
+that would carry the reserved total past a cap is not sent (`BudgetReached`), so calls in flight
+never overshoot a cap; once an answer arrives its reservation is replaced by what was billed.
+An ask the endpoint answers from rows an earlier request returned (`Endpoint.holds_answer`:
+vLLM's prompt_logprobs) sends nothing, so it is neither reserved nor capped, and counts
+`Answer.requests`, 0.
 The totals include what the checkpoint already spent, so the same command with a higher
 cap resumes where the lower one stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +75,7 @@ class MeteredEndpoint(WrappingEndpoint):
         self._reserved_calls = 0
         self._reserved_cost = 0.0
         self._prompt_tokens: dict[Any, int] = {}
+        self._in_flight: set[asyncio.Future] = set()  # one per reserved call being sent
 
     async def verify_mapping(self, prompt: Prompt, ask: AskFunction | None = None) -> str | None:
         """The wrapped endpoint's check, its calls spent through this meter (counted and capped)."""
@@ -82,19 +86,41 @@ class MeteredEndpoint(WrappingEndpoint):
         return None if self.price is None else self.price.cost(self.spent.prompt_tokens, self.spent.completion_tokens)
 
     async def ask(self, prompt: Prompt, query: Query) -> Answer:
-        estimate = self._estimate(prompt)
-        self._reserve(estimate)
-        try:
+        estimate = await self._reservation(prompt, query)
+        if estimate is None:  # read from rows an earlier request returned: nothing is sent
             answer = await self.endpoint.ask(prompt, query)
-        finally:
-            self._reserved_calls -= 1
-            self._reserved_cost -= estimate
+        else:
+            sent = asyncio.get_running_loop().create_future()
+            self._in_flight.add(sent)
+            try:
+                answer = await self.endpoint.ask(prompt, query)
+            finally:
+                self._reserved_calls -= 1
+                self._reserved_cost -= estimate
+                self._in_flight.discard(sent)
+                sent.set_result(None)
         if answer.prompt_tokens:
             self._prompt_tokens[prompt.id] = answer.prompt_tokens
         self.spent.calls += answer.requests
         self.spent.prompt_tokens += answer.prompt_tokens
         self.spent.completion_tokens += answer.completion_tokens
         return answer
+
+    async def _reservation(self, prompt: Prompt, query: Query) -> float | None:
+        """The estimated cost reserved for this ask, None where the endpoint holds its answer (nothing to reserve).
+        At a cap, an endpoint whose requests answer several positions (`positions_per_call`) waits for the calls in
+        flight first: one of them may bring the rows this ask reads (a pass asked by another position)."""
+        while True:
+            if self.endpoint.holds_answer(prompt, query):
+                return None
+            estimate = self._estimate(prompt)
+            try:
+                self._reserve(estimate)
+                return estimate
+            except BudgetReached:
+                if self.endpoint.positions_per_call == 1 or not self._in_flight:
+                    raise
+                await asyncio.wait(set(self._in_flight))
 
     def _estimate(self, prompt: Prompt) -> float:
         if self.price is None:

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     prompt TEXT NOT NULL, seq INTEGER NOT NULL, query BLOB NOT NULL, answer BLOB NOT NULL,
     prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (prompt, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     prompt TEXT PRIMARY KEY, calls INTEGER NOT NULL, logprobs BLOB NOT NULL,
@@ -276,6 +277,8 @@ class Journal:
             for column in ("prompt_tokens", "completion_tokens"):  # checkpoints written by version 0.1.0
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+            if "requests" not in columns:  # checkpoints written before Answer.requests: every answer was a request
+                self.db.execute("ALTER TABLE answers ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
             if "sparse_size" not in {row[1] for row in self.db.execute("PRAGMA table_info(results)")}:
                 self.db.execute("ALTER TABLE results ADD COLUMN sparse_size INTEGER")  # before targets: all dense
 
@@ -338,19 +341,22 @@ class Journal:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     def put_answers(self, rows: list[tuple[str, int, bytes, Answer]]) -> None:
-        """Make answers (prompt, seq, query digest, answer) and their billed usage durable, in one
+        """Make answers (prompt, seq, query digest, answer) and their billed usage and requests durable, in one
         transaction, before anyone uses them."""
         with self._writing(), self._transaction():
             self.db.executemany(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
-                [(p, seq, q, a.to_bytes(), a.prompt_tokens, a.completion_tokens) for p, seq, q, a in rows],
+                "INSERT OR REPLACE INTO answers (prompt, seq, query, answer, prompt_tokens, completion_tokens, requests)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(p, seq, q, a.to_bytes(), a.prompt_tokens, a.completion_tokens, a.requests) for p, seq, q, a in rows],
             )
 
     def spent(self) -> Spend:
-        """Everything this checkpoint paid for: its answers plus the run set-up's calls (probe, token check)."""
+        """Everything this checkpoint paid for: its answers' requests (an answer read from an earlier request's rows
+        cost none) plus the run set-up's calls (probe, token check)."""
         with self._reading():
             calls, prompt_tokens, completion_tokens = self.db.execute(
-                "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM answers"
+                "SELECT coalesce(sum(requests), 0), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)"
+                " FROM answers"
             ).fetchone()
         return Spend(calls, prompt_tokens, completion_tokens).plus(Spend(**(self.get_meta("setup_spend") or {})))
 
@@ -367,6 +373,14 @@ class Journal:
     def answer_counts(self) -> dict[str, int]:
         """How many answers are saved per prompt (the progress display does not expect them again)."""
         return dict(self.db.execute("SELECT prompt, count(*) FROM answers GROUP BY prompt"))
+
+    def requests_of(self, prompt: str) -> int:
+        """The requests a prompt's saved answers cost (its row's calls: an answer read from rows an earlier request
+        returned, vLLM's prompt_logprobs, cost none)."""
+        with self._reading():
+            return self.db.execute(
+                "SELECT coalesce(sum(requests), 0) FROM answers WHERE prompt = ?", (prompt,)
+            ).fetchone()[0]
 
     def put_result(self, prompt: str, calls: int, result: MethodResult) -> None:
         """Make a finished prompt's result durable (and clear its failure). The vector is stored as float32; when

@@ -345,7 +345,7 @@ class Runner:
             try:
                 queries = plan.send(answers)
             except StopIteration as stop:
-                self.journal.put_result(key, seq, stop.value)
+                self.journal.put_result(key, self.journal.requests_of(key), stop.value)
                 break
         self.summary.finished += 1
         self._finished_here += 1
