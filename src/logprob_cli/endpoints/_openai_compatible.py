@@ -626,7 +626,14 @@ class OpenAIEndpoint(Endpoint):
         if not self._from_rows(prompt, query):
             return False
         key = self._rows_key(prompt)
-        return key is not None and (key in self._rows or key in self._rows_asked)
+        if key is None:
+            return False
+        asked = self._rows_asked.get(key)
+        try:
+            in_flight = asked is not None and asked.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:  # not called from a running loop: nothing of this loop is in flight
+            in_flight = False
+        return key in self._rows or in_flight
 
     def _rows_key(self, prompt: Prompt, text_ids: tuple[int, ...] | None = None) -> tuple[Any, ...] | None:
         """The key of the prompt_logprobs request that answers the prompt's position: its prompt ids (the text's,
