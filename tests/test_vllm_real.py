@@ -160,6 +160,7 @@ class TestUncapped:
         assert direct["prompts"] == n + 1 and direct["prompt_calls"] == 1, "estimate: one call for the text"
         said = " ".join((run.stdout + run.stderr).split())
         assert re.search(r"wrote \d+ rows to \S+ \(1 call this run", said), said  # one request, n + 1 rows
+        assert sum(row["calls"] for row in rows) == 1, "the rows' calls add up to the one request"
         base = post(uncapped, "/tokenize", {"prompt": TEXT, "add_special_tokens": True})["tokens"]
         for row in rows:
             truth = completion_vector(uncapped, [*base, *row["context_tokens"]])
