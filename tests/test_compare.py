@@ -211,3 +211,17 @@ def test_positions_against_no_positions_or_another_context_are_refused(tmp_path)
         compare_files(a, other)
     refused = logprobs("compare", plain, a)
     assert refused.returncode == 2 and "does not" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_tokens_show_as_text_where_the_runs_vocabulary_is_on_this_machine(tmp_path):
+    """A tokenizer.json the run named (--tokenizer PATH, an hf: folder) gives texts; a server's ids stay ids."""
+    from logprob_cli.io._parquet import token_text
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "Ġcat": 1, "<s>": 2}},
+                                     "added_tokens": [{"id": 2, "content": "<s>", "special": True}],
+                                     "decoder": {"type": "ByteLevel"}}))
+    for name in (str(tokenizer), f"hf:{tmp_path}"):
+        text = token_text({"vocabulary": {"name": name}})
+        assert (text(1), text(0), text(2), text(3)) == ("' cat'", "'a'", "#2", "#3")  # <s> is special: no text
+    assert token_text({"vocabulary": {"name": "server:3"}})(1) == "#1"
+    assert token_text({"vocabulary": {"name": str(tmp_path / "gone.json")}})(1) == "#1"

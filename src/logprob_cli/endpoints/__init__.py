@@ -18,7 +18,7 @@ from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._base import AskFunction, Pressure
 from logprob_cli.endpoints._simulator import simulator_split, simulator_token_bytes
 from logprob_cli.endpoints._urls import redact
-from logprob_cli.endpoints._vocabulary import VocabularyError
+from logprob_cli.endpoints._vocabulary import Vocabulary, VocabularyError, load_vocabulary
 
 __all__ = [
     "Answer",
@@ -41,7 +41,9 @@ __all__ = [
     "SettingsError",
     "SimulatedEndpoint",
     "SimulatorConfig",
+    "Vocabulary",
     "VocabularyError",
+    "load_vocabulary",
     "WrappingEndpoint",
     "build_endpoint",
     "with_served_model",

@@ -45,7 +45,7 @@ from rich.text import Text
 
 from logprob_cli.endpoints import Prompt
 from logprob_cli.methods import MethodResult
-from logprob_cli.endpoints import simulator_token_bytes
+from logprob_cli.endpoints import Vocabulary, VocabularyError, load_vocabulary
 from logprob_cli.wording import plural
 
 METADATA_KEY = b"logprob_cli"
@@ -455,17 +455,29 @@ def _open(path: str | os.PathLike) -> tuple[pq.ParquetFile, dict]:
         raise ValueError(f"{path} has unreadable logprob_cli metadata ({error})") from None
 
 
-def _simulator_text(token_id: int) -> str:
-    return repr(simulator_token_bytes(token_id).decode("utf-8", errors="replace"))
-
-
-_VOCABULARIES: dict[str, Callable[[int], str]] = {"simulator": _simulator_text}
-
-
 def token_text(metadata: dict) -> Callable[[int], str]:
-    """A function giving a token id's readable text (repr-quoted) for the file's vocabulary, or "#id" if unknown."""
-    name = metadata.get("vocabulary", {}).get("name")
-    return _VOCABULARIES.get(name, lambda token_id: f"#{token_id}")
+    """A function giving a token id's readable text (repr-quoted) in the file's vocabulary where that vocabulary can
+    be had on this machine without the network (`local_vocabulary`), else (and for ids it has no bytes for) "#id"."""
+    vocabulary = local_vocabulary(metadata.get("vocabulary", {}).get("name") or "")
+    if vocabulary is None:
+        return lambda token_id: f"#{token_id}"
+    return lambda token_id: (
+        f"#{token_id}" if vocabulary.token_bytes(token_id) is None else repr(vocabulary.text(token_id))
+    )
+
+
+def local_vocabulary(name: str) -> Vocabulary | None:
+    """The vocabulary a run recorded by `name`, where it is the simulator's or a tokenizer file or model folder on
+    this machine (--tokenizer PATH, --model hf:PATH); None for the rest (a server's ids, a tiktoken encoding,
+    which could mean a download) and for a file that no longer loads."""
+    if name != "simulator" and not name.startswith("simulator:"):
+        name = name.removeprefix("hf:")
+        if not name or not os.path.exists(name):
+            return None
+    try:
+        return load_vocabulary(name)
+    except (VocabularyError, OSError, ValueError):
+        return None
 
 
 def render_inspect(path: str | os.PathLike, console: Console, top: int = 5) -> None:
