@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import http.server
 import json
-import threading
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +19,7 @@ from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, buil
 from logprob_cli.run._config import RunConfig
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
+from test_probe import http_server
 
 CONFIG = SimulatorConfig(vocab_size=1000)
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
@@ -154,14 +154,8 @@ def listing(models: list) -> Iterator[str]:
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as url:
+        yield url
 
 
 def test_a_base_url_alone_runs_the_one_model_its_server_serves(tmp_path):
