@@ -1,11 +1,8 @@
 """One run configuration for the CLI and the Python API: endpoints built from settings, RunConfig, extract_file."""
 
 import asyncio
-import contextlib
 import dataclasses
-import http.server
 import json
-from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +16,7 @@ from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, buil
 from logprob_cli.run._config import RunConfig
 from logprob_cli.server import ServerConfig, SimulatorServer
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
-from test_probe import http_server
+from test_probe import answering, http_server
 
 CONFIG = SimulatorConfig(vocab_size=1000)
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
@@ -138,24 +135,10 @@ def test_shared_options_read_the_same_in_every_command():
     assert {name: kinds for name, kinds in seen.items() if len(set(kinds)) > 1} == {}
 
 
-@contextlib.contextmanager
-def listing(models: list) -> Iterator[str]:
-    """The base URL of a server whose GET /models lists `models` (nothing else answers)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in models]}).encode()
-            self.send_response(200 if self.path.endswith("/models") else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with http_server(Handler) as url:
-        yield url
+def listing(models: list):
+    """A server whose every answer (GET /models first) lists `models`."""
+    body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in models]}).encode()
+    return http_server(answering(200, body, "application/json"))
 
 
 def test_a_base_url_alone_runs_the_one_model_its_server_serves(tmp_path):

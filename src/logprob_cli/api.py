@@ -16,7 +16,7 @@ import numpy as np
 
 from logprob_cli.run import MeteredEndpoint, Spend
 from logprob_cli.endpoints import Answer, Endpoint, Prompt, Query
-from logprob_cli.io import content_problems, load_image, with_targets
+from logprob_cli.io import content_problems, image_setting, with_targets
 from logprob_cli.methods import METHODS, Context, Image, MethodResult, cheapest, with_image
 from logprob_cli.run import ProbeReport, probe
 from logprob_cli.endpoints import EndpointSettings, SettingsError, build_endpoint, with_served_model
@@ -97,7 +97,7 @@ def extract_logprobs(
     if isinstance(image, str) and image == "auto":
         raise SettingsError("image='auto' learns the image from a batch's first whole vectors; one prompt has none "
                             "to learn from: give extract_file image='auto', or an image here")
-    run = RunConfig(method, top_k, eps, concurrency, image=_image(image))  # checked before the endpoint is built
+    run = RunConfig(method, top_k, eps, concurrency, image=image_setting(image))  # checked before the endpoint is built
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     endpoint = endpoint or _outside_event_loop(lambda: build_endpoint(settings))  # it may ask GET /models
 
@@ -209,7 +209,7 @@ def extract_file(
     input = os.fspath(input)
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (I, N) with 0 <= I < N, got {shard!r}")
-    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector, store, _image(image))
+    run = RunConfig(method, top_k, eps, concurrency, price, max_calls, max_cost, store_vector, store, image_setting(image))
     settings = _settings(endpoint, model, base_url, api_key, tokenizer, endpoint_options)
     path = Path(output) if output is not None else default_output(input, shard)
     batch = read_batch(input, path, shard, settings.api if settings.model else None)
@@ -226,12 +226,6 @@ def extract_file(
     return _outside_event_loop(lambda: extract_batch(
         batch.prompts, path, endpoint, run, progress, schema_prompts=batch.all_prompts
     ))
-
-
-def _image(image: str | os.PathLike | Image | None) -> Image | str | None:
-    """The image as given ("auto": learn it from the batch, run/_learning.py), or read from its file
-    (io.load_image; ImageError)."""
-    return image if image is None or isinstance(image, Image) or image == "auto" else load_image(image)
 
 
 def _settings(

@@ -28,7 +28,7 @@ from logprob_cli.run import Estimate, ProbeReport, estimate_run, format_count, f
 from logprob_cli.io import InputError, read_prompts, with_targets
 from logprob_cli.run import Refused
 from logprob_cli.methods import METHODS, SPECS, Image
-from logprob_cli.io import CompareError, ImageError, compare_files, load_image, render_comparison, render_inspect
+from logprob_cli.io import CompareError, ImageError, compare_files, image_setting, render_comparison, render_inspect
 from logprob_cli.run import Price, parse_price, price_for
 from logprob_cli._display import PlainProgress, RichProgress
 from logprob_cli.run import PROBE_CALLS, image_method, probe as run_probe
@@ -303,13 +303,11 @@ class EndpointOptions:
 def with_served_model_named(options: EndpointOptions) -> EndpointOptions:
     """`options` with --model the one model a --base-url server serves where --model is not given (the factory's
     with_served_model, asked before a command reads --model), exiting with the message where it cannot be had."""
-    if options.model is not None or not options.base_url or options.sim:
-        return options
     try:
-        settings = with_served_model(EndpointSettings(base_url=options.base_url, api_key=options.api_key))
+        model = with_served_model(options.settings()).model
     except LogprobError as error:
         fail(cli_message(error), exit_code(error))
-    return dataclasses.replace(options, model=settings.model)
+    return options if model == options.model else dataclasses.replace(options, model=model)
 
 
 def endpoint_options(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -389,7 +387,7 @@ def extract(
     endpoint = build_endpoint(options.settings())
     run = RunConfig(
         method.value, top_k, eps, concurrency, run_price(price, options.model, endpoint.model, max_cost), max_calls, max_cost,
-        store_vector, store, image_given(image),
+        store_vector, store, image_setting(image),
     )
     if fresh:
         discard(output, journal_path)
@@ -438,11 +436,6 @@ def method_announcer(
         console.print(f"method: {chosen}{why}", highlight=False)
 
     return announce
-
-
-def image_given(image: str | None) -> Image | str | None:
-    """--image: "auto" (learn it from the run), else the image read from the file it names (io.load_image)."""
-    return image if image is None or image == "auto" else load_image(image)
 
 
 def targeted(prompts: list[Prompt], texts: list[str], ids: list[int], source: str) -> list[Prompt]:
@@ -546,7 +539,6 @@ def image_row(report: ProbeReport, image: Image | str | None) -> tuple[str, str]
     return "with --image", f"[bold]{name}[/] (~{calls:,} calls per prompt, image rank {image.rank:,})"
 
 
-
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")
 @endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias")
 @cli_errors
@@ -556,7 +548,7 @@ def probe(
     options: EndpointOptions = EndpointOptions(),
     image: ImageOption = None,
 ) -> None:
-    given = image_given(image)  # a file it cannot read stops here, before a call
+    given = image_setting(image)  # a file it cannot read stops here, before a call
     endpoint = build_endpoint(options.settings())
     async def measure():
         try:
@@ -616,7 +608,7 @@ def estimate(
         latency = simulator_latency(endpoint, prompts[0], top_k) if endpoint.in_process else 0.5
     setup = EstimateSetup(
         endpoint, method.value, top_k, eps, concurrency, latency, timed, options.rpm, options.tpm, options.model,
-        unit_price, price_given=override is not None, image=image_given(image),
+        unit_price, price_given=override is not None, image=image_setting(image),
         first_call=first_call,
     )
     rows, report = estimate_rows(prompts, setup)

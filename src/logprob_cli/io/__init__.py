@@ -11,7 +11,7 @@ from logprob_cli.io._jsonl import InputError, check_prompts, read_prompts, selec
 from logprob_cli.io._parquet import read_metadata, render_inspect
 from logprob_cli.io._jsonl import content_problems
 from logprob_cli.io._parquet import OutputRow, output_schema, write_parquet
-from logprob_cli.io._image import ImageError, load_image, save_image
+from logprob_cli.io._image import ImageError, image_setting, load_image, save_image
 from logprob_cli.io._compare import CompareError, Comparison, PromptComparison, compare_files, render_comparison
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "check_prompts",
     "compare_files",
     "content_problems",
+    "image_setting",
     "load_image",
     "output_schema",
     "read_metadata",

@@ -67,6 +67,12 @@ def load_image(path: str | os.PathLike) -> Image:
     )
 
 
+def image_setting(image: str | os.PathLike | Image | None) -> Image | str | None:
+    """An image as a run takes it (--image, image=): None (none), "auto" (learned by the run, run/_learning.py), an
+    Image as it is, else the image read from the file it names (load_image; ImageError)."""
+    return image if image is None or isinstance(image, Image) or image == "auto" else load_image(image)
+
+
 def save_image(image: Image, path: str | os.PathLike) -> None:
     """Write the image's basis as .npz ("basis"), which load_image reads without factorising again."""
     np.savez(path, basis=image.basis, source=np.array(image.source))
