@@ -1,11 +1,12 @@
 """Calls per chosen token (targets) with bisection on OpenAI's contract, against simulator ground truth.
 
-    python benchmarks/target_calls.py [--vocab 100000] [--prompts 10] [--targets 1,3,10] [--eps 1e-3,1e-2,1e-1]
+    python benchmarks/target_calls.py [--vocab 100000] [--prompts 10] [--targets 1,3,10] [--eps 1e-3,1e-2,1e-1] [--draws 128]
 
 The simulator answers as OpenAI documents: pre-bias top-20, -9999 for a forced token outside
-it, and a bias that steers sampling, in float32. Per prompt, `targets` tokens ranked 50 to
+it, and a bias that steers sampling, in float32; with --draws M, also OpenAI's `n`: M choices a
+request at a temperature, which bisection uses to locate the targets before it proves them. Per prompt, `targets` tokens ranked 50 to
 5,000 are searched. Prints per (targets, eps): mean calls per prompt, calls per target beyond
-the 2-call check, the spec's prediction (what `estimate` says), the information bound
+the 2-call check, the spec's prediction (what `estimate` says), the information bound of greedy calls (one token a call; draws are not bound by it)
 n ln(2B / eps) / ln(n + 1) per target, and the worst error against ground truth.
 """
 
@@ -20,8 +21,8 @@ from logprob_cli.endpoints import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.methods import METHODS, SPECS, Context, drive
 
 
-def measure(vocab: int, prompts: int, targets: int, eps: float) -> dict:
-    config = SimulatorConfig(vocab_size=vocab, logprobs_after_bias=False, sampled_logprob="sentinel")
+def measure(vocab: int, prompts: int, targets: int, eps: float, draws: int = 1) -> dict:
+    config = SimulatorConfig(vocab_size=vocab, logprobs_after_bias=False, sampled_logprob="sentinel", max_draws=draws)
     endpoint = SimulatedEndpoint(config)
     calls, worst = [], 0.0
     for p in range(prompts):
@@ -47,12 +48,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--targets", default="1,3,10")
     parser.add_argument("--eps", default="1e-3,1e-2,1e-1")
+    parser.add_argument("--draws", type=int, default=1, help="choices a request may draw (OpenAI's n; 1: greedy only)")
     args = parser.parse_args()
     print("| targets | eps | calls/prompt | calls/target | spec (estimate) | bound/target | max error |")
     print("|---|---|---|---|---|---|---|")
     for n in map(int, args.targets.split(",")):
         for eps in map(float, args.eps.split(",")):
-            r = measure(args.vocab, args.prompts, n, eps)
+            r = measure(args.vocab, args.prompts, n, eps, args.draws)
             print(f"| {n} | {eps:g} | {r['calls']:.1f} | {r['per_target']:.2f} | {r['spec']} | {r['bound']:.1f} | {r['error']:.1e} |", flush=True)
 
 

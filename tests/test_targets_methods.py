@@ -4,6 +4,7 @@ Each plan reads only the targets its first call did not show, at the cost its sp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import pytest
 
 from logprob_cli.methods import SPECS, Context, cheapest, drive, METHODS
 from logprob_cli.methods._bisection import few_chance
+from logprob_cli.endpoints import Answer, EndpointRejected, Limits, Query
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 PROMPT = "Is the sky green? Answer:"
@@ -142,3 +144,47 @@ def test_listed_reads_every_target_in_one_call_where_ids_may_be_listed():
 def test_listed_is_refused_where_no_list_is_taken():
     with pytest.raises(Exception, match="listed needs an endpoint"):
         run("listed", OPENAI, far_targets(OPENAI, 2))
+
+
+OPENAI_N = SimulatorConfig(vocab_size=20_000, logprobs_after_bias=False, sampled_logprob="sentinel", max_draws=128)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-1])
+def test_bisection_with_draws_finds_targets_in_about_four_calls_each(eps):
+    """OpenAI's contract with its `n` (128 choices a request at a temperature): the draws locate the targets, greedy
+    calls prove the brackets, so the values are as sure as plain bisection's, at far fewer calls."""
+    targets = far_targets(OPENAI_N, 3)
+    result, calls, truth, limits = run("bisection", OPENAI_N, targets, eps=eps)
+    check_only_targets(result, targets, truth, eps)
+    assert (calls - 2) / 3 <= 5.0
+    assert calls < SPECS["bisection"].calls(20_000, 20, eps, Limits(), 3)  # plain bisection's count
+    assert abs(calls - SPECS["bisection"].calls(20_000, 20, eps, limits, 3)) <= 0.1 * calls
+    assert any("drew up to 128 choices" in note for note in result.notes)
+
+
+def test_bisection_proves_what_the_draws_suggest_where_the_endpoint_ignores_n():
+    """An endpoint that declares draws but answers each request with one greedy token (no draws): the drawing phase
+    stops at its first answer and greedy bisection finds the same values."""
+    endpoint = SimulatedEndpoint(OPENAI_N)
+    targets = far_targets(OPENAI_N, 3)
+
+    def greedy_only(query):
+        return dataclasses.replace(endpoint.answer(PROMPT, dataclasses.replace(query, draws=1, temperature=0.0)), drawn=())
+
+    ctx = Context(endpoint.vocab_size, endpoint.limits, targets=targets)
+    result, calls = drive(METHODS["bisection"](ctx), greedy_only)
+    check_only_targets(result, targets, endpoint.true_logprobs(PROMPT), 1e-3)
+
+
+def test_drawn_choices_survive_the_journal_form_and_draws_change_the_key():
+    endpoint = SimulatedEndpoint(OPENAI_N)
+    query = Query.make({5: 3.0}, draws=16, temperature=1.0)
+    answer = endpoint.answer(PROMPT, query)
+    assert len(answer.drawn) == 16 and answer.sampled == answer.drawn[0]
+    assert Answer.from_bytes(answer.to_bytes()) == answer
+    assert endpoint.answer(PROMPT, query) == answer  # a replay draws the same
+    assert query.key() != Query.make({5: 3.0}).key() == Query(((5, 3.0),)).key()
+    plain = Answer(3, -1.0, (3,), (-1.0,))
+    assert Answer.from_bytes(plain.to_bytes()) == plain and len(plain.to_bytes()) == 20 + 16
+    with pytest.raises(EndpointRejected):
+        SimulatedEndpoint(OPENAI).answer(PROMPT, query)

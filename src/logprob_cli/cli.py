@@ -87,7 +87,7 @@ Api = enum.Enum("Api", {"chat": "chat", "completions": "completions"}, type=str)
 SIM_HELP = (
     "Built-in simulator switch (repeatable), e.g. vocab_size=20000, logprobs_after_bias=false, "
     "bias_steers_sampling=false, sampled_logprob=sentinel, top_logprobs_cap=5, bias_max=50, precision=bfloat16, "
-    "tie_noise=1e-4, seed=1."
+    "tie_noise=1e-4, max_draws=128, seed=1."
 )
 MODEL_HELP = (
     "Model of an OpenAI-compatible endpoint, or hf:PATH for a local transformers model folder (offline; "

@@ -20,6 +20,7 @@ distribution (float64 log-softmax of the float32 logits) and `calls` counts requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import json
@@ -58,6 +59,8 @@ class SimulatorConfig:
         nondeterminism of a real engine at temperature 0; 0 means none.
     chosen_ids: how many chosen token ids a request may list to get their logprobs besides the
         top-k (vLLM's logprob_token_ids, here alongside the top-k); 0 (default): none.
+    max_draws: how many choices a request may draw at a temperature (OpenAI's `n`, which it documents up to
+        128); 1 (default): none beyond the greedy one.
     """
 
     vocab_size: int = 100_000
@@ -72,6 +75,7 @@ class SimulatorConfig:
     precision: Literal["float32", "bfloat16"] = "float32"
     tie_noise: float = 0.0
     chosen_ids: int = 0
+    max_draws: int = 1
 
     def __post_init__(self) -> None:
         """Refuses a value the simulator would ignore or crash on, naming the field and its allowed range."""
@@ -81,6 +85,7 @@ class SimulatorConfig:
         _check_int("top_logprobs_cap", self.top_logprobs_cap, 1, self.vocab_size)
         _check_int("bias_entries", self.bias_entries, 1, None)
         _check_int("chosen_ids", self.chosen_ids, 0, None)
+        _check_int("max_draws", self.max_draws, 1, None)
         _check_float("bias_max", self.bias_max, "a finite number above 0", lambda x: x > 0)
         _check_float("tie_noise", self.tie_noise, "a finite number, 0 or above", lambda x: x >= 0)
         for name in ("logprobs_after_bias", "bias_steers_sampling"):
@@ -189,7 +194,7 @@ class SimulatedEndpoint(Endpoint):
         self.system = system or None
         c = self.config
         self.vocab_size = c.vocab_size
-        self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries, token_ids=c.chosen_ids)
+        self.limits = Limits(c.top_logprobs_cap, c.bias_max, c.bias_entries, token_ids=c.chosen_ids, draws=c.max_draws)
         self.sim = _shared_model(c.vocab_size, c.hidden_size, c.seed, c.precision)
         self.image_rank = c.hidden_size + 2  # W's columns, the unigram term u, the ones vector
         self.calls = 0
@@ -200,6 +205,8 @@ class SimulatedEndpoint(Endpoint):
         settings = asdict(self.config)
         if not settings["chosen_ids"]:
             del settings["chosen_ids"]  # absent when off, as before it existed, so checkpoints still resume
+        if settings["max_draws"] == 1:
+            del settings["max_draws"]  # likewise
         return EndpointDescription(
             "simulator", self.model,
             f"built-in simulated endpoint (offline, no API key; {self.vocab_size:,}-token vocabulary)",
@@ -292,10 +299,32 @@ class SimulatedEndpoint(Endpoint):
         if sampled not in top_seen[:k] and c.sampled_logprob == "sentinel":
             reported = None
         answer = Answer(sampled, reported, tuple(int(i) for i in top_seen), tuple(float(x) for x in top_lp))
+        if query.draws > 1:
+            answer = self._drawn(answer, content, query, steer, seen, top_seen[:k], log_norm)
         if not query.token_ids:
             return answer
         chosen = np.asarray(query.token_ids, dtype=np.int64)
         return with_chosen(answer, query, dict(zip(query.token_ids, self._reported(seen, chosen, log_norm).tolist())))
+
+    def _drawn(self, answer: Answer, content: Any, query: Query, steer: np.ndarray, seen: np.ndarray,
+               shown: np.ndarray, log_norm: tuple[np.float32, np.float32]) -> Answer:
+        """`answer` with `query.draws` choices drawn from softmax(steer / T) (T = query.temperature; 0: every
+        choice the greedy token), the first choice's token and reported logprob as `sampled`. The draws are a
+        function of the prompt and the query (a replay draws the same), independent across distinct queries."""
+        if query.temperature > 0:
+            scaled = steer.astype(np.float64) / query.temperature
+            weights = np.exp(scaled - scaled.max())
+            key = hashlib.blake2b(json.dumps(content, sort_keys=True).encode() + query.key(), digest_size=16).digest()
+            rng = np.random.default_rng([self.config.seed, 11, *np.frombuffer(key, dtype=np.uint32)])
+            counts = rng.multinomial(query.draws, weights / weights.sum())
+            drawn = rng.permutation(np.repeat(np.arange(steer.size), counts))
+        else:
+            drawn = np.full(query.draws, answer.sampled)
+        first = int(drawn[0])
+        reported: float | None = float(self._reported(seen, np.asarray([first]), log_norm)[0])
+        if first not in shown and self.config.sampled_logprob == "sentinel":
+            reported = None
+        return dataclasses.replace(answer, sampled=first, sampled_logprob=reported, drawn=tuple(int(i) for i in drawn))
 
     def _reported(self, seen: np.ndarray, ids: np.ndarray, log_norm: tuple[np.float32, np.float32]) -> np.ndarray:
         """The logprobs the simulator reports for `ids`: (z - max) - log sum exp in float32, rounded to

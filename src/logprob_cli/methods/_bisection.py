@@ -92,6 +92,7 @@ from logprob_cli.endpoints import Answer, EndpointUnsuitable, Limits, Query
 from logprob_cli.methods._base import (
     BFLOAT16_ROUNDOFF, Context, MethodResult, Plan, check_bias, reference, roundoff, still_unknown, vector_from,
 )
+from logprob_cli.methods import _draws
 from logprob_cli.methods._spec import MethodSpec, Needs
 from logprob_cli.wording import plural
 
@@ -143,6 +144,11 @@ def _search_targets(
     hi = np.full(ctx.vocab_size, first.top_logprobs[-1] - top_lp)
     searchable = np.zeros(ctx.vocab_size, dtype=bool)
     searchable[wanted] = True
+    drawing = _draws.usable(ctx.limits.draws) and 0 < wanted.size <= ctx.limits.bias_entries and not marked.any() and not above
+    if drawing:  # module doc, "Targets": located by draws, then proven by greedy calls
+        visible = {int(i): lp - top_lp for i, lp in zip(first.top_ids, first.top_logprobs)}
+        intervals, drawing_calls = yield from _draws.locate(wanted, lo, hi, visible, ctx.limits.draws, eps, big)
+        proving_calls = yield from _prove(intervals, lo, hi, top, big)
     counts = yield from search(ctx, lo, hi, top, marked, searchable, {i: -big for i in above}, chance=few_chance)
     done = (hi[wanted] - lo[wanted] <= eps) & (hi[wanted] > -big)
     resolved = wanted[done]
@@ -153,14 +159,36 @@ def _search_targets(
         precision += float((hi[resolved] - lo[resolved]).max()) / 2
     if grid == BFLOAT16_ROUNDOFF:
         precision += 2 * grid * LOGIT_MAGNITUDE
-    calls = counts["calls"] + behaviour["check_calls"]
+    calls = counts["calls"] + behaviour["check_calls"] + (drawing_calls + proving_calls if drawing else 0)
     notes = [f"{resolved.size} of {plural(len(ctx.targets), 'target')} found by bisection beyond the top-"
              f"{len(first.top_ids)} ({plural(calls, 'call')}, eps {eps:g}); values anchored on the top token's logprob"]
+    if drawing:
+        notes.append(
+            f"{plural(drawing_calls, 'call')} drew up to {min(ctx.limits.draws, _draws.MOST_DRAWS)} choices each to "
+            f"locate them, {plural(proving_calls, 'greedy call')} proved the brackets"
+        )
     if wanted.size > resolved.size:
         notes.append(f"{plural(wanted.size - resolved.size, 'target')} never won at bias {big:g} or stayed open: "
                      "unrecovered, with the bound the answers prove")
     bounds = {int(i): float(top_lp + hi[i]) for i in wanted[~done]}
     return MethodResult(logprobs, bounds, precision, behaviour, notes)
+
+
+def _prove(
+    intervals: dict[int, tuple[float, float]], lo: np.ndarray, hi: np.ndarray, top: int, big: float
+) -> Generator[list[Query], list[Answer], int]:
+    """Greedy calls that prove the drawn intervals [a_i, b_i] (module doc, "Targets"), in one batch: every target
+    at threshold b_i (t0 winning proves D_i < b_i for all), and each target within reach alone at a_i (winning
+    proves D_i > a_i). The brackets learn what each answer proves, as in the search; returns the calls."""
+    ids = np.fromiter(intervals, dtype=np.int64)
+    groups = [ids] + [np.asarray([i]) for i in ids if intervals[int(i)][1] > -big]
+    thresholds = [np.asarray([max(intervals[int(i)][1], -big) for i in ids])]
+    thresholds += [np.asarray([max(intervals[int(g[0])][0], -big)]) for g in groups[1:]]
+    answers = yield [Query.make(dict(zip(g.tolist(), (-t).tolist()))) for g, t in zip(groups, thresholds)]
+    for group, tau, answer in zip(groups, thresholds, answers):
+        if not answer.withheld:
+            _learn(lo, hi, group, tau, answer.sampled)
+    return len(answers)
 
 
 def few_chance(size: int) -> float:
@@ -346,13 +374,16 @@ def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int 
 
 
 def target_calls(targets: int, eps: float, limits: Limits) -> int:
-    """2 + ceil(n ln(2B / eps) / I(m) (0.9 + 0.1 / m)), for n targets in queries of m each.
+    """2 + ceil(n ln(2B / eps) / I(m) (0.9 + 0.1 / m)), for n targets in queries of m each; where the endpoint
+    draws enough choices a request (_draws.usable), 2 + ceil(drawing(n, eps)) + n + 1 instead (_draws.calls).
 
     n ln(2B / eps) nats must be learnt (each bracket from about 2B to eps) at I(m) nats a call, the
     expected log-shrink at few_chance(m) (module doc, "Targets"); the last factor is a fit to measured
     runs on the float32 simulator (n 1 to 10, eps 1e-3 to 1e-1, 10 prompts each: within 8%), where the
     pooled belief and a winner's bound on its neighbours save a little beside one target alone (plain
     bisection, exact). Measured: 9.6 calls a target at n = 3, eps 1e-3; 5.9 at eps 0.1."""
+    if _draws.usable(limits.draws) and targets <= limits.bias_entries:
+        return 2 + math.ceil(_draws.calls(targets, eps)) + targets + 1
     groups = math.ceil(targets / limits.bias_entries)
     size = math.ceil(targets / groups)
     q = few_chance(size)

@@ -82,6 +82,8 @@ class ProbeReport:
     top_with_token_ids: bool = True  # the top-k comes back beside listed ids (vLLM: in their place)
     bias_max: float = 100.0  # the bias range and entry cap the endpoint declares (OpenAI's documented ones by
     bias_entries: int = 300  # default): a plan must not count on a bias the endpoint clips
+    draws: int = 1  # choices a request may draw at a temperature, as the endpoint declares (OpenAI's `n`); the
+    # bisection plan proves whatever its draws suggest with greedy calls, and stops drawing where none come back
     bias_above_100: str = "untested"  # rejected | accepted | unknown
     bias_entries_over_300: str = "untested"  # rejected | accepted | unknown
     precision: str = "float32"
@@ -112,7 +114,7 @@ class ProbeReport:
         listed = self.token_ids_cap if self.chosen_ids else 0
         return Limits(
             top_logprobs=self.top_logprobs_cap, bias_max=self.bias_max, bias_entries=self.bias_entries, token_ids=listed,
-            top_with_token_ids=self.top_with_token_ids,
+            top_with_token_ids=self.top_with_token_ids, draws=self.draws,
         )
 
     def rows(self) -> list[tuple[str, str]]:
@@ -202,7 +204,9 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     """
     prompt = dataclasses.replace(prompt, completion_ids=())  # a position's context as plain ids: never from rows
     declared = endpoint.limits
-    report = ProbeReport(vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries)
+    report = ProbeReport(
+        vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries, draws=declared.draws
+    )
     report.unnamed_tokens = len(endpoint.unnamed_tokens())
     ask = _Asker(endpoint, prompt, report)
     first, asked = await _find_cap(ask, report, endpoint.vocab_size)
