@@ -67,7 +67,7 @@ def test_call_count_is_what_the_simulator_answered_for_every_cap(after):
 
 
 def test_the_advertised_count_is_what_an_openai_like_endpoint_answers():
-    endpoint = Refusing(SimulatorConfig(vocab_size=VOCAB, logprobs_after_bias=False, sampled_logprob="sentinel"), openai_like)
+    endpoint = Refusing(SimulatorConfig(vocab_size=VOCAB, logprobs_after_bias=False, sampled_logprob="sentinel", max_draws=128), openai_like)
     report = probed(endpoint)
     assert report.bias_above_100 == report.bias_entries_over_300 == "rejected"
     assert endpoint.calls == report.calls == PROBE_CALLS

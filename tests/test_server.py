@@ -177,7 +177,7 @@ def _legacy_error(**kwargs):
         (_chat_error(logit_bias={"-1": 5}), openai.BadRequestError, 400, "outside the vocabulary"),
         (_chat_error(logit_bias={str(i): 1 for i in range(301)}), openai.BadRequestError, 400, "at most 300"),
         (_chat_error(messages=[]), openai.BadRequestError, 400, "messages"),
-        (_chat_error(n=2), openai.BadRequestError, 400, "only n=1"),
+        (_chat_error(n=2), openai.BadRequestError, 400, "draws at most 1 choice a request"),
         (_legacy_error(logprobs=6), openai.BadRequestError, 400, "logprobs must be <= 5"),
         (_legacy_error(max_tokens=16), openai.BadRequestError, 400, "only max_tokens=1"),
         (_legacy_error(model="davinci-002"), openai.NotFoundError, 404, "does not exist"),

@@ -1,7 +1,12 @@
 """The built-in simulator served as an OpenAI-compatible HTTP API (standard library only).
 
 Routes, in OpenAI's JSON formats: GET /v1/models, POST /v1/chat/completions and POST
-/v1/completions (legacy). Every request produces one token (`max_tokens` absent or 1);
+/v1/completions (legacy). Every request produces one token (`max_tokens` absent or 1) per
+choice: one choice, the greedy token, unless (openai dialect only) `n` asks for up to 128, which are
+drawn at the request's `temperature` (0 to 2, default 1) from the biased logits, each choice with its
+token's logprob (the top list's value, or the sentinel as the simulator's sampled_logprob says) and the
+same top_logprobs; the simulator's `max_draws` caps n (a larger n is a 400), and usage counts one
+completion token a choice;
 the answer is `SimulatedEndpoint.answer` for the request's prompt (the chat `messages`
 list exactly as sent, or the legacy `prompt` string) and its logit_bias / top-k. A
 generated token outside the returned top-k that the simulator withholds is reported as
@@ -127,6 +132,8 @@ from logprob_cli.endpoints import SimulatedEndpoint, SimulatorConfig, simulator_
 
 SENTINEL = -9999.0
 LEGACY_LOGPROBS_CAP = 5  # OpenAI's legacy Completions cap
+OPENAI_MAX_N = 128  # OpenAI's documented maximum of `n`
+OPENAI_MAX_TEMPERATURE = 2.0
 _TOKEN_ID = re.compile(r"-?[0-9]+")
 FAULT_KINDS = ("429", "500", "timeout", "cut", "malformed")
 DIALECTS = ("openai", "vllm", "llama-cpp-python")
@@ -352,7 +359,8 @@ class SimulatorServer:
             return {"object": "list", "data": [card]}
         if self._lcp:
             return {"object": "list", "data": [{"id": self.config.model, "object": "model", "owned_by": "me", "permissions": []}]}
-        return {"object": "list", "data": [{"id": self.config.model, "object": "model", "owned_by": "logprob-cli"}]}
+        card = {"id": self.config.model, "object": "model", "owned_by": "logprob-cli", "max_draws": self.config.simulator.max_draws}
+        return {"object": "list", "data": [card]}
 
     def chat_completions(self, body: Any) -> dict[str, Any]:
         body = self._completion_request(body)
@@ -375,7 +383,9 @@ class SimulatorServer:
             k = self._top_logprobs(body, bool(logprobs))
         prompt = Prompt(id=0, line=0, messages=messages)
         top_k = 0 if chosen else k  # vLLM: the chosen ids take the top-k's place
-        answer = self._answer(prompt, Query.make(self._bias(body), top_k if logprobs else 0, chosen if logprobs else ()))
+        draws, temperature = self._draws(body)
+        query = Query.make(self._bias(body), top_k if logprobs else 0, chosen if logprobs else (), draws, temperature)
+        answer = self._answer(prompt, query)
         sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
         content = None
         if logprobs and self._vllm:
@@ -384,6 +394,9 @@ class SimulatorServer:
             top = [{"token": text, "logprob": lp, "bytes": None} for text, lp in _lcp_top(answer, k).items()]
             entry = {"token": _lcp_text(answer.sampled), "logprob": _lcp_sampled_logprob(answer), "bytes": None}
             content = {"content": [{**entry, "top_logprobs": top}], "refusal": None}
+        elif draws > 1:
+            top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
+            return self._drawn_chat(prompt, query, answer, top if logprobs else None)
         elif logprobs:
             top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
             content = {"content": [{**self._entry(answer.sampled, sampled_lp), "top_logprobs": top}]}
@@ -440,7 +453,11 @@ class SimulatorServer:
                 raise _ApiError(400, f"logprobs must be <= {cap}", "logprobs")
             if k is not None and k < 0:
                 raise _ApiError(400, "logprobs must be >= 0", "logprobs")
-        answer = self._answer(prompt, Query.make(self._bias(body), 0 if chosen else min(k or 0, self.config.simulator.vocab_size), chosen))
+        draws, temperature = self._draws(body)
+        query = Query.make(self._bias(body), 0 if chosen else min(k or 0, self.config.simulator.vocab_size), chosen, draws, temperature)
+        answer = self._answer(prompt, query)
+        if draws > 1:
+            return self._drawn_completion(prompt, query, answer, k is not None)
         text = _vllm_text(answer.sampled) if self._vllm else _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)
         logprobs = None
         if k is not None and self._vllm:
@@ -630,8 +647,6 @@ class SimulatorServer:
                             "model", "model_not_found")
         if body.get("stream"):
             raise _ApiError(400, "streaming is not supported", "stream")
-        if body.get("n") not in (None, 1):
-            raise _ApiError(400, "only n=1 is supported", "n")
         return body
 
     def _bias(self, body: dict[str, Any]) -> dict[int, float]:
@@ -657,6 +672,64 @@ class SimulatorServer:
                 raise _ApiError(400, f"logit_bias value for token {key} must be a finite number", "logit_bias")
             bias[int(key)] = number
         return bias
+
+    def _draws(self, body: dict[str, Any]) -> tuple[int, float]:
+        """The request's `n` and, where n > 1, its `temperature`, checked as OpenAI does (module docstring)."""
+        n = _integer(body, "n")
+        n = 1 if n is None else n
+        if not 1 <= n <= OPENAI_MAX_N:
+            side = "above maximum" if n > OPENAI_MAX_N else "below minimum"
+            bound = f"<= {OPENAI_MAX_N}" if n > OPENAI_MAX_N else ">= 1"
+            raise _ApiError(400, f"Invalid 'n': integer {side} value. Expected a value {bound}, but got {n} instead.", "n")
+        if n == 1:
+            return 1, 0.0
+        if self.config.dialect != "openai":
+            raise _ApiError(400, f"n above 1 is served in the openai dialect only, not {self.config.dialect}", "n")
+        temperature = _finite(body.get("temperature", 1.0))
+        if temperature is None or not 0 <= temperature <= OPENAI_MAX_TEMPERATURE:
+            raise _ApiError(400, f"Invalid 'temperature': expected a number from 0 to {OPENAI_MAX_TEMPERATURE:g}", "temperature")
+        return n, temperature
+
+    def _drawn_logprobs(self, prompt: Prompt, query: Query, answer: Answer) -> list[float]:
+        """Each choice's logprob for its token: the first as answered, the rest from the top list or, outside it,
+        the sentinel or the simulator's reported value, as its sampled_logprob says."""
+        values = answer.top()
+        outside = sorted({i for i in answer.drawn[1:] if i not in values})
+        if outside and self.config.simulator.sampled_logprob == "report":
+            with self._lock:
+                values.update(zip(outside, self.endpoint.reported_logprobs(prompt, query, outside).tolist()))
+        first = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
+        return [first] + [values.get(i, SENTINEL) for i in answer.drawn[1:]]
+
+    def _drawn_chat(self, prompt: Prompt, query: Query, answer: Answer, top: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """A chat completion of several drawn choices (openai dialect); top: the top_logprobs (None: no logprobs)."""
+        choices = []
+        for index, (token, logprob) in enumerate(zip(answer.drawn, self._drawn_logprobs(prompt, query, answer))):
+            content = None if top is None else {"content": [{**self._entry(token, logprob), "top_logprobs": top}]}
+            message = {"role": "assistant", "content": _text(token)}
+            choices.append({"index": index, "message": message, "finish_reason": "length", "logprobs": content})
+        n = _approx_tokens(prompt.messages)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.config.model, "system_fingerprint": "fp_simulator", "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": len(choices), "total_tokens": n + len(choices)},
+        }
+
+    def _drawn_completion(self, prompt: Prompt, query: Query, answer: Answer, logprobs: bool) -> dict[str, Any]:
+        """A legacy completion of several drawn choices (openai dialect); logprobs: whether they were asked for."""
+        top: dict[str, float] = {}
+        for i, lp in zip(answer.top_ids, answer.top_logprobs):
+            top[_legacy_token(i)] = max(lp, top.get(_legacy_token(i), -math.inf))
+        choices = []
+        for index, (token, logprob) in enumerate(zip(answer.drawn, self._drawn_logprobs(prompt, query, answer))):
+            entry = {"tokens": [_legacy_token(token)], "token_logprobs": [logprob], "top_logprobs": [top], "text_offset": [0]}
+            choices.append({"text": _text(token), "index": index, "finish_reason": "length", "logprobs": entry if logprobs else None})
+        n = _approx_tokens(prompt.prompt) + len(prompt.context_ids)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": self.config.model, "system_fingerprint": "fp_simulator", "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": len(choices), "total_tokens": n + len(choices)},
+        }
 
     def _answer(self, prompt: Prompt, query: Query) -> Answer:
         try:

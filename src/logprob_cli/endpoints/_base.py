@@ -188,7 +188,8 @@ class Limits:
     def check(self, query: Query, vocab_size: int) -> None:
         """Raise EndpointRejected, naming the setting, for token_ids or draws this endpoint cannot take."""
         if query.draws > self.draws:
-            raise EndpointRejected(f"this endpoint draws at most {self.draws} choices a request, got {query.draws}")
+            most = f"{self.draws} choice" + "s" * (self.draws != 1)
+            raise EndpointRejected(f"this endpoint draws at most {most} a request, got {query.draws}")
         if not query.token_ids:
             return
         if not self.token_ids:

@@ -103,6 +103,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         settings.model, vocabulary, base_url=base_url, api_key=settings.api_key, api=settings.api,
         system=settings.system, extra_body=dict(settings.extra_body) if settings.extra_body is not None else None,
         dialect=facts.get("dialect", "openai"), post_bias=settings.post_bias, mixed_prompts=facts.get("mixed_prompts", False),
+        draws=facts.get("draws"),
         limiter=RateLimiter(settings.rpm, settings.tpm),
         retry=RetryPolicy(attempts=settings.retries, timeout=settings.timeout),
     )

@@ -11,7 +11,11 @@ llama-server, `withheld_tokens` names the ids whose answers it withholds (from i
 asked once through the same wire), and its calls go one at a time. llama-cpp-python's server
 (dialect "llama-cpp-python") keys its logprobs by token text only: each text is mapped through the
 model's GGUF vocabulary, and the tokens whose text another token shares (or that render as no text)
-are `unnamed_tokens`, never given a value. `split_text` asks llama-server's
+are `unnamed_tokens`, never given a value. A query drawing several choices (`Query.draws`, OpenAI's dialect
+only: `OPENAI_DRAWS`) sends `n` and its `temperature`, and its answer's `drawn` holds each choice's token, in
+the choices' order; a server that returns fewer choices than asked for ignored `n`, and one that refuses `n`
+is asked again without it: either way the answer draws nothing (`drawn` empty) and the plan goes on greedily.
+`split_text` asks llama-server's
 and vLLM's own POST /tokenize, else the vocabulary's tokenizer; vLLM returns the logprobs of chosen
 ids (`OpenAIEndpoint`).
 
@@ -69,6 +73,10 @@ LLAMA_CPP_DEFAULTS = {"cache_prompt": False}  # llama-server's prompt cache chan
 VLLM_DEFAULTS = {"return_tokens_as_token_ids": True}
 # vLLM's logprob_token_ids: at most 128 ids a request, in place of the top-k (`OpenAIEndpoint`)
 VLLM_CHOSEN_IDS = {"token_ids": 128, "top_with_token_ids": False}
+# OpenAI's documented `n`: "How many chat completion choices to generate", 1 to 128 in its OpenAPI spec, billed as
+# the generated tokens of every choice; an unknown OpenAI-compatible server is assumed to take it too (one that
+# ignores or refuses it costs the plan one call: module doc)
+OPENAI_DRAWS = {"draws": 128}
 POST_BIAS_DRAWS = 8
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 # llama-cpp-python renders a token's piece into a 32-byte buffer (llama_cpp/_internals.py, LlamaModel.detokenize):
@@ -146,7 +154,8 @@ async def ask_models(
 
 def _facts(models: Any) -> dict[str, Any]:
     """The dialect (and llama.cpp's vocabulary size) that GET /models' `data` list shows, else {}; for the served
-    simulator (OpenAI's dialect) that its completions API takes mixed prompts, as llama-server's does."""
+    simulator (OpenAI's dialect) that its completions API takes mixed prompts, as llama-server's does, and the choices
+    a request may draw (its max_draws)."""
     for entry in models if isinstance(models, list) else []:
         if not isinstance(entry, dict):
             continue
@@ -157,8 +166,9 @@ def _facts(models: Any) -> dict[str, Any]:
             return {"dialect": "vllm", "served_model": entry.get("id")}
         if entry.get("owned_by") == "me":
             return {"dialect": LLAMA_CPP_PYTHON, "served_model": entry.get("id")}
-        if entry.get("owned_by") == "logprob-cli":  # the built-in simulator served (server.py)
-            return {"mixed_prompts": True}
+        if entry.get("owned_by") == "logprob-cli":  # the built-in simulator served (server.py), with its `n` cap
+            draws = entry.get("max_draws")
+            return {"mixed_prompts": True, "draws": draws if isinstance(draws, int) and draws >= 1 else 1}
     return {}
 
 
@@ -210,6 +220,7 @@ class OpenAIEndpoint(Endpoint):
         mixed_prompts: bool = False,
         rows_per_call: int = ROWS_PER_CALL,
         cache_bytes: int = ROWS_CACHE_BYTES,
+        draws: int | None = None,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -231,7 +242,9 @@ class OpenAIEndpoint(Endpoint):
         # llama-server and llama-cpp-python return as many top logprobs as asked for (the whole vocabulary); vLLM 20
         # on either API (its --max-logprobs default: the probe finds more); OpenAI's caps otherwise (20 chat, 5 legacy)
         cap = vocabulary.size if dialect in ("llama.cpp", LLAMA_CPP_PYTHON) else 20 if api == "chat" or dialect == "vllm" else 5
-        self.limits = limits or Limits(top_logprobs=cap, **(VLLM_CHOSEN_IDS if dialect == "vllm" else {}))
+        openai = OPENAI_DRAWS if draws is None else {"draws": draws}  # draws: as the server says (GET /models)
+        declared = {"vllm": VLLM_CHOSEN_IDS, "openai": openai}.get(dialect, {})
+        self.limits = limits or Limits(top_logprobs=cap, **declared)
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         if has_userinfo(self.base_url):
@@ -502,9 +515,13 @@ class OpenAIEndpoint(Endpoint):
             body["logit_bias"] = {str(i): _bias_value(b) for i, b in query.bias}
         if query.token_ids:
             body["logprob_token_ids"] = list(query.token_ids)
+        if query.draws > 1:
+            body.update(n=query.draws, temperature=query.temperature)
         body.update(self.extra_body)
         tokens = self._prompt_tokens.get((prompt.id, prompt.position)) or approx_tokens(prompt.content())
-        if not (self.post_bias and "seed" not in self._user_extra):
+        if query.draws > 1:
+            answer = await self._drawing(path, body, tokens, parse, query.draws)
+        elif not (self.post_bias and "seed" not in self._user_extra):
             answer = await self._post(path, body, tokens + 1, parse)
             if answer.withheld and not query.bias and self.dialect == "llama.cpp" and not self.post_bias:
                 answer = await self._greedy_behind_withheld(path, body, tokens + 1, parse, answer)
@@ -522,6 +539,35 @@ class OpenAIEndpoint(Endpoint):
         if answer.prompt_tokens:
             self._prompt_tokens[prompt.id, prompt.position] = answer.prompt_tokens
         return with_chosen(answer, query, answer.top()) if query.token_ids else _trim(answer, query.top_logprobs)
+
+    async def _drawing(
+        self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer], draws: int
+    ) -> Answer:
+        """The answer to a query drawing `draws` choices (module doc): the first choice's, with every choice's
+        token in `drawn`; without draws where the server returned fewer choices, or refused `n` (then asked
+        again greedily, as the query would be without draws)."""
+
+        def read(data: dict[str, Any]) -> Answer:
+            answer = parse(data)
+            choices = sorted(data.get("choices") or [], key=lambda choice: choice.get("index", 0))
+            if len(choices) < draws:
+                return answer
+            return dataclasses.replace(answer, drawn=tuple(self._choice_token(choice) for choice in choices))
+
+        try:
+            return await self._post(path, body, tokens + draws, read)
+        except EndpointRejected:
+            greedy = {key: value for key, value in body.items() if key != "n"}
+            return await self._post(path, {**greedy, "temperature": 0}, tokens + 1, parse)
+
+    def _choice_token(self, choice: dict[str, Any]) -> int:
+        """The token one choice generated, by id or bytes as every entry (WITHHELD where it carries none)."""
+        logprobs = choice.get("logprobs") or {}
+        if logprobs.get("content"):
+            return self._token_id(logprobs["content"][0])
+        if logprobs.get("tokens"):
+            return self._string_id(logprobs["tokens"][0])
+        return WITHHELD
 
     async def _greedy_behind_withheld(
         self, path: str, body: dict[str, Any], tokens: int, parse: Callable[[dict[str, Any]], Answer], withheld: Answer

@@ -26,7 +26,7 @@ import math
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 
@@ -271,14 +271,9 @@ class SimulatedEndpoint(Endpoint):
         self.calls += 1
         content = self.content(prompt)
         z = self.sim.logits(content)
-        bias = np.clip(np.fromiter((b for _, b in query.bias), dtype=np.float32, count=ids.size), -c.bias_max, c.bias_max)
-
         noisy = c.tie_noise > 0
         base = z + self._noise.standard_normal(z.size, dtype=np.float32) * np.float32(c.tie_noise) if noisy else z
-        biased = base.copy()
-        biased[ids] += bias
-        if c.precision == "bfloat16" and ids.size:
-            biased[ids] = to_bfloat16(biased[ids])
+        biased = self._biased(base, query)
 
         seen = biased if c.logprobs_after_bias else base
         steer = biased if c.bias_steers_sampling else base
@@ -325,6 +320,25 @@ class SimulatedEndpoint(Endpoint):
         if first not in shown and self.config.sampled_logprob == "sentinel":
             reported = None
         return dataclasses.replace(answer, sampled=first, sampled_logprob=reported, drawn=tuple(int(i) for i in drawn))
+
+    def reported_logprobs(self, prompt: Prompt | Any, query: Query, ids: Iterable[int]) -> np.ndarray:
+        """The logprobs an answer to `query` reports for `ids` (as a generated token or a top-k entry, without
+        the fresh tie noise of a call): the served simulator's values for the choices after the first of a
+        query drawing several (server.py)."""
+        z = self.sim.logits(self.content(prompt))
+        seen = self._biased(z, query) if self.config.logprobs_after_bias else z
+        return self._reported(seen, np.fromiter(ids, dtype=np.int64), _log_normalizer(seen))
+
+    def _biased(self, logits: np.ndarray, query: Query) -> np.ndarray:
+        """The logits with the query's bias added (clipped to +-bias_max) in the simulator's precision."""
+        c = self.config
+        ids = np.fromiter((i for i, _ in query.bias), dtype=np.int64, count=len(query.bias))
+        bias = np.clip(np.fromiter((b for _, b in query.bias), dtype=np.float32, count=ids.size), -c.bias_max, c.bias_max)
+        biased = logits.copy()
+        biased[ids] += bias
+        if c.precision == "bfloat16" and ids.size:
+            biased[ids] = to_bfloat16(biased[ids])
+        return biased
 
     def _reported(self, seen: np.ndarray, ids: np.ndarray, log_norm: tuple[np.float32, np.float32]) -> np.ndarray:
         """The logprobs the simulator reports for `ids`: (z - max) - log sum exp in float32, rounded to

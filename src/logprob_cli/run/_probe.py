@@ -27,7 +27,10 @@ Measured, in this order, on one prompt:
      (vLLM's prompt_logprobs, `Endpoint.positions_per_call`) and the whole vocabulary came back:
      one call for the position after the prompt and its greedy token, whose rows also hold the
      position after the prompt alone, which must equal the first answer to 1e-3 nats
-     (`positions_per_call`; else 1, and `unknown` says why).
+     (`positions_per_call`; else 1, and `unknown` says why);
+  8. where the endpoint declares that a request may draw several choices at a temperature (OpenAI's `n`,
+     `Limits.draws`): one call for 2 choices at temperature 1, which must come back with 2 tokens (`draws`:
+     the declared number; else 1, and `unknown` says why).
 Calls: `expected_calls` gives what the probe gets answered (billed) on an endpoint that behaves
 as a report says; PROBE_CALLS is that on OpenAI's API, which rejects the two limit tests (the
 built-in simulator clips a bias above 100 instead, one call more). A test holds the two to the
@@ -82,8 +85,10 @@ class ProbeReport:
     top_with_token_ids: bool = True  # the top-k comes back beside listed ids (vLLM: in their place)
     bias_max: float = 100.0  # the bias range and entry cap the endpoint declares (OpenAI's documented ones by
     bias_entries: int = 300  # default): a plan must not count on a bias the endpoint clips
-    draws: int = 1  # choices a request may draw at a temperature, as the endpoint declares (OpenAI's `n`); the
-    # bisection plan proves whatever its draws suggest with greedy calls, and stops drawing where none come back
+    draws: int = 1  # choices a request may draw at a temperature, as the endpoint declares (OpenAI's `n`) and a draw
+    # of 2 confirmed; the bisection plan proves whatever its draws suggest with greedy calls, and stops drawing where
+    # none come back
+    draws_tested: bool = False  # whether the endpoint declared draws, so the probe asked for 2 (one call either way)
     bias_above_100: str = "untested"  # rejected | accepted | unknown
     bias_entries_over_300: str = "untested"  # rejected | accepted | unknown
     precision: str = "float32"
@@ -136,6 +141,7 @@ class ProbeReport:
             ("forced token's own logprob", shown("forced_logprob", self.forced_logprob)),
             ("logprobs of listed token ids", self._listed_row()),
             ("positions of a text a call", self._positions_row()),
+            *([("choices drawn a call (n)", self._draws_row())] if self.draws_tested else []),
             ("bias above 100", shown("bias_above_100", self.bias_above_100)),
             ("more than 300 bias entries", shown("bias_entries_over_300", self.bias_entries_over_300)),
             ("returned precision", self.precision),
@@ -158,6 +164,9 @@ class ProbeReport:
         if self.positions_per_call > 1:
             return f"up to {self.positions_per_call} (the prompt's logprobs: every position of a text in one call)"
         return self.unknown.get("positions_per_call", "1")
+
+    def _draws_row(self) -> str:
+        return f"up to {self.draws} at a temperature" if self.draws > 1 else self.unknown.get("draws", "1")
 
     def _listed_row(self) -> str:
         if self.chosen_ids:
@@ -204,9 +213,7 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
     """
     prompt = dataclasses.replace(prompt, completion_ids=())  # a position's context as plain ids: never from rows
     declared = endpoint.limits
-    report = ProbeReport(
-        vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries, draws=declared.draws
-    )
+    report = ProbeReport(vocab_size=endpoint.vocab_size, bias_max=declared.bias_max, bias_entries=declared.bias_entries)
     report.unnamed_tokens = len(endpoint.unnamed_tokens())
     ask = _Asker(endpoint, prompt, report)
     first, asked = await _find_cap(ask, report, endpoint.vocab_size)
@@ -233,6 +240,8 @@ async def probe(endpoint: Endpoint, prompt: Prompt) -> ProbeReport:
         await _listed_ids(ask, report, endpoint.limits, head, held)
     if endpoint.positions_per_call > 1 and report.whole_vocabulary and prompt.prompt is not None and not prompt.context_ids:
         await _positions(ask, report, endpoint.positions_per_call, prompt, first)
+    if declared.draws > 1:
+        await _draws(ask, report, declared.draws)
     report.identity = sorted(endpoint.identity)
     _recommend(report, endpoint.vocab_size)
     return report
@@ -384,6 +393,18 @@ async def _listed_ids(ask: _Asker, report: ProbeReport, limits: Limits, head: An
     report.chosen_ids = True
 
 
+async def _draws(ask: _Asker, report: ProbeReport, declared: int) -> None:
+    """Module docstring, 8: two choices drawn at temperature 1 must come back as two tokens."""
+    report.draws_tested = True
+    outcome = await ask(Query.make(draws=2, temperature=1.0))
+    if not isinstance(outcome, Answer):
+        report.unknown["draws"] = f"no: a request drawing 2 choices {_why(outcome)}"
+    elif len(outcome.drawn) < 2:
+        report.unknown["draws"] = "no: a request drawing 2 choices came back with one (the endpoint ignores or refuses `n`)"
+    else:
+        report.draws = declared
+
+
 async def _positions(ask: _Asker, report: ProbeReport, per_call: int, prompt: Prompt, first: Answer) -> None:
     """Module docstring, 7: the position after the prompt and its greedy token, asked as a completion's; the same
     request's rows must give back `first` (the whole vocabulary after the prompt alone) to 1e-3 nats."""
@@ -474,14 +495,16 @@ def expected_calls(report: ProbeReport) -> int:
     by the first answered ask (the whole vocabulary, a cap the refusal names, or one of CAP_STEPS): that
     ask and its twin, TOGETHER at once and 1 alone, the bias test, the forced token where k >= 2 and the
     bias steers sampling (with k = 1 the bias test forces one), each limit test the endpoint accepts, and
-    the listed-ids test where it passed, and the positions test where it passed."""
+    the listed-ids test where it passed, the positions test where it passed, and the draws test where the endpoint
+    declares draws (answered either way: OpenAIEndpoint asks a server refusing `n` again without it)."""
     k = min(report.top_logprobs_cap, MAX_TOP_K)
     forced = int(k >= 2 and bool(report.bias_steers_sampling))
     accepted = sum(test == "accepted" for test in (report.bias_above_100, report.bias_entries_over_300))
-    return 2 + TOGETHER + 1 + 1 + forced + accepted + int(report.chosen_ids) + int(report.positions_per_call > 1)
+    return 2 + TOGETHER + 1 + 1 + forced + accepted + int(report.chosen_ids) + int(report.positions_per_call > 1) + int(report.draws_tested)
 
 
-# OpenAI's API: cap 20, the bias steers sampling, both limit tests rejected.
-PROBE_CALLS = expected_calls(
-    ProbeReport(top_logprobs_cap=MAX_TOP_K, bias_steers_sampling=True, bias_above_100="rejected", bias_entries_over_300="rejected")
-)
+# OpenAI's API: cap 20, the bias steers sampling, both limit tests rejected, draws declared (`n`).
+PROBE_CALLS = expected_calls(ProbeReport(
+    top_logprobs_cap=MAX_TOP_K, bias_steers_sampling=True, bias_above_100="rejected", bias_entries_over_300="rejected",
+    draws_tested=True,
+))
