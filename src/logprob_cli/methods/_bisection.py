@@ -393,9 +393,18 @@ def target_calls(targets: int, eps: float, limits: Limits) -> int:
     return 2 + math.ceil(need / info * (0.9 + 0.1 / size))
 
 
+def generated(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
+    """The completion tokens of `calls`: one a call, and where the target search draws (_draws.usable), each of its
+    _draws.calls(n, eps) drawing calls generates one token a choice."""
+    tokens = calls(vocab_size, top_k, eps, limits, targets)
+    if targets and _draws.usable(limits.draws) and targets <= limits.bias_entries:
+        tokens += math.ceil(_draws.calls(targets, eps)) * (min(limits.draws, _draws.MOST_DRAWS) - 1)
+    return tokens
+
+
 SPEC = MethodSpec(
     "bisection", plan, help="argmax-only search (~2.5 V calls at eps 1e-3, 2.1 V at 1e-2)",
-    needs=Needs(bias_steers_sampling=True), calls=calls, exact_count=False,
+    needs=Needs(bias_steers_sampling=True), calls=calls, exact_count=False, generated=generated,
     picked_when="logprobs are pre-bias, the bias steers sampling, a forced token's own logprob is withheld "
     "(OpenAI's -9999)",
 )

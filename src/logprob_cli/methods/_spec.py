@@ -74,6 +74,8 @@ class MethodSpec:
     whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k; a method that
     needs an image also takes its rank (`rank=`), without which its count is unknown (ValueError).
     exact_count: calls() is what the simulator spends to the call (else a fit, within 10%).
+    generated: the completion tokens one prompt's calls generate (billed as output), by the same arguments as
+    calls; None: one a call (every query asks for one token, except those drawing several choices).
     recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
     """
 
@@ -85,6 +87,11 @@ class MethodSpec:
     exact_count: bool
     picked_when: str = ""
     recovers_all: bool = True
+    generated: CallModel | None = None
+
+    def generated_tokens(self, vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int, calls: int) -> int:
+        """The completion tokens of a prompt costing `calls` calls (`generated`, else one a call)."""
+        return calls if self.generated is None else self.generated(vocab_size, top_k, eps, limits, targets)
 
 
 def at_least_two(method: str, top_k: int) -> None:

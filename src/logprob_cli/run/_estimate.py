@@ -181,12 +181,14 @@ def estimate_run(
             each = [0 if p.position and p.position % per_call else c for p, c in zip(prompts, each)]
         calls = sum(each) + overhead
         prompt_tokens = sum(c * t for c, t in zip(each, tokens)) + overhead * tokens[0]
-        seconds = duration(calls, prompt_tokens / calls + 1, concurrency, latency, rpm, tpm)
-        cost = None if price is None else price.cost(prompt_tokens, calls)
+        spec = SPECS[name]
+        generated = sum(spec.generated_tokens(vocab, k, eps, limits, n, c) for n, c in zip(targets, each)) + overhead
+        seconds = duration(calls, (prompt_tokens + generated) / calls, concurrency, latency, rpm, tpm)
+        cost = None if price is None else price.cost(prompt_tokens, generated)
         per_prompt = round(sum(each) / len(each))
         return Estimate(
-            name, len(prompts), per_prompt, overhead, prompt_tokens, calls, cost, seconds, counted, condition, sum(each),
-            learning,
+            name, len(prompts), per_prompt, overhead, prompt_tokens, generated, cost, seconds, counted, condition,
+            sum(each), learning,
         )
 
     if method != "auto":
@@ -216,7 +218,7 @@ def _pickable(endpoint: Endpoint, eps: float, most: int) -> list[tuple[MethodSpe
     found = endpoint.limits.top_logprobs  # the probe learns the cap; where it is the vocabulary, auto picks direct
     picks = []
     for spec in SPECS.values():
-        expected = _picking(spec, vocab, found, endpoint.limits.token_ids, endpoint.positions_per_call)
+        expected = _picking(spec, vocab, found, endpoint.limits.token_ids, endpoint.positions_per_call, endpoint.limits.draws)
         if spec.needs.chosen_ids and not expected.chosen_ids:
             continue
         if spec.picked_when and cheapest(expected, vocab, min(found, MAX_TOP_K), expected.limits(), eps, most) is spec:
@@ -224,12 +226,13 @@ def _pickable(endpoint: Endpoint, eps: float, most: int) -> list[tuple[MethodSpe
     return picks
 
 
-def _picking(spec: MethodSpec, vocab: int, found: int, listed: int, positions: int = 1) -> ProbeReport:
+def _picking(spec: MethodSpec, vocab: int, found: int, listed: int, positions: int = 1, draws: int = 1) -> ProbeReport:
     """The probe's report on an endpoint that meets exactly what `spec` needs, its cap `found` (the vocabulary
     where the spec needs it): the bias steers sampling where the method recovers every token and changes
     nothing otherwise, both limit tests rejected (as on OpenAI), a list of up to `listed` ids taken
     where the spec needs it and the endpoint declares it (0: it does not), and `positions` of a completion a
-    request (the endpoint's `positions_per_call`) where the spec needs the whole vocabulary."""
+    request (the endpoint's `positions_per_call`) where the spec needs the whole vocabulary, and the choices a request
+    may draw as the endpoint declares them (`draws`, which the probe tests: one call)."""
     needs = spec.needs
     return ProbeReport(
         positions_per_call=positions if needs.whole_vocabulary else 1,
@@ -242,6 +245,8 @@ def _picking(spec: MethodSpec, vocab: int, found: int, listed: int, positions: i
         forced_logprob="reported" if needs.forced_logprob_reported else "sentinel",
         bias_above_100="rejected",
         bias_entries_over_300="rejected",
+        draws=draws,
+        draws_tested=draws > 1,
     )
 
 
