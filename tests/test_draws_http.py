@@ -81,7 +81,7 @@ def test_the_probe_confirms_draws_and_counts_the_call_either_way(max_draws):
 def test_chosen_tokens_on_openais_contract_with_n_cost_what_estimate_says(tmp_path):
     """3 targets a prompt ranked 50 or lower, as benchmarks/target_calls.py picks them: within eps of the truth, about 4
     calls a target beyond the probe, and the calls and generated tokens (billed by the server: one a choice) within
-    10% of `estimate`'s (a fit to that benchmark: targets of very different depths cost ~10% more, notes/README)."""
+    10% of `estimate`'s (a fit to that benchmark; targets of very different depths cost up to 8% more, README)."""
     truth_of = SimulatedEndpoint(OPENAI_N)
     prompts = []
     for i in range(6):

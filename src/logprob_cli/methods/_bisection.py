@@ -375,7 +375,7 @@ def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int 
 
 def target_calls(targets: int, eps: float, limits: Limits) -> int:
     """2 + ceil(n ln(2B / eps) / I(m) (0.9 + 0.1 / m)), for n targets in queries of m each; where the endpoint
-    draws enough choices a request (_draws.usable), 2 + ceil(drawing(n, eps)) + n + 1 instead (_draws.calls).
+    draws enough choices a request (_draws.usable), 2 + drawing(n, eps) + n + 1 instead (_draws.calls).
 
     n ln(2B / eps) nats must be learnt (each bracket from about 2B to eps) at I(m) nats a call, the
     expected log-shrink at few_chance(m) (module doc, "Targets"); the last factor is a fit to measured
@@ -383,7 +383,7 @@ def target_calls(targets: int, eps: float, limits: Limits) -> int:
     pooled belief and a winner's bound on its neighbours save a little beside one target alone (plain
     bisection, exact). Measured: 9.6 calls a target at n = 3, eps 1e-3; 5.9 at eps 0.1."""
     if _draws.usable(limits.draws) and targets <= limits.bias_entries:
-        return 2 + math.ceil(_draws.calls(targets, eps)) + targets + 1
+        return 2 + _draws.calls(targets, eps) + targets + 1
     groups = math.ceil(targets / limits.bias_entries)
     size = math.ceil(targets / groups)
     q = few_chance(size)
@@ -398,7 +398,7 @@ def generated(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: 
     _draws.calls(n, eps) drawing calls generates one token a choice."""
     tokens = calls(vocab_size, top_k, eps, limits, targets)
     if targets and _draws.usable(limits.draws) and targets <= limits.bias_entries:
-        tokens += math.ceil(_draws.calls(targets, eps)) * (min(limits.draws, _draws.MOST_DRAWS) - 1)
+        tokens += _draws.calls(targets, eps) * (min(limits.draws, _draws.MOST_DRAWS) - 1)
     return tokens
 
 
