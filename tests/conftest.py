@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from logprob_cli.methods import METHODS, Context, drive
+from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 
 
@@ -22,3 +23,16 @@ def max_error(result, truth, floor=-20.0):
 @pytest.fixture
 def small():
     return SimulatorConfig(vocab_size=20_000)
+
+
+class BilledEndpoint(OpenAIEndpoint):
+    """An OpenAI-compatible endpoint that adds up the prompt and completion tokens the server bills (usage)."""
+
+    billed_prompt_tokens = 0
+    billed_completion_tokens = 0
+
+    async def ask(self, prompt, query):
+        answer = await super().ask(prompt, query)
+        self.billed_prompt_tokens += answer.prompt_tokens
+        self.billed_completion_tokens += answer.completion_tokens
+        return answer

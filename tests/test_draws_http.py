@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import BilledEndpoint
 from logprob_cli.endpoints import Prompt, Query
 from logprob_cli.endpoints._factory import EndpointSettings, build_endpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
@@ -93,26 +94,15 @@ def test_chosen_tokens_on_openais_contract_with_n_cost_what_estimate_says(tmp_pa
         endpoint = BilledEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url, api_key="x")
         report = asyncio.run(probe(endpoint, prompts[0]))
         (bill,) = estimate_run(prompts, endpoint, "auto", report=report)
-        endpoint.completion_tokens, before = 0, server.endpoint.calls
+        endpoint.billed_completion_tokens, before = 0, server.endpoint.calls
         summary = extract_batch(prompts, tmp_path / "out.parquet", endpoint, "auto", eps=1e-3)
         spent = server.endpoint.calls - before
     assert summary.finished == 6 and not summary.failures and bill.method == "bisection"
     assert abs(bill.calls - spent) <= 0.1 * spent, (bill.calls, spent)
-    assert abs(bill.completion_tokens - endpoint.completion_tokens) <= 0.1 * endpoint.completion_tokens
+    assert abs(bill.completion_tokens - endpoint.billed_completion_tokens) <= 0.1 * endpoint.billed_completion_tokens
     per_target = (spent - bill.overhead_calls - 2 * 6) / 18  # beside the token check, the probe and each prompt's 2
     assert per_target <= 5.0, per_target  # (its top-k and the bisection's check), as test_targets_methods counts
     for row, prompt in zip(pq.read_table(tmp_path / "out.parquet").to_pylist(), prompts):
         truth = truth_of.true_logprobs([{"role": "user", "content": prompt.prompt}])
         assert [t["token_id"] for t in row["targets"]] == list(prompt.targets)
         assert all(abs(t["logprob"] - truth[t["token_id"]]) <= 1e-3 for t in row["targets"])
-
-
-class BilledEndpoint(OpenAIEndpoint):
-    """Adds up the completion tokens the server bills (usage), one a drawn choice."""
-
-    completion_tokens = 0
-
-    async def ask(self, prompt, query):
-        answer = await super().ask(prompt, query)
-        self.completion_tokens += answer.completion_tokens
-        return answer

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import BilledEndpoint
+
 from logprob_cli.cli import app
 from logprob_cli.endpoints._base import EndpointUnsuitable, Prompt
 from logprob_cli.run._estimate import duration, estimate_run
@@ -84,17 +86,6 @@ def test_auto_on_the_simulator_probes_and_estimates_the_method_picked(tmp_path, 
     endpoint = SimulatedEndpoint(config)
     assert real_run(tmp_path, endpoint, "auto") == bill.method == picked
     assert within(bill.calls, endpoint.calls), (bill.calls, endpoint.calls)
-
-
-class BilledEndpoint(OpenAIEndpoint):
-    """An OpenAI-compatible endpoint that adds up the prompt tokens the server bills."""
-
-    billed_prompt_tokens = 0
-
-    async def ask(self, prompt, query):
-        answer = await super().ask(prompt, query)
-        self.billed_prompt_tokens += answer.prompt_tokens
-        return answer
 
 
 @pytest.mark.parametrize("method, switches", [("topk", {}), ("auto", {"logprobs_after_bias": False})])
