@@ -5,17 +5,22 @@ OpenAI's contract spends what `estimate` says, calls and generated tokens, with 
 from __future__ import annotations
 
 import asyncio
+import json
+import dataclasses
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
 from conftest import BilledEndpoint
+from logprob_cli.cli import app
 from logprob_cli.endpoints import Prompt, Query
-from logprob_cli.endpoints._factory import EndpointSettings, build_endpoint
+from logprob_cli.endpoints._factory import EndpointSettings, SettingsError, build_endpoint
 from logprob_cli.endpoints._openai_compatible import OpenAIEndpoint
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._vocabulary import load_vocabulary
+from logprob_cli.methods import _draws as draws
 from logprob_cli.run._estimate import estimate_run
 from logprob_cli.run._probe import expected_calls, probe
 from logprob_cli.run._runner import extract_batch
@@ -106,3 +111,50 @@ def test_chosen_tokens_on_openais_contract_with_n_cost_what_estimate_says(tmp_pa
         truth = truth_of.true_logprobs([{"role": "user", "content": prompt.prompt}])
         assert [t["token_id"] for t in row["targets"]] == list(prompt.targets)
         assert all(abs(t["logprob"] - truth[t["token_id"]]) <= 1e-3 for t in row["targets"])
+
+
+def test_max_draws_caps_what_the_endpoint_declares():
+    with SimulatorServer(ServerConfig(OPENAI_N)) as server:
+        served = EndpointSettings(model="simulator", base_url=server.url, api_key="x", tokenizer=f"simulator:{VOCAB}")
+        assert build_endpoint(served).limits.draws == 128
+        assert build_endpoint(dataclasses.replace(served, max_draws=1)).limits.draws == 1
+    assert build_endpoint(EndpointSettings(simulator=OPENAI_N, max_draws=64)).limits.draws == 64
+    for wrong in (0, 2.5, True):
+        with pytest.raises(SettingsError, match="max_draws must be a whole number"):
+            build_endpoint(EndpointSettings(simulator=OPENAI_N, max_draws=wrong))
+
+
+def test_extract_with_max_draws_1_calls_greedily_for_the_same_values(tmp_path):
+    """--max-draws 1 (the cheaper choice on short prompts) spends greedy bisection's calls; both runs agree."""
+    source = tmp_path / "p.jsonl"
+    source.write_text('{"prompt": "Is the sky green? Answer:", "targets": [1000, 2000, 3000]}\n')
+    sim = ["--sim", f"vocab_size={VOCAB}", "--sim", "logprobs_after_bias=false", "--sim", "sampled_logprob=sentinel",
+           "--sim", "max_draws=128"]
+    rows = {}
+    for name, extra in (("drawn", []), ("greedy", ["--max-draws", "1"])):
+        out = tmp_path / f"{name}.parquet"
+        result = CliRunner().invoke(app, ["extract", str(source), *sim, *extra, "-o", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        (rows[name],) = pq.read_table(out).to_pylist()
+    assert rows["drawn"]["calls"] < rows["greedy"]["calls"] - 10
+    assert any("drew up to 128 choices" in note for note in rows["drawn"]["notes"])
+    assert not any("drew" in note for note in rows["greedy"]["notes"])
+    for drawn, greedy in zip(rows["drawn"]["targets"], rows["greedy"]["targets"]):
+        assert abs(drawn["logprob"] - greedy["logprob"]) <= 1e-3
+
+
+def test_estimate_shows_the_drawn_tokens_and_how_to_call_greedily(tmp_path):
+    source = tmp_path / "p.jsonl"
+    source.write_text('{"prompt": "Is the sky green? Answer:", "targets": [1000, 2000, 3000]}\n')
+    sim = ["--sim", f"vocab_size={VOCAB}", "--sim", "logprobs_after_bias=false", "--sim", "sampled_logprob=sentinel",
+           "--sim", "max_draws=128", "--json"]
+    bills = {}
+    for name, extra in (("drawn", []), ("greedy", ["--max-draws", "1"])):
+        result = CliRunner().invoke(app, ["estimate", str(source), *sim, *extra])
+        assert result.exit_code == 0, result.output
+        (bills[name],) = json.loads(result.output)["rows"]
+    drawn, greedy = bills["drawn"], bills["greedy"]
+    assert drawn["calls"] < greedy["calls"] and greedy["completion_tokens"] == greedy["calls"]
+    assert drawn["completion_tokens"] == drawn["calls"] + 127 * draws.calls(3, 1e-3)  # 128 a drawing call, 1 the rest
+    shown = CliRunner().invoke(app, ["estimate", str(source), *sim[:-1]]).output
+    assert "bisection draws up to 128 choices a call" in " ".join(shown.split()) and "--max-draws 1 calls greedily" in " ".join(shown.split())

@@ -82,7 +82,7 @@ def extract_logprobs(
     method "auto" (the default, as in the CLI) probes the endpoint first and runs the method it
     recommends. The endpoint is `endpoint` if given, else the one `model`, `base_url`, `api_key`,
     `tokenizer` and `endpoint_options` (the other fields of EndpointSettings: api, system,
-    extra_body, post_bias, simulator, rpm, tpm, timeout, retries) describe; with none of them, the
+    extra_body, post_bias, simulator, rpm, tpm, timeout, retries, max_draws) describe; with none of them, the
     built-in simulator answers. A top_k above the endpoint's cap is lowered to it with a
     UserWarning. `image` (an Image, or a file io.load_image reads: a .npy/.npz matrix or a GGUF
     model) is the model's image, which the methods topk+image and forced+image need (methods/_image.py).

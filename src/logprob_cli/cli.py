@@ -172,6 +172,10 @@ RpmOption = Annotated[Optional[float], typer.Option("--rpm", min=0.001, help=RPM
 TpmOption = Annotated[Optional[float], typer.Option(
     "--tpm", min=0.001, help="Tokens per minute to stay under (prompt + 1 per call); as --rpm, learnt from the server "
     "if not given (estimate: no limit).")]
+MaxDrawsOption = Annotated[Optional[int], typer.Option(
+    "--max-draws", min=1, help="Most choices a call may draw at a temperature (OpenAI's n, which bisection uses to find "
+    "chosen tokens in fewer calls; default: what the endpoint allows, 128 on OpenAI). 1: greedy calls only, which "
+    "cost less money on short prompts (a drawing call bills up to 128 completion tokens).")]
 PriceOption = Annotated[Optional[str], typer.Option("--price", metavar="PROMPT,COMPLETION", help=PRICE_HELP)]
 
 FLAGS = {
@@ -179,7 +183,7 @@ FLAGS = {
     "post_bias": "--post-bias", "extra_body": "--extra-body", "rpm": "--rpm", "tpm": "--tpm",
     "simulator": "--sim switches", "price": "--price", "max_cost": "--max-cost", "max_calls": "--max-calls",
     "method": "--method", "method_auto": "--method auto", "api": "--api", "api_chat": "--api chat", "api_completions": "--api completions", "fresh": "--fresh", "output": "output with -o",
-    "targets": "--target/--target-id", "store": "--store", "image": "--image",
+    "targets": "--target/--target-id", "store": "--store", "image": "--image", "max_draws": "--max-draws",
 }  # how an error's message names each setting on the command line (errors.Worded)
 EXIT_CODES = ((Refused, 2), (SettingsError, 2), (VocabularyError, 2), (InputError, 2), (CompareError, 2), (ImageError, 2), (BudgetReached, 3), (LogprobError, 1))
 
@@ -191,7 +195,7 @@ RetriesOption = Annotated[int, typer.Option(
 ENDPOINT_OPTIONS = {
     "sim": SimOption, "model": ModelOption, "base_url": BaseUrlOption, "api_key": ApiKeyOption, "api": ApiOption,
     "system": SystemOption, "extra_body": ExtraBodyOption, "tokenizer": TokenizerOption, "post_bias": PostBiasOption,
-    "rpm": RpmOption, "tpm": TpmOption, "timeout": TimeoutOption, "retries": RetriesOption,
+    "rpm": RpmOption, "tpm": TpmOption, "timeout": TimeoutOption, "retries": RetriesOption, "max_draws": MaxDrawsOption,
 }
 
 
@@ -287,6 +291,7 @@ class EndpointOptions:
     tpm: float | None = None
     timeout: float = 60.0
     retries: int = 8
+    max_draws: int | None = None
 
     def settings(self) -> EndpointSettings:
         """These options as EndpointSettings (--sim switches and --extra-body JSON parsed); exits 2 on a switch
@@ -350,7 +355,7 @@ def describe(endpoint: Endpoint) -> str:
 @app.command(cls=PlainHelpCommand)
 @endpoint_options(
     "sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias", "rpm", "tpm",
-    "timeout", "retries",
+    "timeout", "retries", "max_draws",
 )
 @cli_errors
 def extract(
@@ -540,7 +545,7 @@ def image_row(report: ProbeReport, image: Image | str | None) -> tuple[str, str]
 
 
 @app.command(cls=PlainHelpCommand, help=f"Measure what an endpoint reveals (about {PROBE_CALLS} calls) and recommend the method that fits.")
-@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias")
+@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "extra_body", "tokenizer", "post_bias", "max_draws")
 @cli_errors
 def probe(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to probe with."),
@@ -573,7 +578,7 @@ def probe(
 
 
 @app.command(cls=PlainHelpCommand)
-@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "tokenizer", "rpm", "tpm")
+@endpoint_options("sim", "model", "base_url", "api_key", "api", "system", "tokenizer", "rpm", "tpm", "max_draws")
 @cli_errors
 def estimate(
     input: InputArgument,
@@ -699,7 +704,7 @@ def estimate_table(setup: EstimateSetup, rows: list[Estimate]) -> Table:
 
 def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeReport | None) -> list[str]:
     """The notes under the table: a capped top-k, the once-a-run calls, the price, what auto picks, approximate
-    token counts, and what the time assumes."""
+    token counts, the trade of a method that draws several choices a call, and what the time assumes."""
     capped = top_k_capped(setup.top_k, (report.limits() if report else setup.endpoint.limits).top_logprobs)
     notes = [capped] if capped else []
     fewest, most = min(row.overhead_calls for row in rows), max(row.overhead_calls for row in rows)
@@ -717,6 +722,10 @@ def estimate_notes(setup: EstimateSetup, rows: list[Estimate], report: ProbeRepo
         notes.extend(f"{row.method} when {row.condition}" for row in rows)
     if not rows[0].tokens_counted:
         notes.append("prompt tokens are approximate (about 4 bytes a token): this vocabulary cannot encode text")
+    drawing = [row.method for row in rows if row.completion_tokens > row.calls]
+    if drawing:
+        notes.append(f"{', '.join(drawing)} draws up to 128 choices a call (n) to find the chosen tokens in fewer calls, "
+                     "each choice a billed completion token: --max-draws 1 calls greedily (more calls, fewer tokens)")
     notes.append(time_note(setup))
     return notes
 

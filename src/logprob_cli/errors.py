@@ -35,7 +35,7 @@ SETTING_NAMES = {
     "simulator": "simulator settings", "price": "price", "max_cost": "max_cost", "max_calls": "max_calls",
     "method": "method", "method_auto": 'method="auto"', "api": "api", "api_chat": 'api="chat"',
     "api_completions": 'api="completions"',
-    "fresh": "fresh=True", "output": "output", "targets": "targets", "store": "store", "image": "image",
+    "fresh": "fresh=True", "output": "output", "targets": "targets", "store": "store", "image": "image", "max_draws": "max_draws",
 }  # how the Python API names each setting a message may name
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 from logprob_cli.endpoints._base import Endpoint
 from logprob_cli.errors import LogprobError, Worded, message_of
 from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelError, load_local_model
-from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OpenAIEndpoint, server_facts, served_models
+from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OPENAI_DRAWS, OpenAIEndpoint, server_facts, served_models
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._transport import RetryPolicy
@@ -51,7 +51,10 @@ class EndpointSettings:
     model name), `api` chat or completions, `system`
     put before plain prompts, `extra_body` merged into each request, `post_bias` llama-server's
     post-sampling mode, paced under `rpm`/`tpm` (default: what the server announces), `retries`
-    tries per call of `timeout` seconds each. The API key is never shown in repr.
+    tries per call of `timeout` seconds each, and `max_draws` the most choices a request may draw at a temperature
+    (OpenAI's `n`, which bisection uses to locate chosen tokens; None: what the endpoint declares; 1: greedy calls
+    only, cheaper on short prompts, as a drawing call bills up to 128 completion tokens). The API key is never
+    shown in repr.
     """
 
     model: str | None = None
@@ -67,6 +70,7 @@ class EndpointSettings:
     tpm: float | None = None
     timeout: float = 60.0
     retries: int = 8
+    max_draws: int | None = None
 
 
 def build_endpoint(settings: EndpointSettings) -> Endpoint:
@@ -76,6 +80,9 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
     cannot be loaded or does not match the server's, and EndpointFatal when a base_url server cannot be
     reached or refuses the key (its GET /models, free, is asked to learn its dialect and vocabulary).
     """
+    if settings.max_draws is not None and (isinstance(settings.max_draws, bool) or not isinstance(settings.max_draws, int)
+                                           or settings.max_draws < 1):
+        raise SettingsError("{max_draws} must be a whole number, 1 or more, got {value!r}", value=settings.max_draws)
     settings = with_served_model(settings)
     if settings.model is None:
         return _simulator(settings)
@@ -103,7 +110,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         settings.model, vocabulary, base_url=base_url, api_key=settings.api_key, api=settings.api,
         system=settings.system, extra_body=dict(settings.extra_body) if settings.extra_body is not None else None,
         dialect=facts.get("dialect", "openai"), post_bias=settings.post_bias, mixed_prompts=facts.get("mixed_prompts", False),
-        draws=facts.get("draws"),
+        draws=min(facts.get("draws") or OPENAI_DRAWS["draws"], settings.max_draws or OPENAI_DRAWS["draws"]),
         limiter=RateLimiter(settings.rpm, settings.tpm),
         retry=RetryPolicy(attempts=settings.retries, timeout=settings.timeout),
     )
@@ -138,7 +145,10 @@ def _simulator(settings: EndpointSettings) -> SimulatedEndpoint:
         raise SettingsError("{simulator} apply to the built-in simulator, not to a {base_url} server")
     if settings.rpm or settings.tpm:
         raise SettingsError("{rpm}/{tpm} pace a {model} endpoint; the built-in simulator has no rate limit")
-    return SimulatedEndpoint(settings.simulator or SimulatorConfig(), system=settings.system)
+    config = settings.simulator or SimulatorConfig()
+    if settings.max_draws is not None:
+        config = dataclasses.replace(config, max_draws=min(config.max_draws, settings.max_draws))
+    return SimulatedEndpoint(config, system=settings.system)
 
 
 def _local_model(settings: EndpointSettings) -> Endpoint:
