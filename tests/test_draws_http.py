@@ -22,6 +22,7 @@ from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._vocabulary import load_vocabulary
 from logprob_cli.methods import _draws as draws
 from logprob_cli.run._estimate import estimate_run
+from logprob_cli.run._prices import Price
 from logprob_cli.run._probe import expected_calls, probe
 from logprob_cli.run._runner import extract_batch
 from logprob_cli.server import ServerConfig, SimulatorServer
@@ -158,3 +159,16 @@ def test_estimate_shows_the_drawn_tokens_and_how_to_call_greedily(tmp_path):
     assert drawn["completion_tokens"] == drawn["calls"] + 127 * draws.calls(3, 1e-3)  # 128 a drawing call, 1 the rest
     shown = CliRunner().invoke(app, ["estimate", str(source), *sim[:-1]]).output
     assert "bisection draws up to 128 choices a call" in " ".join(shown.split()) and "--max-draws 1 calls greedily" in " ".join(shown.split())
+
+
+def test_max_cost_reserves_a_completion_token_a_drawn_choice(tmp_path):
+    """$1 a completion token, nothing for prompts: a run that draws 128 choices a call stops at --max-cost without
+    passing it (a drawing call may bill 128 tokens, so it reserves 128 before it is sent)."""
+    prompts = [Prompt(id=i, line=i + 1, prompt=f"Question {i}:", targets=(1000, 2000, 3000)) for i in range(3)]
+    with SimulatorServer(ServerConfig(OPENAI_N)) as server:
+        endpoint = BilledEndpoint("simulator", load_vocabulary(f"simulator:{VOCAB}"), base_url=server.url, api_key="x")
+        summary = extract_batch(
+            prompts, tmp_path / "out.parquet", endpoint, "bisection", price=Price(0.0, 1e6), max_cost=1500.0,
+        )
+    assert summary.budget_reached and "max_cost" in summary.budget_reached
+    assert 1500 - 2 * 128 * 16 < endpoint.billed_completion_tokens <= 1500  # near the cap, never past it

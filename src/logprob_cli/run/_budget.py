@@ -113,7 +113,7 @@ class MeteredEndpoint(WrappingEndpoint):
         while True:
             if self.endpoint.holds_answer(prompt, query):
                 return None
-            estimate = self._estimate(prompt)
+            estimate = self._estimate(prompt, query)
             try:
                 self._reserve(estimate)
                 return estimate
@@ -122,13 +122,15 @@ class MeteredEndpoint(WrappingEndpoint):
                     raise
                 await asyncio.wait(set(self._in_flight))
 
-    def _estimate(self, prompt: Prompt) -> float:
+    def _estimate(self, prompt: Prompt, query: Query) -> float:
+        """The most this ask may cost: its prompt tokens (as billed before, else ~4 bytes a token) and one completion
+        token a choice it draws (`Query.draws`: up to 128 on OpenAI)."""
         if self.price is None:
             return 0.0
         tokens = self._prompt_tokens.get(prompt.id)
         if tokens is None:
             tokens = max(1, len(json.dumps(prompt.content(), ensure_ascii=False).encode()) // 4)
-        return self.price.cost(tokens, 1)
+        return self.price.cost(tokens, max(1, query.draws))
 
     def _reserve(self, estimate: float) -> None:
         if self.max_calls is not None and self.spent.calls + self._reserved_calls + 1 > self.max_calls:
