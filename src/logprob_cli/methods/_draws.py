@@ -140,13 +140,9 @@ def locate(
             break
         drawn = np.asarray(answer.drawn, dtype=np.int64)
         visible_count = int(np.isin(drawn, ids).sum())
-        log_w = float(_logsumexp(d_visible / temperature))
+        log_w = float(np.logaddexp.reduce(d_visible / temperature))
         for i, bias in biases.items():
             posts[i].seen.append((bias, temperature, int((drawn == i).sum()), visible_count, log_w))
     found = {i: post.summary() for i, post in posts.items()}
     return {i: (a, b) for i, (a, b, _, _) in found.items()}, calls
 
-
-def _logsumexp(x: np.ndarray) -> float:
-    top = float(x.max())
-    return top + math.log(float(np.exp(x - top).sum()))
