@@ -5,6 +5,7 @@ import ast
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -95,9 +96,12 @@ def test_the_probe_recommends_by_the_spec_and_the_run_spends_about_that(picked):
     report = asyncio.run(probe(SimulatedEndpoint(config), PROMPT))
     k = min(report.top_logprobs_cap, MAX_TOP_K)
     assert report.recommended == picked
-    assert report.estimated_calls == SPECS[picked].calls(VOCAB, k, DEFAULT_EPS, report.limits())
-    _, calls, _ = run_method(picked, config, top_k=k)
+    assert report.estimated_calls == SPECS[picked].calls_observed(VOCAB, k, DEFAULT_EPS, report.limits())
+    observed, calls, _ = run_method(picked, config, top_k=k, bias_observed=report.bias_observed())  # as auto runs it
     assert within(report.estimated_calls, calls), (report.estimated_calls, calls)
+    checked, checking, _ = run_method(picked, config, top_k=k)  # the method named: its plan checks the bias itself
+    assert checking == calls + SPECS[picked].checks_bias  # the probe's findings stand for the check's second call
+    assert np.array_equal(observed.logprobs, checked.logprobs, equal_nan=True)
 
 
 def test_auto_rows_without_a_probe_are_the_specs_the_probe_would_pick():
@@ -109,7 +113,7 @@ def test_auto_rows_without_a_probe_are_the_specs_the_probe_would_pick():
     for row in rows:
         spec = SPECS[row.method]
         assert row.condition == spec.picked_when
-        assert row.calls_per_prompt == spec.calls(endpoint.vocab_size, k, DEFAULT_EPS, endpoint.limits)
+        assert row.calls_per_prompt == spec.calls_observed(endpoint.vocab_size, k, DEFAULT_EPS, endpoint.limits)
 
 
 def test_exact_is_never_cheaper_than_topk_so_auto_never_picks_it():

@@ -131,7 +131,7 @@ async def _extract(endpoint: Endpoint, item: Prompt, run: RunConfig) -> tuple[Ex
         chosen = with_image(chosen, endpoint.vocab_size, k, limits, eps, len(item.target_ids), run.image.rank)
     ctx = Context(
         endpoint.vocab_size, limits, top_k=k, eps=eps, withheld=await counted.withheld_tokens(), targets=item.target_ids,
-        image=run.image, unnamed=counted.unnamed_tokens(),
+        image=run.image, unnamed=counted.unnamed_tokens(), bias_observed=report.bias_observed() if report else None,
     )
     result = await _run_plan(METHODS[chosen](ctx), counted, item, run.concurrency)
     extraction = Extraction(

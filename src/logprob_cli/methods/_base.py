@@ -48,6 +48,8 @@ class Context:
         them NaN with no bound.
     whole_fallback: where the image does not fit a vector, an image method reads it whole with its base method
         (--image auto, whose rows are all whole vectors) instead of giving only the tokens it read.
+    bias_observed: (the bias steers sampling, logprobs are post-bias) as the run's probe observed them (auto);
+        check_bias then trusts them and spends one call instead of two. None: each plan checks for itself.
     """
 
     vocab_size: int
@@ -59,6 +61,7 @@ class Context:
     image: Image | None = None
     unnamed: frozenset[int] = frozenset()
     whole_fallback: bool = False
+    bias_observed: tuple[bool, bool] | None = None
 
     @property
     def bias_max(self) -> float:
@@ -146,8 +149,9 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
       - logprobs are post-bias: lp'_t - lp'_top moved by b (identity 1 with two biases).
     Where the endpoint returns one logprob a call (k = 1), call 2 lowers the top token by -B
     instead (`lowered_top_response`). `needs` is "post_bias" (exact, topk: k >= 2) or "steers"
-    (bisection). Returns the first answer and the findings, with the calls made as "check_calls";
-    raises EndpointUnsuitable naming a method that would work.
+    (bisection). Where the run's probe observed both (`Context.bias_observed`), call 2 is not sent: the
+    probe's findings stand for it. Returns the first answer and the findings, with the calls made as
+    "check_calls"; raises EndpointUnsuitable naming a method that would work.
     """
     k = max(ctx.top_k, 1)
     (first,) = yield [Query.make(top_logprobs=k)]
@@ -157,6 +161,15 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
     least = 2 if needs == "post_bias" else 1
     if len(first.top_ids) < least:
         raise _too_few_returned(len(first.top_ids), k, least, method)
+    if ctx.bias_observed is not None:
+        steers, moved = ctx.bias_observed
+        found.update(bias_steers_sampling=steers, logprobs_after_bias=moved)
+        if (needs == "post_bias" and not moved) or (needs == "steers" and not steers):
+            raise EndpointUnsuitable(
+                f"{method} needs " + ("logprobs that move with the bias" if needs == "post_bias" else "a bias that steers "
+                "sampling") + ", and the probe found otherwise: use method=\"auto\" to run the method it recommends"
+            )
+        return first, found
     if len(first.top_ids) == 1:
         target, b = first.top_ids[0], -ctx.bias_max
         (second,) = yield [Query.make({target: b}, top_logprobs=1)]

@@ -407,4 +407,5 @@ SPEC = MethodSpec(
     needs=Needs(bias_steers_sampling=True), calls=calls, exact_count=False, generated=generated,
     picked_when="logprobs are pre-bias, the bias steers sampling, a forced token's own logprob is withheld "
     "(OpenAI's -9999)",
+    checks_bias=True,
 )

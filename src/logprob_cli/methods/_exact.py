@@ -149,4 +149,5 @@ def calls(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int 
 SPEC = MethodSpec(
     "exact", plan, help="k per call via the group normalizer where float32 allows (ideal V/k calls; as topk on float32 engines)",
     needs=Needs(logprobs_after_bias=True, min_top_k=2), calls=calls, exact_count=True,
+    checks_bias=True,
 )

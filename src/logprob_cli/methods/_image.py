@@ -339,7 +339,7 @@ SPECS = tuple(
         help=f"{base.SPEC.name}, reading about r + {MARGIN + CHECKS} tokens and solving the rest through the "
         "model's rank-r image (needs image=)",
         needs=dataclasses.replace(base.SPEC.needs, image=True),
-        calls=partial(image_calls, base.SPEC.calls, spread), exact_count=False,
+        calls=partial(image_calls, base.SPEC.calls, spread), exact_count=False, checks_bias=base.SPEC.checks_bias,
     )
     for base, spread in ((_topk, 1.0), (_forced, 1.0), (_bisection, BISECTION_SPREAD))
 )

@@ -10,7 +10,7 @@ and one help line. Nothing else keeps a copy of these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from logprob_cli.endpoints import EndpointUnsuitable, Limits
 from logprob_cli.methods._base import Context, Plan
@@ -77,6 +77,8 @@ class MethodSpec:
     generated: the completion tokens one prompt's calls generate (billed as output), by the same arguments as
     calls; None: one a call (every query asks for one token, except those drawing several choices).
     recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
+    checks_bias: its plan starts with check_bias, whose second call a run with the probe's findings skips
+    (`Context.bias_observed`): `calls` counts it, `calls_observed` does not.
     """
 
     name: str
@@ -88,10 +90,18 @@ class MethodSpec:
     picked_when: str = ""
     recovers_all: bool = True
     generated: CallModel | None = None
+    checks_bias: bool = False
+
+    def calls_observed(self, vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0, **image: Any) -> int:
+        """`calls` where the run's probe observed the bias (auto): one fewer for a plan that starts with check_bias."""
+        return self.calls(vocab_size, top_k, eps, limits, targets, **image) - int(self.checks_bias)
 
     def generated_tokens(self, vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int, calls: int) -> int:
-        """The completion tokens of a prompt costing `calls` calls (`generated`, else one a call)."""
-        return calls if self.generated is None else self.generated(vocab_size, top_k, eps, limits, targets)
+        """The completion tokens of a prompt costing `calls` calls: one a call, and the more that `generated` counts
+        beside its own calls."""
+        if self.generated is None:
+            return calls
+        return calls + self.generated(vocab_size, top_k, eps, limits, targets) - self.calls(vocab_size, top_k, eps, limits, targets)
 
 
 def at_least_two(method: str, top_k: int) -> None:

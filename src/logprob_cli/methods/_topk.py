@@ -109,4 +109,5 @@ SPEC = MethodSpec(
     "topk", plan, help="k-1 tokens per call against a reference token (2 + (V-k)/(k-1) calls)",
     needs=Needs(logprobs_after_bias=True, min_top_k=2), calls=calls, exact_count=True,
     picked_when="returned logprobs move with the bias",
+    checks_bias=True,
 )

@@ -6,9 +6,11 @@ what one prompt costs on a fresh checkpoint, and whether that count is exact on 
 within 10%). The probe's recommendation and `--method`'s help read the same specs.
 
 Per run: the endpoint's `mapping_check_calls` (2 on OpenAI-compatible endpoints), and for
-`auto` the probe's calls (`probe_calls`). Calls here are calls answered, as they are billed and
-as --max-calls counts them: the requests the endpoint rejects (the probe's asks above the top-k
-cap and its limit tests) are not. Every call sends the prompt again and generates one token.
+`auto` the probe's calls (`probe_calls`); with `auto`, a method whose plan starts with check_bias spends one
+call a prompt less (the probe's findings stand for its second call: `MethodSpec.calls_observed`). Calls here
+are calls answered, as they are billed and as --max-calls counts them: the requests the endpoint rejects (the
+probe's asks above the top-k cap and its limit tests) are not. Every call sends the prompt again and
+generates one token, or one a choice where it draws several (`MethodSpec.generated`).
 Prompt tokens per call are the endpoint's `count_prompt_tokens`: counted with the tiktoken
 encoding when the vocabulary is one, with OpenAI's chat framing (3 tokens a message, its fields'
 tokens, 3 more for the reply); otherwise about 4 bytes a token of the JSON sent (approximate;
@@ -83,20 +85,22 @@ class Estimate:
 
 def calls_per_prompt(
     method: str, vocab_size: int, top_k: int, eps: float = DEFAULT_EPS, limits: Limits = Limits(), targets: int = 0,
-    image_rank: int | None = None,
+    image_rank: int | None = None, bias_observed: bool = False,
 ) -> int:
     """Calls one prompt costs with `method` (its spec's `calls`), for the whole vocabulary or `targets` chosen
     tokens (each counted as outside the top-k: a target the first call shows costs less); top_k is already
-    capped by the endpoint; `image_rank`: the rank of the image an image method reads through.
+    capped by the endpoint; `image_rank`: the rank of the image an image method reads through; `bias_observed`:
+    the run's probe observed the bias, so a plan starting with check_bias spends one call less (auto).
 
     Raises EndpointUnsuitable for topk and exact below 2 logprobs a call, ValueError for an unknown method or
     an image method without the image's rank."""
     if method not in SPECS:
         raise ValueError(f"unknown method {method!r}")
     spec = SPECS[method]
+    count = spec.calls_observed if bias_observed else spec.calls
     if spec.needs.image:
-        return spec.calls(vocab_size, top_k, eps, limits, targets, rank=image_rank)
-    return spec.calls(vocab_size, top_k, eps, limits, targets)
+        return count(vocab_size, top_k, eps, limits, targets, rank=image_rank)
+    return count(vocab_size, top_k, eps, limits, targets)
 
 
 def target_counts(prompts: list[Prompt]) -> list[int]:
@@ -163,7 +167,7 @@ def estimate_run(
 
     rank = endpoint.image_rank if learn_image else image_rank
 
-    def row(name: str, limits: Limits, overhead: int, condition: str = "", per_call: int = 1) -> Estimate:
+    def row(name: str, limits: Limits, overhead: int, condition: str = "", per_call: int = 1, observed: bool = True) -> Estimate:
         if name == "direct" and limits.top_logprobs < vocab:
             raise _direct_refusal(vocab, limits.top_logprobs)
         k = min(top_k, limits.top_logprobs)
@@ -173,10 +177,10 @@ def estimate_run(
         if learn_image and SPECS[name].needs.image:
             base = name.removesuffix("+image")
             warm = len(targets) if learning is None else min(learning, len(targets))
-            each = [calls_per_prompt(base, vocab, k, eps, limits, 0) for _ in targets[:warm]]
-            each += [calls_per_prompt(name, vocab, k, eps, limits, n, rank) for n in targets[warm:]]
+            each = [calls_per_prompt(base, vocab, k, eps, limits, 0, bias_observed=observed) for _ in targets[:warm]]
+            each += [calls_per_prompt(name, vocab, k, eps, limits, n, rank, observed) for n in targets[warm:]]
         else:
-            each = [calls_per_prompt(name, vocab, k, eps, limits, n, image_rank) for n in targets]
+            each = [calls_per_prompt(name, vocab, k, eps, limits, n, image_rank, observed) for n in targets]
         if name == "direct" and per_call > 1:  # one request a pass of per_call positions (vLLM's prompt_logprobs)
             each = [0 if p.position and p.position % per_call else c for p, c in zip(prompts, each)]
         calls = sum(each) + overhead
@@ -192,11 +196,14 @@ def estimate_run(
         )
 
     if method != "auto":
-        return [row(method, endpoint.limits, check, per_call=endpoint.positions_per_call)]
+        return [row(method, endpoint.limits, check, per_call=endpoint.positions_per_call, observed=False)]
     most = max(targets, default=0)
     if report is not None:
         picked = cheapest(report, vocab, min(report.top_logprobs_cap, MAX_TOP_K), report.limits(), eps, most)
-        return [row(picked.name, report.limits(), check + probe_calls(report), per_call=report.positions_per_call)]
+        return [row(
+            picked.name, report.limits(), check + probe_calls(report), per_call=report.positions_per_call,
+            observed=report.bias_observed() is not None,
+        )]
     return [
         row(spec.name, expected.limits(), check + probe_calls(expected), spec.picked_when, expected.positions_per_call)
         for spec, expected in _pickable(endpoint, eps, most)

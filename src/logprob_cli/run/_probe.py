@@ -122,6 +122,12 @@ class ProbeReport:
             top_with_token_ids=self.top_with_token_ids, draws=self.draws,
         )
 
+    def bias_observed(self) -> tuple[bool, bool] | None:
+        """(the bias steers sampling, logprobs are post-bias) where the probe observed both (Context.bias_observed:
+        the plans then skip their own check's second call), else None."""
+        steers, moved = self.bias_steers_sampling, self.logprobs_after_bias
+        return (steers, moved) if isinstance(steers, bool) and isinstance(moved, bool) else None
+
     def rows(self) -> list[tuple[str, str]]:
         """The report as (property, value) lines for a table; unknowns read "could not tell (why)"."""
 
@@ -431,7 +437,8 @@ def _recommend(report: ProbeReport, vocab: int) -> None:
     its calls per prompt by its spec at the default eps, and the reasons (module docstring)."""
     k, limits = min(report.top_logprobs_cap, MAX_TOP_K), report.limits()
     spec = cheapest(report, vocab, k, limits)
-    report.recommended, report.estimated_calls = spec.name, spec.calls(vocab, k, DEFAULT_EPS, limits)
+    observed = spec.calls_observed if report.bias_observed() else spec.calls
+    report.recommended, report.estimated_calls = spec.name, observed(vocab, k, DEFAULT_EPS, limits)
     report.reasons.append(_why_picked(report))
     for name, why in report.unknown.items():
         report.reasons.append(f"could not tell {name.replace('_', ' ')}: {why}")

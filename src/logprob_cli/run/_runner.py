@@ -189,7 +189,8 @@ class Runner:
             ctx = self.ctx
             try:
                 self._per_prompt[targets] = calls_per_prompt(
-                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets, ctx.image and ctx.image.rank
+                    self.method, ctx.vocab_size, ctx.top_k, ctx.eps, ctx.limits, targets, ctx.image and ctx.image.rank,
+                    ctx.bias_observed is not None,
                 )
             except (EndpointUnsuitable, ValueError):  # the method itself will say why it cannot run
                 self._per_prompt[targets] = None
@@ -624,7 +625,7 @@ def _run_in_checkpoint(
             ctx = Context(
                 endpoint.vocab_size, limits, top_k=min(config.top_k, limits.top_logprobs), eps=config.eps,
                 withheld=await endpoint.withheld_tokens(), image=config.image if isinstance(config.image, Image) else None,
-                unnamed=endpoint.unnamed_tokens(),
+                unnamed=endpoint.unnamed_tokens(), bias_observed=report.bias_observed() if report else None,
             )
             writer = writer_for(chosen, report.to_dict() if report else None)
             learning = None
