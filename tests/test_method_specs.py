@@ -184,3 +184,10 @@ def test_auto_rows_leave_out_a_method_the_cap_rules_out():
     rows = estimate_run([PROMPT], endpoint, "auto")
     assert [row.method for row in rows] == ["direct", "forced", "bisection", "visible"]
     assert {row.method: row.calls_per_prompt for row in rows}["forced"] == SPECS["forced"].calls(VOCAB, 1, DEFAULT_EPS, endpoint.limits)
+
+
+@pytest.mark.parametrize("method, observed", [("topk", (True, False)), ("bisection", (False, True))])
+def test_a_plan_refuses_where_the_probes_findings_lack_what_it_needs(method, observed):
+    """The probe's findings stand for the check's second call, so they refuse as that call would, after one call."""
+    with pytest.raises(EndpointUnsuitable, match="the run's probe found this endpoint has none"):
+        run_method(method, SimulatorConfig(vocab_size=VOCAB), bias_observed=observed)

@@ -140,7 +140,8 @@ def bias_response(before: Answer, after: Answer, target: int, bias: float) -> tu
 
 
 def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], list[Answer], tuple[Answer, dict]]:
-    """Two calls (up to four) that tell how the endpoint treats logit_bias, before a method spends more.
+    """Two calls (up to four; one where the probe observed the bias) that tell how the endpoint treats logit_bias,
+    before a method spends more.
 
     Call 1 asks for the unbiased top-k. Call 2 biases the last visible token t that is not held
     (ctx.withheld; the one before if the endpoint still withholds t's answer, up to three tries) by
@@ -167,7 +168,7 @@ def check_bias(ctx: Context, needs: str, method: str) -> Generator[list[Query], 
         if (needs == "post_bias" and not moved) or (needs == "steers" and not steers):
             raise EndpointUnsuitable(
                 f"{method} needs " + ("logprobs that move with the bias" if needs == "post_bias" else "a bias that steers "
-                "sampling") + ", and the probe found otherwise: use method=\"auto\" to run the method it recommends"
+                "sampling") + ", and the run's probe found this endpoint has none, so it cannot run here"
             )
         return first, found
     if len(first.top_ids) == 1:
