@@ -244,3 +244,17 @@ def test_plain_progress_prints_at_start_on_its_interval_and_at_the_end():
     assert any(re.search(r"calls 5 of 10 \(50.0%\), 1 calls/s, ETA 0:0[456]", line) for line in lines[1:-1]), lines
     assert lines[-1].startswith("[0:10] calls 10 of 10 (100.0%)") and "prompts 2/2" in lines[-1]
     assert progress._ticker is None, "the ticker thread is stopped"
+
+
+def test_a_prompt_that_overruns_counts_its_overrun_once():
+    """2 prompts expected at 10 calls each, the first taking 12: once both are done the total is the 22 made (the
+    calls past 20 raised it as they came; the first prompt's end corrects the count by +2, not on top of that)."""
+    tally = Tally(RunStart(prompts=2, prompts_done=0, calls_expected=20, exact=False), FakeClock())
+    for _ in range(21):
+        tally.call()
+    assert tally.snapshot().expected == 21
+    tally.prompt_done(+2)  # the first prompt: 12 calls, interleaved with the second's first 9
+    tally.call()
+    tally.prompt_done(0)  # the second: its 10th call
+    snap = tally.snapshot()
+    assert (snap.calls, snap.expected, snap.fraction) == (22, 22, 1.0)

@@ -77,7 +77,7 @@ class Tally:
         self.calls = 0
         self.prompts_done = run.prompts_done
         self.prompts_failed = 0
-        self.expected = run.calls_expected
+        self.planned = run.calls_expected  # the start's count, corrected by each finished prompt's overrun
         self.exact = run.exact
         self.started = self.last_call = clock()
         self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
@@ -90,8 +90,8 @@ class Tally:
             self._samples.append((now, self.calls))
             while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
                 self._samples.popleft()
-        if self.expected is not None and self.calls > self.expected:
-            self.expected, self.exact = self.calls, False
+        if self.planned is not None and self.calls > self.planned:
+            self.exact = False
 
     def prompt_done(self, extra_calls: int, failed: bool = False) -> None:
         """A prompt finished (or failed) after `extra_calls` more calls than expected (negative: fewer)."""
@@ -99,8 +99,14 @@ class Tally:
             self.prompts_failed += 1
         else:
             self.prompts_done += 1
-        if self.expected is not None and extra_calls:
-            self.expected, self.exact = max(self.calls, self.expected + extra_calls), False
+        if self.planned is not None and extra_calls:
+            self.planned, self.exact = self.planned + extra_calls, False
+
+    @property
+    def expected(self) -> int | None:
+        """The calls this run should make in all: the corrected count, and never fewer than those made (calls past
+        it while a prompt runs raise it until the prompt ends and corrects the count by its overrun, once)."""
+        return None if self.planned is None else max(self.calls, self.planned)
 
     def rate(self, now: float) -> float:
         """Calls a second over the later half of the run so far, at most the last RATE_WINDOW seconds: a run's
