@@ -386,38 +386,35 @@ class SimulatorServer:
         draws, temperature = self._draws(body)
         query = Query.make(self._bias(body), top_k if logprobs else 0, chosen if logprobs else (), draws, temperature)
         answer = self._answer(prompt, query)
-        sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
-        content = None
-        if logprobs and self._vllm:
-            content = {"content": [self._vllm_chat_entry(answer, k, self._as_token_ids(body), chosen)]}
-        elif logprobs and self._lcp:
-            top = [{"token": text, "logprob": lp, "bytes": None} for text, lp in _lcp_top(answer, k).items()]
-            entry = {"token": _lcp_text(answer.sampled), "logprob": _lcp_sampled_logprob(answer), "bytes": None}
-            content = {"content": [{**entry, "top_logprobs": top}], "refusal": None}
-        elif draws > 1:
+        if self._vllm or self._lcp:
+            content = None
+            if logprobs and self._vllm:
+                content = {"content": [self._vllm_chat_entry(answer, k, self._as_token_ids(body), chosen)]}
+            elif logprobs:
+                top = [{"token": text, "logprob": lp, "bytes": None} for text, lp in _lcp_top(answer, k).items()]
+                entry = {"token": _lcp_text(answer.sampled), "logprob": _lcp_sampled_logprob(answer), "bytes": None}
+                content = {"content": [{**entry, "top_logprobs": top}], "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": _lcp_text(answer.sampled)}
+            if self._vllm:
+                message = {"role": "assistant", "content": _vllm_text(answer.sampled), "refusal": None, "annotations": None,
+                           "audio": None, "function_call": None, "reasoning": None}  # vLLM 0.32's ChatMessage
+            choices = [{"index": 0, "message": message, "finish_reason": "length", "logprobs": content}]
+        else:
             top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
-            return self._drawn_chat(prompt, query, answer, top if logprobs else None)
-        elif logprobs:
-            top = [self._entry(i, lp) for i, lp in zip(answer.top_ids, answer.top_logprobs)]
-            content = {"content": [{**self._entry(answer.sampled, sampled_lp), "top_logprobs": top}]}
+            choices = [
+                {"index": index, "message": {"role": "assistant", "content": _text(token)}, "finish_reason": "length",
+                 "logprobs": {"content": [{**self._entry(token, logprob), "top_logprobs": top}]} if logprobs else None}
+                for index, (token, logprob) in enumerate(self._choices(prompt, query, answer))
+            ]
         n = _approx_tokens(messages)
-        message: dict[str, Any] = {"role": "assistant", "content": _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)}
-        if self._vllm:
-            message = {"role": "assistant", "content": _vllm_text(answer.sampled), "refusal": None, "annotations": None,
-                       "audio": None, "function_call": None, "reasoning": None}  # vLLM 0.32's ChatMessage
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.config.model,
             "system_fingerprint": VLLM_FINGERPRINT if self._vllm else "fp_simulator",
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "finish_reason": "length",
-                "logprobs": content,
-            }],
-            "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
+            "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": len(choices), "total_tokens": n + len(choices)},
         }
         if self._vllm:
             response["choices"][0].update(stop_reason=None, token_ids=None)
@@ -456,38 +453,39 @@ class SimulatorServer:
         draws, temperature = self._draws(body)
         query = Query.make(self._bias(body), 0 if chosen else min(k or 0, self.config.simulator.vocab_size), chosen, draws, temperature)
         answer = self._answer(prompt, query)
-        if draws > 1:
-            return self._drawn_completion(prompt, query, answer, k is not None)
-        text = _vllm_text(answer.sampled) if self._vllm else _lcp_text(answer.sampled) if self._lcp else _text(answer.sampled)
-        logprobs = None
-        if k is not None and self._vllm:
-            logprobs = self._vllm_completion_logprobs(answer, k, self._as_token_ids(body), chosen)
-        elif k is not None and self._lcp:
-            logprobs = {
-                "text_offset": [len(body["prompt"]) if isinstance(body.get("prompt"), str) else 0],
-                "token_logprobs": [_lcp_sampled_logprob(answer)], "tokens": [text], "top_logprobs": [_lcp_top(answer, k)],
-            }
-        elif k is not None:
+        if self._vllm or self._lcp:
+            text = _vllm_text(answer.sampled) if self._vllm else _lcp_text(answer.sampled)
+            logprobs = None
+            if k is not None and self._vllm:
+                logprobs = self._vllm_completion_logprobs(answer, k, self._as_token_ids(body), chosen)
+            elif k is not None:
+                logprobs = {
+                    "text_offset": [len(body["prompt"]) if isinstance(body.get("prompt"), str) else 0],
+                    "token_logprobs": [_lcp_sampled_logprob(answer)], "tokens": [text], "top_logprobs": [_lcp_top(answer, k)],
+                }
+            vllm_fields = {"stop_reason": None, "token_ids": None, "prompt_logprobs": scored, "prompt_token_ids": None}
+            choices = [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs,
+                        **(vllm_fields if self._vllm else {})}]
+        else:
             top: dict[str, float] = {}
             for i, lp in zip(answer.top_ids, answer.top_logprobs):
                 key = _legacy_token(i)
                 top[key] = max(lp, top.get(key, -math.inf))  # same string: one key, as OpenAI
-            sampled_lp = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
-            logprobs = {
-                "tokens": [_legacy_token(answer.sampled)], "token_logprobs": [sampled_lp], "top_logprobs": [top],
-                "text_offset": [0],
-            }
+            choices = [
+                {"text": _text(token), "index": index, "finish_reason": "length", "logprobs": None if k is None else {
+                    "tokens": [_legacy_token(token)], "token_logprobs": [logprob], "top_logprobs": [top], "text_offset": [0],
+                }}
+                for index, (token, logprob) in enumerate(self._choices(prompt, query, answer))
+            ]
         n = _approx_tokens(prompt.prompt) + len(prompt.context_ids)
-        vllm_fields = {"stop_reason": None, "token_ids": None, "prompt_logprobs": scored, "prompt_token_ids": None}
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.config.model,
             "system_fingerprint": VLLM_FINGERPRINT if self._vllm else "fp_simulator",
-            "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs,
-                         **(vllm_fields if self._vllm else {})}],
-            "usage": {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1},
+            "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": len(choices), "total_tokens": n + len(choices)},
         }
 
     def _completion_prompt(self, prompt: Any) -> Prompt:
@@ -690,46 +688,18 @@ class SimulatorServer:
             raise _ApiError(400, f"Invalid 'temperature': expected a number from 0 to {OPENAI_MAX_TEMPERATURE:g}", "temperature")
         return n, temperature
 
-    def _drawn_logprobs(self, prompt: Prompt, query: Query, answer: Answer) -> list[float]:
-        """Each choice's logprob for its token: the first as answered, the rest from the top list or, outside it,
-        the sentinel or the simulator's reported value, as its sampled_logprob says."""
+    def _choices(self, prompt: Prompt, query: Query, answer: Answer) -> list[tuple[int, float]]:
+        """The openai dialect's choices as (token, its logprob): the greedy token alone, or each drawn one (n > 1).
+        The first carries the answer's own logprob; the others the top list's value or, outside it, the sentinel
+        or the simulator's reported value, as its sampled_logprob says."""
+        tokens = answer.drawn or (answer.sampled,)
         values = answer.top()
-        outside = sorted({i for i in answer.drawn[1:] if i not in values})
+        outside = sorted({i for i in tokens[1:] if i not in values})
         if outside and self.config.simulator.sampled_logprob == "report":
             with self._lock:
                 values.update(zip(outside, self.endpoint.reported_logprobs(prompt, query, outside).tolist()))
         first = SENTINEL if answer.sampled_logprob is None else answer.sampled_logprob
-        return [first] + [values.get(i, SENTINEL) for i in answer.drawn[1:]]
-
-    def _drawn_chat(self, prompt: Prompt, query: Query, answer: Answer, top: list[dict[str, Any]] | None) -> dict[str, Any]:
-        """A chat completion of several drawn choices (openai dialect); top: the top_logprobs (None: no logprobs)."""
-        choices = []
-        for index, (token, logprob) in enumerate(zip(answer.drawn, self._drawn_logprobs(prompt, query, answer))):
-            content = None if top is None else {"content": [{**self._entry(token, logprob), "top_logprobs": top}]}
-            message = {"role": "assistant", "content": _text(token)}
-            choices.append({"index": index, "message": message, "finish_reason": "length", "logprobs": content})
-        n = _approx_tokens(prompt.messages)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.config.model, "system_fingerprint": "fp_simulator", "choices": choices,
-            "usage": {"prompt_tokens": n, "completion_tokens": len(choices), "total_tokens": n + len(choices)},
-        }
-
-    def _drawn_completion(self, prompt: Prompt, query: Query, answer: Answer, logprobs: bool) -> dict[str, Any]:
-        """A legacy completion of several drawn choices (openai dialect); logprobs: whether they were asked for."""
-        top: dict[str, float] = {}
-        for i, lp in zip(answer.top_ids, answer.top_logprobs):
-            top[_legacy_token(i)] = max(lp, top.get(_legacy_token(i), -math.inf))
-        choices = []
-        for index, (token, logprob) in enumerate(zip(answer.drawn, self._drawn_logprobs(prompt, query, answer))):
-            entry = {"tokens": [_legacy_token(token)], "token_logprobs": [logprob], "top_logprobs": [top], "text_offset": [0]}
-            choices.append({"text": _text(token), "index": index, "finish_reason": "length", "logprobs": entry if logprobs else None})
-        n = _approx_tokens(prompt.prompt) + len(prompt.context_ids)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": self.config.model, "system_fingerprint": "fp_simulator", "choices": choices,
-            "usage": {"prompt_tokens": n, "completion_tokens": len(choices), "total_tokens": n + len(choices)},
-        }
+        return [(tokens[0], first)] + [(i, values.get(i, SENTINEL)) for i in tokens[1:]]
 
     def _answer(self, prompt: Prompt, query: Query) -> Answer:
         try:

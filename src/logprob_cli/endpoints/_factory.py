@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 from logprob_cli.endpoints._base import Endpoint
 from logprob_cli.errors import LogprobError, Worded, message_of
 from logprob_cli.endpoints._local_model import HF_PREFIX, LocalModelError, load_local_model
-from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OPENAI_DRAWS, OpenAIEndpoint, server_facts, served_models
+from logprob_cli.endpoints._openai_compatible import LLAMA_CPP_PYTHON, OPENAI_MAX_DRAWS, OpenAIEndpoint, server_facts, served_models
 from logprob_cli.endpoints._ratelimit import RateLimiter
 from logprob_cli.endpoints._simulator import SimulatedEndpoint, SimulatorConfig
 from logprob_cli.endpoints._transport import RetryPolicy
@@ -110,7 +110,7 @@ def build_endpoint(settings: EndpointSettings) -> Endpoint:
         settings.model, vocabulary, base_url=base_url, api_key=settings.api_key, api=settings.api,
         system=settings.system, extra_body=dict(settings.extra_body) if settings.extra_body is not None else None,
         dialect=facts.get("dialect", "openai"), post_bias=settings.post_bias, mixed_prompts=facts.get("mixed_prompts", False),
-        draws=min(facts.get("draws") or OPENAI_DRAWS["draws"], settings.max_draws or OPENAI_DRAWS["draws"]),
+        draws=min(facts.get("draws", OPENAI_MAX_DRAWS), settings.max_draws or OPENAI_MAX_DRAWS),
         limiter=RateLimiter(settings.rpm, settings.tpm),
         retry=RetryPolicy(attempts=settings.retries, timeout=settings.timeout),
     )

@@ -12,7 +12,7 @@ asked once through the same wire), and its calls go one at a time. llama-cpp-pyt
 (dialect "llama-cpp-python") keys its logprobs by token text only: each text is mapped through the
 model's GGUF vocabulary, and the tokens whose text another token shares (or that render as no text)
 are `unnamed_tokens`, never given a value. A query drawing several choices (`Query.draws`, OpenAI's dialect
-only: `OPENAI_DRAWS`) sends `n` and its `temperature`, and its answer's `drawn` holds each choice's token, in
+only: `OPENAI_MAX_DRAWS`) sends `n` and its `temperature`, and its answer's `drawn` holds each choice's token, in
 the choices' order; a server that returns fewer choices than asked for ignored `n`, and one that refuses `n`
 is asked again without it: either way the answer draws nothing (`drawn` empty) and the plan goes on greedily.
 `split_text` asks llama-server's
@@ -76,7 +76,7 @@ VLLM_CHOSEN_IDS = {"token_ids": 128, "top_with_token_ids": False}
 # OpenAI's documented `n`: "How many chat completion choices to generate", 1 to 128 in its OpenAPI spec, billed as
 # the generated tokens of every choice; an unknown OpenAI-compatible server is assumed to take it too (one that
 # ignores or refuses it costs the plan one call: module doc)
-OPENAI_DRAWS = {"draws": 128}
+OPENAI_MAX_DRAWS = 128
 POST_BIAS_DRAWS = 8
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 # llama-cpp-python renders a token's piece into a 32-byte buffer (llama_cpp/_internals.py, LlamaModel.detokenize):
@@ -220,7 +220,7 @@ class OpenAIEndpoint(Endpoint):
         mixed_prompts: bool = False,
         rows_per_call: int = ROWS_PER_CALL,
         cache_bytes: int = ROWS_CACHE_BYTES,
-        draws: int | None = None,
+        draws: int = OPENAI_MAX_DRAWS,
     ):
         self.model = model
         self.vocabulary = vocabulary
@@ -242,8 +242,7 @@ class OpenAIEndpoint(Endpoint):
         # llama-server and llama-cpp-python return as many top logprobs as asked for (the whole vocabulary); vLLM 20
         # on either API (its --max-logprobs default: the probe finds more); OpenAI's caps otherwise (20 chat, 5 legacy)
         cap = vocabulary.size if dialect in ("llama.cpp", LLAMA_CPP_PYTHON) else 20 if api == "chat" or dialect == "vllm" else 5
-        openai = OPENAI_DRAWS if draws is None else {"draws": draws}  # draws: as the server says (GET /models)
-        declared = {"vllm": VLLM_CHOSEN_IDS, "openai": openai}.get(dialect, {})
+        declared = {"vllm": VLLM_CHOSEN_IDS, "openai": {"draws": draws}}.get(dialect, {})  # draws: OpenAI's `n` cap
         self.limits = limits or Limits(top_logprobs=cap, **declared)
         self.identity: set[str] = set()
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")

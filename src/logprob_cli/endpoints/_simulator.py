@@ -20,7 +20,6 @@ distribution (float64 log-softmax of the float32 logits) and `calls` counts requ
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import math
 import json
@@ -287,39 +286,33 @@ class SimulatedEndpoint(Endpoint):
             local = _top(biased[candidates], max(k, 1))
             top_seen = candidates[local][:k]
             sampled = int(candidates[local[0]])
+        drawn = self._draw(content, query, steer, sampled) if query.draws > 1 else ()
+        if drawn:
+            sampled = drawn[0]  # the first choice's token is the answer's own, as a server's first choice
 
         log_norm = _log_normalizer(seen)
         top_lp = self._reported(seen, top_seen, log_norm)
         reported: float | None = float(self._reported(seen, np.asarray([sampled]), log_norm)[0])
         if sampled not in top_seen[:k] and c.sampled_logprob == "sentinel":
             reported = None
-        answer = Answer(sampled, reported, tuple(int(i) for i in top_seen), tuple(float(x) for x in top_lp))
-        if query.draws > 1:
-            answer = self._drawn(answer, content, query, steer, seen, top_seen[:k], log_norm)
+        answer = Answer(sampled, reported, tuple(int(i) for i in top_seen), tuple(float(x) for x in top_lp), drawn=drawn)
         if not query.token_ids:
             return answer
         chosen = np.asarray(query.token_ids, dtype=np.int64)
         return with_chosen(answer, query, dict(zip(query.token_ids, self._reported(seen, chosen, log_norm).tolist())))
 
-    def _drawn(self, answer: Answer, content: Any, query: Query, steer: np.ndarray, seen: np.ndarray,
-               shown: np.ndarray, log_norm: tuple[np.float32, np.float32]) -> Answer:
-        """`answer` with `query.draws` choices drawn from softmax(steer / T) (T = query.temperature; 0: every
-        choice the greedy token), the first choice's token and reported logprob as `sampled`. The draws are a
-        function of the prompt and the query (a replay draws the same), independent across distinct queries."""
-        if query.temperature > 0:
-            scaled = steer.astype(np.float64) / query.temperature
-            weights = np.exp(scaled - scaled.max())
-            key = hashlib.blake2b(json.dumps(content, sort_keys=True).encode() + query.key(), digest_size=16).digest()
-            rng = np.random.default_rng([self.config.seed, 11, *np.frombuffer(key, dtype=np.uint32)])
-            counts = rng.multinomial(query.draws, weights / weights.sum())
-            drawn = rng.permutation(np.repeat(np.arange(steer.size), counts))
-        else:
-            drawn = np.full(query.draws, answer.sampled)
-        first = int(drawn[0])
-        reported: float | None = float(self._reported(seen, np.asarray([first]), log_norm)[0])
-        if first not in shown and self.config.sampled_logprob == "sentinel":
-            reported = None
-        return dataclasses.replace(answer, sampled=first, sampled_logprob=reported, drawn=tuple(int(i) for i in drawn))
+    def _draw(self, content: Any, query: Query, steer: np.ndarray, greedy: int) -> tuple[int, ...]:
+        """`query.draws` choices drawn from softmax(steer / T) (T = query.temperature; 0: every choice the greedy
+        token). The draws are a function of the prompt and the query (a replay draws the same), independent across
+        distinct queries."""
+        if query.temperature <= 0:
+            return (greedy,) * query.draws
+        scaled = steer.astype(np.float64) / query.temperature
+        weights = np.exp(scaled - scaled.max())
+        key = hashlib.blake2b(json.dumps(content, sort_keys=True).encode() + query.key(), digest_size=16).digest()
+        rng = np.random.default_rng([self.config.seed, 11, *np.frombuffer(key, dtype=np.uint32)])
+        counts = rng.multinomial(query.draws, weights / weights.sum())
+        return tuple(int(i) for i in rng.permutation(np.repeat(np.arange(steer.size), counts)))
 
     def reported_logprobs(self, prompt: Prompt | Any, query: Query, ids: Iterable[int]) -> np.ndarray:
         """The logprobs an answer to `query` reports for `ids` (as a generated token or a top-k entry, without

@@ -144,7 +144,7 @@ def _search_targets(
     hi = np.full(ctx.vocab_size, first.top_logprobs[-1] - top_lp)
     searchable = np.zeros(ctx.vocab_size, dtype=bool)
     searchable[wanted] = True
-    drawing = _draws.usable(ctx.limits.draws) and 0 < wanted.size <= ctx.limits.bias_entries and not marked.any() and not above
+    drawing = _draws.usable(ctx.limits, wanted.size) and not marked.any() and not above
     if drawing:  # module doc, "Targets": located by draws, then proven by greedy calls
         visible = {int(i): lp - top_lp for i, lp in zip(first.top_ids, first.top_logprobs)}
         intervals, drawing_calls = yield from _draws.locate(wanted, lo, hi, visible, ctx.limits.draws, eps, big)
@@ -382,7 +382,7 @@ def target_calls(targets: int, eps: float, limits: Limits) -> int:
     runs on the float32 simulator (n 1 to 10, eps 1e-3 to 1e-1, 10 prompts each: within 8%), where the
     pooled belief and a winner's bound on its neighbours save a little beside one target alone (plain
     bisection, exact). Measured: 9.6 calls a target at n = 3, eps 1e-3; 5.9 at eps 0.1."""
-    if _draws.usable(limits.draws) and targets <= limits.bias_entries:
+    if _draws.usable(limits, targets):
         return 2 + _draws.calls(targets, eps) + targets + 1
     groups = math.ceil(targets / limits.bias_entries)
     size = math.ceil(targets / groups)
@@ -393,18 +393,9 @@ def target_calls(targets: int, eps: float, limits: Limits) -> int:
     return 2 + math.ceil(need / info * (0.9 + 0.1 / size))
 
 
-def generated(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
-    """The completion tokens of `calls`: one a call, and where the target search draws (_draws.usable), each of its
-    _draws.calls(n, eps) drawing calls generates one token a choice."""
-    tokens = calls(vocab_size, top_k, eps, limits, targets)
-    if targets and _draws.usable(limits.draws) and targets <= limits.bias_entries:
-        tokens += _draws.calls(targets, eps) * (min(limits.draws, _draws.MOST_DRAWS) - 1)
-    return tokens
-
-
 SPEC = MethodSpec(
     "bisection", plan, help="argmax-only search (~2.5 V calls at eps 1e-3, 2.1 V at 1e-2)",
-    needs=Needs(bias_steers_sampling=True), calls=calls, exact_count=False, generated=generated,
+    needs=Needs(bias_steers_sampling=True), calls=calls, exact_count=False, extra_tokens=_draws.extra_tokens,
     picked_when="logprobs are pre-bias, the bias steers sampling, a forced token's own logprob is withheld "
     "(OpenAI's -9999)",
     checks_bias=True,

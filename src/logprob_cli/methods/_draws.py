@@ -43,7 +43,7 @@ from typing import Generator
 
 import numpy as np
 
-from logprob_cli.endpoints import Answer, Query
+from logprob_cli.endpoints import Answer, Limits, Query
 
 K_T = 0.3  # temperature, in units of the widest open posterior's standard deviation
 T_MIN = 2e-5  # below this, engines may draw greedily (vLLM: 1e-5) and float32 logits / T lose their meaning
@@ -57,9 +57,16 @@ MOST_DRAWS = 128  # choices a call asks for at most (OpenAI's cap on n)
 FEWEST_DRAWS = 64  # fewer choices a call carry too little to beat greedy bisection (measured: 32 draws +0%)
 
 
-def usable(draws: int) -> bool:
-    """Whether an endpoint drawing `draws` choices a request is worth this phase."""
-    return draws >= FEWEST_DRAWS
+def usable(limits: Limits, targets: int) -> bool:
+    """Whether this phase runs for `targets` chosen tokens under `limits`: the endpoint draws enough choices a
+    request to beat greedy bisection, and one query can bias every target."""
+    return limits.draws >= FEWEST_DRAWS and 0 < targets <= limits.bias_entries
+
+
+def extra_tokens(vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0) -> int:
+    """The completion tokens the drawing calls bill beyond one a call (bisection's MethodSpec.extra_tokens): each
+    draws min(draws, MOST_DRAWS) choices."""
+    return calls(targets, eps) * (min(limits.draws, MOST_DRAWS) - 1) if usable(limits, targets) else 0
 
 
 def calls(targets: int, eps: float) -> int:

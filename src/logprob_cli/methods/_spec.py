@@ -74,8 +74,8 @@ class MethodSpec:
     whole vocabulary (targets = 0) or for that many chosen tokens outside the visible top-k; a method that
     needs an image also takes its rank (`rank=`), without which its count is unknown (ValueError).
     exact_count: calls() is what the simulator spends to the call (else a fit, within 10%).
-    generated: the completion tokens one prompt's calls generate (billed as output), by the same arguments as
-    calls; None: one a call (every query asks for one token, except those drawing several choices).
+    extra_tokens: the completion tokens (billed as output) one prompt's calls generate beyond one a call, by the
+    same arguments as calls; None: none (a call drawing m choices generates m, every other one).
     recovers_all: it recovers every token the endpoint can reveal (visible: the top-k only).
     checks_bias: its plan starts with check_bias, whose second call a run with the probe's findings skips
     (`Context.bias_observed`): `calls` counts it, `calls_observed` does not.
@@ -89,7 +89,7 @@ class MethodSpec:
     exact_count: bool
     picked_when: str = ""
     recovers_all: bool = True
-    generated: CallModel | None = None
+    extra_tokens: CallModel | None = None
     checks_bias: bool = False
 
     def calls_observed(self, vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int = 0, **image: Any) -> int:
@@ -97,11 +97,8 @@ class MethodSpec:
         return self.calls(vocab_size, top_k, eps, limits, targets, **image) - int(self.checks_bias)
 
     def generated_tokens(self, vocab_size: int, top_k: int, eps: float, limits: Limits, targets: int, calls: int) -> int:
-        """The completion tokens of a prompt costing `calls` calls: one a call, and the more that `generated` counts
-        beside its own calls."""
-        if self.generated is None:
-            return calls
-        return calls + self.generated(vocab_size, top_k, eps, limits, targets) - self.calls(vocab_size, top_k, eps, limits, targets)
+        """The completion tokens of a prompt costing `calls` calls: one a call, and the extra ones."""
+        return calls + (self.extra_tokens(vocab_size, top_k, eps, limits, targets) if self.extra_tokens else 0)
 
 
 def at_least_two(method: str, top_k: int) -> None:

@@ -10,7 +10,7 @@ Per run: the endpoint's `mapping_check_calls` (2 on OpenAI-compatible endpoints)
 call a prompt less (the probe's findings stand for its second call: `MethodSpec.calls_observed`). Calls here
 are calls answered, as they are billed and as --max-calls counts them: the requests the endpoint rejects (the
 probe's asks above the top-k cap and its limit tests) are not. Every call sends the prompt again and
-generates one token, or one a choice where it draws several (`MethodSpec.generated`).
+generates one token, or one a choice where it draws several (`MethodSpec.extra_tokens`).
 Prompt tokens per call are the endpoint's `count_prompt_tokens`: counted with the tiktoken
 encoding when the vocabulary is one, with OpenAI's chat framing (3 tokens a message, its fields'
 tokens, 3 more for the reply); otherwise about 4 bytes a token of the JSON sent (approximate;
